@@ -1,0 +1,266 @@
+"""Pure-PyTorch references for the TTT layer: the obvious computations every fast path is checked against.
+
+Two forms, per (batch, head), all tensors in the layout `[B, T, H, *]`:
+
+* `lact_recurrent_reference`: the faithful LaCT inner loop. Fast weights W0, W2 `[B, H, dh, d]`,
+  W1 `[B, H, d, dh]`; each chunk is first answered with the weights left by earlier chunks, then
+  takes one (optionally momentum / Muon / weight-normed) gradient step on `-<f(k), v>`.
+* `ttt_la_parallel_reference`: the same layer when only W1 is fast and weight norm is off, written
+  as linear attention: all chunk updates at once, an exclusive prefix sum of states, one apply.
+
+Learning rates are per token (`eta*` `[B, T, H]`); momentum coefficients are per chunk
+(`beta` `[B, N, H]`, N = ceil(T / C)). A sequence whose length is not a multiple of the chunk size
+ends in a shorter chunk. States are computed in the dtype of the inputs (float64 in the proofs,
+float32 when the layer runs them).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+# Quintic Newton-Schulz coefficients used by Muon (5 iterations drive singular values towards 1).
+NS5_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+NS5_STEPS = 5
+NS5_EPS = 1e-7
+
+
+def swiglu_features(x: torch.Tensor, w0: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """h(x) = silu(W0 x) * (W2 x).
+
+    x: [B, T, H, d]; w0, w2: [H, dh, d] (shared) or [B, H, dh, d] (per sequence). Returns [B, T, H, dh].
+    """
+    pattern = "bthd,hed->bthe" if w0.dim() == 3 else "bthd,bhed->bthe"
+    return F.silu(torch.einsum(pattern, x, w0)) * torch.einsum(pattern, x, w2)
+
+
+def newton_schulz5(update: torch.Tensor) -> torch.Tensor:
+    """Muon's orthogonalisation of each trailing matrix of `update` ([..., m, n]).
+
+    Works on the wide orientation (m <= n) so the Gram matrix is the small one, as Muon does.
+    """
+    a, b, c = NS5_COEFFICIENTS
+    transposed = update.shape[-2] > update.shape[-1]
+    x = update.transpose(-1, -2) if transposed else update
+    x = x / (torch.linalg.matrix_norm(x, keepdim=True) + NS5_EPS)
+    for _ in range(NS5_STEPS):
+        gram = x @ x.transpose(-1, -2)
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.transpose(-1, -2) if transposed else x
+
+
+def chunk_bounds(seq_len: int, chunk_size: int) -> list[tuple[int, int]]:
+    """[(start, end)] of each chunk; the last one is shorter when chunk_size does not divide seq_len."""
+    return [(s, min(s + chunk_size, seq_len)) for s in range(0, seq_len, chunk_size)]
+
+
+def num_chunks(seq_len: int, chunk_size: int) -> int:
+    return math.ceil(seq_len / chunk_size)
+
+
+def chunk_mean(per_token: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Mean over each chunk of a per-token quantity: [B, T, H] -> [B, N, H] (the last chunk may be short)."""
+    return torch.stack([per_token[:, s:e].mean(dim=1) for s, e in chunk_bounds(per_token.shape[1], chunk_size)], 1)
+
+
+@dataclass
+class FastWeights:
+    """The state of the recurrent form for one batch of sequences; `m*` are momenta (None when off)."""
+
+    w0: torch.Tensor  # [B, H, dh, d]
+    w1: torch.Tensor  # [B, H, d, dh]
+    w2: torch.Tensor  # [B, H, dh, d]
+    m0: Optional[torch.Tensor] = None
+    m1: Optional[torch.Tensor] = None
+    m2: Optional[torch.Tensor] = None
+
+
+@dataclass
+class ChunkGradients:
+    """Per-token-learning-rate-weighted gradients of sum_t eta_t * l_t, l_t = -<f(k_t), v_t>."""
+
+    g0: torch.Tensor  # [B, H, dh, d]
+    g1: torch.Tensor  # [B, H, d, dh]
+    g2: torch.Tensor  # [B, H, dh, d]
+
+
+def lact_chunk_gradients(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    eta0: torch.Tensor,
+    eta1: torch.Tensor,
+    eta2: torch.Tensor,
+    weights: FastWeights,
+) -> ChunkGradients:
+    """The hand-derived gradient of one chunk's inner loss (what LaCT computes instead of autograd).
+
+    k, v: [B, n, H, d]; eta*: [B, n, H]. With a = W0 k, b = W2 k, h = silu(a) b, g = W1^T v:
+      dl/dW1 = -v h^T,  dl/dW0 = -(g * b * silu'(a)) k^T,  dl/dW2 = -(g * silu(a)) k^T.
+    """
+    gate_pre = torch.einsum("bnhd,bhed->bnhe", k, weights.w0)  # [B, n, H, dh]
+    value_pre = torch.einsum("bnhd,bhed->bnhe", k, weights.w2)
+    gate = F.silu(gate_pre)
+    hidden = gate * value_pre
+    hidden_grad = torch.einsum("bnhd,bhde->bnhe", v, weights.w1)  # g = W1^T v, [B, n, H, dh]
+    sig = torch.sigmoid(gate_pre)
+    silu_grad = sig * (1 + gate_pre * (1 - sig))
+    g1 = -torch.einsum("bnhd,bnhe->bhde", v * eta1.unsqueeze(-1), hidden)
+    g0 = -torch.einsum("bnhe,bnhd->bhed", hidden_grad * value_pre * silu_grad * eta0.unsqueeze(-1), k)
+    g2 = -torch.einsum("bnhe,bnhd->bhed", hidden_grad * gate * eta2.unsqueeze(-1), k)
+    return ChunkGradients(g0=g0, g1=g1, g2=g2)
+
+
+def _row_normalise(w: torch.Tensor, row_norm: torch.Tensor) -> torch.Tensor:
+    """Weight norm: rescale every row of w ([..., rows, cols]) to the given norms ([..., rows, 1])."""
+    return w / w.norm(dim=-1, keepdim=True) * row_norm
+
+
+def _momentum_update(
+    momentum: Optional[torch.Tensor], grad: torch.Tensor, beta_c: Optional[torch.Tensor]
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """M(c) = beta_c M(c-1) + G(c); returns (the update direction, the new momentum)."""
+    if beta_c is None:
+        return grad, None
+    new_momentum = beta_c[:, :, None, None] * momentum + grad
+    return new_momentum, new_momentum
+
+
+@dataclass
+class RecurrentTrace:
+    """What the recurrent loop saw at each chunk: the weights it answered and featurised keys with."""
+
+    w0: list[torch.Tensor]  # W0(c-1) used by chunk c, [B, H, dh, d] each
+    w1: list[torch.Tensor]  # W1(c-1)
+    w2: list[torch.Tensor]
+
+
+def lact_recurrent_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    eta0: torch.Tensor,
+    eta1: torch.Tensor,
+    eta2: torch.Tensor,
+    initial: FastWeights,
+    chunk_size: int,
+    *,
+    beta: Optional[torch.Tensor] = None,
+    muon: bool = False,
+    weight_norm: bool = False,
+    fast_weights: str = "all",
+    update_sign: float = 1.0,
+    trace: Optional[RecurrentTrace] = None,
+) -> tuple[torch.Tensor, FastWeights]:
+    """The faithful LaCT layer: block-causal, apply-then-update, one gradient step per chunk.
+
+    q, k, v: [B, T, H, d]; eta0/1/2: [B, T, H]; beta: [B, N, H] per-chunk momentum (None: off);
+    `fast_weights="w1"` freezes W0, W2; `update_sign=-1` ascends the inner loss instead.
+    Returns the output o [B, T, H, d] and the weights after the last chunk (for continuing a
+    sequence). `trace`, when given, records the weights each chunk used (for the unrolled rewrite).
+    """
+    if initial.w0.dim() != 4:
+        raise ValueError("initial fast weights must be per sequence: [B, H, rows, cols]")
+    if fast_weights not in ("all", "w1"):
+        raise ValueError(f"fast_weights={fast_weights!r} must be 'all' or 'w1'")
+    w = FastWeights(initial.w0, initial.w1, initial.w2)
+    if beta is not None:
+        w.m0 = initial.m0 if initial.m0 is not None else torch.zeros_like(w.w0)
+        w.m1 = initial.m1 if initial.m1 is not None else torch.zeros_like(w.w1)
+        w.m2 = initial.m2 if initial.m2 is not None else torch.zeros_like(w.w2)
+    row_norms = [x.norm(dim=-1, keepdim=True) for x in (w.w0, w.w1, w.w2)]
+    outputs = []
+    for c, (s, e) in enumerate(chunk_bounds(q.shape[1], chunk_size)):
+        if trace is not None:
+            trace.w0.append(w.w0)
+            trace.w1.append(w.w1)
+            trace.w2.append(w.w2)
+        hq = swiglu_features(q[:, s:e], w.w0, w.w2)
+        outputs.append(torch.einsum("bhde,bnhe->bnhd", w.w1, hq))
+        grads = lact_chunk_gradients(k[:, s:e], v[:, s:e], eta0[:, s:e], eta1[:, s:e], eta2[:, s:e], w)
+        beta_c = None if beta is None else beta[:, c]
+        names = ("w0", "w1", "w2") if fast_weights == "all" else ("w1",)
+        for name in names:
+            index = int(name[1])
+            direction, new_momentum = _momentum_update(getattr(w, f"m{index}"), getattr(grads, f"g{index}"), beta_c)
+            setattr(w, f"m{index}", new_momentum)
+            step = newton_schulz5(direction) if muon else direction
+            updated = getattr(w, name) - update_sign * step
+            if weight_norm:
+                updated = _row_normalise(updated, row_norms[index])
+            setattr(w, name, updated)
+    return torch.cat(outputs, dim=1), w
+
+
+def chunk_updates(hk: torch.Tensor, v: torch.Tensor, eta1: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """A(c) = sum_{t in c} eta1_t v_t h(k_t)^T for every chunk: [B, T, H, *] -> [B, N, H, d, dh]."""
+    return torch.stack(
+        [
+            torch.einsum("bnhd,bnhe->bhde", v[:, s:e] * eta1[:, s:e, :, None], hk[:, s:e])
+            for s, e in chunk_bounds(hk.shape[1], chunk_size)
+        ],
+        dim=1,
+    )
+
+
+def decay_matrix(beta: torch.Tensor) -> torch.Tensor:
+    """L[b, h, c, c'] = prod_{j=c'+1..c} beta[b, j, h] for c' <= c, else 0: M = L @ A solves M(c) = beta_c M(c-1) + A(c)."""
+    log_beta = torch.log(beta).transpose(1, 2)  # [B, H, N]
+    cumulative = torch.cumsum(log_beta, dim=-1)
+    diff = cumulative[..., :, None] - cumulative[..., None, :]
+    causal = torch.ones(diff.shape[-2:], dtype=torch.bool, device=beta.device).tril()
+    return torch.where(causal, torch.exp(diff.masked_fill(~causal, 0.0)), torch.zeros_like(diff))
+
+
+def ttt_la_parallel_reference(
+    hq: torch.Tensor,
+    hk: torch.Tensor,
+    v: torch.Tensor,
+    eta1: torch.Tensor,
+    initial_state: torch.Tensor,
+    chunk_size: int,
+    *,
+    beta: Optional[torch.Tensor] = None,
+    initial_momentum: Optional[torch.Tensor] = None,
+    muon: bool = False,
+    token_causal: bool = False,
+    update_sign: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """The W1-only layer as block-causal linear attention, computed as a chunk scan.
+
+    hq, hk: [B, T, H, dh] features h(q), h(k); v: [B, T, H, d]; eta1: [B, T, H];
+    initial_state: [B, H, d, dh] = W1 entering the sequence (learned W1(0) plus any carried state);
+    beta: [B, N, H] per-chunk momentum (None: off); initial_momentum: [B, H, d, dh].
+
+      U(c)  = update_sign * NS5?(M(c)),  M(c) = beta_c M(c-1) + A(c),  A(c) = sum_t eta1_t v_t h(k_t)^T
+      S(c)  = initial_state + sum_{c' < c} U(c')            (exclusive prefix sum: the state chunk c reads)
+      o_t   = S(c) h(q_t)  [+ sum_{s <= t, s in c} eta1_s (h(q_t) . h(k_s)) v_s  if token_causal]
+
+    Returns o [B, T, H, d], the final state [B, H, d, dh] and the final momentum (None when off).
+    """
+    batch, seq_len, heads, _ = hq.shape
+    updates = chunk_updates(hk, v, eta1, chunk_size)  # [B, N, H, d, dh]
+    momentum = None
+    if beta is not None:
+        mixing = decay_matrix(beta)  # [B, H, N, N]
+        updates = torch.einsum("bhcj,bjhde->bchde", mixing, updates)
+        if initial_momentum is not None:
+            carried = torch.exp(torch.cumsum(torch.log(beta), dim=1))  # prod_{j<=c} beta_j, [B, N, H]
+            updates = updates + carried[..., None, None] * initial_momentum[:, None]
+        momentum = updates[:, -1]
+    if muon:
+        updates = newton_schulz5(updates)
+    updates = update_sign * updates
+    inclusive = initial_state[:, None] + torch.cumsum(updates, dim=1)  # S after chunk c
+    read_states = torch.cat([initial_state[:, None], inclusive[:, :-1]], dim=1)  # [B, N, H, d, dh]
+    outputs = []
+    for c, (s, e) in enumerate(chunk_bounds(seq_len, chunk_size)):
+        o_c = torch.einsum("bhde,bnhe->bnhd", read_states[:, c], hq[:, s:e])
+        if token_causal:
+            scores = torch.einsum("bnhe,bmhe->bhnm", hq[:, s:e], hk[:, s:e]).tril()
+            o_c = o_c + update_sign * torch.einsum("bhnm,bmhd->bnhd", scores, v[:, s:e] * eta1[:, s:e, :, None])
+        outputs.append(o_c)
+    return torch.cat(outputs, dim=1), inclusive[:, -1], momentum

@@ -1,0 +1,155 @@
+"""Configuration dataclasses for the TTT-as-linear-attention layer and the language model.
+
+They double as OmegaConf structured configs: `OmegaConf.structured(LMConfig)` gives a typed schema,
+so a YAML file or a dotlist override with an unknown key or a wrongly typed value fails at merge
+time. Value checks that types cannot express live in `validate()`, and every error names the key
+(`model.ttt.chunk_size=0 must be >= 1`) so the user knows which line of which file to change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+TTT_MODES = ("recurrent", "parallel")
+FAST_WEIGHT_SETS = ("all", "w1")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the offending key."""
+
+
+def _require(condition: bool, key: str, value: object, why: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}={value!r} {why}")
+
+
+@dataclass
+class TTTConfig:
+    """The fast-weight (LaCT) sequence layer.
+
+    `mode="recurrent"` is the faithful LaCT inner loop (any fast-weight set, weight norm allowed);
+    `mode="parallel"` is the chunk scan, exact only when W1 alone is fast and weight norm is off,
+    which is why that combination is enforced here rather than silently ignored.
+    A sequence whose length is not a multiple of `chunk_size` ends in a shorter final chunk.
+    """
+
+    mode: str = "parallel"
+    num_heads: int = 2
+    head_dim: Optional[int] = None  # d; defaults to hidden_size // num_heads
+    inter_multi: float = 1.0  # dh = inter_multi * d (fast-weight MLP hidden size)
+    chunk_size: int = 64
+    fast_weights: str = "w1"  # "all": W0, W1, W2 are fast (recurrent only); "w1": W1 only
+    momentum: bool = False
+    muon: bool = False
+    weight_norm: bool = False
+    token_causal: bool = False  # add the intra-chunk causal term (parallel mode)
+    update_sign: float = 1.0  # +1: gradient descent on -<f(k), v>; -1: gradient ascent
+    base_lr: float = 1e-3  # softplus(bias) at init for the per-token learning rates
+    init_gain: float = 0.5  # std of the fast-weight init is init_gain / sqrt(fan_in)
+    use_kernel: bool = True  # Triton on CUDA where available; the reference elsewhere
+
+    def resolved_head_dim(self, hidden_size: int) -> int:
+        return self.head_dim if self.head_dim is not None else hidden_size // self.num_heads
+
+    def resolved_inner_dim(self, hidden_size: int) -> int:
+        return int(round(self.resolved_head_dim(hidden_size) * self.inter_multi))
+
+    def validate(self, hidden_size: int, prefix: str = "model.ttt") -> None:
+        _require(self.mode in TTT_MODES, f"{prefix}.mode", self.mode, f"must be one of {TTT_MODES}")
+        _require(self.num_heads >= 1, f"{prefix}.num_heads", self.num_heads, "must be >= 1")
+        if self.head_dim is None:
+            _require(
+                hidden_size % self.num_heads == 0,
+                f"{prefix}.num_heads",
+                self.num_heads,
+                f"must divide model.hidden_size={hidden_size} (or set {prefix}.head_dim)",
+            )
+        else:
+            _require(self.head_dim >= 1, f"{prefix}.head_dim", self.head_dim, "must be >= 1")
+        _require(self.inter_multi > 0, f"{prefix}.inter_multi", self.inter_multi, "must be > 0")
+        _require(self.chunk_size >= 1, f"{prefix}.chunk_size", self.chunk_size, "must be >= 1")
+        _require(
+            self.fast_weights in FAST_WEIGHT_SETS,
+            f"{prefix}.fast_weights",
+            self.fast_weights,
+            f"must be one of {FAST_WEIGHT_SETS}",
+        )
+        _require(self.update_sign in (1.0, -1.0), f"{prefix}.update_sign", self.update_sign, "must be +1 or -1")
+        _require(self.base_lr > 0, f"{prefix}.base_lr", self.base_lr, "must be > 0")
+        _require(self.init_gain > 0, f"{prefix}.init_gain", self.init_gain, "must be > 0")
+        if self.mode == "parallel":
+            _require(
+                self.fast_weights == "w1",
+                f"{prefix}.fast_weights",
+                self.fast_weights,
+                f"must be 'w1' when {prefix}.mode='parallel' (W0/W2 updates make the features "
+                f"state-dependent; use {prefix}.mode=recurrent)",
+            )
+            _require(
+                not self.weight_norm,
+                f"{prefix}.weight_norm",
+                self.weight_norm,
+                f"must be false when {prefix}.mode='parallel' (weight norm breaks the prefix sum; "
+                f"use {prefix}.mode=recurrent)",
+            )
+        else:
+            _require(
+                not self.token_causal,
+                f"{prefix}.token_causal",
+                self.token_causal,
+                f"is only defined for {prefix}.mode='parallel' (LaCT's recurrent form is block-causal)",
+            )
+
+
+@dataclass
+class LMConfig:
+    """The language model: embeddings, `num_layers` hybrid blocks, final norm, output head."""
+
+    vocab_size: int = 256
+    hidden_size: int = 128
+    num_layers: int = 2
+    mlp_hidden_size: Optional[int] = None  # defaults to the SwiGLU 8/3 rule, rounded up to 64
+    num_attn_heads: int = 4
+    window_size: int = 64  # sliding-window attention; 0 turns the attention branch off
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    ttt: TTTConfig = field(default_factory=TTTConfig)
+
+    def resolved_mlp_hidden_size(self) -> int:
+        if self.mlp_hidden_size is not None:
+            return self.mlp_hidden_size
+        return 64 * ((8 * self.hidden_size // 3 + 63) // 64)
+
+    def validate(self, prefix: str = "model") -> "LMConfig":
+        _require(self.vocab_size >= 2, f"{prefix}.vocab_size", self.vocab_size, "must be >= 2")
+        _require(self.hidden_size >= 1, f"{prefix}.hidden_size", self.hidden_size, "must be >= 1")
+        _require(self.num_layers >= 1, f"{prefix}.num_layers", self.num_layers, "must be >= 1")
+        _require(self.window_size >= 0, f"{prefix}.window_size", self.window_size, "must be >= 0 (0 disables it)")
+        if self.window_size > 0:
+            _require(self.num_attn_heads >= 1, f"{prefix}.num_attn_heads", self.num_attn_heads, "must be >= 1")
+            _require(
+                self.hidden_size % self.num_attn_heads == 0,
+                f"{prefix}.num_attn_heads",
+                self.num_attn_heads,
+                f"must divide {prefix}.hidden_size={self.hidden_size}",
+            )
+            _require(
+                (self.hidden_size // self.num_attn_heads) % 2 == 0,
+                f"{prefix}.num_attn_heads",
+                self.num_attn_heads,
+                f"must leave an even attention head dim for RoPE ({prefix}.hidden_size={self.hidden_size})",
+            )
+        elif not self.ttt.token_causal:
+            raise ConfigError(
+                f"{prefix}.window_size=0 with {prefix}.ttt.token_causal=false leaves tokens blind to their "
+                f"own chunk; set {prefix}.ttt.token_causal=true (parallel mode) or a positive window"
+            )
+        if self.mlp_hidden_size is not None:
+            _require(self.mlp_hidden_size >= 1, f"{prefix}.mlp_hidden_size", self.mlp_hidden_size, "must be >= 1")
+        _require(self.norm_eps > 0, f"{prefix}.norm_eps", self.norm_eps, "must be > 0")
+        _require(self.init_std > 0, f"{prefix}.init_std", self.init_std, "must be > 0")
+        self.ttt.validate(self.hidden_size, prefix=f"{prefix}.ttt")
+        return self
