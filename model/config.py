@@ -36,7 +36,6 @@ class TTTConfig:
 
     mode: str = "parallel"
     num_heads: int = 2
-    head_dim: Optional[int] = None  # d; defaults to hidden_size // num_heads
     inter_multi: float = 1.0  # dh = inter_multi * d (fast-weight MLP hidden size)
     chunk_size: int = 64
     fast_weights: str = "w1"  # "all": W0, W1, W2 are fast (recurrent only); "w1": W1 only
@@ -50,7 +49,8 @@ class TTTConfig:
     use_kernel: bool = True  # Triton on CUDA where available; the reference elsewhere
 
     def resolved_head_dim(self, hidden_size: int) -> int:
-        return self.head_dim if self.head_dim is not None else hidden_size // self.num_heads
+        """d: the TTT heads split the shared q/k/v projections, so d = hidden_size / num_heads."""
+        return hidden_size // self.num_heads
 
     def resolved_inner_dim(self, hidden_size: int) -> int:
         return int(round(self.resolved_head_dim(hidden_size) * self.inter_multi))
@@ -58,15 +58,12 @@ class TTTConfig:
     def validate(self, hidden_size: int, prefix: str = "model.ttt") -> None:
         _require(self.mode in TTT_MODES, f"{prefix}.mode", self.mode, f"must be one of {TTT_MODES}")
         _require(self.num_heads >= 1, f"{prefix}.num_heads", self.num_heads, "must be >= 1")
-        if self.head_dim is None:
-            _require(
-                hidden_size % self.num_heads == 0,
-                f"{prefix}.num_heads",
-                self.num_heads,
-                f"must divide model.hidden_size={hidden_size} (or set {prefix}.head_dim)",
-            )
-        else:
-            _require(self.head_dim >= 1, f"{prefix}.head_dim", self.head_dim, "must be >= 1")
+        _require(
+            hidden_size % self.num_heads == 0,
+            f"{prefix}.num_heads",
+            self.num_heads,
+            f"must divide model.hidden_size={hidden_size}",
+        )
         _require(self.inter_multi > 0, f"{prefix}.inter_multi", self.inter_multi, "must be > 0")
         _require(self.chunk_size >= 1, f"{prefix}.chunk_size", self.chunk_size, "must be >= 1")
         _require(

@@ -1,0 +1,151 @@
+"""The sequence mixer of every block: a LaCT fast-weight (TTT) branch plus sliding-window attention.
+
+Both branches read one shared q/k/v projection, as in LaCT: the attention branch splits it into
+`num_attn_heads` RoPE heads; the TTT branch into `ttt.num_heads` heads of d = hidden / heads, with
+SiLU on q/k/v and L2-normalised q/k. Per head the TTT branch holds the fast-weight MLP
+f(x) = W1 (silu(W0 x) * (W2 x)) whose initial weights are learned parameters, and per token it
+predicts three learning rates (softplus, "mamba" parameterisation) and, with momentum, a
+coefficient whose chunk mean is the momentum decay.
+
+`ttt.mode` picks the computation:
+* `recurrent`: the faithful LaCT loop (any fast-weight set, momentum, Muon, weight norm);
+* `parallel`: W1 only, no weight norm, as a chunk scan (block-causal linear attention with feature
+  map h(x) = silu(W0 x) * (W2 x)); `token_causal` adds the intra-chunk term.
+
+The layer accepts the fast-weight state a sequence enters with and returns the state it leaves
+with, so a caller can continue a sequence (decoding, or a sequence split across ranks) without
+the layer knowing why.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.reference import (
+    FastWeights,
+    chunk_mean,
+    lact_recurrent_reference,
+    swiglu_features,
+    ttt_la_parallel_reference,
+)
+from model.config import LMConfig
+from model.layers import RMSNorm, apply_rotary, rotary_tables
+from model.swa import sliding_window_attention
+
+
+def inverse_softplus(y: float) -> float:
+    """x with softplus(x) = y: the bias that makes an untrained learning-rate head output y."""
+    return y + math.log(-math.expm1(-y))
+
+
+class TTTMixer(nn.Module):
+    """x [B, T, D] -> y [B, T, D]: TTT-as-linear-attention branch + sliding-window attention branch."""
+
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        ttt = cfg.ttt
+        self.cfg = cfg
+        self.num_heads = ttt.num_heads
+        self.head_dim = ttt.resolved_head_dim(cfg.hidden_size)  # d
+        self.inner_dim = ttt.resolved_inner_dim(cfg.hidden_size)  # dh
+        hidden = cfg.hidden_size
+        self.qkv = nn.Linear(hidden, 3 * hidden, bias=False)
+        self.lr_proj = nn.Linear(hidden, 3 * self.num_heads, bias=True)
+        self.momentum_proj = nn.Linear(hidden, self.num_heads, bias=True) if ttt.momentum else None
+        gain = ttt.init_gain
+        self.w0 = nn.Parameter(torch.randn(self.num_heads, self.inner_dim, self.head_dim) * gain / math.sqrt(self.head_dim))
+        self.w1 = nn.Parameter(torch.randn(self.num_heads, self.head_dim, self.inner_dim) * gain / math.sqrt(self.inner_dim))
+        self.w2 = nn.Parameter(torch.randn(self.num_heads, self.inner_dim, self.head_dim) * gain / math.sqrt(self.head_dim))
+        self.ttt_norm = RMSNorm(self.head_dim, cfg.norm_eps)
+        self.o_proj = nn.Linear(hidden, hidden, bias=False)
+        self.attn_heads = cfg.num_attn_heads if cfg.window_size > 0 else 0
+
+    def reset_ttt_parameters(self) -> None:
+        """Learning-rate heads start at base_lr everywhere; called after the LM's generic init."""
+        nn.init.zeros_(self.lr_proj.weight)
+        nn.init.constant_(self.lr_proj.bias, inverse_softplus(self.cfg.ttt.base_lr))
+        if self.momentum_proj is not None:
+            nn.init.zeros_(self.momentum_proj.weight)
+            nn.init.zeros_(self.momentum_proj.bias)  # sigmoid(0) = 0.5
+
+    def initial_state(self, batch: int) -> FastWeights:
+        """The learned initial fast weights, one copy per sequence (fp32: states never run in bf16)."""
+        dtype = torch.float64 if self.w1.dtype == torch.float64 else torch.float32
+        return FastWeights(*(w.to(dtype).unsqueeze(0).expand(batch, -1, -1, -1) for w in (self.w0, self.w1, self.w2)))
+
+    def forward(
+        self, x: torch.Tensor, state: Optional[FastWeights] = None, position_offset: int = 0
+    ) -> tuple[torch.Tensor, FastWeights]:
+        batch, seq_len, hidden = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        ttt_out, final_state = self._ttt_branch(x, q, k, v, state)
+        mixed = self.ttt_norm(ttt_out).reshape(batch, seq_len, hidden).to(x.dtype)
+        if self.attn_heads:
+            mixed = mixed + self._attention_branch(q, k, v, position_offset)
+        return self.o_proj(mixed), final_state
+
+    def _attention_branch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_offset: int) -> torch.Tensor:
+        batch, seq_len, hidden = q.shape
+        heads = self.attn_heads
+        q, k, v = (t.reshape(batch, seq_len, heads, hidden // heads) for t in (q, k, v))
+        positions = torch.arange(position_offset, position_offset + seq_len, device=q.device)
+        cos, sin = rotary_tables(positions, hidden // heads, self.cfg.rope_theta, q.dtype)
+        out = sliding_window_attention(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, self.cfg.window_size)
+        return out.reshape(batch, seq_len, hidden)
+
+    def _ttt_branch(
+        self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Optional[FastWeights]
+    ) -> tuple[torch.Tensor, FastWeights]:
+        """[B, T, H, d] output of the fast-weight MLP, and the state after the sequence."""
+        ttt = self.cfg.ttt
+        batch, seq_len, _ = x.shape
+        shape = (batch, seq_len, self.num_heads, self.head_dim)
+        tq, tk, tv = (F.silu(t).reshape(shape) for t in (q, k, v))
+        tq, tk = F.normalize(tq, dim=-1), F.normalize(tk, dim=-1)
+        state_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        etas = F.softplus(self.lr_proj(x).to(state_dtype)).reshape(batch, seq_len, 3, self.num_heads)
+        eta0, eta1, eta2 = etas.unbind(dim=2)  # [B, T, H] each
+        beta = None
+        if self.momentum_proj is not None:
+            beta = chunk_mean(torch.sigmoid(self.momentum_proj(x).to(state_dtype)), ttt.chunk_size)  # [B, N, H]
+        entering = state if state is not None else self.initial_state(batch)
+        if ttt.mode == "recurrent":
+            return self._recurrent(tq, tk, tv, eta0, eta1, eta2, beta, entering)
+        return self._parallel(tq, tk, tv, eta1, beta, entering)
+
+    def _recurrent(self, q, k, v, eta0, eta1, eta2, beta, entering: FastWeights) -> tuple[torch.Tensor, FastWeights]:
+        ttt = self.cfg.ttt
+        dtype = entering.w1.dtype
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            return lact_recurrent_reference(
+                q.to(dtype), k.to(dtype), v.to(dtype), eta0.to(dtype), eta1.to(dtype), eta2.to(dtype),
+                entering, ttt.chunk_size, beta=None if beta is None else beta.to(dtype), muon=ttt.muon,
+                weight_norm=ttt.weight_norm, fast_weights=ttt.fast_weights, update_sign=ttt.update_sign,
+            )  # fmt: skip
+
+    def _parallel(self, q, k, v, eta1, beta, entering: FastWeights) -> tuple[torch.Tensor, FastWeights]:
+        """Features with the (frozen) W0/W2, then the chunk scan. Momentum is kept in the recurrent
+        form's sign convention (gradient units) in the returned state so the two modes share states."""
+        ttt = self.cfg.ttt
+        state_dtype = entering.w1.dtype
+        feature_dtype = state_dtype if q.device.type == "cpu" else q.dtype
+        w0, w2 = self.w0.to(feature_dtype), self.w2.to(feature_dtype)
+        hq = swiglu_features(q.to(feature_dtype), w0, w2)
+        hk = swiglu_features(k.to(feature_dtype), w0, w2)
+        initial_momentum = None if entering.m1 is None else -entering.m1
+        scan = ttt_la_parallel_reference
+        if ttt.use_kernel and q.is_cuda:
+            from kernels.ttt_la import chunk_ttt_la as scan
+        out, final_w1, final_momentum = scan(
+            hq, hk, v.to(feature_dtype), eta1.to(feature_dtype), entering.w1, ttt.chunk_size,
+            beta=beta, initial_momentum=initial_momentum, muon=ttt.muon, token_causal=ttt.token_causal,
+            update_sign=ttt.update_sign,
+        )  # fmt: skip
+        final = replace(entering, w1=final_w1, m1=None if final_momentum is None else -final_momentum)
+        return out, final
