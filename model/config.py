@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from omegaconf import OmegaConf
+
 TTT_MODES = ("recurrent", "parallel")
 FAST_WEIGHT_SETS = ("all", "w1")
 
@@ -150,3 +152,13 @@ class LMConfig:
         _require(self.init_std > 0, f"{prefix}.init_std", self.init_std, "must be > 0")
         self.ttt.validate(self.hidden_size, prefix=f"{prefix}.ttt")
         return self
+
+
+def load_model_config(path: str, overrides: Optional[list[str]] = None) -> LMConfig:
+    """A model YAML merged onto the LMConfig schema with dotlist overrides, then validated.
+
+    Unknown keys and wrongly typed values fail inside OmegaConf.merge, naming the key.
+    """
+    merged = OmegaConf.merge(OmegaConf.structured(LMConfig), OmegaConf.load(path), OmegaConf.from_dotlist(overrides or []))
+    cfg: LMConfig = OmegaConf.to_object(merged)
+    return cfg.validate()

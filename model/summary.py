@@ -8,18 +8,9 @@ from __future__ import annotations
 import sys
 
 import torch
-from omegaconf import OmegaConf
 
-from model.config import LMConfig
+from model.config import load_model_config
 from model.lm import TTTLM, count_parameters
-
-
-def load_model_config(path: str, overrides: list[str] | None = None) -> LMConfig:
-    """A model YAML merged onto the LMConfig schema; unknown keys and wrong types fail naming the key."""
-    schema = OmegaConf.structured(LMConfig)
-    merged = OmegaConf.merge(schema, OmegaConf.load(path), OmegaConf.from_dotlist(overrides or []))
-    cfg: LMConfig = OmegaConf.to_object(merged)
-    return cfg.validate()
 
 
 def main(argv: list[str]) -> None:

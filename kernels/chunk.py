@@ -1,0 +1,438 @@
+"""Triton chunk kernels for TTT as linear attention (the parallel form of `kernels.reference`).
+
+Everything runs on a flat token axis: a batch `[B, T, H, *]` is viewed as one sequence of B*T
+tokens whose documents start at `cu_seqlens` (a plain batch is B documents of T tokens). Chunks
+restart at every document start; the state resets there. A `ChunkTable` lists every chunk's token
+range and every document's range of chunks.
+
+Four kernels, each over all chunks at once except the scans (one program per document, head and
+state tile, walking its chunks in order):
+
+* `chunk_outer_kernel`:  out[c] = sum_{t in c} eta_t x_t y_t^T      (chunk updates A(c), and dS(c) in the backward)
+* `state_scan_fwd_kernel`: S(c) = S(0) + sum_{c'<c} sign * M(c'), M(c) = beta_c M(c-1) + A(c)   (fp32)
+* `state_scan_bwd_kernel`: its mirror, giving dA(c), dS(0), dM(0) and per-tile partial sums of dbeta
+* `chunk_apply_kernel`: out_t = x_t W(c)^T + sign * sum_{s in c, s <= t (or >= t)} (x_t . y_s) z_s
+  (the output, and in the backward dh(q), dh(k) and d(eta v); one kernel, four operand choices)
+
+Operands are the input dtype (bf16 in training) with fp32 accumulation; states are accumulated in
+fp32 and stored for the apply in the operand dtype, as the tensor cores read them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+# Tests set this to fill every kernel-written buffer with NaN first, so an unwritten element shows.
+poison_outputs = False
+
+
+def new_buffer(shape, dtype, device) -> torch.Tensor:
+    if poison_outputs:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@dataclass
+class ChunkTable:
+    """Token ranges of all chunks of all documents, in order.
+
+    starts, ends: [NC] int32 token offsets on the flat axis; doc_chunks: [D + 1] int32, document
+    i owns chunks doc_chunks[i] .. doc_chunks[i + 1] - 1.
+    """
+
+    starts: torch.Tensor
+    ends: torch.Tensor
+    doc_chunks: torch.Tensor
+    num_docs: int
+
+    @property
+    def num_chunks(self) -> int:
+        return self.starts.shape[0]
+
+
+def regular_chunk_table(batch: int, seq_len: int, chunk_size: int, device) -> ChunkTable:
+    """B documents of T tokens each (no host synchronisation)."""
+    n = math.ceil(seq_len / chunk_size)
+    doc = torch.arange(batch, device=device, dtype=torch.int32)[:, None]
+    starts = doc * seq_len + torch.arange(n, device=device, dtype=torch.int32)[None, :] * chunk_size
+    ends = torch.minimum(starts + chunk_size, (doc + 1) * seq_len)
+    doc_chunks = torch.arange(batch + 1, device=device, dtype=torch.int32) * n
+    return ChunkTable(starts.flatten().contiguous(), ends.flatten().contiguous(), doc_chunks, batch)
+
+
+def varlen_chunk_table(cu_seqlens: torch.Tensor, chunk_size: int, device) -> ChunkTable:
+    """Documents at cu_seqlens ([D + 1], starting at 0, non-decreasing); empty documents own no chunk."""
+    bounds = [int(x) for x in cu_seqlens.tolist()]
+    starts, ends, doc_chunks = [], [], [0]
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        for c in range(s, e, chunk_size):
+            starts.append(c)
+            ends.append(min(c + chunk_size, e))
+        doc_chunks.append(len(starts))
+    as_tensor = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
+    return ChunkTable(as_tensor(starts), as_tensor(ends), as_tensor(doc_chunks), len(bounds) - 1)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 operands are multiplied exactly (the tests compare to float64), not in tf32.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _tile(dim: int, cap: int) -> int:
+    return max(16, min(cap, triton.next_power_of_2(dim)))
+
+
+# ----------------------------------------------------------------------------------------------
+# chunk outer products: out[c, h] = sum_{t in c} eta_t x_t y_t^T   [NC, H, DX, DY] fp32
+
+
+@triton.jit
+def chunk_outer_kernel(
+    x_ptr, y_ptr, eta_ptr, out_ptr, starts_ptr, ends_ptr, H,
+    DX: tl.constexpr, DY: tl.constexpr, BT: tl.constexpr, BX: tl.constexpr, BY: tl.constexpr,
+    USE_ETA: tl.constexpr, PRECISION: tl.constexpr,
+):
+    i_c = tl.program_id(0)
+    i_xy = tl.program_id(1)
+    i_h = tl.program_id(2)
+    NY: tl.constexpr = (DY + BY - 1) // BY
+    i_x = i_xy // NY
+    i_y = i_xy % NY
+    start = tl.load(starts_ptr + i_c)
+    end = tl.load(ends_ptr + i_c)
+    offs_x = i_x * BX + tl.arange(0, BX)
+    offs_y = i_y * BY + tl.arange(0, BY)
+    acc = tl.zeros([BX, BY], dtype=tl.float32)
+    for t0 in range(start, end, BT):
+        offs_t = t0 + tl.arange(0, BT)
+        mask_t = offs_t < end
+        x = tl.load(x_ptr + (offs_t[:, None] * H + i_h) * DX + offs_x[None, :],
+                    mask=mask_t[:, None] & (offs_x[None, :] < DX), other=0.0)
+        y = tl.load(y_ptr + (offs_t[:, None] * H + i_h) * DY + offs_y[None, :],
+                    mask=mask_t[:, None] & (offs_y[None, :] < DY), other=0.0)
+        if USE_ETA:
+            eta = tl.load(eta_ptr + offs_t * H + i_h, mask=mask_t, other=0.0).to(tl.float32)
+            x = (x.to(tl.float32) * eta[:, None]).to(y.dtype)
+        acc += tl.dot(tl.trans(x), y, input_precision=PRECISION)
+    out = out_ptr + (i_c * H + i_h) * DX * DY + offs_x[:, None] * DY + offs_y[None, :]
+    tl.store(out, acc, mask=(offs_x[:, None] < DX) & (offs_y[None, :] < DY))
+
+
+def chunk_outer(x, y, eta, table: ChunkTable) -> torch.Tensor:
+    """x: [TT, H, DX], y: [TT, H, DY], eta: [TT, H] or None -> [NC, H, DX, DY] fp32."""
+    _, heads, dx = x.shape
+    dy = y.shape[-1]
+    out = new_buffer((table.num_chunks, heads, dx, dy), torch.float32, x.device)
+    bx, by = _tile(dx, 128), _tile(dy, 128)
+    grid = (table.num_chunks, triton.cdiv(dx, bx) * triton.cdiv(dy, by), heads)
+    chunk_outer_kernel[grid](
+        x, y, eta if eta is not None else x, out, table.starts, table.ends, heads,
+        DX=dx, DY=dy, BT=64, BX=bx, BY=by, USE_ETA=eta is not None,
+        PRECISION=_dot_precision(x.dtype), num_warps=8, num_stages=3,
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# state scans (one program per document, head and state tile; chunks in order)
+
+
+@triton.jit
+def state_scan_fwd_kernel(
+    upd_ptr, states_ptr, init_ptr, final_ptr, beta_ptr, init_mom_ptr, final_mom_ptr, mom_ptr,
+    doc_chunks_ptr, H, sign,
+    D1: tl.constexpr, D2: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr,
+    HAS_INIT: tl.constexpr, HAS_MOM: tl.constexpr, HAS_INIT_MOM: tl.constexpr,
+):
+    i_tile = tl.program_id(0)
+    i_doc = tl.program_id(1)
+    i_h = tl.program_id(2)
+    N2: tl.constexpr = (D2 + B2 - 1) // B2
+    offs_1 = (i_tile // N2) * B1 + tl.arange(0, B1)
+    offs_2 = (i_tile % N2) * B2 + tl.arange(0, B2)
+    offs = offs_1[:, None] * D2 + offs_2[None, :]
+    mask = (offs_1[:, None] < D1) & (offs_2[None, :] < D2)
+    doc_base = (i_doc * H + i_h) * D1 * D2
+    state = tl.zeros([B1, B2], dtype=tl.float32)
+    if HAS_INIT:
+        state = tl.load(init_ptr + doc_base + offs, mask=mask, other=0.0).to(tl.float32)
+    momentum = tl.zeros([B1, B2], dtype=tl.float32)
+    if HAS_INIT_MOM:
+        momentum = tl.load(init_mom_ptr + doc_base + offs, mask=mask, other=0.0).to(tl.float32)
+    c0 = tl.load(doc_chunks_ptr + i_doc)
+    c1 = tl.load(doc_chunks_ptr + i_doc + 1)
+    for c in range(c0, c1):
+        base = (c * H + i_h) * D1 * D2
+        update = tl.load(upd_ptr + base + offs, mask=mask, other=0.0)
+        tl.store(states_ptr + base + offs, state.to(states_ptr.dtype.element_ty), mask=mask)
+        if HAS_MOM:
+            tl.store(mom_ptr + base + offs, momentum, mask=mask)
+            beta = tl.load(beta_ptr + c * H + i_h).to(tl.float32)
+            momentum = beta * momentum + update
+            state += sign * momentum
+        else:
+            state += sign * update
+    tl.store(final_ptr + doc_base + offs, state, mask=mask)
+    if HAS_MOM:
+        tl.store(final_mom_ptr + doc_base + offs, momentum, mask=mask)
+
+
+@triton.jit
+def state_scan_bwd_kernel(
+    dstate_ptr, dupd_ptr, dfinal_ptr, dinit_ptr, beta_ptr, mom_ptr, dfinal_mom_ptr, dinit_mom_ptr,
+    dbeta_ptr, doc_chunks_ptr, H, sign, NTILES,
+    D1: tl.constexpr, D2: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr,
+    HAS_DFINAL: tl.constexpr, HAS_MOM: tl.constexpr, HAS_DFINAL_MOM: tl.constexpr,
+):
+    i_tile = tl.program_id(0)
+    i_doc = tl.program_id(1)
+    i_h = tl.program_id(2)
+    N2: tl.constexpr = (D2 + B2 - 1) // B2
+    offs_1 = (i_tile // N2) * B1 + tl.arange(0, B1)
+    offs_2 = (i_tile % N2) * B2 + tl.arange(0, B2)
+    offs = offs_1[:, None] * D2 + offs_2[None, :]
+    mask = (offs_1[:, None] < D1) & (offs_2[None, :] < D2)
+    doc_base = (i_doc * H + i_h) * D1 * D2
+    # suffix: dL/dU(c) = dS_final + sum_{c' > c} dS(c')
+    suffix = tl.zeros([B1, B2], dtype=tl.float32)
+    if HAS_DFINAL:
+        suffix = tl.load(dfinal_ptr + doc_base + offs, mask=mask, other=0.0).to(tl.float32)
+    # carry: beta_{c+1} dM(c+1), the momentum gradient flowing back into chunk c
+    carry = tl.zeros([B1, B2], dtype=tl.float32)
+    if HAS_DFINAL_MOM:
+        carry = tl.load(dfinal_mom_ptr + doc_base + offs, mask=mask, other=0.0).to(tl.float32)
+    c0 = tl.load(doc_chunks_ptr + i_doc)
+    c1 = tl.load(doc_chunks_ptr + i_doc + 1)
+    for i in range(0, c1 - c0):
+        c = c1 - 1 - i
+        base = (c * H + i_h) * D1 * D2
+        dstate = tl.load(dstate_ptr + base + offs, mask=mask, other=0.0)
+        if HAS_MOM:
+            dmom = sign * suffix + carry
+            tl.store(dupd_ptr + base + offs, dmom.to(dupd_ptr.dtype.element_ty), mask=mask)
+            mom_prev = tl.load(mom_ptr + base + offs, mask=mask, other=0.0)
+            tl.store(dbeta_ptr + (c * H + i_h) * NTILES + i_tile, tl.sum(tl.sum(dmom * mom_prev, axis=1), axis=0))
+            beta = tl.load(beta_ptr + c * H + i_h).to(tl.float32)
+            carry = beta * dmom
+        else:
+            tl.store(dupd_ptr + base + offs, (sign * suffix).to(dupd_ptr.dtype.element_ty), mask=mask)
+        suffix += dstate
+    tl.store(dinit_ptr + doc_base + offs, suffix, mask=mask)
+    if HAS_MOM:
+        tl.store(dinit_mom_ptr + doc_base + offs, carry, mask=mask)
+
+
+def _scan_tiles(d1: int, d2: int) -> tuple[int, int]:
+    return _tile(d1, 64), _tile(d2, 64)
+
+
+def state_scan_fwd(updates, table: ChunkTable, initial_state, beta, initial_momentum, sign: float, dtype):
+    """updates: [NC, H, d, dh] fp32 chunk updates A(c); beta: [NC, H] or None.
+
+    Returns (states [NC, H, d, dh] in `dtype`: the state each chunk reads; final [D, H, d, dh] fp32;
+    final momentum [D, H, d, dh] fp32 or None; momenta [NC, H, d, dh] fp32 (M(c-1)) or None).
+    """
+    nc, heads, d1, d2 = updates.shape
+    device = updates.device
+    states = new_buffer(updates.shape, dtype, device)
+    final = new_buffer((table.num_docs, heads, d1, d2), torch.float32, device)
+    has_mom = beta is not None
+    final_mom = new_buffer(final.shape, torch.float32, device) if has_mom else None
+    momenta = new_buffer(updates.shape, torch.float32, device) if has_mom else None
+    b1, b2 = _scan_tiles(d1, d2)
+    grid = (triton.cdiv(d1, b1) * triton.cdiv(d2, b2), table.num_docs, heads)
+    state_scan_fwd_kernel[grid](
+        updates, states, initial_state if initial_state is not None else updates, final,
+        beta if has_mom else updates, initial_momentum if initial_momentum is not None else updates,
+        final_mom if has_mom else updates, momenta if has_mom else updates,
+        table.doc_chunks, heads, sign, D1=d1, D2=d2, B1=b1, B2=b2,
+        HAS_INIT=initial_state is not None, HAS_MOM=has_mom, HAS_INIT_MOM=initial_momentum is not None,
+        num_warps=4,
+    )
+    return states, final, final_mom, momenta
+
+
+def state_scan_bwd(dstates, table: ChunkTable, dfinal, beta, momenta, dfinal_mom, sign: float, dtype):
+    """dstates: [NC, H, d, dh] fp32, dL/dS(c) for the state each chunk read.
+
+    Returns (dupdates [NC, H, d, dh] in `dtype`: dL/dA(c); dinit [D, H, d, dh] fp32;
+    dinit_momentum fp32 or None; dbeta [NC, H] fp32 or None).
+    """
+    nc, heads, d1, d2 = dstates.shape
+    device = dstates.device
+    dupdates = new_buffer(dstates.shape, dtype, device)
+    dinit = new_buffer((table.num_docs, heads, d1, d2), torch.float32, device)
+    has_mom = beta is not None
+    dinit_mom = new_buffer(dinit.shape, torch.float32, device) if has_mom else None
+    b1, b2 = _scan_tiles(d1, d2)
+    ntiles = triton.cdiv(d1, b1) * triton.cdiv(d2, b2)
+    dbeta_tiles = new_buffer((nc, heads, ntiles), torch.float32, device) if has_mom else None
+    grid = (ntiles, table.num_docs, heads)
+    state_scan_bwd_kernel[grid](
+        dstates, dupdates, dfinal if dfinal is not None else dstates, dinit,
+        beta if has_mom else dstates, momenta if has_mom else dstates,
+        dfinal_mom if dfinal_mom is not None else dstates, dinit_mom if has_mom else dstates,
+        dbeta_tiles if has_mom else dstates, table.doc_chunks, heads, sign, ntiles,
+        D1=d1, D2=d2, B1=b1, B2=b2, HAS_DFINAL=dfinal is not None, HAS_MOM=has_mom,
+        HAS_DFINAL_MOM=has_mom and dfinal_mom is not None, num_warps=4,
+    )
+    dbeta = dbeta_tiles.sum(-1) if has_mom else None
+    return dupdates, dinit, dinit_mom, dbeta
+
+
+# ----------------------------------------------------------------------------------------------
+# chunk apply: out_t = x_t W(c)^T + sign * sum_{s in c, s <= t (REVERSE: s >= t)} (x_t . y_s) z_s
+
+
+@triton.jit
+def chunk_apply_kernel(
+    x_ptr, y_ptr, z_ptr, w_ptr, eta_ptr, out_ptr, vdot_ptr, deta_ptr, starts_ptr, ends_ptr,
+    H, sign, stride_wm, stride_wn,
+    DX: tl.constexpr, DZ: tl.constexpr, NSUB: tl.constexpr,
+    BT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    INTRA: tl.constexpr, REVERSE: tl.constexpr, ETA_ROW: tl.constexpr, ETA_COL: tl.constexpr,
+    ETA_DOT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """x, y: [TT, H, DX]; z, out: [TT, H, DZ]; w: [NC, H, *] read as W^T[m, n] = w[m*stride_wm + n*stride_wn].
+
+    ETA_COL scales the intra-chunk scores by eta_s (keys weighted), ETA_ROW scales the output rows
+    by eta_t; ETA_DOT also writes deta partials sum_n vdot[t, n] * out[t, n] (before ETA_ROW).
+    """
+    i_cb = tl.program_id(0)
+    i_n = tl.program_id(1)
+    i_h = tl.program_id(2)
+    i_c = i_cb // NSUB
+    start = tl.load(starts_ptr + i_c)
+    end = tl.load(ends_ptr + i_c)
+    t0 = start + (i_cb % NSUB) * BT
+    if t0 >= end:
+        return
+    offs_t = t0 + tl.arange(0, BT)
+    mask_t = offs_t < end
+    offs_n = i_n * BN + tl.arange(0, BN)
+    mask_n = offs_n < DZ
+    w_base = w_ptr + (i_c * H + i_h) * DX * DZ
+    acc = tl.zeros([BT, BN], dtype=tl.float32)
+    for m0 in range(0, DX, BM):
+        offs_m = m0 + tl.arange(0, BM)
+        mask_m = offs_m < DX
+        x = tl.load(x_ptr + (offs_t[:, None] * H + i_h) * DX + offs_m[None, :],
+                    mask=mask_t[:, None] & mask_m[None, :], other=0.0)
+        w = tl.load(w_base + offs_m[:, None] * stride_wm + offs_n[None, :] * stride_wn,
+                    mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        acc += tl.dot(x, w.to(x.dtype), input_precision=PRECISION)
+    if INTRA:
+        if REVERSE:
+            lo = t0
+            hi = end
+        else:
+            lo = start
+            hi = tl.minimum(t0 + BT, end)
+        intra = tl.zeros([BT, BN], dtype=tl.float32)
+        for s0 in range(lo, hi, BT):
+            offs_s = s0 + tl.arange(0, BT)
+            mask_s = offs_s < end
+            scores = tl.zeros([BT, BT], dtype=tl.float32)
+            for m0 in range(0, DX, BM):
+                offs_m = m0 + tl.arange(0, BM)
+                mask_m = offs_m < DX
+                x = tl.load(x_ptr + (offs_t[:, None] * H + i_h) * DX + offs_m[None, :],
+                            mask=mask_t[:, None] & mask_m[None, :], other=0.0)
+                y = tl.load(y_ptr + (offs_s[:, None] * H + i_h) * DX + offs_m[None, :],
+                            mask=mask_s[:, None] & mask_m[None, :], other=0.0)
+                scores += tl.dot(x, tl.trans(y), input_precision=PRECISION)
+            if ETA_COL:
+                eta_s = tl.load(eta_ptr + offs_s * H + i_h, mask=mask_s, other=0.0).to(tl.float32)
+                scores = scores * eta_s[None, :]
+            if REVERSE:
+                keep = (offs_t[:, None] <= offs_s[None, :]) & mask_s[None, :]
+            else:
+                keep = (offs_t[:, None] >= offs_s[None, :]) & mask_s[None, :]
+            scores = tl.where(keep, scores, 0.0)
+            z = tl.load(z_ptr + (offs_s[:, None] * H + i_h) * DZ + offs_n[None, :],
+                        mask=mask_s[:, None] & mask_n[None, :], other=0.0)
+            intra += tl.dot(scores.to(z.dtype), z, input_precision=PRECISION)
+        acc += sign * intra
+    if ETA_DOT:
+        vd = tl.load(vdot_ptr + (offs_t[:, None] * H + i_h) * DZ + offs_n[None, :],
+                     mask=mask_t[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+        tl.store(deta_ptr + (offs_t * H + i_h) * tl.num_programs(1) + i_n,
+                 tl.sum(vd * acc, axis=1), mask=mask_t)
+    if ETA_ROW:
+        eta_t = tl.load(eta_ptr + offs_t * H + i_h, mask=mask_t, other=0.0).to(tl.float32)
+        acc = acc * eta_t[:, None]
+    tl.store(out_ptr + (offs_t[:, None] * H + i_h) * DZ + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=mask_t[:, None] & mask_n[None, :])
+
+
+def chunk_apply(
+    x, y, z, w, w_transposed: bool, eta, table: ChunkTable, chunk_size: int, *, intra: bool,
+    reverse: bool = False, eta_row: bool = False, eta_col: bool = False, vdot=None, sign: float = 1.0,
+):
+    """x, y: [TT, H, DX]; z: [TT, H, DZ]; w: [NC, H, DZ, DX] (w_transposed=False: out = x W^T)
+    or [NC, H, DX, DZ] (w_transposed=True: out = x W). Returns out [TT, H, DZ] in x's dtype and,
+    when vdot is given, deta [TT, H] fp32 = sum_n vdot * out (out before eta_row scaling).
+    """
+    tt, heads, dx = x.shape
+    dz = z.shape[-1]
+    out = new_buffer((tt, heads, dz), x.dtype, x.device)
+    bt = 64
+    bm, bn = _tile(dx, 64), _tile(dz, 128)
+    nsub = triton.cdiv(chunk_size, bt)
+    nn = triton.cdiv(dz, bn)
+    deta_tiles = new_buffer((tt, heads, nn), torch.float32, x.device) if vdot is not None else None
+    stride_wm, stride_wn = (dz, 1) if w_transposed else (1, dx)
+    grid = (table.num_chunks * nsub, nn, heads)
+    chunk_apply_kernel[grid](
+        x, y, z, w, eta if eta is not None else x, out, vdot if vdot is not None else x,
+        deta_tiles if vdot is not None else out, table.starts, table.ends, heads, sign, stride_wm, stride_wn,
+        DX=dx, DZ=dz, NSUB=nsub, BT=bt, BM=bm, BN=bn, INTRA=intra, REVERSE=reverse,
+        ETA_ROW=eta_row, ETA_COL=eta_col, ETA_DOT=vdot is not None, PRECISION=_dot_precision(x.dtype),
+        num_warps=8 if bn >= 128 else 4, num_stages=2,
+    )
+    return out, (deta_tiles.sum(-1) if vdot is not None else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# forward and backward of the whole layer on the flat token axis
+
+
+def ttt_la_fwd(hq, hk, v, eta, initial_state, table: ChunkTable, chunk_size: int, beta, initial_momentum,
+               token_causal: bool, sign: float):
+    """hq, hk: [TT, H, dh]; v: [TT, H, d]; eta: [TT, H]; initial_state: [D, H, d, dh] or None;
+    beta: [NC, H] or None. Returns o [TT, H, d], final [D, H, d, dh], final momentum or None,
+    and what the backward needs (states [NC, H, d, dh], momenta or None)."""
+    updates = chunk_outer(v, hk, eta, table)  # A(c): [NC, H, d, dh] fp32
+    states, final, final_mom, momenta = state_scan_fwd(updates, table, initial_state, beta, initial_momentum,
+                                                       sign, hq.dtype)
+    del updates
+    o, _ = chunk_apply(hq, hk, v, states, False, eta, table, chunk_size, intra=token_causal, eta_col=True,
+                       sign=sign)
+    return o, final, final_mom, states, momenta
+
+
+def ttt_la_bwd(do, hq, hk, v, eta, states, momenta, beta, table: ChunkTable, chunk_size: int,
+               dfinal, dfinal_mom, token_causal: bool, sign: float):
+    """Returns dhq, dhk, dv (input dtype), deta [TT, H] fp32, dinit [D, H, d, dh] fp32,
+    dinit_momentum or None, dbeta [NC, H] or None."""
+    do = do.contiguous()
+    dstates = chunk_outer(do, hq, None, table)  # dL/dS(c) = sum_t do_t hq_t^T, [NC, H, d, dh] fp32
+    dupdates, dinit, dinit_mom, dbeta = state_scan_bwd(dstates, table, dfinal, beta, momenta, dfinal_mom,
+                                                       sign, hq.dtype)
+    del dstates
+    # dhq_t = S(c)^T do_t + sign * sum_{s <= t} eta_s (do_t . v_s) hk_s
+    dhq, _ = chunk_apply(do, v, hk, states, True, eta, table, chunk_size, intra=token_causal, eta_col=True,
+                         sign=sign)
+    # dhk_s = eta_s (dA(c)^T v_s + sign * sum_{t >= s} (v_s . do_t) hq_t)
+    dhk, _ = chunk_apply(v, do, hq, dupdates, True, eta, table, chunk_size, intra=token_causal, reverse=True,
+                         eta_row=True, sign=sign)
+    # g_s = dL/d(eta_s v_s) = dA(c) hk_s + sign * sum_{t >= s} (hk_s . hq_t) do_t;  dv = eta g, deta = v . g
+    dv, deta = chunk_apply(hk, hq, do, dupdates, False, eta, table, chunk_size, intra=token_causal,
+                           reverse=True, eta_row=True, vdot=v, sign=sign)
+    return dhq, dhk, dv, deta, dinit, dinit_mom, dbeta
