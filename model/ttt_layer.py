@@ -20,7 +20,7 @@ the layer knowing why.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -42,6 +42,17 @@ from model.swa import sliding_window_attention
 def inverse_softplus(y: float) -> float:
     """x with softplus(x) = y: the bias that makes an untrained learning-rate head output y."""
     return y + math.log(-math.expm1(-y))
+
+
+@dataclass
+class TTTInputs:
+    """What the fast-weight branch reads per token (the chunk form consumes them all at once)."""
+
+    q: torch.Tensor  # [B, T, H, d], SiLU then L2-normalised
+    k: torch.Tensor  # [B, T, H, d], SiLU then L2-normalised
+    v: torch.Tensor  # [B, T, H, d], SiLU
+    etas: torch.Tensor  # [B, T, 3, H] learning rates eta0, eta1, eta2 (fp32; fp64 in the proofs)
+    momentum_gate: Optional[torch.Tensor]  # [B, T, H] sigmoid; a chunk's momentum decay is its mean (None: off)
 
 
 class TTTMixer(nn.Module):
@@ -82,42 +93,76 @@ class TTTMixer(nn.Module):
     def forward(
         self, x: torch.Tensor, state: Optional[FastWeights] = None, position_offset: int = 0
     ) -> tuple[torch.Tensor, FastWeights]:
-        batch, seq_len, hidden = x.shape
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         ttt_out, final_state = self._ttt_branch(x, q, k, v, state)
-        mixed = self.ttt_norm(ttt_out).reshape(batch, seq_len, hidden).to(x.dtype)
-        if self.attn_heads:
-            mixed = mixed + self._attention_branch(q, k, v, position_offset)
-        return self.o_proj(mixed), final_state
+        attention = self.attention_branch(q, k, v, position_offset) if self.attn_heads else None
+        return self.combine(ttt_out, attention, x.dtype), final_state
 
-    def _attention_branch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_offset: int) -> torch.Tensor:
+    def combine(self, ttt_out: torch.Tensor, attention: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """o_proj(norm(TTT output) + attention output): [B, T, H, d] and [B, T, D] (or None) -> [B, T, D].
+
+        Public so that token-by-token decoding mixes its two branches exactly as `forward` does.
+        """
+        batch, seq_len = ttt_out.shape[:2]
+        mixed = self.ttt_norm(ttt_out).reshape(batch, seq_len, -1).to(dtype)
+        if attention is not None:
+            mixed = mixed + attention
+        return self.o_proj(mixed)
+
+    def attention_heads(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_offset: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[B, T, D] projections -> [B, T, A, D/A] heads, q and k rotated to their absolute positions
+        (decoding caches the rotated keys, so it needs this step on its own)."""
         batch, seq_len, hidden = q.shape
         heads = self.attn_heads
         q, k, v = (t.reshape(batch, seq_len, heads, hidden // heads) for t in (q, k, v))
         positions = torch.arange(position_offset, position_offset + seq_len, device=q.device)
         cos, sin = rotary_tables(positions, hidden // heads, self.cfg.rope_theta, q.dtype)
-        out = sliding_window_attention(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, self.cfg.window_size)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def attention_branch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_offset: int) -> torch.Tensor:
+        """Sliding-window attention over [B, T, D] projections -> [B, T, D]."""
+        batch, seq_len, hidden = q.shape
+        out = sliding_window_attention(*self.attention_heads(q, k, v, position_offset), self.cfg.window_size)
         return out.reshape(batch, seq_len, hidden)
 
     def _ttt_branch(
         self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Optional[FastWeights]
     ) -> tuple[torch.Tensor, FastWeights]:
         """[B, T, H, d] output of the fast-weight MLP, and the state after the sequence."""
-        ttt = self.cfg.ttt
+        entering = state if state is not None else self.initial_state(x.shape[0])
+        return self.ttt_scan(self.ttt_inputs(x, q, k, v), entering)
+
+    def ttt_inputs(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> TTTInputs:
+        """The per-token inputs of the fast-weight branch from x [B, T, D] and its q/k/v projections.
+
+        Separate from the scan so that decoding can compute them one token at a time and keep the
+        pending partial chunk's inputs until the chunk is complete.
+        """
         batch, seq_len, _ = x.shape
         shape = (batch, seq_len, self.num_heads, self.head_dim)
         tq, tk, tv = (F.silu(t).reshape(shape) for t in (q, k, v))
         tq, tk = F.normalize(tq, dim=-1), F.normalize(tk, dim=-1)
         state_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         etas = F.softplus(self.lr_proj(x).to(state_dtype)).reshape(batch, seq_len, 3, self.num_heads)
-        eta0, eta1, eta2 = etas.unbind(dim=2)  # [B, T, H] each
-        beta = None
+        gate = None
         if self.momentum_proj is not None:
-            beta = chunk_mean(torch.sigmoid(self.momentum_proj(x).to(state_dtype)), ttt.chunk_size)  # [B, N, H]
-        entering = state if state is not None else self.initial_state(batch)
+            gate = torch.sigmoid(self.momentum_proj(x).to(state_dtype))
+        return TTTInputs(tq, tk, tv, etas, gate)
+
+    def ttt_scan(self, inputs: TTTInputs, entering: FastWeights) -> tuple[torch.Tensor, FastWeights]:
+        """The mode's chunk form over `inputs` from the state `entering`: ([B, T, H, d] output, final state).
+
+        Decoding calls it on one completed chunk to apply that chunk's update, so the update is the
+        very function the chunk form runs.
+        """
+        ttt = self.cfg.ttt
+        eta0, eta1, eta2 = inputs.etas.unbind(dim=2)  # [B, T, H] each
+        beta = None if inputs.momentum_gate is None else chunk_mean(inputs.momentum_gate, ttt.chunk_size)  # [B, N, H]
         if ttt.mode == "recurrent":
-            return self._recurrent(tq, tk, tv, eta0, eta1, eta2, beta, entering)
-        return self._parallel(tq, tk, tv, eta1, beta, entering)
+            return self._recurrent(inputs.q, inputs.k, inputs.v, eta0, eta1, eta2, beta, entering)
+        return self._parallel(inputs.q, inputs.k, inputs.v, eta1, beta, entering)
 
     def _recurrent(self, q, k, v, eta0, eta1, eta2, beta, entering: FastWeights) -> tuple[torch.Tensor, FastWeights]:
         ttt = self.cfg.ttt

@@ -1,0 +1,257 @@
+"""Kernel benchmark: `python -m kernels.bench [--quick] [--T 4096 16384] [--out docs/bench]`.
+
+Times forward and forward+backward (triton.testing.do_bench medians, random inputs) of:
+  tttla            our Triton chunk kernels (kernels.ttt_la.chunk_ttt_la), bf16 operands, fp32 states
+  eager            the reference parallel form (kernels.reference) in eager bf16 torch
+  recurrent        the compiled recurrent LaCT loop (kernels.recurrent_fast), bf16 operands, fp32 weights
+  fla_simple_gla   fla.ops.simple_gla.chunk_simple_gla, K = V = 128, heads chosen for the same state size
+  fla_linear_attn  fla.ops.linear_attn.chunk_linear_attn, likewise
+  sdpa             causal flash attention (torch SDPA), head dim 128, same model width
+at three shapes (B * T = 131072 tokens each):
+  layer  the full layer op (SwiGLU features of q and k included), 4 heads, d = 384, dh = 768, C = 2048
+  lact   the same at LaCT's default shape, 4 heads, d = dh = 512, C = 2048
+  core   the linear-attention core (features given), 16 heads, K = V = 128, token-causal, vs fla
+FLOP model (per token per head, forward; backward counted as 2x forward) in docs/kernels.md.
+Writes kernels.json and kernels.md under --out; also measures the bf16 matmul peak (8192^3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+from kernels.features import compiled_swiglu_features, pack_swiglu_weights
+from kernels.recurrent_fast import lact_recurrent_fast
+from kernels.reference import FastWeights, swiglu_features, ttt_la_parallel_reference
+from kernels.ttt_la import chunk_ttt_la
+
+TOKENS = 131072
+FLA_DIM = 128
+SDPA_HEAD_DIM = 128
+SHAPES = {
+    "layer": dict(H=4, d=384, dh=768, C=2048, token_causal=False, features=True),
+    "lact": dict(H=4, d=512, dh=512, C=2048, token_causal=False, features=True),
+    "core": dict(H=16, d=128, dh=128, C=64, token_causal=True, features=False),
+}
+IMPLS = {
+    "layer": ("tttla", "eager", "recurrent", "fla_simple_gla", "fla_linear_attn", "sdpa"),
+    "lact": ("tttla", "eager", "recurrent", "fla_simple_gla", "fla_linear_attn", "sdpa"),
+    "core": ("tttla", "fla_simple_gla", "fla_linear_attn", "sdpa"),
+}
+
+
+def do_bench(fn, grads=None) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=50, rep=200, grad_to_none=grads, return_mode="median")
+
+
+def matmul_peak_tflops(device) -> float:
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    ms = do_bench(lambda: a @ b)
+    return 2 * 8192**3 / ms / 1e9
+
+
+def flops_per_token(impl: str, shape: dict, T: int) -> float:
+    """Forward FLOPs per token summed over heads (the model in docs/kernels.md)."""
+    H, d, dh, C = shape["H"], shape["d"], shape["dh"], shape["C"]
+    if impl in ("tttla", "eager"):
+        per_head = (8 * d * dh if shape["features"] else 0) + 4 * d * dh
+        if shape["token_causal"]:
+            per_head += C * (d + dh)  # the causal half of each C x C block: scores and values
+        return H * per_head
+    if impl == "recurrent":
+        return H * 18 * d * dh  # LaCT's own count: key forward 4, backward 8, query forward 6
+    if impl.startswith("fla"):
+        heads = fla_heads(shape)
+        return heads * (4 * FLA_DIM * FLA_DIM + 64 * 2 * FLA_DIM)  # fla's 64-token sub-chunks, causal half
+    if impl == "sdpa":
+        heads = sdpa_heads(shape)
+        return heads * 2 * T * SDPA_HEAD_DIM  # causal half of 4 * T * head_dim
+    raise ValueError(impl)
+
+
+def fla_heads(shape: dict) -> int:
+    return max(1, round(shape["H"] * shape["d"] * shape["dh"] / FLA_DIM**2))
+
+
+def sdpa_heads(shape: dict) -> int:
+    return max(1, shape["H"] * shape["d"] // SDPA_HEAD_DIM)
+
+
+def randn(*shape, device, dtype=torch.bfloat16, scale=1.0, grad=True):
+    x = (torch.randn(*shape, device=device, dtype=torch.float32) * scale).to(dtype)
+    return x.requires_grad_(grad)
+
+
+def make_case(impl: str, shape: dict, T: int, device):
+    """Returns (forward closure returning the tensor to backprop, leaf tensors)."""
+    B = max(1, TOKENS // T)
+    H, d, dh, C = shape["H"], shape["d"], shape["dh"], shape["C"]
+    eta = lambda: (torch.rand(B, T, H, device=device) * 0.1 + 0.01).to(torch.bfloat16).requires_grad_()  # noqa: E731
+    if impl in ("tttla", "eager"):
+        v, e = randn(B, T, H, d, device=device), eta()
+        if shape["features"]:
+            xq, xk = randn(B, T, H, d, device=device), randn(B, T, H, d, device=device)
+            w0 = randn(H, dh, d, device=device, scale=d**-0.5)
+            w2 = randn(H, dh, d, device=device, scale=d**-0.5)
+            leaves = [xq, xk, v, e, w0, w2]
+        else:
+            hq = randn(B, T, H, dh, device=device, scale=dh**-0.5)
+            hk = randn(B, T, H, dh, device=device, scale=dh**-0.5)
+            leaves = [hq, hk, v, e]
+        if impl == "tttla":
+            state = randn(B, H, d, dh, device=device, dtype=torch.float32, scale=0.02)
+            features = compiled_swiglu_features()
+
+            def fwd():
+                if shape["features"]:
+                    w02 = pack_swiglu_weights(w0, w2)
+                    hq_, hk_ = features(xq, w02), features(xk, w02)
+                else:
+                    hq_, hk_ = hq, hk
+                return chunk_ttt_la(hq_, hk_, v, e, state, C, token_causal=shape["token_causal"])[0]
+        else:
+            state = randn(B, H, d, dh, device=device, scale=0.02)
+
+            def fwd():
+                if shape["features"]:
+                    hq_, hk_ = swiglu_features(xq, w0, w2), swiglu_features(xk, w0, w2)
+                else:
+                    hq_, hk_ = hq, hk
+                return ttt_la_parallel_reference(hq_, hk_, v, e, state, C, token_causal=shape["token_causal"])[0]
+        return fwd, leaves + [state]
+    if impl == "recurrent":
+        q, k, v = (randn(B, T, H, d, device=device) for _ in range(3))
+        etas = [eta() for _ in range(3)]
+        initial = FastWeights(
+            randn(B, H, dh, d, device=device, dtype=torch.float32, scale=d**-0.5),
+            randn(B, H, d, dh, device=device, dtype=torch.float32, scale=dh**-0.5),
+            randn(B, H, dh, d, device=device, dtype=torch.float32, scale=d**-0.5),
+        )
+
+        def fwd():
+            return lact_recurrent_fast(q, k, v, *etas, initial, C, weight_norm=True)[0]
+        return fwd, [q, k, v, *etas, initial.w0, initial.w1, initial.w2]
+    if impl.startswith("fla"):
+        heads = fla_heads(shape)
+        q, k, v = (randn(B, T, heads, FLA_DIM, device=device) for _ in range(3))
+        if impl == "fla_simple_gla":
+            from fla.ops.simple_gla import chunk_simple_gla
+
+            g = F.logsigmoid(torch.randn(B, T, heads, device=device) + 4).requires_grad_()
+
+            def fwd():
+                return chunk_simple_gla(q, k, v, g=g, scale=FLA_DIM**-0.5)[0]
+            return fwd, [q, k, v, g]
+        from fla.ops.linear_attn import chunk_linear_attn
+
+        def fwd():
+            return chunk_linear_attn(q, k, v, scale=FLA_DIM**-0.5, normalize=False)[0]
+        return fwd, [q, k, v]
+    if impl == "sdpa":
+        heads = sdpa_heads(shape)
+        q, k, v = (randn(B, heads, T, SDPA_HEAD_DIM, device=device) for _ in range(3))
+
+        def fwd():
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return fwd, [q, k, v]
+    raise ValueError(impl)
+
+
+def measure(impl: str, name: str, shape: dict, T: int, device, peak: float) -> dict:
+    B = max(1, TOKENS // T)
+    row = dict(impl=impl, op=name, device=torch.cuda.get_device_name(device), B=B, T=T, H=shape["H"],
+               d=shape["d"], dh=shape["dh"], C=shape["C"] if impl in ("tttla", "eager", "recurrent") else None)
+    try:
+        fwd, leaves = make_case(impl, shape, T, device)
+        with torch.no_grad():
+            fwd_ms = do_bench(fwd)
+        out = fwd()
+        grad_out = torch.randn_like(out)
+        del out
+
+        def fwdbwd():
+            fwd().backward(grad_out)
+        fwdbwd_ms = do_bench(fwdbwd, grads=leaves)
+    except Exception as error:  # a row that failed still says why (e.g. out of memory)
+        traceback.print_exc()
+        row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        torch.cuda.empty_cache()
+        return row
+    tokens = B * T
+    flops = flops_per_token(impl, shape, T) * tokens
+    row.update(
+        fwd_ms=fwd_ms, fwdbwd_ms=fwdbwd_ms,
+        fwd_tok_s=tokens / fwd_ms * 1e3, fwdbwd_tok_s=tokens / fwdbwd_ms * 1e3,
+        fwd_tflops=flops / fwd_ms / 1e9, fwdbwd_tflops=3 * flops / fwdbwd_ms / 1e9,
+    )
+    row["fwd_peak_frac"] = row["fwd_tflops"] / peak
+    row["fwdbwd_peak_frac"] = row["fwdbwd_tflops"] / peak
+    del fwd, leaves
+    torch.cuda.empty_cache()
+    return row
+
+
+def markdown(rows: list[dict], peak: float) -> str:
+    lines = [
+        f"Measured bf16 matmul peak (8192^3 torch.matmul): {peak:.0f} TFLOP/s. B * T = {TOKENS} tokens.",
+        "",
+        "| op | impl | T | fwd ms | fwd Mtok/s | fwd TFLOP/s | fwd peak | fwd+bwd ms | fwd+bwd Mtok/s | fwd+bwd TFLOP/s | fwd+bwd peak |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['op']} | {r['impl']} | {r['T']} | {r['error']} |||||||||")
+            continue
+        lines.append(
+            f"| {r['op']} | {r['impl']} | {r['T']} | {r['fwd_ms']:.2f} | {r['fwd_tok_s'] / 1e6:.1f} | "
+            f"{r['fwd_tflops']:.0f} | {r['fwd_peak_frac']:.0%} | {r['fwdbwd_ms']:.2f} | "
+            f"{r['fwdbwd_tok_s'] / 1e6:.1f} | {r['fwdbwd_tflops']:.0f} | {r['fwdbwd_peak_frac']:.0%} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="T=16384 only, no eager/recurrent")
+    parser.add_argument("--T", type=int, nargs="+", default=[4096, 16384, 65536], help="sequence lengths")
+    parser.add_argument("--ops", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--impls", nargs="+", default=None, help="subset of impls to run")
+    parser.add_argument("--out", default="docs/bench", help="folder for kernels.json and kernels.md")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("kernels.bench needs a CUDA device")
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    seq_lens = [16384] if args.quick else args.T
+    peak = matmul_peak_tflops(device)
+    print(f"bf16 matmul peak: {peak:.0f} TFLOP/s", flush=True)
+    rows = []
+    for name in args.ops:
+        for T in seq_lens:
+            for impl in IMPLS[name]:
+                if args.impls and impl not in args.impls:
+                    continue
+                if args.quick and impl in ("eager", "recurrent"):
+                    continue
+                row = measure(impl, name, SHAPES[name], T, device, peak)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "kernels.json"), "w") as f:
+        json.dump(dict(matmul_peak_tflops=peak, tokens=TOKENS, rows=rows), f, indent=1)
+    table = markdown(rows, peak)
+    with open(os.path.join(args.out, "kernels.md"), "w") as f:
+        f.write(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Proof 6: bad configuration values fail with an error that names the key."""
+
+from __future__ import annotations
+
+import pytest
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from model.config import ConfigError, LMConfig, TTTConfig, load_model_config
+from model.lm import TTTLM
+
+
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (dict(ttt=TTTConfig(chunk_size=0)), "model.ttt.chunk_size"),
+        (dict(ttt=TTTConfig(mode="sideways")), "model.ttt.mode"),
+        (dict(ttt=TTTConfig(num_heads=3)), "model.ttt.num_heads"),
+        (dict(ttt=TTTConfig(mode="parallel", fast_weights="all")), "model.ttt.fast_weights"),
+        (dict(ttt=TTTConfig(mode="parallel", weight_norm=True)), "model.ttt.weight_norm"),
+        (dict(ttt=TTTConfig(mode="recurrent", token_causal=True)), "model.ttt.token_causal"),
+        (dict(ttt=TTTConfig(update_sign=0.5)), "model.ttt.update_sign"),
+        (dict(num_attn_heads=5), "model.num_attn_heads"),
+        (dict(window_size=-1), "model.window_size"),
+        (dict(window_size=0), "model.window_size"),
+        (dict(vocab_size=1), "model.vocab_size"),
+    ],
+)
+def test_invalid_value_names_its_key(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        TTTLM(LMConfig(**overrides))
+
+
+def test_unknown_yaml_key_is_rejected(tmp_path):
+    path = tmp_path / "model.yaml"
+    path.write_text("hidden_size: 64\nttt:\n  chunk_sz: 32\n")
+    with pytest.raises(ConfigKeyError, match="chunk_sz"):
+        load_model_config(str(path))
+
+
+def test_wrong_type_in_override_is_rejected():
+    with pytest.raises(ValidationError, match="chunk_size"):
+        load_model_config("configs/model/tiny.yaml", ["ttt.chunk_size=big"])
+
+
+@pytest.mark.parametrize("name", ["tiny", "125m", "350m", "760m", "1.3b"])
+def test_shipped_model_configs_are_valid(name):
+    cfg = load_model_config(f"configs/model/{name}.yaml")
+    assert cfg.ttt.chunk_size >= 1
+
+
+def test_chunk_remainder_is_handled_not_rejected():
+    """A sequence length that the chunk size does not divide ends in a shorter chunk (documented)."""
+    import torch
+
+    model = TTTLM(LMConfig(ttt=TTTConfig(chunk_size=16)))
+    out = model(torch.randint(0, 256, (1, 21)))
+    assert out.logits.shape == (1, 21, 256) and torch.isfinite(out.logits).all()

@@ -1,0 +1,182 @@
+"""The Triton chunk kernels, run by Triton's CPU interpreter on tiny shapes, against the float64 reference.
+
+Tolerance: the kernels compute in fp32 (exact fp32 dots under the interpreter) from the same inputs
+rounded to fp32, over at most a few hundred accumulated terms, so their relative error to float64 is
+a few 1e-7; 1e-5 leaves room for the longer scans and still fails any indexing or formula error.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported, so @triton.jit builds interpreted kernels
+os.environ["TTTLA_FORCE_TRITON"] = "1"
+
+import importlib  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import kernels.chunk  # noqa: E402
+
+# Another test module may have imported the kernels before the interpreter was switched on.
+importlib.reload(kernels.chunk)
+
+from kernels.reference import num_chunks, ttt_la_parallel_reference  # noqa: E402
+from kernels.ttt_la import chunk_ttt_la  # noqa: E402
+from kernels.varlen_reference import ttt_la_parallel_varlen_reference  # noqa: E402
+
+REL_TOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Every buffer a kernel writes starts as NaN: an element the kernel misses fails the comparison."""
+    monkeypatch.setattr(kernels.chunk, "poison_outputs", True)
+
+
+def rel_err(ref: torch.Tensor, got: torch.Tensor) -> float:
+    assert torch.isfinite(got).all(), "non-finite values: an output element was never written"
+    return ((ref - got.double()).norm() / ref.norm()).item()
+
+
+def make_inputs(generator, batch, seq_len, heads, d, dh, chunk_size, momentum, cu_seqlens=None):
+    """Random float64 inputs (never zero) for the layer; with cu_seqlens, one state per document."""
+    randn = lambda *s: torch.randn(*s, dtype=torch.float64, generator=generator)  # noqa: E731
+    if cu_seqlens is None:
+        states, chunks = batch, num_chunks(seq_len, chunk_size)
+    else:
+        bounds = cu_seqlens.tolist()
+        states = len(bounds) - 1
+        chunks = sum(num_chunks(e - s, chunk_size) for s, e in zip(bounds[:-1], bounds[1:]))
+    inputs = dict(
+        hq=randn(batch, seq_len, heads, dh) * 0.5,
+        hk=randn(batch, seq_len, heads, dh) * 0.5,
+        v=randn(batch, seq_len, heads, d),
+        eta1=torch.rand(batch, seq_len, heads, dtype=torch.float64, generator=generator) + 0.1,
+        initial_state=randn(states, heads, d, dh),
+    )
+    if momentum:
+        inputs["beta"] = torch.rand(batch, chunks, heads, dtype=torch.float64, generator=generator) * 0.5 + 0.4
+        inputs["initial_momentum"] = randn(states, heads, d, dh)
+    return inputs
+
+
+def check_against_reference(inputs, chunk_size, token_causal=False, update_sign=1.0, cu_seqlens=None, seed=0):
+    """Forward outputs and every input gradient, for a random cotangent on every output."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    ref_inputs = {k: x.clone().requires_grad_() for k, x in inputs.items()}
+    kernel_inputs = {k: x.float().requires_grad_() for k, x in inputs.items()}
+    kwargs = dict(token_causal=token_causal, update_sign=update_sign)
+    names = ("hq", "hk", "v", "eta1", "initial_state")
+    extra = lambda xs: {k: xs[k] for k in ("beta", "initial_momentum") if k in xs}  # noqa: E731
+    if cu_seqlens is None:
+        ref = ttt_la_parallel_reference(*[ref_inputs[k] for k in names], chunk_size, **extra(ref_inputs), **kwargs)
+    else:
+        ref = ttt_la_parallel_varlen_reference(*[ref_inputs[k] for k in names], chunk_size, cu_seqlens,
+                                               **extra(ref_inputs), **kwargs)
+    got = chunk_ttt_la(*[kernel_inputs[k] for k in names], chunk_size, **extra(kernel_inputs), cu_seqlens=cu_seqlens,
+                       **kwargs)
+    cotangents = [torch.randn(r.shape, dtype=torch.float64, generator=generator) if r is not None else None
+                  for r in ref]
+    for label, r, g in zip(("o", "final_state", "final_momentum"), ref, got):
+        assert (r is None) == (g is None), label
+        if r is not None:
+            assert rel_err(r, g) < REL_TOL, label
+    sum(((r * c).sum() for r, c in zip(ref, cotangents) if r is not None)).backward()
+    sum(((g * c.float()).sum() for g, c in zip(got, cotangents) if g is not None)).backward()
+    for name in inputs:
+        assert rel_err(ref_inputs[name].grad, kernel_inputs[name].grad) < REL_TOL, f"grad of {name}"
+
+
+@pytest.mark.parametrize("d, dh", [(16, 32), (32, 16)])
+@pytest.mark.parametrize("token_causal", [False, True])
+def test_block_causal_matches_reference(d, dh, token_causal):
+    seed = 10 * d + dh + token_causal
+    generator = torch.Generator().manual_seed(seed)
+    inputs = make_inputs(generator, batch=2, seq_len=72, heads=2, d=d, dh=dh, chunk_size=32, momentum=False)
+    check_against_reference(inputs, chunk_size=32, token_causal=token_causal, seed=seed)
+
+
+@pytest.mark.parametrize("token_causal", [False, True])
+def test_momentum_matches_reference(token_causal):
+    generator = torch.Generator().manual_seed(3 + token_causal)
+    inputs = make_inputs(generator, batch=2, seq_len=56, heads=2, d=16, dh=32, chunk_size=16, momentum=True)
+    check_against_reference(inputs, chunk_size=16, token_causal=token_causal, seed=3)
+
+
+def test_update_sign_minus_one_with_momentum():
+    generator = torch.Generator().manual_seed(5)
+    inputs = make_inputs(generator, batch=1, seq_len=80, heads=2, d=32, dh=32, chunk_size=32, momentum=True)
+    check_against_reference(inputs, chunk_size=32, token_causal=True, update_sign=-1.0, seed=5)
+
+
+def test_chunk_larger_than_sub_block_and_sequence():
+    """C = 80 > the kernels' 64-token sub-block; T = 50 < C: one short chunk split in sub-blocks."""
+    generator = torch.Generator().manual_seed(6)
+    inputs = make_inputs(generator, batch=1, seq_len=50, heads=1, d=16, dh=16, chunk_size=80, momentum=False)
+    check_against_reference(inputs, chunk_size=80, token_causal=True, seed=6)
+    generator = torch.Generator().manual_seed(7)
+    inputs = make_inputs(generator, batch=1, seq_len=80, heads=1, d=16, dh=16, chunk_size=80, momentum=False)
+    check_against_reference(inputs, chunk_size=80, token_causal=True, seed=7)
+
+
+@pytest.mark.parametrize("momentum", [False, True])
+def test_varlen_resets_state_at_document_starts(momentum):
+    generator = torch.Generator().manual_seed(8 + momentum)
+    cu_seqlens = torch.tensor([0, 21, 24, 60, 77])
+    inputs = make_inputs(generator, batch=1, seq_len=77, heads=2, d=16, dh=32, chunk_size=16, momentum=momentum,
+                         cu_seqlens=cu_seqlens)
+    check_against_reference(inputs, chunk_size=16, token_causal=True, cu_seqlens=cu_seqlens, seed=8)
+
+
+def test_without_initial_state():
+    generator = torch.Generator().manual_seed(9)
+    inputs = make_inputs(generator, batch=1, seq_len=40, heads=1, d=16, dh=16, chunk_size=16, momentum=False)
+    initial = inputs.pop("initial_state")
+    hq = inputs["hq"].float()
+    o, final, _ = chunk_ttt_la(hq, inputs["hk"].float(), inputs["v"].float(), inputs["eta1"].float(), None, 16)
+    ref, ref_final, _ = ttt_la_parallel_reference(*inputs.values(), torch.zeros_like(initial), 16)
+    assert rel_err(ref, o) < REL_TOL and rel_err(ref_final, final) < REL_TOL
+
+
+def test_unsupported_head_dim_is_a_clear_error():
+    x = torch.randn(1, 8, 1, 24)
+    with pytest.raises(ValueError, match="dh .*=24 is not supported"):
+        chunk_ttt_la(x, x, torch.randn(1, 8, 1, 16), torch.rand(1, 8, 1), torch.zeros(1, 1, 16, 24), 4)
+
+
+def test_unsupported_dtype_is_a_clear_error():
+    x = torch.randn(1, 8, 1, 16, dtype=torch.float64)
+    with pytest.raises(ValueError, match="Triton kernel takes"):
+        chunk_ttt_la(x, x, x, torch.rand(1, 8, 1), torch.zeros(1, 1, 16, 16), 4)
+
+
+# ----------------------------------------------------------------------------------------------
+# the recurrent fast path (kernels.recurrent_fast) against the recurrent reference, float64
+
+
+def _recurrent_inputs(generator, momentum):
+    from kernels.reference import FastWeights
+
+    randn = lambda *s: torch.randn(*s, dtype=torch.float64, generator=generator)  # noqa: E731
+    B, T, H, d, dh, C = 2, 40, 2, 8, 12, 16
+    q, k, v = randn(B, T, H, d), randn(B, T, H, d), randn(B, T, H, d)
+    etas = [torch.rand(B, T, H, dtype=torch.float64, generator=generator) * 0.1 for _ in range(3)]
+    initial = FastWeights(randn(B, H, dh, d) * 0.3, randn(B, H, d, dh) * 0.3, randn(B, H, dh, d) * 0.3)
+    beta = torch.rand(B, num_chunks(T, C), H, dtype=torch.float64, generator=generator) if momentum else None
+    return (q, k, v, *etas, initial, C), beta
+
+
+@pytest.mark.parametrize("muon, weight_norm, momentum, fast_weights",
+                         [(False, True, False, "all"), (True, True, True, "all"), (False, False, True, "w1")])
+def test_recurrent_fast_matches_reference_eager(muon, weight_norm, momentum, fast_weights):
+    from kernels.recurrent_fast import lact_recurrent_fast
+    from kernels.reference import lact_recurrent_reference
+
+    args, beta = _recurrent_inputs(torch.Generator().manual_seed(11 + muon), momentum)
+    kwargs = dict(beta=beta, muon=muon, weight_norm=weight_norm, fast_weights=fast_weights, update_sign=-1.0)
+    ref_o, ref_w = lact_recurrent_reference(*args, **kwargs)
+    o, w = lact_recurrent_fast(*args, **kwargs, compile=False)
+    assert torch.equal(ref_o, o)  # the same float64 operations in the same order
+    for name in ("w0", "w1", "w2", "m0", "m1", "m2"):
+        r, g = getattr(ref_w, name), getattr(w, name)
+        assert (r is None) == (g is None) and (r is None or torch.equal(r, g)), name

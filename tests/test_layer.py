@@ -1,0 +1,62 @@
+"""The TTT mixer: both modes compute the same layer where the maths says they must."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.config import LMConfig, TTTConfig
+from model.lm import TTTLM
+from tests.helpers import relative_error
+
+TOLERANCE = 1e-10  # float64 model; see tests/test_equivalence.py for why this margin
+
+
+def twin_models(momentum: bool, muon: bool, window: int = 8):
+    """A recurrent (W1-only, no weight norm) and a parallel model sharing every parameter."""
+    base = dict(num_heads=2, chunk_size=8, fast_weights="w1", momentum=momentum, muon=muon)
+    cfg = dict(vocab_size=50, hidden_size=24, num_layers=2, num_attn_heads=2, window_size=window)
+    recurrent = TTTLM(LMConfig(**cfg, ttt=TTTConfig(mode="recurrent", **base))).double()
+    parallel = TTTLM(LMConfig(**cfg, ttt=TTTConfig(mode="parallel", **base))).double()
+    parallel.load_state_dict(recurrent.state_dict())
+    for p in recurrent.parameters():  # make the learning rates and momenta non-trivial
+        p.data.add_(0.05 * torch.randn_like(p))
+    parallel.load_state_dict(recurrent.state_dict())
+    return recurrent, parallel
+
+
+@pytest.mark.parametrize("seq_len", [24, 29])
+@pytest.mark.parametrize("momentum,muon", [(False, False), (True, False), (True, True)])
+def test_lm_recurrent_equals_parallel_loss_and_parameter_gradients(seq_len, momentum, muon):
+    recurrent, parallel = twin_models(momentum, muon)
+    ids = torch.randint(0, 50, (2, seq_len + 1))
+    out_r = recurrent(ids[:, :-1], ids[:, 1:])
+    out_p = parallel(ids[:, :-1], ids[:, 1:])
+    assert relative_error(out_p.logits, out_r.logits) < TOLERANCE
+    out_r.loss.backward()
+    out_p.loss.backward()
+    grads_p = dict(parallel.named_parameters())
+    for name, p in recurrent.named_parameters():
+        assert p.grad is not None, name
+        assert relative_error(grads_p[name].grad, p.grad) < TOLERANCE, name
+
+
+def test_state_carries_across_segments():
+    """Running a sequence in two calls, passing the fast-weight state, equals one call (chunk-aligned split)."""
+    _, model = twin_models(momentum=True, muon=False, window=1)
+    ids = torch.randint(0, 50, (2, 32))
+    whole = model(ids).logits
+    first = model(ids[:, :16])
+    second = model(ids[:, 16:], states=first.states, position_offset=16)
+    assert relative_error(torch.cat([first.logits, second.logits], 1), whole) < TOLERANCE
+
+
+def test_ttt_branch_sees_earlier_chunks():
+    """Changing a token in chunk 0 must change outputs of chunk 2 even with the window far too short to reach."""
+    _, model = twin_models(momentum=False, muon=False, window=1)
+    ids = torch.randint(0, 50, (1, 24))
+    changed = ids.clone()
+    changed[0, 2] = (ids[0, 2] + 1) % 50
+    a, b = model(ids).logits, model(changed).logits
+    assert not torch.allclose(a[0, 16:], b[0, 16:])
+    assert torch.allclose(a[0, :2], b[0, :2])  # causality: nothing before the change moves

@@ -1,0 +1,48 @@
+"""Sliding-window attention: the memory-bounded blockwise path equals the dense band-masked reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.swa import band_attention_reference, band_mask, blockwise_band_attention, sliding_window_attention
+from tests.helpers import relative_error
+
+TOLERANCE = 1e-12  # float64; both paths are softmax over the same keys, summed in another order
+
+
+def explicit_window_attention(q, k, v, window):
+    """The definition, one query at a time: softmax over keys s with t - window < s <= t."""
+    scale = q.shape[-1] ** -0.5
+    out = torch.empty_like(q)
+    for t in range(q.shape[1]):
+        lo = max(0, t - window + 1)
+        scores = torch.einsum("bad,bsad->bas", q[:, t], k[:, lo : t + 1]) * scale
+        out[:, t] = torch.einsum("bas,bsad->bad", scores.softmax(-1), v[:, lo : t + 1])
+    return out
+
+
+@pytest.mark.parametrize("seq_len,window", [(17, 4), (16, 16), (9, 32), (33, 1), (40, 7)])
+def test_blockwise_equals_reference_and_definition(seq_len, window):
+    q, k, v = (torch.randn(2, seq_len, 3, 8, dtype=torch.float64) for _ in range(3))
+    expected = explicit_window_attention(q, k, v, window)
+    assert relative_error(band_attention_reference(q, k, v, window), expected) < TOLERANCE
+    assert relative_error(blockwise_band_attention(q, k, v, window), expected) < TOLERANCE
+    assert relative_error(sliding_window_attention(q, k, v, window), expected) < TOLERANCE
+
+
+def test_band_mask_boundary():
+    """Exactly `window` keys are visible, ending at the query itself."""
+    mask = band_mask(torch.arange(6), torch.arange(6), 3)
+    assert mask[5].tolist() == [False, False, False, True, True, True]
+    assert mask[0].tolist() == [True, False, False, False, False, False]
+
+
+def test_key_just_outside_window_has_no_influence():
+    q, k, v = (torch.randn(1, 12, 1, 4, dtype=torch.float64) for _ in range(3))
+    base = blockwise_band_attention(q, k, v, 5)
+    v2 = v.clone()
+    v2[:, 6] += 100.0  # visible to queries 6..10, invisible to 11 (11 - 6 = 5 >= window)
+    changed = blockwise_band_attention(q, k, v2, 5)
+    assert torch.equal(changed[:, 11], base[:, 11]) and torch.equal(changed[:, :6], base[:, :6])
+    assert not torch.allclose(changed[:, 10], base[:, 10])
