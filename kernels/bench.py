@@ -199,6 +199,19 @@ def measure(impl: str, name: str, shape: dict, T: int, device, peak: float) -> d
     return row
 
 
+def profile_kernels(shape: dict, T: int, device) -> None:
+    """CUDA time per kernel of one tttla forward+backward (after a warm-up)."""
+    fwd, leaves = make_case("tttla", shape, T, device)
+    out = fwd()
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fwd().backward(grad_out)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20), flush=True)
+
+
 def markdown(rows: list[dict], peak: float) -> str:
     lines = [
         f"Measured bf16 matmul peak (8192^3 torch.matmul): {peak:.0f} TFLOP/s. B * T = {TOKENS} tokens.",
@@ -225,12 +238,16 @@ def main() -> None:
     parser.add_argument("--ops", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--impls", nargs="+", default=None, help="subset of impls to run")
     parser.add_argument("--out", default="docs/bench", help="folder for kernels.json and kernels.md")
+    parser.add_argument("--profile", action="store_true", help="print tttla's per-kernel times (layer, T=16384)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("kernels.bench needs a CUDA device")
     device = torch.device("cuda")
     torch.manual_seed(0)
     seq_lens = [16384] if args.quick else args.T
+    if args.profile:
+        profile_kernels(SHAPES["layer"], 16384, device)
+        profile_kernels(SHAPES["core"], 16384, device)
     peak = matmul_peak_tflops(device)
     print(f"bf16 matmul peak: {peak:.0f} TFLOP/s", flush=True)
     rows = []

@@ -20,7 +20,7 @@ from kernels.reference import (
     ttt_la_parallel_reference,
 )
 from model.unrolled import newton_schulz5_factor, unrolled_lact_output
-from tests.helpers import make_layer_inputs, relative_error
+from model.proof import make_layer_inputs, relative_error
 
 TOLERANCE = 1e-10
 

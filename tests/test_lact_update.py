@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.reference import FastWeights, lact_chunk_gradients, swiglu_features
-from tests.helpers import make_layer_inputs, relative_error
+from kernels.reference import FastWeights, lact_chunk_gradients
+from model.proof import inner_loss, make_layer_inputs, relative_error
 
 # float64 throughout: the manual and the autograd gradient are the same formula evaluated in a
 # different order, so they agree to a few ulps (~1e-16); 1e-12 leaves room for long sums.
@@ -27,7 +27,7 @@ def test_manual_update_equals_autograd_gradient(batch, seq_len, heads, d, dh):
     weights = [w.clone().requires_grad_(True) for w in (x.weights.w0, x.weights.w1, x.weights.w2)]
     manual = lact_chunk_gradients(x.k, x.v, x.eta0, x.eta1, x.eta2, FastWeights(*weights))
     for which, expected_name in enumerate(("g0", "g1", "g2")):
-        loss = inner_loss(x.k, x.v, x.eta0, x.eta1, x.eta2, *weights, which=which)
+        loss = inner_loss(x.k, x.v, (x.eta0, x.eta1, x.eta2)[which], *weights)
         autograd = torch.autograd.grad(loss, weights[which])[0]
         assert relative_error(getattr(manual, expected_name), autograd) < TOLERANCE, expected_name
 
@@ -37,6 +37,6 @@ def test_descent_step_lowers_the_inner_loss():
     x = make_layer_inputs(2, 16, 2, 6, 6, chunk=16)
     w = x.weights
     grads = lact_chunk_gradients(x.k, x.v, x.eta0, x.eta1, x.eta2, w)
-    before = inner_loss(x.k, x.v, x.eta0, x.eta1, x.eta2, w.w0, w.w1, w.w2, which=1)
-    after = inner_loss(x.k, x.v, x.eta0, x.eta1, x.eta2, w.w0, w.w1 - 1e-3 * grads.g1, w.w2, which=1)
+    before = inner_loss(x.k, x.v, x.eta1, w.w0, w.w1, w.w2)
+    after = inner_loss(x.k, x.v, x.eta1, w.w0, w.w1 - 1e-3 * grads.g1, w.w2)
     assert after < before

@@ -1,0 +1,239 @@
+"""Token-by-token decoding with a state whose size does not grow with the context.
+
+Per layer the decoder keeps
+* the fast weights (and momenta) left by the last *complete* chunk,
+* the pending partial chunk's per-token inputs (keys, values, learning rates, momentum gates):
+  at most C tokens, in buffers allocated once,
+* in token-causal parallel mode, the running intra-chunk sum sum_s eta1_s v_s h(k_s)^T,
+* the sliding-window attention's rotated keys and values in a ring buffer of `window` slots.
+
+The semantics are exactly the chunk form's (`TTTLM.forward`): a token of chunk c is answered by
+the fast weights after chunk c-1 (plus the intra-chunk term when token-causal), and chunk c's
+update is applied once its last token has been processed, by the mixer's own `ttt_scan` on the
+buffered chunk, so decoding and training share one update function (momentum, Muon, weight norm).
+
+`prefill` runs a prompt's complete chunks in the chunk form, answers the remainder as one short
+chunk and keeps it pending; `decode_step` then consumes one token per call. Both run without
+gradients and update the `DecodeState` in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from kernels.reference import FastWeights, chunk_updates, swiglu_features
+from model.lm import TTTLM
+from model.ttt_layer import TTTInputs, TTTMixer
+
+
+@dataclass
+class LayerCache:
+    """One layer's decoding state; every tensor has a size fixed by the config, not the context."""
+
+    fast: FastWeights  # after the last complete chunk, [B, H, *, *] (fp32; fp64 in the tests)
+    pending_k: torch.Tensor  # [B, C, H, d] keys of the partial chunk (slots < position % C are valid)
+    pending_v: torch.Tensor  # [B, C, H, d]
+    pending_etas: torch.Tensor  # [B, C, 3, H] learning rates
+    pending_gate: Optional[torch.Tensor]  # [B, C, H] momentum gates (None: momentum off)
+    intra: Optional[torch.Tensor]  # [B, H, d, dh] sum over the partial chunk of eta1 v h(k)^T (token-causal only)
+    keys: Optional[torch.Tensor]  # [B, A, W, Dh] rotated keys, ring buffer indexed by position % W (None: no window)
+    values: Optional[torch.Tensor]  # [B, A, W, Dh]
+
+    def tensors(self) -> list[torch.Tensor]:
+        fast = [t for t in vars(self.fast).values() if t is not None]
+        own = (self.pending_k, self.pending_v, self.pending_etas, self.pending_gate, self.intra, self.keys, self.values)
+        return fast + [t for t in own if t is not None]
+
+
+@dataclass
+class DecodeState:
+    layers: list[LayerCache]
+    position: int  # tokens consumed so far; the next token sits at this absolute position
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the state (the fast weights count once even where they are expanded views)."""
+        seen: dict[int, int] = {}
+        for layer in self.layers:
+            for t in layer.tensors():
+                storage = t.untyped_storage()
+                seen[storage.data_ptr()] = storage.nbytes()
+        return sum(seen.values())
+
+
+def empty_cache(mixer: TTTMixer, fast: FastWeights) -> LayerCache:
+    """A cache with zeroed buffers around the given fast weights (batch, device and state dtype from them)."""
+    cfg = mixer.cfg
+    batch, device, state_dtype = fast.w1.shape[0], fast.w1.device, fast.w1.dtype
+    model_dtype = mixer.qkv.weight.dtype
+    chunk, heads, d, dh = cfg.ttt.chunk_size, mixer.num_heads, mixer.head_dim, mixer.inner_dim
+
+    def zeros(*shape: int, dtype: torch.dtype = model_dtype) -> torch.Tensor:
+        return torch.zeros(*shape, dtype=dtype, device=device)
+
+    keys = values = None
+    if mixer.attn_heads:
+        head_dim = cfg.hidden_size // mixer.attn_heads
+        keys, values = (zeros(batch, mixer.attn_heads, cfg.window_size, head_dim) for _ in range(2))
+    return LayerCache(
+        fast=fast,
+        pending_k=zeros(batch, chunk, heads, d),
+        pending_v=zeros(batch, chunk, heads, d),
+        pending_etas=zeros(batch, chunk, 3, heads, dtype=state_dtype),
+        pending_gate=zeros(batch, chunk, heads, dtype=state_dtype) if mixer.momentum_proj is not None else None,
+        intra=zeros(batch, heads, d, dh, dtype=state_dtype) if cfg.ttt.token_causal else None,
+        keys=keys,
+        values=values,
+    )
+
+
+def _store_pending(cache: LayerCache, inputs: TTTInputs, start: int) -> None:
+    """Copy the per-token inputs [B, n, ...] into the partial-chunk slots start .. start + n - 1."""
+    end = start + inputs.k.shape[1]
+    cache.pending_k[:, start:end] = inputs.k
+    cache.pending_v[:, start:end] = inputs.v
+    cache.pending_etas[:, start:end] = inputs.etas
+    if cache.pending_gate is not None:
+        cache.pending_gate[:, start:end] = inputs.momentum_gate
+
+
+def _intra_update(inputs: TTTInputs, fast: FastWeights) -> torch.Tensor:
+    """sum over the given tokens of eta1 v h(k)^T, [B, H, d, dh]: what token-causal queries add to W1."""
+    dtype = fast.w1.dtype
+    hk = swiglu_features(inputs.k.to(dtype), fast.w0, fast.w2)
+    return chunk_updates(hk, inputs.v.to(dtype), inputs.etas[:, :, 1].to(dtype), hk.shape[1])[:, 0]
+
+
+def _store_window(cache: LayerCache, mixer: TTTMixer, q, k, v, position: int) -> torch.Tensor:
+    """Write rotated keys/values of positions position .. position + n - 1 into the ring; return rotated q [B, A, n, Dh]."""
+    q_rot, k_rot, v_heads = (t.transpose(1, 2) for t in mixer.attention_heads(q, k, v, position))
+    window = mixer.cfg.window_size
+    n = k_rot.shape[2]
+    kept = min(n, window)  # only the last `window` tokens can ever be attended to again
+    slots = torch.arange(position + n - kept, position + n, device=k.device) % window
+    cache.keys[:, :, slots] = k_rot[:, :, n - kept :]
+    cache.values[:, :, slots] = v_heads[:, :, n - kept :]
+    return q_rot
+
+
+def _prefill_mixer(mixer: TTTMixer, h: torch.Tensor) -> tuple[torch.Tensor, LayerCache]:
+    """The mixer over a whole prompt h [B, P, D] -> output [B, P, D] and the layer's decoding cache.
+
+    Complete chunks run in the chunk form (their final state is kept); the remainder is answered as one
+    short chunk from that state, and its inputs stay pending (its update is not applied yet).
+    """
+    prompt_len = h.shape[1]
+    complete = prompt_len - prompt_len % mixer.cfg.ttt.chunk_size
+    q, k, v = mixer.qkv(h).chunk(3, dim=-1)
+    inputs = mixer.ttt_inputs(h, q, k, v)
+    fast = mixer.initial_state(h.shape[0])
+    outputs = []
+    if complete:
+        out, fast = mixer.ttt_scan(_slice_inputs(inputs, 0, complete), fast)
+        outputs.append(out)
+    cache = empty_cache(mixer, fast)
+    if complete < prompt_len:
+        remainder = _slice_inputs(inputs, complete, prompt_len)
+        outputs.append(mixer.ttt_scan(remainder, fast)[0])
+        _store_pending(cache, remainder, 0)
+        if cache.intra is not None:
+            cache.intra += _intra_update(remainder, fast)
+    attention = None
+    if mixer.attn_heads:
+        attention = mixer.attention_branch(q, k, v, 0)
+        _store_window(cache, mixer, q, k, v, 0)
+    return mixer.combine(torch.cat(outputs, dim=1), attention, h.dtype), cache
+
+
+def _slice_inputs(inputs: TTTInputs, start: int, end: int) -> TTTInputs:
+    gate = inputs.momentum_gate
+    return TTTInputs(
+        *(t[:, start:end] for t in (inputs.q, inputs.k, inputs.v, inputs.etas)),
+        None if gate is None else gate[:, start:end],
+    )
+
+
+def _step_mixer(mixer: TTTMixer, h: torch.Tensor, cache: LayerCache, position: int) -> torch.Tensor:
+    """The mixer for one token h [B, 1, D] at absolute `position` -> [B, 1, D]; advances the cache."""
+    ttt = mixer.cfg.ttt
+    slot = position % ttt.chunk_size
+    q, k, v = mixer.qkv(h).chunk(3, dim=-1)
+    inputs = mixer.ttt_inputs(h, q, k, v)
+    _store_pending(cache, inputs, slot)
+    fast = cache.fast
+    read = fast.w1  # [B, H, d, dh]: the weights left by the previous chunk
+    if cache.intra is not None:
+        cache.intra += _intra_update(inputs, fast)
+        read = read + ttt.update_sign * cache.intra
+    hq = swiglu_features(inputs.q.to(read.dtype), fast.w0, fast.w2)  # [B, 1, H, dh]
+    ttt_out = torch.einsum("bhde,bnhe->bnhd", read, hq)
+    if slot == ttt.chunk_size - 1:  # the chunk is complete: apply its update with the chunk form's function
+        chunk = TTTInputs(cache.pending_k, cache.pending_k, cache.pending_v, cache.pending_etas, cache.pending_gate)
+        cache.fast = mixer.ttt_scan(chunk, fast)[1]
+        if cache.intra is not None:
+            cache.intra.zero_()
+    attention = None
+    if mixer.attn_heads:
+        q_rot = _store_window(cache, mixer, q, k, v, position)
+        filled = min(position + 1, mixer.cfg.window_size)
+        keys, values = cache.keys[:, :, :filled], cache.values[:, :, :filled]  # ring slots fill in order
+        attention = F.scaled_dot_product_attention(q_rot, keys, values).transpose(1, 2).reshape(h.shape)
+    return mixer.combine(ttt_out, attention, h.dtype)
+
+
+def _run_blocks(model: TTTLM, input_ids: torch.Tensor, mix: Callable[[int, TTTMixer, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The LM's residual stack with the mixer call replaced by `mix(layer, mixer, normed x)`: ids [B, n] -> logits [B, n, V]."""
+    x = model.embed(input_ids)
+    for index, block in enumerate(model.blocks):
+        x = x + mix(index, block.mixer, block.mixer_norm(x))
+        x = x + block.mlp(block.mlp_norm(x))
+    return F.linear(model.final_norm(x), model.output_weight())
+
+
+@torch.no_grad()
+def prefill(model: TTTLM, input_ids: torch.Tensor) -> tuple[torch.Tensor, DecodeState]:
+    """Run a batch of equal-length prompts [B, P] (P >= 1) -> (logits [B, P, V], state ready for position P)."""
+    if input_ids.shape[1] < 1:
+        raise ValueError("prefill needs at least one prompt token per sequence")
+    caches: list[LayerCache] = []
+
+    def mix(index: int, mixer: TTTMixer, h: torch.Tensor) -> torch.Tensor:
+        out, cache = _prefill_mixer(mixer, h)
+        caches.append(cache)
+        return out
+
+    logits = _run_blocks(model, input_ids, mix)
+    return logits, DecodeState(caches, input_ids.shape[1])
+
+
+@torch.no_grad()
+def decode_step(model: TTTLM, state: DecodeState, token_ids: torch.Tensor) -> torch.Tensor:
+    """Consume one token per sequence (token_ids [B]) at `state.position` -> next-token logits [B, V]."""
+    position = state.position
+    logits = _run_blocks(
+        model, token_ids[:, None], lambda index, mixer, h: _step_mixer(mixer, h, state.layers[index], position)
+    )
+    state.position += 1
+    return logits[:, 0]
+
+
+def random_state(model: TTTLM, batch: int, position: int, generator: Optional[torch.Generator] = None) -> DecodeState:
+    """A state as if `position` tokens had been consumed, with random contents (for timing only).
+
+    Its size does not depend on `position`, so benchmarks at a 1M-token context can skip the prefill.
+    """
+    param = model.embed.weight
+    caches = []
+    for block in model.blocks:
+        fast = block.mixer.initial_state(batch)
+        fast = FastWeights(*(w + 0.01 * torch.randn(w.shape, generator=generator, dtype=w.dtype).to(w.device) for w in (fast.w0, fast.w1, fast.w2)))
+        if block.mixer.momentum_proj is not None:
+            fast.m0, fast.m1, fast.m2 = (torch.zeros_like(w) for w in (fast.w0, fast.w1, fast.w2))
+        cache = empty_cache(block.mixer, fast)
+        for t in cache.tensors()[len(vars(fast)) - list(vars(fast).values()).count(None):]:
+            t.copy_(torch.rand(t.shape, generator=generator, dtype=t.dtype).to(param.device))
+        caches.append(cache)
+    return DecodeState(caches, position)
