@@ -13,14 +13,6 @@ from model.proof import inner_loss, make_layer_inputs, relative_error
 TOLERANCE = 1e-12
 
 
-def inner_loss(k, v, eta0, eta1, eta2, w0, w1, w2, which: int) -> torch.Tensor:
-    """sum_t eta_{which,t} * l_t(W) with l_t = -<W1 h(k_t), v_t>: the objective each learning rate scales."""
-    hidden = swiglu_features(k, w0, w2)  # [B, n, H, dh]
-    prediction = torch.einsum("bhde,bnhe->bnhd", w1, hidden)
-    per_token = -(prediction * v).sum(-1)  # l_t, [B, n, H]
-    return (per_token * (eta0, eta1, eta2)[which]).sum()
-
-
 @pytest.mark.parametrize("batch,seq_len,heads,d,dh", [(1, 8, 1, 4, 4), (2, 13, 2, 6, 10), (2, 32, 3, 8, 5)])
 def test_manual_update_equals_autograd_gradient(batch, seq_len, heads, d, dh):
     x = make_layer_inputs(batch, seq_len, heads, d, dh, chunk=seq_len)
