@@ -43,10 +43,13 @@ class LayerCache:
     keys: Optional[torch.Tensor]  # [B, A, W, Dh] rotated keys, ring buffer indexed by position % W (None: no window)
     values: Optional[torch.Tensor]  # [B, A, W, Dh]
 
-    def tensors(self) -> list[torch.Tensor]:
-        fast = [t for t in vars(self.fast).values() if t is not None]
+    def buffers(self) -> list[torch.Tensor]:
+        """The preallocated tensors (everything but the fast weights), updated in place while decoding."""
         own = (self.pending_k, self.pending_v, self.pending_etas, self.pending_gate, self.intra, self.keys, self.values)
-        return fast + [t for t in own if t is not None]
+        return [t for t in own if t is not None]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in vars(self.fast).values() if t is not None] + self.buffers()
 
 
 @dataclass
@@ -55,7 +58,7 @@ class DecodeState:
     position: int  # tokens consumed so far; the next token sits at this absolute position
 
     def memory_bytes(self) -> int:
-        """Bytes held by the state (the fast weights count once even where they are expanded views)."""
+        """Bytes of the distinct storages the state holds (an expanded view counts once, at its storage's size)."""
         seen: dict[int, int] = {}
         for layer in self.layers:
             for t in layer.tensors():
@@ -133,6 +136,7 @@ def _prefill_mixer(mixer: TTTMixer, h: torch.Tensor) -> tuple[torch.Tensor, Laye
     outputs = []
     if complete:
         out, fast = mixer.ttt_scan(_slice_inputs(inputs, 0, complete), fast)
+        fast = FastWeights(*(None if t is None else _own_storage(t) for t in vars(fast).values()))
         outputs.append(out)
     cache = empty_cache(mixer, fast)
     if complete < prompt_len:
@@ -146,6 +150,12 @@ def _prefill_mixer(mixer: TTTMixer, h: torch.Tensor) -> tuple[torch.Tensor, Laye
         attention = mixer.attention_branch(q, k, v, 0)
         _store_window(cache, mixer, q, k, v, 0)
     return mixer.combine(torch.cat(outputs, dim=1), attention, h.dtype), cache
+
+
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """t itself, or a copy when t is a view into a larger buffer (the parallel scan returns its final
+    state as a slice of all chunk states, which would keep O(prompt length) memory alive)."""
+    return t.clone() if t.untyped_storage().nbytes() > t.numel() * t.element_size() else t
 
 
 def _slice_inputs(inputs: TTTInputs, start: int, end: int) -> TTTInputs:
@@ -224,16 +234,21 @@ def random_state(model: TTTLM, batch: int, position: int, generator: Optional[to
     """A state as if `position` tokens had been consumed, with random contents (for timing only).
 
     Its size does not depend on `position`, so benchmarks at a 1M-token context can skip the prefill.
+    `generator` is a CPU generator; the values are moved to the model's device.
     """
-    param = model.embed.weight
+    device = model.embed.weight.device
+
+    def noise(like: torch.Tensor) -> torch.Tensor:
+        return torch.rand(like.shape, generator=generator, dtype=like.dtype).to(device)
+
     caches = []
     for block in model.blocks:
-        fast = block.mixer.initial_state(batch)
-        fast = FastWeights(*(w + 0.01 * torch.randn(w.shape, generator=generator, dtype=w.dtype).to(w.device) for w in (fast.w0, fast.w1, fast.w2)))
+        initial = block.mixer.initial_state(batch)
+        fast = FastWeights(*(w + 0.01 * noise(w) for w in (initial.w0, initial.w1, initial.w2)))
         if block.mixer.momentum_proj is not None:
-            fast.m0, fast.m1, fast.m2 = (torch.zeros_like(w) for w in (fast.w0, fast.w1, fast.w2))
+            fast.m0, fast.m1, fast.m2 = (0.01 * noise(w) for w in (fast.w0, fast.w1, fast.w2))
         cache = empty_cache(block.mixer, fast)
-        for t in cache.tensors()[len(vars(fast)) - list(vars(fast).values()).count(None):]:
-            t.copy_(torch.rand(t.shape, generator=generator, dtype=t.dtype).to(param.device))
+        for buffer in cache.buffers():
+            buffer.copy_(noise(buffer))
         caches.append(cache)
     return DecodeState(caches, position)

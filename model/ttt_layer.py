@@ -184,13 +184,22 @@ class TTTMixer(nn.Module):
         hq = swiglu_features(q.to(feature_dtype), w0, w2)
         hk = swiglu_features(k.to(feature_dtype), w0, w2)
         initial_momentum = None if entering.m1 is None else -entering.m1
-        scan = ttt_la_parallel_reference
-        if ttt.use_kernel and q.is_cuda:
-            from kernels.ttt_la import chunk_ttt_la as scan
-        out, final_w1, final_momentum = scan(
+        out, final_w1, final_momentum = self.chunk_scan(
             hq, hk, v.to(feature_dtype), eta1.to(feature_dtype), entering.w1, ttt.chunk_size,
             beta=beta, initial_momentum=initial_momentum, muon=ttt.muon, token_causal=ttt.token_causal,
             update_sign=ttt.update_sign,
         )  # fmt: skip
         final = replace(entering, w1=final_w1, m1=None if final_momentum is None else -final_momentum)
         return out, final
+
+    def chunk_scan(self, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """The W1 chunk scan, with `ttt_la_parallel_reference`'s signature: Triton on CUDA when
+        `ttt.use_kernel`, the reference elsewhere.
+
+        A method so that a caller running one sequence across ranks can wrap it on the instance (the
+        state entering a slice enters the scan linearly); the layer itself never needs that.
+        """
+        scan = ttt_la_parallel_reference
+        if self.cfg.ttt.use_kernel and args[0].is_cuda:
+            from kernels.ttt_la import chunk_ttt_la as scan
+        return scan(*args, **kwargs)

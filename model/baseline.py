@@ -1,0 +1,123 @@
+"""The yardstick: a plain causal softmax-attention transformer of the same size as a TTTLM.
+
+Same embeddings, RMSNorm, SwiGLU MLP and rotary tables as model/lm.py (imported, not copied); the
+mixer is full causal SDPA over `num_attn_heads` heads instead of TTT + sliding window. It answers the
+questions the TTT model is built for: how much quality does the constant-size state give up (train
+/quality.py), and how does a KV cache that grows with the context compare at decode time
+(train/bench_decode.py)?
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import LMConfig
+from model.layers import RMSNorm, SwiGLUMLP, apply_rotary, rotary_tables
+from model.lm import IGNORE_INDEX, LMOutput
+
+
+@dataclass
+class KVCache:
+    """Rotated keys and values of every layer: [L, B, A, capacity, Dh] each; `length` slots are filled."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    length: int
+
+    def memory_bytes(self) -> int:
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+
+class CausalAttention(nn.Module):
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        self.heads = cfg.num_attn_heads
+        self.head_dim = cfg.hidden_size // cfg.num_attn_heads
+        self.rope_theta = cfg.rope_theta
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)
+        self.o_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+
+    def heads_at(self, x: torch.Tensor, position_offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, D] -> q, k (rotated), v as [B, A, T, Dh]."""
+        batch, seq_len, _ = x.shape
+        q, k, v = (t.reshape(batch, seq_len, self.heads, self.head_dim) for t in self.qkv(x).chunk(3, dim=-1))
+        positions = torch.arange(position_offset, position_offset + seq_len, device=x.device)
+        cos, sin = rotary_tables(positions, self.head_dim, self.rope_theta, q.dtype)
+        return apply_rotary(q, cos, sin).transpose(1, 2), apply_rotary(k, cos, sin).transpose(1, 2), v.transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.heads_at(x, 0)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, A, T, Dh]
+        return self.o_proj(out.transpose(1, 2).flatten(2))
+
+
+class BaselineBlock(nn.Module):
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        self.mixer_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.attention = CausalAttention(cfg)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.resolved_mlp_hidden_size())
+
+
+class BaselineLM(nn.Module):
+    """Embeddings, `num_layers` blocks of [RMSNorm -> causal SDPA -> RMSNorm -> SwiGLU], final norm, head.
+
+    Reads the LMConfig of the TTT model it is compared with; the `ttt` section and `window_size` are unused.
+    """
+
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.blocks = nn.ModuleList(BaselineBlock(cfg) for _ in range(cfg.num_layers))
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=cfg.init_std)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.embed.weight if self.head is None else self.head.weight
+        return F.linear(self.final_norm(x), weight)
+
+    def forward(self, input_ids: torch.Tensor, targets: Optional[torch.Tensor] = None) -> LMOutput:
+        """input_ids, targets: [B, T]; the same LMOutput as TTTLM (no states)."""
+        x = self.embed(input_ids)
+        for block in self.blocks:
+            x = x + block.attention(block.mixer_norm(x))
+            x = x + block.mlp(block.mlp_norm(x))
+        logits = self.logits(x)
+        loss = loss_sum = num_targets = None
+        if targets is not None:
+            loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+            num_targets = (targets != IGNORE_INDEX).sum()
+            loss = loss_sum / num_targets.clamp(min=1)
+        return LMOutput(logits, loss, loss_sum, num_targets, [])
+
+    def empty_cache(self, batch: int, capacity: int) -> KVCache:
+        """A zeroed KV cache for `capacity` tokens: its memory is linear in the context, unlike TTT's state."""
+        param = self.embed.weight
+        shape = (self.cfg.num_layers, batch, self.cfg.num_attn_heads, capacity, self.cfg.hidden_size // self.cfg.num_attn_heads)
+        return KVCache(torch.zeros(shape, dtype=param.dtype, device=param.device), torch.zeros(shape, dtype=param.dtype, device=param.device), 0)
+
+    @torch.no_grad()
+    def decode_step(self, token_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One token per sequence (token_ids [B]) at position cache.length, attending to the whole cache -> logits [B, V]."""
+        position = cache.length
+        x = self.embed(token_ids[:, None])
+        for index, block in enumerate(self.blocks):
+            q, k, v = block.attention.heads_at(block.mixer_norm(x), position)
+            cache.keys[index, :, :, position] = k[:, :, 0]
+            cache.values[index, :, :, position] = v[:, :, 0]
+            keys, values = cache.keys[index, :, :, : position + 1], cache.values[index, :, :, : position + 1]
+            out = F.scaled_dot_product_attention(q, keys, values)
+            x = x + block.attention.o_proj(out.transpose(1, 2).flatten(2))
+            x = x + block.mlp(block.mlp_norm(x))
+        cache.length += 1
+        return self.logits(x)[:, 0]

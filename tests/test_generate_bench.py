@@ -1,0 +1,19 @@
+"""The decode benchmark's smoke run: the TTT state keeps its size across contexts, the KV cache grows."""
+
+from __future__ import annotations
+
+import json
+
+from train.bench_decode import main
+
+
+def test_quick_benchmark_shows_constant_state_against_a_growing_cache(tmp_path) -> None:
+    main(["--quick", "--contexts", "64", "512", "--prefill-up-to", "64", "--out", str(tmp_path / "decode")])
+    rows = json.loads((tmp_path / "decode.json").read_text())["rows"]
+    sizes: dict[str, list[float]] = {}
+    for row in rows:
+        sizes.setdefault(row["model"], []).append(row["state_mb"])
+    assert sizes["ttt-parallel"][0] == sizes["ttt-parallel"][1]
+    assert sizes["ttt-recurrent"][0] == sizes["ttt-recurrent"][1]
+    assert sizes["sdpa-kv-cache"][1] > 4 * sizes["sdpa-kv-cache"][0]
+    assert (tmp_path / "decode.md").read_text().startswith("# Decode latency")
