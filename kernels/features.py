@@ -2,7 +2,7 @@
 
 Both projections share the input, so W0 and W2 are stacked into one [H, 2 dh, d] weight and
 multiplied once (cuBLAS through torch); the gate and product are one fused elementwise kernel
-when compiled. Measured against a fused Triton GEMM-with-epilogue, see docs/kernels.md.
+when compiled. docs/kernels.md measures what this costs inside the layer op.
 """
 
 from __future__ import annotations

@@ -1,0 +1,92 @@
+"""The Triton chunk kernels on a GPU, bf16 operands, against the float64 reference on the same GPU.
+
+Tolerance 1e-2 relative (Frobenius): bf16 operands carry 2^-9 relative rounding each; the kernels
+round eta*v and the stored chunk states to bf16 before the tensor-core products and accumulate in
+fp32, which lands near 3e-3 at these sizes; an indexing or formula error is O(1).
+"""
+
+import pytest
+import torch
+
+from kernels.reference import FastWeights, lact_recurrent_reference, num_chunks, ttt_la_parallel_reference
+from kernels.ttt_la import chunk_ttt_la
+
+pytestmark = pytest.mark.gpu
+BF16_TOL = 1e-2
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def rel_err(ref, got):
+    assert torch.isfinite(got).all()
+    return ((ref.double() - got.double()).norm() / ref.double().norm()).item()
+
+
+def random_layer_inputs(B, T, H, d, dh, C, momentum, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    randn = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
+    inputs = dict(
+        hq=(randn(B, T, H, dh) * dh**-0.5).bfloat16(),
+        hk=(randn(B, T, H, dh) * dh**-0.5).bfloat16(),
+        v=randn(B, T, H, d).bfloat16(),
+        eta1=(torch.rand(B, T, H, device="cuda", generator=g) * 0.1 + 0.01).bfloat16(),
+        initial_state=randn(B, H, d, dh) * 0.1,
+    )
+    if momentum:
+        inputs["beta"] = torch.rand(B, num_chunks(T, C), H, device="cuda", generator=g) * 0.5 + 0.4
+        inputs["initial_momentum"] = randn(B, H, d, dh) * 0.1
+    return inputs
+
+
+def check_bf16_against_float64(inputs, C, token_causal, update_sign=1.0):
+    names = ("hq", "hk", "v", "eta1", "initial_state")
+    extra = ("beta", "initial_momentum")
+    kernel_in = {k: x.clone().requires_grad_() for k, x in inputs.items()}
+    ref_in = {k: x.double().requires_grad_() for k, x in inputs.items()}
+    kw = dict(token_causal=token_causal, update_sign=update_sign)
+    got = chunk_ttt_la(*[kernel_in[k] for k in names], C, **{k: kernel_in[k] for k in extra if k in inputs}, **kw)
+    ref = ttt_la_parallel_reference(*[ref_in[k] for k in names], C, **{k: ref_in[k] for k in extra if k in inputs},
+                                    **kw)
+    cot = [torch.randn_like(r) if r is not None else None for r in ref]
+    for label, r, o in zip(("o", "final_state", "final_momentum"), ref, got):
+        if r is not None:
+            assert rel_err(r, o) < BF16_TOL, label
+    sum((r * c).sum() for r, c in zip(ref, cot) if r is not None).backward()
+    sum((o.float() * c.float()).sum() for o, c in zip(got, cot) if o is not None).backward()
+    for k in inputs:
+        assert rel_err(ref_in[k].grad, kernel_in[k].grad) < BF16_TOL, f"grad of {k}"
+
+
+@requires_cuda
+@pytest.mark.parametrize("H, d, dh", [(4, 384, 768), (4, 512, 512), (8, 128, 128)])
+@pytest.mark.parametrize("token_causal, momentum", [(False, False), (True, True)])
+def test_bf16_layer_shapes(H, d, dh, token_causal, momentum):
+    C = 2048 if d > 128 else 64
+    inputs = random_layer_inputs(2, 4096 + 100, H, d, dh, C, momentum, seed=d + token_causal)
+    check_bf16_against_float64(inputs, C, token_causal, update_sign=-1.0 if momentum else 1.0)
+
+
+@requires_cuda
+def test_bf16_long_sequence_65536():
+    inputs = random_layer_inputs(1, 65536, 4, 384, 768, 2048, momentum=True, seed=1)
+    check_bf16_against_float64(inputs, 2048, token_causal=True)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_recurrent_fast_compiled_matches_reference(dtype, tol):
+    from kernels.recurrent_fast import lact_recurrent_fast
+
+    g = torch.Generator(device="cuda").manual_seed(2)
+    randn = lambda *s: torch.randn(*s, device="cuda", generator=g, dtype=torch.float64)  # noqa: E731
+    B, T, H, d, dh, C = 2, 1000, 2, 64, 64, 256
+    q, k, v = randn(B, T, H, d), randn(B, T, H, d), randn(B, T, H, d)
+    etas = [torch.rand(B, T, H, device="cuda", generator=g, dtype=torch.float64) * 0.05 for _ in range(3)]
+    initial = FastWeights(randn(B, H, dh, d) * d**-0.5, randn(B, H, d, dh) * dh**-0.5, randn(B, H, dh, d) * d**-0.5)
+    beta = torch.rand(B, num_chunks(T, C), H, device="cuda", generator=g, dtype=torch.float64)
+    ref_o, ref_w = lact_recurrent_reference(q, k, v, *etas, initial, C, beta=beta, weight_norm=True)
+    cast = lambda x: x.to(dtype)  # noqa: E731
+    o, w = lact_recurrent_fast(*map(cast, (q, k, v, *etas)), FastWeights(*map(cast, (initial.w0, initial.w1, initial.w2))),
+                               C, beta=cast(beta), weight_norm=True)
+    assert rel_err(ref_o, o) < tol
+    assert rel_err(ref_w.w0, w.w0) < tol and rel_err(ref_w.w1, w.w1) < tol
