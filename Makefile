@@ -3,6 +3,11 @@ PYTHON ?= .venv/bin/python
 PIP ?= .venv/bin/pip
 CONFIG ?= configs/train/tiny_cpu.yaml
 NPROC ?= 2
+ARGS ?=
+DATA ?= data/stdlib
+SEQ_LEN ?= 512
+RUNS ?= runs
+DS_ACCELERATOR ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
 
 .PHONY: install test test-gpu train prepare-data tensorboard bench-kernels bench-sp clean
 
@@ -17,6 +22,19 @@ test:
 
 test-gpu:
 	$(PYTHON) -m pytest -q -m gpu tests/gpu
+
+# One node, NPROC processes: `make train CONFIG=configs/train/125m_16k.yaml NPROC=1 ARGS="train.steps=100"`.
+# The default config reads data/stdlib, which is built here when missing.
+train:
+	@if [ "$(CONFIG)" = "configs/train/tiny_cpu.yaml" ] && [ ! -f data/stdlib/manifest.json ]; then $(MAKE) prepare-data DATA=data/stdlib SEQ_LEN=512; fi
+	DS_ACCELERATOR=$(DS_ACCELERATOR) $(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) -m train $(CONFIG) $(ARGS)
+
+# The built-in corpus (standard-library sources, byte tokenizer): `make prepare-data DATA=data/stdlib_16k SEQ_LEN=16384`.
+prepare-data:
+	$(PYTHON) -m train.prepare --stdlib --out $(DATA) --seq-len $(SEQ_LEN)
+
+tensorboard:
+	$(PYTHON) -m tensorboard.main --logdir $(RUNS) --bind_all
 
 bench-kernels:
 	$(PYTHON) -m kernels.bench

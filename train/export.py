@@ -1,12 +1,15 @@
 """A consolidated, framework-free model file for inference: `model.safetensors` + `model.yaml`.
 
 `save_exported` writes the weights of one full (unsharded) model and its config; `load_model`
-rebuilds a TTTLM from such a folder. Training checkpoints are sharded per rank; the training
-code consolidates them into this format, which generation and evaluation read.
+rebuilds a TTTLM from such a folder. Training checkpoints are sharded per rank (ZeRO 1/2/3);
+`python -m train.export CHECKPOINT_DIR OUT_DIR` consolidates one into this format, which
+generation and evaluation read. CHECKPOINT_DIR is a `step_N` folder or a checkpoints root (its
+newest complete checkpoint); the model config comes from the checkpoint's run.yaml.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -15,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from model.config import LMConfig, load_model_config
 from model.lm import TTTLM
+from train.checkpoint import MARKER, RUN_CONFIG, complete_checkpoints
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model.yaml"
@@ -40,3 +44,60 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", dtype: to
     model = TTTLM(cfg)
     model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
     return model.to(device=device, dtype=dtype).eval(), cfg
+
+
+def consolidated_state_dict(checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    """fp32 weights of a sharded training checkpoint folder (`.../checkpoints/step_N`), any ZeRO
+    stage, as one state dict with the keys of the module the engine wrapped."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # heavy; export only
+
+    checkpoint = Path(checkpoint)
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+
+
+def strip_wrapper_prefix(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
+    """Keys of a wrapped model (`<wrapper>.embed.weight`) renamed to the plain TTTLM's."""
+    renamed = {}
+    for key, tensor in state.items():
+        parts = key.split(".")
+        matches = [".".join(parts[i:]) for i in range(len(parts)) if ".".join(parts[i:]) in expected]
+        if not matches:
+            raise KeyError(f"checkpoint tensor {key!r} matches no parameter of the model in its run.yaml")
+        renamed[matches[0]] = tensor
+    missing = expected - renamed.keys()
+    if missing:
+        raise KeyError(f"checkpoint lacks model tensors {sorted(missing)}")
+    return renamed
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A `step_N` folder, or a checkpoints root (its newest complete checkpoint)."""
+    path = Path(path)
+    if (path / MARKER).is_file():
+        return path
+    found = complete_checkpoints(path)
+    if not found:
+        raise FileNotFoundError(f"{path} is neither a complete checkpoint (no {MARKER}) nor a folder holding one")
+    return found[-1]
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
+    """Consolidate a sharded checkpoint (ZeRO 1/2/3) into `out` as model.safetensors + model.yaml."""
+    folder = resolve_checkpoint(checkpoint)
+    model_cfg = OmegaConf.merge(OmegaConf.structured(LMConfig), OmegaConf.load(folder / RUN_CONFIG).model)
+    cfg: LMConfig = OmegaConf.to_object(model_cfg)
+    model = TTTLM(cfg.validate())
+    state = strip_wrapper_prefix(consolidated_state_dict(folder), set(model.state_dict()))
+    model.load_state_dict(state)
+    return save_exported(model, out)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 2:
+        raise SystemExit("usage: python -m train.export CHECKPOINT_DIR OUT_DIR  (a step_N folder or a checkpoints root)")
+    folder = export_checkpoint(argv[0], argv[1])
+    print(f"exported {resolve_checkpoint(argv[0])} -> {folder / WEIGHTS_FILE}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

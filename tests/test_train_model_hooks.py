@@ -1,0 +1,59 @@
+"""What train/ attaches to the model from outside: activation checkpointing must not change the
+gradients, and the monitoring probes must report what the mixer computes."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from model.config import LMConfig
+from model.lm import TTTLM
+from train.activation_checkpointing import checkpoint_blocks
+from train.monitor import LearningRateProbe, state_norms
+
+
+def tiny_model(seed: int = 0) -> TTTLM:
+    torch.manual_seed(seed)
+    return TTTLM(LMConfig(hidden_size=32, num_layers=2, num_attn_heads=2, window_size=8)).double()
+
+
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(1))
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def test_checkpointed_blocks_give_the_same_loss_and_gradients() -> None:
+    plain, checkpointed = tiny_model(), tiny_model()
+    assert checkpoint_blocks(checkpointed) == 2
+    inputs, targets = batch()
+    plain_loss = plain(inputs, targets).loss
+    checkpointed_loss = checkpointed(inputs, targets).loss
+    plain_loss.backward()
+    checkpointed_loss.backward()
+    # float64, same operations recomputed: equal up to summation-order noise far below 1e-12.
+    torch.testing.assert_close(checkpointed_loss, plain_loss, rtol=1e-12, atol=1e-12)
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_learning_rate_probe_reports_softplus_of_the_lr_heads() -> None:
+    model = tiny_model()
+    probe = LearningRateProbe(model)
+    inputs, _ = batch()
+    model(inputs)
+    assert probe.means == {}  # inactive: nothing captured
+    probe.active = True
+    model(inputs)
+    x = model.blocks[0].mixer_norm(model.embed(inputs))
+    expected = F.softplus(model.blocks[0].mixer.lr_proj(x)).reshape(2, 32, 3, -1).mean(dim=(0, 1, 3))
+    torch.testing.assert_close(probe.means[0], expected.float())
+    # untrained heads output the configured base learning rate everywhere
+    torch.testing.assert_close(probe.means[1], torch.full((3,), model.cfg.ttt.base_lr), rtol=1e-5, atol=0)
+
+
+def test_state_norms_name_each_layer_and_fast_weight() -> None:
+    model = tiny_model()
+    states = model(batch()[0]).states
+    norms = state_norms(states, ("w1",))
+    assert sorted(norms) == ["ttt_state_norm/w1/layer00", "ttt_state_norm/w1/layer01"]
+    assert all(value > 0 for value in norms.values())

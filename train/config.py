@@ -1,0 +1,213 @@
+"""The training job as one structured config: a dataclass tree that OmegaConf checks key by key.
+
+A run is described by a YAML file plus dotlist overrides (`train.lr=3e-4 parallel.sp=2`). A file
+may compose others with a top-level `include:` list, merged in order before the file's own keys:
+
+    include:
+      - model: ../model/tiny.yaml     # merged under the key `model`
+      - ../zero/zero2.yaml            # merged at the top level
+
+Paths are relative to the including file; included files may include others. Unknown keys and
+wrongly typed values fail inside the merge naming the key; value checks types cannot express live
+in `validate()` and raise `ConfigError` naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from model.config import ConfigError, LMConfig
+
+SCHEDULES = ("cosine", "wsd", "constant")
+PRECISIONS = ("auto", "bf16", "fp32")
+RESUME_MODES = ("none", "auto")
+
+
+def _require(condition: bool, key: str, value: object, why: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}={value!r} {why}")
+
+
+@dataclass
+class DataConfig:
+    """Where the MDS shards live and how they are read (see train/prepare.py for writing them)."""
+
+    path: str = "data/stdlib"  # folder or remote URI holding `<train_split>/` and `<val_split>/`
+    train_split: str = "train"
+    val_split: str = "val"
+    cache_dir: Optional[str] = None  # local cache for a remote `path`; unused for local folders
+    seq_len: int = 512  # must equal the seq_len the shards were packed with (manifest.json)
+    shuffle: bool = True
+    shuffle_seed: int = 1234
+    num_workers: int = 0  # loader worker processes per rank; resume is exact for a fixed value
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation: steps, batch, AdamW, schedule, precision, resume."""
+
+    steps: int = 200  # optimizer steps of the whole run (the schedule's horizon)
+    micro_batch_size: int = 8  # sequences per rank per forward
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant (after warmup)
+    warmup_steps: int = 20
+    decay_fraction: float = 0.2  # wsd: the last fraction of `steps` decays linearly
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global gradient-norm clip; 0 turns it off
+    precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    activation_checkpointing: bool = False  # recompute each block in the backward pass
+    seed: int = 0
+    resume: str = "none"  # none | auto (newest complete checkpoint) | a checkpoint folder
+    max_nonfinite_steps: int = 5  # consecutive skipped (non-finite) steps before the run stops
+
+
+@dataclass
+class ParallelConfig:
+    sp: int = 1  # sequence-parallel degree: ranks sharing one sequence
+    dp: Optional[int] = None  # derived: world / sp (set it only to assert the layout)
+
+
+@dataclass
+class ZeroConfig:
+    stage: int = 2
+    overlap_comm: bool = True
+    bucket_size: int = 200_000_000  # elements per gradient reduce / parameter all-gather bucket
+    offload_optimizer: bool = False  # keep optimizer states in CPU memory (GPU runs only)
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str = "runs/tiny_cpu"  # resolved config, TensorBoard events and checkpoints go here
+    log_every: int = 10  # steps between progress lines and TensorBoard scalars
+    tensorboard: bool = True
+    peak_tflops: Optional[float] = None  # per-device peak for MFU; None: detect on CUDA, skip on CPU
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None  # default: <logging.run_dir>/checkpoints
+    every: int = 100  # steps between checkpoints (also one at the end and on SIGTERM/SIGINT)
+    keep_last: int = 3
+
+
+@dataclass
+class DebugConfig:
+    """Fault injection for the tests of the failure paths; empty in real runs."""
+
+    nonfinite_loss_steps: list[int] = field(default_factory=list)  # steps whose loss becomes NaN
+    signal_at_step: Optional[int] = None  # send SIGTERM to every rank after this step
+
+
+@dataclass
+class RunConfig:
+    model: LMConfig = field(default_factory=LMConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.logging.run_dir) / "checkpoints"
+
+    def validate(self) -> "RunConfig":
+        self.model.validate()
+        t = self.train
+        _require(self.data.seq_len >= 1, "data.seq_len", self.data.seq_len, "must be >= 1")
+        _require(self.data.num_workers >= 0, "data.num_workers", self.data.num_workers, "must be >= 0")
+        _require(t.steps >= 1, "train.steps", t.steps, "must be >= 1")
+        _require(t.micro_batch_size >= 1, "train.micro_batch_size", t.micro_batch_size, "must be >= 1")
+        _require(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, "must be >= 1")
+        _require(t.lr > 0, "train.lr", t.lr, "must be > 0")
+        _require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
+        _require(t.schedule in SCHEDULES, "train.schedule", t.schedule, f"must be one of {SCHEDULES}")
+        _require(0 <= t.warmup_steps <= t.steps, "train.warmup_steps", t.warmup_steps, f"must be in [0, train.steps={t.steps}]")
+        _require(0 < t.decay_fraction <= 1, "train.decay_fraction", t.decay_fraction, "must be in (0, 1]")
+        _require(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "must be >= 0 (0 turns clipping off)")
+        _require(t.precision in PRECISIONS, "train.precision", t.precision, f"must be one of {PRECISIONS}")
+        _require(
+            t.resume in RESUME_MODES or Path(t.resume).is_dir(),
+            "train.resume",
+            t.resume,
+            f"must be one of {RESUME_MODES} or an existing checkpoint folder",
+        )
+        _require(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", t.max_nonfinite_steps, "must be >= 1")
+        _require(self.parallel.sp >= 1, "parallel.sp", self.parallel.sp, "must be >= 1")
+        _require(
+            self.data.seq_len % self.parallel.sp == 0,
+            "parallel.sp",
+            self.parallel.sp,
+            f"must divide data.seq_len={self.data.seq_len}",
+        )
+        _require(self.zero.stage in (1, 2, 3), "zero.stage", self.zero.stage, "must be 1, 2 or 3")
+        _require(self.zero.bucket_size >= 1, "zero.bucket_size", self.zero.bucket_size, "must be >= 1")
+        _require(self.logging.log_every >= 1, "logging.log_every", self.logging.log_every, "must be >= 1")
+        if self.logging.peak_tflops is not None:
+            _require(self.logging.peak_tflops > 0, "logging.peak_tflops", self.logging.peak_tflops, "must be > 0")
+        _require(self.checkpoint.every >= 1, "checkpoint.every", self.checkpoint.every, "must be >= 1")
+        _require(self.checkpoint.keep_last >= 1, "checkpoint.keep_last", self.checkpoint.keep_last, "must be >= 1")
+        return self
+
+    def resolve_layout(self, world_size: int) -> "RunConfig":
+        """Fill the derived `parallel.dp`; a user-given value must agree with the world size."""
+        sp = self.parallel.sp
+        _require(world_size % sp == 0, "parallel.sp", sp, f"must divide the number of processes ({world_size})")
+        dp = world_size // sp
+        if self.parallel.dp is not None:
+            _require(self.parallel.dp == dp, "parallel.dp", self.parallel.dp, f"must equal world/sp = {world_size}/{sp} = {dp} (or be left unset)")
+        self.parallel.dp = dp
+        return self
+
+
+def _load_with_includes(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    """One YAML file with its `include:` entries merged underneath it (recursively)."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"include cycle: {' -> '.join(str(p) for p in (*seen, path))}")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found (check the path or the `include:` entry naming it)")
+    node = OmegaConf.load(path)
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{path} must hold a mapping of config keys, not a list")
+    includes = node.pop("include", ListConfig([]))
+    merged = OmegaConf.create({})
+    for entry in includes:
+        merged = OmegaConf.merge(merged, _load_include(entry, path, (*seen, path)))
+    return OmegaConf.merge(merged, node)
+
+
+def _load_include(entry: Any, parent: Path, seen: tuple[Path, ...]) -> DictConfig:
+    if isinstance(entry, str):
+        return _load_with_includes(parent.parent / entry, seen)
+    if isinstance(entry, DictConfig) and len(entry) == 1:
+        ((key, relative),) = entry.items()
+        return OmegaConf.create({key: _load_with_includes(parent.parent / str(relative), seen)})
+    raise ConfigError(f"{parent}: include entry {entry!r} must be a path or a one-key mapping `section: path`")
+
+
+def load_run_config(path: str | Path, overrides: Optional[list[str]] = None) -> RunConfig:
+    """The run config: schema defaults <- the YAML (with includes) <- dotlist overrides, validated."""
+    try:
+        merged = OmegaConf.merge(
+            OmegaConf.structured(RunConfig), _load_with_includes(Path(path)), OmegaConf.from_dotlist(overrides or [])
+        )
+        cfg: RunConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"{path}: {error}") from error
+    return cfg.validate()
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -1,0 +1,105 @@
+"""Training batches from MDS shards with mosaicml-streaming, resumable mid-epoch.
+
+Sample placement: the `sp` ranks of one sequence-parallel group (consecutive global ranks) read the
+same samples (`replication=sp`) and slice them along the sequence; different data-parallel groups
+read disjoint samples. `StreamingDataLoader.state_dict()` records how far the epoch got, so a
+resumed run sees exactly the samples the interrupted one would have seen next.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from streaming import StreamingDataLoader, StreamingDataset
+
+from model.config import ConfigError
+from train.config import DataConfig, RunConfig
+from train.prepare import read_manifest
+
+REMOTE_SCHEMES = ("s3://", "gs://", "oci://", "azure://", "hf://", "http://", "https://", "dbfs:/")
+
+
+def is_remote(path: str) -> bool:
+    return path.startswith(REMOTE_SCHEMES)
+
+
+def check_dataset(cfg: RunConfig) -> None:
+    """A local prepared dataset must match the run: same seq_len, token ids inside the vocabulary."""
+    data = cfg.data
+    if is_remote(data.path):
+        return
+    split_index = Path(data.path) / data.train_split / "index.json"
+    if not split_index.is_file():
+        raise ConfigError(
+            f"data.path={data.path!r}: {split_index} not found; prepare it first "
+            f"(python -m train.prepare --stdlib --out {data.path} --seq-len {data.seq_len}, or `make prepare-data`)"
+        )
+    manifest = read_manifest(data.path)
+    if manifest is None:
+        return
+    if manifest["seq_len"] != data.seq_len:
+        raise ConfigError(
+            f"data.seq_len={data.seq_len} but {data.path} was packed with seq_len={manifest['seq_len']}; "
+            f"set data.seq_len={manifest['seq_len']} or prepare the data again with --seq-len {data.seq_len}"
+        )
+    vocab = manifest["tokenizer"]["vocab_size"]
+    if vocab > cfg.model.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the vocabulary of {data.path} "
+            f"({manifest['tokenizer']['name']}: {vocab}); raise model.vocab_size to >= {vocab}"
+        )
+
+
+def _collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stacks samples into tokens [B, L] and doc_ids [B, L] (int64), L = seq_len + 1."""
+    return {key: torch.from_numpy(np.stack([s[key] for s in samples]).astype(np.int64)) for key in ("tokens", "doc_ids")}
+
+
+def build_loader(data: DataConfig, split: str, micro_batch_size: int, sp: int, shuffle: bool) -> StreamingDataLoader:
+    """One rank's loader; streaming reads the rank layout from the RANK/WORLD_SIZE environment."""
+    remote, local = (data.path.rstrip("/") + "/" + split, None) if is_remote(data.path) else (None, str(Path(data.path) / split))
+    if remote is not None:
+        if data.cache_dir is None:
+            raise ConfigError(f"data.path={data.path!r} is remote; set data.cache_dir to a local folder for its shards")
+        local = str(Path(data.cache_dir) / split)
+    dataset = StreamingDataset(
+        remote=remote,
+        local=local,
+        batch_size=micro_batch_size,
+        shuffle=shuffle,
+        shuffle_seed=data.shuffle_seed,
+        replication=sp if sp > 1 else None,
+    )
+    return StreamingDataLoader(
+        dataset,
+        batch_size=micro_batch_size,
+        num_workers=data.num_workers,
+        collate_fn=_collate,
+        drop_last=True,
+        persistent_workers=data.num_workers > 0,
+    )
+
+
+def split_inputs_targets(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """tokens [B, L] -> input_ids [B, L-1], targets [B, L-1] (targets[t] = tokens[t + 1])."""
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def endless(loader: StreamingDataLoader) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches across epoch boundaries; each new pass over the loader is the dataset's next epoch.
+
+    A run resumed exactly at the end of an epoch gets one empty pass; two in a row mean the split
+    cannot fill a single micro-batch.
+    """
+    empty_passes = 0
+    while empty_passes < 2:
+        empty_passes += 1
+        for batch in loader:
+            empty_passes = 0
+            yield batch
+    raise ValueError(
+        "the training split yields no full micro-batch on this rank; lower train.micro_batch_size or prepare more data"
+    )

@@ -1,0 +1,104 @@
+"""The process layout of a run: world, device, and the data-parallel x sequence-parallel split.
+
+One entry point serves every launcher: torchrun (single or multi-node) and the `deepspeed`
+launcher set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT, and a plain
+`python -m train` gets a one-process world. CUDA runs use NCCL, CPU runs gloo.
+
+Ranks are grouped as `rank = dp_rank * sp + sp_rank`: the sp ranks sharing a sequence are
+consecutive, which is the placement mosaicml-streaming's `replication=sp` gives the same samples.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from model.config import ConfigError
+
+
+@dataclass
+class Layout:
+    world: int
+    rank: int
+    local_rank: int
+    dp: int
+    dp_rank: int
+    sp: int
+    sp_rank: int
+    device: torch.device
+    groups: Optional[Any] = None  # parallel.groups.ParallelGroups when sp > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _single_process_environment() -> None:
+    """A plain `python -m train` run: a world of one on this host."""
+    if "RANK" in os.environ:
+        return
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def init_distributed(sp: int) -> Layout:
+    """Join (or create) the process group and derive the dp x sp layout; idempotent."""
+    _single_process_environment()
+    if "LOCAL_SIZE" in os.environ:  # the deepspeed launcher's name; streaming reads torchrun's
+        os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ["LOCAL_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        import deepspeed  # imported here so that checkpoint inspection and export stay light
+
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world % sp:
+        raise ConfigError(f"parallel.sp={sp} must divide the number of processes ({world})")
+    groups = _sequence_parallel_groups(sp, rank) if sp > 1 else None
+    return Layout(world, rank, local_rank, world // sp, rank // sp, sp, rank % sp, device, groups)
+
+
+def _sequence_parallel_groups(sp: int, rank: int) -> Any:
+    try:
+        from parallel.groups import build_groups
+    except ImportError as error:
+        raise ConfigError(
+            f"parallel.sp={sp} needs parallel.groups and parallel.sequence_parallel, which this checkout "
+            f"lacks ({error}); run with parallel.sp=1"
+        ) from error
+    groups = build_groups(sp)
+    if (groups.dp_rank, groups.sp_rank) != (rank // sp, rank % sp):
+        raise ConfigError(
+            f"parallel.sp={sp}: parallel.groups placed rank {rank} at dp_rank={groups.dp_rank}, "
+            f"sp_rank={groups.sp_rank}; the data loader needs consecutive ranks per sequence "
+            f"(dp_rank={rank // sp}, sp_rank={rank % sp})"
+        )
+    return groups
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum of per-rank scalars over the world, in fp64 (one collective for several values)."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def barrier() -> None:
+    dist.barrier()

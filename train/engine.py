@@ -1,0 +1,106 @@
+"""The model and its DeepSpeed engine: ZeRO stage, precision, clipping, accumulation, schedule.
+
+DeepSpeed averages gradients over all world = dp x sp ranks and shards optimizer state (ZeRO-1),
+gradients (2) and parameters (3) over them. bf16 on CUDA (fp32 master weights in the optimizer),
+fp32 on CPU. A step whose global gradient norm is non-finite is skipped by the ZeRO optimizer
+(`engine.was_step_applied()` is then False), which the loop counts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import deepspeed
+import torch
+from torch import nn
+
+from model.config import ConfigError
+from model.lm import TTTLM
+from train.activation_checkpointing import checkpoint_blocks
+from train.config import RunConfig
+from train.distributed import Layout
+from train.schedule import scheduler_factory
+
+NEVER = 2**31 - 1
+
+
+def use_bf16(cfg: RunConfig, device: torch.device) -> bool:
+    precision = cfg.train.precision
+    if precision == "bf16" and device.type != "cuda":
+        raise ConfigError("train.precision='bf16' needs a CUDA device; use train.precision=auto or fp32 on CPU")
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def deepspeed_config(cfg: RunConfig, layout: Layout, bf16: bool) -> dict[str, Any]:
+    t, z = cfg.train, cfg.zero
+    zero: dict[str, Any] = {
+        "stage": z.stage,
+        "overlap_comm": z.overlap_comm,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": z.bucket_size,
+    }
+    if z.stage == 3:
+        zero.update(stage3_prefetch_bucket_size=z.bucket_size, stage3_gather_16bit_weights_on_model_save=True)
+    else:
+        zero.update(allgather_bucket_size=z.bucket_size)
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch_size * t.grad_accum * layout.world,
+        "gradient_clipping": t.grad_clip,
+        "bf16": {"enabled": bf16, "check_grad_overflow": True},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": NEVER,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_model(cfg: RunConfig, layout: Layout) -> tuple[nn.Module, TTTLM]:
+    """(what the engine wraps, the plain TTTLM inside it). Same seed on every rank: identical init."""
+    torch.manual_seed(cfg.train.seed)
+    model = TTTLM(cfg.model)
+    if cfg.train.activation_checkpointing:
+        checkpoint_blocks(model)
+    if layout.sp == 1:
+        return model, model
+    try:
+        from parallel.sequence_parallel import SequenceParallelLM
+    except ImportError as error:
+        raise ConfigError(f"parallel.sp={layout.sp} needs parallel.sequence_parallel ({error}); run with parallel.sp=1") from error
+    return SequenceParallelLM(model, layout.groups), model
+
+
+def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices (and the fast-weight initial tensors); leave norms and biases alone."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
+def build_engine(cfg: RunConfig, layout: Layout) -> tuple[Any, TTTLM]:
+    """(DeepSpeed engine, the TTTLM it trains)."""
+    bf16 = use_bf16(cfg, layout.device)
+    wrapped, lm = build_model(cfg, layout)
+    t = cfg.train
+    optimizer = torch.optim.AdamW(
+        optimizer_param_groups(wrapped, t.weight_decay),
+        lr=t.lr,
+        betas=(t.beta1, t.beta2),
+        eps=t.eps,
+        fused=layout.device.type == "cuda",
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=wrapped,
+        optimizer=optimizer,
+        lr_scheduler=scheduler_factory(t),
+        config=deepspeed_config(cfg, layout, bf16),
+        dist_init_required=False,
+    )
+    if cfg.zero.stage == 3:
+        # The output head reads embed/head weights outside those modules' own forward; ZeRO-3
+        # must gather them for TTTLM.forward as well.
+        deepspeed.zero.register_external_parameter(lm, lm.output_weight())
+    return engine, lm

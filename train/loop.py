@@ -1,0 +1,196 @@
+"""The training loop: batches -> DeepSpeed engine -> metrics, checkpoints, preemption, resume.
+
+One optimizer step is `train.grad_accum` micro-batches. After every step all ranks agree (one
+all-reduce) on the mean loss and on whether any rank was asked to stop (SIGTERM/SIGINT); a stop
+saves a checkpoint and returns. A step whose gradients are non-finite is skipped by the ZeRO
+optimizer and counted; `train.max_nonfinite_steps` of them in a row end the run with
+NonFiniteLossError, leaving the last good checkpoint as it was (no periodic checkpoint is written
+while a streak of skipped steps is running).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Optional
+
+import numpy as np
+import torch
+
+from model.config import ConfigError
+from train.checkpoint import complete_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from train.config import RunConfig, to_yaml
+from train.data import build_loader, check_dataset, endless, split_inputs_targets
+from train.distributed import Layout, all_reduce_sum, init_distributed
+from train.engine import build_engine
+from train.flops import peak_flops_per_device, training_flops_per_token
+from train.monitor import LearningRateProbe, Monitor, perplexity, state_norms
+from train.schedule import realign_after_resume
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps had non-finite loss or gradients."""
+
+
+@dataclass
+class RunResult:
+    step: int  # the last completed step
+    checkpoint: Optional[Path]  # the newest checkpoint this run wrote or resumed from
+    preempted: bool  # stopped early by SIGTERM/SIGINT (after saving)
+
+
+class StopRequest:
+    """SIGTERM/SIGINT set a flag the loop polls between steps; a second signal interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+
+    def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
+        if self.requested:
+            raise KeyboardInterrupt(f"second signal {signal.Signals(signum).name}")
+        self.requested = True
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def shard_sequence(tensor: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """[B, T] -> this rank's [B, T/sp] slice (identity without sequence parallelism)."""
+    if layout.sp == 1:
+        return tensor
+    from parallel.groups import slice_sequence
+
+    return slice_sequence(tensor, layout.groups)
+
+
+def train(cfg: RunConfig) -> RunResult:
+    layout = init_distributed(cfg.parallel.sp)
+    cfg.resolve_layout(layout.world)
+    check_dataset(cfg)
+    config_yaml = to_yaml(cfg)
+    run_dir = Path(cfg.logging.run_dir)
+    if layout.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_yaml)
+    t = cfg.train
+    root = cfg.checkpoint_dir()
+    checkpoint = resolve_resume(t.resume, root)
+    if t.resume == "none" and complete_checkpoints(root):
+        raise ConfigError(
+            f"{root} already holds checkpoints of an earlier run; continue it with train.resume=auto, "
+            f"or start afresh with another logging.run_dir (or checkpoint.dir)"
+        )
+    seed_everything(t.seed)
+    engine, lm = build_engine(cfg, layout)
+    loader = build_loader(cfg.data, cfg.data.train_split, t.micro_batch_size, layout.sp, cfg.data.shuffle)
+    step = skipped = 0
+    if checkpoint is not None:
+        client_state, rank_state = load_checkpoint(engine, checkpoint, layout)
+        loader.load_state_dict(rank_state["loader"])
+        step, skipped = client_state["step"], client_state["nonfinite_skipped"]
+        realign_after_resume(engine.lr_scheduler, t.lr)
+        if layout.is_main:
+            print(f"resumed from {checkpoint} at step {step}", flush=True)
+    monitor = Monitor(run_dir, layout.is_main, cfg.logging.tensorboard, t.steps, config_yaml)
+    probe = LearningRateProbe(lm)
+    fast = ("w0", "w1", "w2") if cfg.model.ttt.fast_weights == "all" else ("w1",)
+    flops_per_token = training_flops_per_token(cfg.model, cfg.data.seq_len)
+    peak_flops = peak_flops_per_device(cfg.logging.peak_tflops, layout.device)
+    tokens_per_step = t.micro_batch_size * t.grad_accum * layout.dp * cfg.data.seq_len
+    batches = endless(loader)
+    stop = StopRequest()
+    streak = 0
+    preempted = False
+
+    def save(at_step: int) -> Path:
+        started = time.perf_counter()
+        folder = save_checkpoint(
+            engine, root, at_step, layout, {"step": at_step, "nonfinite_skipped": skipped},
+            {"loader": loader.state_dict()}, config_yaml, cfg.checkpoint.keep_last,
+        )  # fmt: skip
+        monitor.pause(time.perf_counter() - started)
+        if layout.is_main:
+            print(f"saved {folder}", flush=True)
+        return folder
+
+    try:
+        while step < t.steps:
+            step += 1
+            log_now = step % cfg.logging.log_every == 0 or step == t.steps
+            probe.active = log_now
+            lr = engine.get_lr()[0]
+            step_loss = torch.zeros((), dtype=torch.float64, device=layout.device)
+            norms: dict[str, float] = {}
+            for micro in range(t.grad_accum):
+                input_ids, targets = split_inputs_targets(next(batches)["tokens"].to(layout.device, non_blocking=True))
+                output = engine(shard_sequence(input_ids, layout), shard_sequence(targets, layout), return_logits=False)
+                loss = output.loss
+                if step in cfg.debug.nonfinite_loss_steps:
+                    loss = loss * float("nan")
+                engine.backward(loss)
+                engine.step()
+                step_loss += loss.detach().double()
+                if log_now and micro == t.grad_accum - 1:
+                    with torch.no_grad():
+                        norms = state_norms(output.states, fast)
+                del output, loss
+            applied = engine.was_step_applied()
+            streak = 0 if applied else streak + 1
+            skipped += 0 if applied else 1
+            if cfg.debug.signal_at_step == step:
+                os.kill(os.getpid(), signal.SIGTERM)
+            loss_total, stop_votes = all_reduce_sum([step_loss.item() / t.grad_accum, float(stop.requested)], layout.device)
+            mean_loss = loss_total / layout.world
+            grad_norm = engine.get_global_grad_norm()
+            grad_norm = float("nan") if grad_norm is None else float(grad_norm)
+            monitor.count_step(tokens_per_step)
+            monitor.record_step(step, {"loss": mean_loss, "lr": lr, "grad_norm": grad_norm, "applied": applied})
+            if not applied and layout.is_main:
+                print(f"step {step}: non-finite loss or gradients, update skipped ({streak} in a row)", flush=True)
+            if log_now:
+                scalars = {
+                    "train/loss": mean_loss,
+                    "train/perplexity": perplexity(mean_loss),
+                    "train/lr": lr,
+                    "train/grad_norm": grad_norm,
+                    "train/skipped_steps": float(skipped),
+                    "train/tokens": float(step * tokens_per_step),
+                    **norms,
+                    **probe.scalars(),
+                }
+                monitor.report(step, scalars, flops_per_token, peak_flops, layout.world)
+            if streak >= t.max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"{streak} consecutive steps (up to step {step}) had non-finite loss or gradients "
+                    f"(train.max_nonfinite_steps={t.max_nonfinite_steps}); the last good checkpoint is "
+                    f"{checkpoint or 'none'}. Lower train.lr or raise train.warmup_steps, check the data, "
+                    f"then resume with train.resume=auto"
+                )
+            preempted = stop_votes > 0
+            periodic = streak == 0 and (step % cfg.checkpoint.every == 0 or step == t.steps)
+            if preempted or periodic:
+                checkpoint = save(step)
+            if preempted:
+                if layout.is_main:
+                    print(f"stopped by signal after step {step}; resume with train.resume=auto", flush=True)
+                break
+    finally:
+        stop.restore()
+        probe.active = False
+        monitor.close()
+    return RunResult(step, checkpoint, preempted)
