@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# GPU acceptance run on one H100/H200: the 125M model at 16K context trains (loss, tokens/s, MFU),
+# resumes from its sharded checkpoint, exports, then generation and decoding are benchmarked.
+# Every stage logs to $RESULTS/<stage>.log and a failing stage does not stop the others.
+#   launch/gpu_acceptance.sh [train] [decode] [quality]      (default: train decode)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHON=${PYTHON:-python3} PYTHONUNBUFFERED=1
+RESULTS=${RESULTS:-runs/gpu_acceptance}
+RUN=runs/125m_16k_gpu
+STEPS=${STEPS:-40}
+mkdir -p "$RESULTS"
+
+stage() {  # stage NAME COMMAND...: run, log, report the exit code and the last lines
+  local name=$1; shift
+  echo "== $name: $*"
+  local start=$SECONDS
+  "$@" >"$RESULTS/$name.log" 2>&1
+  echo "== $name: exit $? after $((SECONDS - start)) s"
+  tail -n 4 "$RESULTS/$name.log"
+}
+
+run_train() {
+  local common=(train.grad_accum=2 train.warmup_steps=10 logging.log_every=5 checkpoint.every=20 "logging.run_dir=$RUN")
+  stage train launch/h100_125m_16k.sh "train.steps=$STEPS" "${common[@]}"
+  stage resume launch/h100_125m_16k.sh "train.steps=$((STEPS + 10))" "${common[@]}" train.resume=auto
+  stage export "$PYTHON" -m train.export "$RUN/checkpoints" "$RUN/export"
+  stage generate "$PYTHON" -m train.generate --model "$RUN/export" --prompt "def main(" --max-new-tokens 64
+  cp -r "$RUN" "$RESULTS/run" && rm -rf "$RESULTS/run/checkpoints" "$RESULTS/run/export"
+}
+
+run_decode() {
+  stage bench_decode "$PYTHON" -m train.bench_decode --out "$RESULTS/decode"
+}
+
+run_quality() {
+  stage quality "$PYTHON" -m train.quality --tokens "${QUALITY_TOKENS:-3e6}" --out "$RESULTS/quality"
+}
+
+for what in "${@:-train decode}"; do
+  for s in $what; do "run_$s"; done
+done
