@@ -39,5 +39,9 @@ tensorboard:
 bench-kernels:
 	$(PYTHON) -m kernels.bench
 
+# Sequence-parallel benchmark on NPROC GPUs of one host (NVLink multicast stays off).
+bench-sp:
+	NCCL_NVLS_ENABLE=0 $(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) -m parallel.bench
+
 clean:
 	rm -rf runs .pytest_cache

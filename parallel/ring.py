@@ -1,0 +1,71 @@
+"""The recurrent LaCT form across ranks: a serial ring that hands the fast weights on, layer by layer.
+
+Weight norm renormalises the running weights and W0/W2 updates make the features depend on them,
+so the state entering a slice is not a linear function of anything the slice can compute alone.
+Rank r therefore waits for rank r-1's final FastWeights of a layer, runs the layer on its slice,
+and sends its own final FastWeights to rank r+1; the backward runs the other way (the gradient of
+the received state goes back to its sender). Across a stack of layers this is a wavefront: rank r
+works on layer i while rank r-1 works on layer i+1, so a model of L layers takes (L + sp - 1)
+layer-times instead of L, but one layer is fully serial. Both messages are all fast weights and
+momenta: up to 6 x [B, H, d, dh] values per layer, each way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+import torch
+
+from kernels.reference import FastWeights
+from parallel.groups import ParallelGroups
+from parallel.p2p import shift_rows
+
+
+def _present(state: FastWeights) -> list[tuple[str, torch.Tensor]]:
+    return [(f.name, getattr(state, f.name)) for f in fields(FastWeights) if getattr(state, f.name) is not None]
+
+
+def _template(initial: FastWeights, momentum: bool) -> FastWeights:
+    """The shapes a layer's state has after a slice: the weights, and the three momenta when momentum is on."""
+    if not momentum:
+        return initial
+    return FastWeights(initial.w0, initial.w1, initial.w2, initial.w0, initial.w1, initial.w2)
+
+
+def receive_state(anchor: torch.Tensor, initial: FastWeights, momentum: bool, groups: ParallelGroups) -> FastWeights:
+    """The FastWeights rank r-1 leaves a layer with (call on ranks r > 0).
+
+    `anchor` is any tensor of the graph that needs gradients (the layer input): an empty slice of it
+    carries the receive into the autograd graph, so its backward sends the state's gradient home.
+    Zero times this rank's own initial weights is added, so that its W0/W1/W2 parameters still get a
+    (zero) gradient: data-parallel reducers expect the same set of gradients on every rank.
+    """
+    template = _template(initial, momentum)
+    parts = _present(template)
+    total = sum(t.numel() for _, t in parts)
+    dtype = template.w1.dtype
+    nothing = anchor.reshape(-1)[:0].to(dtype).reshape(1, 0, total)
+    flat = shift_rows(nothing, 1, +1, groups).reshape(-1)
+    received, offset = {}, 0
+    for name, like in parts:
+        received[name] = flat[offset : offset + like.numel()].reshape(like.shape) + 0.0 * like
+        offset += like.numel()
+    return FastWeights(**received)
+
+
+def send_state(output: torch.Tensor, final: FastWeights, groups: ParallelGroups) -> torch.Tensor:
+    """Send this rank's final FastWeights of a layer to rank r+1 (call on ranks r < sp - 1).
+
+    Returns `output` unchanged in value; adding the (empty) result of the send ties the send into
+    the graph, so its backward receives the state's gradient from rank r+1.
+    """
+    flat = torch.cat([t.reshape(-1) for _, t in _present(final)])
+    nothing = shift_rows(flat.reshape(1, 1, -1), 0, +1, groups)
+    return output + nothing.sum().to(output.dtype)
+
+
+def state_bytes(initial: FastWeights, momentum: bool) -> int:
+    """Bytes one ring message carries per layer (all fast weights and momenta of the batch)."""
+    return sum(t.numel() * t.element_size() for _, t in _present(_template(initial, momentum)))
+
+

@@ -1,0 +1,114 @@
+"""`SequenceParallelLM`: a TTTLM whose sequences are split across the sp ranks of a group.
+
+Each rank calls it with its slice [B, T/sp] (from `parallel.groups.slice_sequence`), exactly as it
+would call the TTTLM on whole sequences. Inside, ids of a chunk that straddles two slices are moved
+to the rank where the chunk starts (`parallel.layout`), every mixer exchanges its state and window
+halo with its neighbours (`parallel.sliced_mixer`), and the hidden rows of moved tokens come back
+before the head, so logits and per-token losses are those of this rank's own slice.
+
+The loss, and why it is scaled. DeepSpeed (like DDP) averages gradients over all dp x sp ranks.
+The single-process objective is the mean over the dp groups of each group's token-mean loss, so
+with n_r targets and loss sum L_r on sp rank r of a group, N = sum_r n_r:
+
+    backward on   sp * L_r / N       (gradient averaged over dp*sp ranks = gradient of the dp-mean loss)
+    report        sum_r L_r / N      (the true mean over the group's full sequences)
+
+`.loss` carries both: its value is the reported mean and its gradient is that of the backward
+objective (value + (objective - objective.detach())), so `engine.backward(output.loss)` and
+`log(output.loss)` are both right. `.reported_loss` is the same value, detached. `.loss_sum` and
+`.num_targets` stay this rank's own (a sum over all ranks gives the exact global totals).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from kernels.reference import FastWeights
+from model.lm import LMOutput, TTTLM
+from parallel.groups import ParallelGroups
+from parallel.layout import SliceLayout
+from parallel.p2p import exchange_rows, shift_rows
+from parallel.sliced_mixer import SliceContext, split_mixers
+from parallel.state_exchange import MUON_ERROR
+
+
+@dataclass
+class SequenceParallelOutput(LMOutput):
+    reported_loss: Optional[torch.Tensor] = None  # detached mean over the sp group's full sequences
+
+
+class SequenceParallelLM(nn.Module):
+    """TTTLM's forward on this rank's slice; see the module docstring for the loss contract.
+
+    Wrapping binds `model` to `groups` (its mixers are rewired in place, as DDP owns its module);
+    the plain model is `self.model`, whose state_dict has the usual parameter names.
+    """
+
+    def __init__(self, model: TTTLM, groups: ParallelGroups) -> None:
+        super().__init__()
+        ttt = model.cfg.ttt
+        if groups.sp > 1 and ttt.mode == "parallel" and ttt.muon:
+            raise ValueError(MUON_ERROR)
+        self.model = model
+        self.groups = groups
+        self.context = SliceContext(groups)
+        if groups.sp > 1:
+            split_mixers(model, self.context)
+            model.final_norm.register_forward_pre_hook(self._return_borrowed_rows)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        targets: Optional[torch.Tensor] = None,
+        states: Optional[list[FastWeights]] = None,
+        position_offset: int = 0,
+        return_logits: bool = True,
+    ) -> SequenceParallelOutput:
+        """input_ids, targets: [B, T/sp], this rank's slice; position_offset: where the full sequences start."""
+        groups = self.groups
+        if groups.sp > 1:
+            layout = SliceLayout.build(input_ids.shape[1], self.model.cfg, groups)
+            self.context.layout = layout
+            borrowed = exchange_rows(input_ids[:, : layout.lent_to_previous], layout.borrowed_from_next, -1, groups)
+            input_ids = torch.cat([input_ids[:, layout.lent_to_previous :], borrowed], dim=1)
+            position_offset += layout.start
+        out = self.model(input_ids, targets, states, position_offset, return_logits)
+        if out.loss_sum is None:
+            return SequenceParallelOutput(out.logits, None, None, None, out.states)
+        totals = torch.stack([out.loss_sum.detach().double(), out.num_targets.double()])
+        if groups.sp > 1:
+            dist.all_reduce(totals, group=groups.sp_group)
+        group_targets = totals[1].clamp(min=1)
+        reported = (totals[0] / group_targets).to(out.loss_sum.dtype)
+        objective = groups.sp * out.loss_sum / group_targets.to(out.loss_sum.dtype)
+        loss = reported + (objective - objective.detach())
+        return SequenceParallelOutput(out.logits, loss, out.loss_sum, out.num_targets, out.states, reported)
+
+    def _return_borrowed_rows(self, module: nn.Module, args: tuple) -> tuple:
+        """Pre-hook of the final norm: hidden rows [B, computed, D] -> this rank's slice [B, T/sp, D]."""
+        (hidden,) = args
+        layout = self.context.layout
+        kept = hidden.shape[1] - layout.borrowed_from_next
+        returned = shift_rows(hidden[:, kept:], layout.lent_to_previous, +1, self.groups)
+        return (torch.cat([returned, hidden[:, :kept]], dim=1),)
+
+
+def average_gradients(module: nn.Module, groups: ParallelGroups) -> None:
+    """What DeepSpeed/DDP do to gradients, for runs without them: the mean over all dp x sp ranks.
+
+    A parameter without a gradient on this rank counts as zero: in the ring, the last slice's final
+    chunk updates only the final state, so its learning-rate heads may see no gradient there.
+    """
+    if groups.world == 1:
+        return
+    for parameter in module.parameters():
+        if parameter.requires_grad:
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+            dist.all_reduce(parameter.grad)
+            parameter.grad /= groups.world
