@@ -70,7 +70,7 @@ def quick_setting() -> Setting:
 def gpu_setting() -> Setting:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cfg = load_model_config(os.path.join(root, "configs/model/760m.yaml"), PARALLEL_760M)
-    return Setting(cfg, [16384, 32768], [32768, 65536], 16384, (16384, 32768))
+    return Setting(cfg, [16384, 65536], [65536, 131072], 16384, (16384, 32768))
 
 
 def ring_config(cfg: LMConfig) -> LMConfig:
