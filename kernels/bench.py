@@ -1,7 +1,9 @@
 """Kernel benchmark: `python -m kernels.bench [--quick] [--T 4096 16384] [--out docs/bench]`.
 
 Times forward and forward+backward (triton.testing.do_bench medians, random inputs) of:
-  tttla            our Triton chunk kernels (kernels.ttt_la.chunk_ttt_la), bf16 operands, fp32 states
+  tttla            our Triton chunk kernels (kernels.ttt_la.chunk_ttt_la), bf16 operands, fp32 states;
+                   at the layer shapes with the fused Triton SwiGLU features (kernels.features)
+  tttla_torch_features  the same with the torch features (cuBLAS GEMM + compiled gate/product)
   eager            the reference parallel form (kernels.reference) in eager bf16 torch
   recurrent        the compiled recurrent LaCT loop (kernels.recurrent_fast), bf16 operands, fp32 weights
   fla_simple_gla   fla.ops.simple_gla.chunk_simple_gla (per-head decay g_gamma), K = V = 128, core shape
@@ -13,6 +15,7 @@ at three shapes (B * T = 131072 tokens each):
   core   the linear-attention core (features given), 16 heads, K = V = 128, token-causal, vs fla
 FLOP model (per token per head, forward; backward counted as 2x forward) in docs/kernels.md.
 Writes kernels.json and kernels.md under --out; also measures the bf16 matmul peak (8192^3).
+`--variants` instead times the design choices and tile shapes docs/kernels.md reports (variants.json).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import traceback
 import torch
 import torch.nn.functional as F
 
+from kernels import features as feature_kernels
 from kernels.features import compiled_swiglu_features, pack_swiglu_weights
 from kernels.recurrent_fast import lact_recurrent_fast
 from kernels.reference import FastWeights, swiglu_features, ttt_la_parallel_reference
@@ -41,8 +45,8 @@ SHAPES = {
 # fla autotunes per head count, minutes per shape on the device; it runs at the core shape, where
 # equal state size means equal heads (its cost scales linearly in heads at equal K = V).
 IMPLS = {
-    "layer": ("tttla", "eager", "recurrent", "sdpa"),
-    "lact": ("tttla", "eager", "recurrent", "sdpa"),
+    "layer": ("tttla", "tttla_torch_features", "eager", "recurrent", "sdpa"),
+    "lact": ("tttla", "tttla_torch_features", "eager", "recurrent", "sdpa"),
     "core": ("tttla", "fla_simple_gla", "fla_linear_attn", "sdpa"),
 }
 
@@ -63,7 +67,7 @@ def matmul_peak_tflops(device) -> float:
 def flops_per_token(impl: str, shape: dict, T: int) -> float:
     """Forward FLOPs per token summed over heads (the model in docs/kernels.md)."""
     H, d, dh, C = shape["H"], shape["d"], shape["dh"], shape["C"]
-    if impl in ("tttla", "eager"):
+    if impl.startswith("tttla") or impl == "eager":
         per_head = (8 * d * dh if shape["features"] else 0) + 4 * d * dh
         if shape["token_causal"]:
             per_head += C * (d + dh)  # the causal half of each C x C block: scores and values
@@ -97,7 +101,7 @@ def make_case(impl: str, shape: dict, T: int, device):
     B = max(1, TOKENS // T)
     H, d, dh, C = shape["H"], shape["d"], shape["dh"], shape["C"]
     eta = lambda: (torch.rand(B, T, H, device=device) * 0.1 + 0.01).to(torch.bfloat16).requires_grad_()  # noqa: E731
-    if impl in ("tttla", "eager"):
+    if impl.startswith("tttla") or impl == "eager":
         v, e = randn(B, T, H, d, device=device), eta()
         if shape["features"]:
             xq, xk = randn(B, T, H, d, device=device), randn(B, T, H, d, device=device)
@@ -108,14 +112,16 @@ def make_case(impl: str, shape: dict, T: int, device):
             hq = randn(B, T, H, dh, device=device, scale=dh**-0.5)
             hk = randn(B, T, H, dh, device=device, scale=dh**-0.5)
             leaves = [hq, hk, v, e]
-        if impl == "tttla":
+        if impl.startswith("tttla"):
             state = randn(B, H, d, dh, device=device, dtype=torch.float32, scale=0.02)
-            features = compiled_swiglu_features()
+            compiled = compiled_swiglu_features()
 
             def fwd():
-                if shape["features"]:
+                if shape["features"] and impl == "tttla_torch_features":
                     w02 = pack_swiglu_weights(w0, w2)
-                    hq_, hk_ = features(xq, w02), features(xk, w02)
+                    hq_, hk_ = compiled(xq, w02), compiled(xk, w02)
+                elif shape["features"]:
+                    hq_, hk_ = feature_kernels.swiglu_features(xq, w0, w2), feature_kernels.swiglu_features(xk, w0, w2)
                 else:
                     hq_, hk_ = hq, hk
                 return chunk_ttt_la(hq_, hk_, v, e, state, C, token_causal=shape["token_causal"])[0]
@@ -171,7 +177,7 @@ def make_case(impl: str, shape: dict, T: int, device):
 def measure(impl: str, name: str, shape: dict, T: int, device, peak: float) -> dict:
     B = max(1, TOKENS // T)
     row = dict(impl=impl, op=name, device=torch.cuda.get_device_name(device), B=B, T=T, H=shape["H"],
-               d=shape["d"], dh=shape["dh"], C=shape["C"] if impl in ("tttla", "eager", "recurrent") else None)
+               d=shape["d"], dh=shape["dh"], C=shape["C"] if impl.startswith("tttla") or impl in ("eager", "recurrent") else None)
     try:
         fwd, leaves = make_case(impl, shape, T, device)
         with torch.no_grad():
@@ -244,6 +250,89 @@ def sweep_tiles(device) -> list[dict]:
     return results
 
 
+def time_fwd_fwdbwd(fwd, leaves) -> tuple[float, float]:
+    with torch.no_grad():
+        fwd_ms = do_bench(fwd)
+    grad_out = torch.randn_like(fwd())
+    return fwd_ms, do_bench(lambda: fwd().backward(grad_out), grads=leaves)
+
+
+def variants(device) -> list[dict]:
+    """Times the design choices of docs/kernels.md: fused vs torch features (and the fused backward's
+    recompute vs saved projections, tile shapes), the update fused into the scan vs stored updates
+    (and scan / apply tiles) at the core and layer shapes. T = 16384 unless named."""
+    from kernels import chunk
+
+    results = []
+
+    def record(name, make, settings=None):
+        """settings: {(module, attribute): value} set for this variant only."""
+        settings = settings or {}
+        saved = {key: getattr(*key) for key in settings}
+        for (module, k), value in settings.items():
+            setattr(module, k, value)
+        try:
+            fwd_ms, fwdbwd_ms = time_fwd_fwdbwd(*make())
+        except Exception as error:
+            fwd_ms = fwdbwd_ms = float("nan")
+            print("variant", name, type(error).__name__, str(error)[:300], flush=True)
+        finally:
+            for (module, k), value in saved.items():
+                setattr(module, k, value)
+            torch.cuda.empty_cache()
+        results.append(dict(variant=name, fwd_ms=fwd_ms, fwdbwd_ms=fwdbwd_ms))
+        print(f"variant {name:60s} fwd {fwd_ms:8.3f} ms  fwd+bwd {fwdbwd_ms:8.3f} ms", flush=True)
+
+    def features_case(shape, torch_form):
+        def make():
+            B, T, H, d, dh = TOKENS // 16384, 16384, shape["H"], shape["d"], shape["dh"]
+            x = randn(B, T, H, d, device=device)
+            w0 = randn(H, dh, d, device=device, scale=d**-0.5)
+            w2 = randn(H, dh, d, device=device, scale=d**-0.5)
+            compiled = compiled_swiglu_features()
+            if torch_form:
+                return (lambda: compiled(x, pack_swiglu_weights(w0, w2))), [x, w0, w2]
+            return (lambda: feature_kernels.swiglu_features(x, w0, w2)), [x, w0, w2]
+        return make
+
+    F_ = feature_kernels
+    for name in ("layer", "lact"):
+        shape = SHAPES[name]
+        record(f"{name} features torch (cuBLAS + compiled)", features_case(shape, True))
+        record(f"{name} features fused, recompute a,b", features_case(shape, False), {(F_, "SAVE_PROJECTIONS"): False})
+        record(f"{name} features fused, saved a,b", features_case(shape, False), {(F_, "SAVE_PROJECTIONS"): True})
+    for tiles in (dict(BM=128, BN=64, BK=64, num_warps=4, num_stages=4), dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=3),
+                  dict(BM=128, BN=128, BK=32, num_warps=8, num_stages=4), dict(BM=256, BN=64, BK=64, num_warps=8, num_stages=3)):
+        record(f"layer features fused, projection {tiles}", features_case(SHAPES["layer"], False),
+               {(F_, "PROJECTION_TILES"): tiles})
+    for tiles in (dict(BM=128, BN=256, BK=64, num_warps=8, num_stages=3), dict(BM=128, BN=64, BK=64, num_warps=4, num_stages=4),
+                  dict(BM=128, BN=128, BK=64, num_warps=4, num_stages=4)):
+        record(f"layer features fused, matmul {tiles}", features_case(SHAPES["layer"], False),
+               {(F_, "MATMUL_TILES"): tiles})
+
+    def chunk_case(name, T=16384):
+        return lambda: make_case("tttla", SHAPES[name], T, device)
+
+    for T in (16384, 65536):
+        record(f"core T={T} stored updates", chunk_case("core", T), {(chunk, "FUSED_SCAN_MAX_CHUNK"): 0})
+        record(f"core T={T} fused scan", chunk_case("core", T))
+        record(f"core T={T} fused scan 32x64", chunk_case("core", T),
+               {(chunk, "FUSED_SCAN_TILES"): dict(B1=32, B2=64, BT=64, num_warps=4, num_stages=2)})
+    for tiles in (dict(B1=64, B2=64, BT=64, num_warps=4, num_stages=3), dict(B1=64, B2=64, BT=64, num_warps=8, num_stages=2),
+                  dict(B1=128, B2=64, BT=64, num_warps=8, num_stages=2), dict(B1=64, B2=128, BT=64, num_warps=8, num_stages=2),
+                  dict(B1=64, B2=64, BT=32, num_warps=4, num_stages=3)):
+        record(f"core fused scan {tiles}", chunk_case("core"), {(chunk, "FUSED_SCAN_TILES"): tiles})
+    for tiles in (dict(BT=64, BM=128, BN=128, num_warps=8, num_stages=2), dict(BT=64, BM=64, BN=64, num_warps=4, num_stages=2),
+                  dict(BT=32, BM=64, BN=128, num_warps=4, num_stages=2), dict(BT=64, BM=64, BN=128, num_warps=4, num_stages=3)):
+        record(f"core apply {tiles}", chunk_case("core"), {(chunk, "APPLY_INTRA_TILES"): tiles})
+    record("layer stored updates (chunk_outer)", chunk_case("layer"))
+    record("layer fused scan 64x64", chunk_case("layer"), {(chunk, "FUSED_SCAN_MAX_CHUNK"): 1 << 30})
+    record("layer fused scan 128x128", chunk_case("layer"), {(chunk, "FUSED_SCAN_MAX_CHUNK"): 1 << 30,
+           (chunk, "FUSED_SCAN_TILES"): dict(B1=128, B2=128, BT=64, num_warps=8, num_stages=2)})
+    record("layer torch features", lambda: make_case("tttla_torch_features", SHAPES["layer"], 16384, device))
+    return results
+
+
 def markdown(rows: list[dict], peak: float) -> str:
     lines = [
         f"Measured bf16 matmul peak (8192^3 torch.matmul): {peak:.0f} TFLOP/s. B * T = {TOKENS} tokens.",
@@ -272,6 +361,7 @@ def main() -> None:
     parser.add_argument("--out", default="docs/bench", help="folder for kernels.json and kernels.md")
     parser.add_argument("--profile", action="store_true", help="print tttla's per-kernel times (layer, T=16384)")
     parser.add_argument("--sweep", action="store_true", help="pick tttla's tile shapes by a short sweep first")
+    parser.add_argument("--variants", action="store_true", help="time the design variants only (variants.json)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("kernels.bench needs a CUDA device")
@@ -281,6 +371,12 @@ def main() -> None:
     if args.profile:
         profile_kernels(SHAPES["layer"], 16384, device)
         profile_kernels(SHAPES["core"], 16384, device)
+    if args.variants:
+        os.makedirs(args.out, exist_ok=True)
+        results = variants(device)
+        with open(os.path.join(args.out, "variants.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        return
     sweep = sweep_tiles(device) if args.sweep else []
     peak = matmul_peak_tflops(device)
     print(f"bf16 matmul peak: {peak:.0f} TFLOP/s", flush=True)

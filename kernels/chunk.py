@@ -11,6 +11,8 @@ state tile, walking its chunks in order):
 * `chunk_outer_kernel`:  out[c] = sum_{t in c} eta_t x_t y_t^T      (chunk updates A(c), and dS(c) in the backward)
 * `state_scan_fwd_kernel`: S(c) = S(0) + sum_{c'<c} sign * M(c'), M(c) = beta_c M(c-1) + A(c)   (fp32)
 * `state_scan_bwd_kernel`: its mirror, giving dA(c), dS(0), dM(0) and per-tile partial sums of dbeta
+  For chunks of at most FUSED_SCAN_MAX_CHUNK tokens the scans form A(c) (and dS(c)) themselves, in
+  registers, and chunk_outer does not run: the fp32 updates never touch memory (fla's chunk_fwd_h).
 * `chunk_apply_kernel`: out_t = x_t W(c)^T + sign * sum_{s in c, s <= t (or >= t)} (x_t . y_s) z_s
   (the output, and in the backward dh(q), dh(k) and d(eta v); one kernel, four operand choices)
 
@@ -82,7 +84,19 @@ def varlen_chunk_table(cu_seqlens: torch.Tensor, chunk_size: int, device) -> Chu
 # Tile shapes (tuned on H100 at d = 384, dh = 768, C = 2048; `kernels.bench --sweep` re-measures them).
 OUTER_TILES = dict(BT=32, BX=128, BY=128, num_warps=8, num_stages=4)
 APPLY_TILES = dict(BT=64, BM=64, BN=128, num_warps=4, num_stages=3)  # no intra-chunk term
-APPLY_INTRA_TILES = dict(BT=64, BM=64, BN=128, num_warps=8, num_stages=2)  # token-causal
+APPLY_INTRA_TILES = dict(BT=64, BM=64, BN=128, num_warps=4, num_stages=3)  # token-causal
+SCAN_TILES = dict(B1=64, B2=64, num_warps=4, num_stages=3)  # scan over stored chunk updates
+FUSED_SCAN_TILES = dict(B1=64, B2=64, BT=64, num_warps=4, num_stages=2)  # update formed inside the scan (d x dh tile)
+# Chunks up to this many tokens form their update inside the scan (one program per state tile walks
+# the whole document, as fla's chunk_fwd_h); longer chunks use chunk_outer over all chunks at once,
+# which has C / BT times more parallel work per state tile. Measured in docs/kernels.md.
+FUSED_SCAN_MAX_CHUNK = 256
+# The fused scans halve their d tile until they have this many programs (long documents, few of them).
+MIN_SCAN_PROGRAMS = 256
+
+
+def fuse_update_into_scan(chunk_size: int) -> bool:
+    return chunk_size <= FUSED_SCAN_MAX_CHUNK
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -151,12 +165,36 @@ def chunk_outer(x, y, eta, table: ChunkTable) -> torch.Tensor:
 
 
 @triton.jit
+def _chunk_outer_tile(x_ptr, y_ptr, eta_ptr, start, end, i_h, H, offs_1, offs_2,
+                      D1: tl.constexpr, D2: tl.constexpr, BT: tl.constexpr, NSUB: tl.constexpr,
+                      USE_ETA: tl.constexpr, PRECISION: tl.constexpr):
+    """sum_{start <= t < end} eta_t x_t[offs_1] y_t[offs_2]^T: [B1, B2] fp32 (end - start <= NSUB * BT)."""
+    acc = tl.zeros([offs_1.shape[0], offs_2.shape[0]], dtype=tl.float32)
+    for j in range(NSUB):
+        offs_t = start + j * BT + tl.arange(0, BT)
+        mask_t = offs_t < end
+        x = tl.load(x_ptr + (offs_t[:, None] * H + i_h) * D1 + offs_1[None, :],
+                    mask=mask_t[:, None] & (offs_1[None, :] < D1), other=0.0)
+        y = tl.load(y_ptr + (offs_t[:, None] * H + i_h) * D2 + offs_2[None, :],
+                    mask=mask_t[:, None] & (offs_2[None, :] < D2), other=0.0)
+        if USE_ETA:
+            eta = tl.load(eta_ptr + offs_t * H + i_h, mask=mask_t, other=0.0).to(tl.float32)
+            x = (x.to(tl.float32) * eta[:, None]).to(y.dtype)
+        acc += tl.dot(tl.trans(x), y, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def state_scan_fwd_kernel(
-    upd_ptr, states_ptr, init_ptr, final_ptr, beta_ptr, init_mom_ptr, final_mom_ptr, mom_ptr,
+    upd_ptr, x_ptr, y_ptr, eta_ptr, starts_ptr, ends_ptr, chunk_size,
+    states_ptr, init_ptr, final_ptr, beta_ptr, init_mom_ptr, final_mom_ptr, mom_ptr,
     doc_chunks_ptr, H, sign,
     D1: tl.constexpr, D2: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr,
     HAS_INIT: tl.constexpr, HAS_MOM: tl.constexpr, HAS_INIT_MOM: tl.constexpr,
+    FUSED: tl.constexpr, BT: tl.constexpr, NSUB: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """FUSED: the chunk update A(c) = sum_t eta_t x_t y_t^T is computed here, from x = v [TT, H, D1]
+    and y = h(k) [TT, H, D2], and never leaves registers; otherwise it is read from upd_ptr."""
     i_tile = tl.program_id(0)
     i_doc = tl.program_id(1)
     i_h = tl.program_id(2)
@@ -174,9 +212,17 @@ def state_scan_fwd_kernel(
         momentum = tl.load(init_mom_ptr + doc_base + offs, mask=mask, other=0.0).to(tl.float32)
     c0 = tl.load(doc_chunks_ptr + i_doc)
     c1 = tl.load(doc_chunks_ptr + i_doc + 1)
+    if FUSED:  # chunk c of the document covers doc_start + (c - c0) C .. min(+C, doc_end)
+        doc_start = tl.load(starts_ptr + c0, mask=c1 > c0, other=0)
+        doc_end = tl.load(ends_ptr + c1 - 1, mask=c1 > c0, other=0)
     for c in range(c0, c1):
         base = (c * H + i_h) * D1 * D2
-        update = tl.load(upd_ptr + base + offs, mask=mask, other=0.0)
+        if FUSED:
+            start = doc_start + (c - c0) * chunk_size
+            update = _chunk_outer_tile(x_ptr, y_ptr, eta_ptr, start, tl.minimum(start + chunk_size, doc_end),
+                                       i_h, H, offs_1, offs_2, D1, D2, BT, NSUB, True, PRECISION)
+        else:
+            update = tl.load(upd_ptr + base + offs, mask=mask, other=0.0)
         tl.store(states_ptr + base + offs, state.to(states_ptr.dtype.element_ty), mask=mask)
         if HAS_MOM:
             tl.store(mom_ptr + base + offs, momentum, mask=mask)
@@ -192,11 +238,15 @@ def state_scan_fwd_kernel(
 
 @triton.jit
 def state_scan_bwd_kernel(
-    dstate_ptr, dupd_ptr, dfinal_ptr, dinit_ptr, beta_ptr, mom_ptr, dfinal_mom_ptr, dinit_mom_ptr,
+    dstate_ptr, x_ptr, y_ptr, starts_ptr, ends_ptr, chunk_size,
+    dupd_ptr, dfinal_ptr, dinit_ptr, beta_ptr, mom_ptr, dfinal_mom_ptr, dinit_mom_ptr,
     dbeta_ptr, doc_chunks_ptr, H, sign, NTILES,
     D1: tl.constexpr, D2: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr,
     HAS_DFINAL: tl.constexpr, HAS_MOM: tl.constexpr, HAS_DFINAL_MOM: tl.constexpr,
+    FUSED: tl.constexpr, BT: tl.constexpr, NSUB: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """FUSED: dL/dS(c) = sum_t x_t y_t^T is computed here from x = dO [TT, H, D1] and y = h(q) [TT, H, D2];
+    otherwise it is read from dstate_ptr."""
     i_tile = tl.program_id(0)
     i_doc = tl.program_id(1)
     i_h = tl.program_id(2)
@@ -216,10 +266,18 @@ def state_scan_bwd_kernel(
         carry = tl.load(dfinal_mom_ptr + doc_base + offs, mask=mask, other=0.0).to(tl.float32)
     c0 = tl.load(doc_chunks_ptr + i_doc)
     c1 = tl.load(doc_chunks_ptr + i_doc + 1)
+    if FUSED:
+        doc_start = tl.load(starts_ptr + c0, mask=c1 > c0, other=0)
+        doc_end = tl.load(ends_ptr + c1 - 1, mask=c1 > c0, other=0)
     for i in range(0, c1 - c0):
         c = c1 - 1 - i
         base = (c * H + i_h) * D1 * D2
-        dstate = tl.load(dstate_ptr + base + offs, mask=mask, other=0.0)
+        if FUSED:
+            start = doc_start + (c - c0) * chunk_size
+            dstate = _chunk_outer_tile(x_ptr, y_ptr, x_ptr, start, tl.minimum(start + chunk_size, doc_end),
+                                       i_h, H, offs_1, offs_2, D1, D2, BT, NSUB, False, PRECISION)
+        else:
+            dstate = tl.load(dstate_ptr + base + offs, mask=mask, other=0.0)
         if HAS_MOM:
             dmom = sign * suffix + carry
             tl.store(dupd_ptr + base + offs, dmom.to(dupd_ptr.dtype.element_ty), mask=mask)
@@ -235,59 +293,89 @@ def state_scan_bwd_kernel(
         tl.store(dinit_mom_ptr + doc_base + offs, carry, mask=mask)
 
 
-def _scan_tiles(d1: int, d2: int) -> tuple[int, int]:
-    return _tile(d1, 64), _tile(d2, 64)
+def _scan_launch(d1: int, d2: int, chunk_size: int, fused: bool, dtype, docs_x_heads: int) -> dict:
+    """Tile shapes and the fused-update constants of one scan launch."""
+    tiles = FUSED_SCAN_TILES if fused else SCAN_TILES
+    b1, b2 = _tile(d1, tiles["B1"]), _tile(d2, tiles["B2"])
+    while fused and b1 > 16 and docs_x_heads * triton.cdiv(d1, b1) * triton.cdiv(d2, b2) < MIN_SCAN_PROGRAMS:
+        b1 //= 2
+    bt = min(tiles["BT"], _tile(chunk_size, tiles["BT"])) if fused else 16
+    return dict(B1=b1, B2=b2, FUSED=fused, BT=bt, NSUB=triton.cdiv(chunk_size, bt) if fused else 1,
+                PRECISION=_dot_precision(dtype), num_warps=tiles["num_warps"],
+                num_stages=tiles["num_stages"])
 
 
-def state_scan_fwd(updates, table: ChunkTable, initial_state, beta, initial_momentum, sign: float, dtype):
-    """updates: [NC, H, d, dh] fp32 chunk updates A(c); beta: [NC, H] or None.
+def state_scan_fwd(table: ChunkTable, initial_state, beta, initial_momentum, sign: float, dtype, *,
+                   updates=None, v=None, hk=None, eta=None, chunk_size: int = 0):
+    """The state each chunk reads, from either the chunk updates A(c) (`updates` [NC, H, d, dh] fp32,
+    from `chunk_outer`) or, fused, from v [TT, H, d], hk [TT, H, dh], eta [TT, H] and chunk_size:
+    A(c) = sum_{t in c} eta_t v_t hk_t^T is then formed in registers and never stored.
+    beta: [NC, H] or None.
 
     Returns (states [NC, H, d, dh] in `dtype`: the state each chunk reads; final [D, H, d, dh] fp32;
     final momentum [D, H, d, dh] fp32 or None; momenta [NC, H, d, dh] fp32 (M(c-1)) or None).
     """
-    nc, heads, d1, d2 = updates.shape
-    device = updates.device
-    states = new_buffer(updates.shape, dtype, device)
+    fused = updates is None
+    if fused:
+        heads, d1, d2 = v.shape[1], v.shape[2], hk.shape[2]
+        device = v.device
+    else:
+        _, heads, d1, d2 = updates.shape
+        device = updates.device
+    shape = (table.num_chunks, heads, d1, d2)
+    states = new_buffer(shape, dtype, device)
     final = new_buffer((table.num_docs, heads, d1, d2), torch.float32, device)
     has_mom = beta is not None
     final_mom = new_buffer(final.shape, torch.float32, device) if has_mom else None
-    momenta = new_buffer(updates.shape, torch.float32, device) if has_mom else None
-    b1, b2 = _scan_tiles(d1, d2)
-    grid = (triton.cdiv(d1, b1) * triton.cdiv(d2, b2), table.num_docs, heads)
+    momenta = new_buffer(shape, torch.float32, device) if has_mom else None
+    launch = _scan_launch(d1, d2, chunk_size, fused, dtype, table.num_docs * heads)
+    grid = (triton.cdiv(d1, launch["B1"]) * triton.cdiv(d2, launch["B2"]), table.num_docs, heads)
+    any_ = states  # stands in for pointers a variant does not read
     state_scan_fwd_kernel[grid](
-        updates, states, initial_state if initial_state is not None else updates, final,
-        beta if has_mom else updates, initial_momentum if initial_momentum is not None else updates,
-        final_mom if has_mom else updates, momenta if has_mom else updates,
-        table.doc_chunks, heads, sign, D1=d1, D2=d2, B1=b1, B2=b2,
-        HAS_INIT=initial_state is not None, HAS_MOM=has_mom, HAS_INIT_MOM=initial_momentum is not None,
-        num_warps=4,
+        any_ if fused else updates, v if fused else any_, hk if fused else any_, eta if fused else any_,
+        table.starts, table.ends, chunk_size, states, initial_state if initial_state is not None else any_, final,
+        beta if has_mom else any_, initial_momentum if initial_momentum is not None else any_,
+        final_mom if has_mom else any_, momenta if has_mom else any_,
+        table.doc_chunks, heads, sign, D1=d1, D2=d2,
+        HAS_INIT=initial_state is not None, HAS_MOM=has_mom, HAS_INIT_MOM=initial_momentum is not None, **launch,
     )
     return states, final, final_mom, momenta
 
 
-def state_scan_bwd(dstates, table: ChunkTable, dfinal, beta, momenta, dfinal_mom, sign: float, dtype):
-    """dstates: [NC, H, d, dh] fp32, dL/dS(c) for the state each chunk read.
+def state_scan_bwd(table: ChunkTable, dfinal, beta, momenta, dfinal_mom, sign: float, dtype, *,
+                   dstates=None, do=None, hq=None, chunk_size: int = 0):
+    """Mirror of `state_scan_fwd`. dL/dS(c) for the state each chunk read comes either from `dstates`
+    ([NC, H, d, dh] fp32, from `chunk_outer`) or, fused, from do [TT, H, d] and hq [TT, H, dh]
+    (dL/dS(c) = sum_{t in c} do_t hq_t^T, formed in registers).
 
     Returns (dupdates [NC, H, d, dh] in `dtype`: dL/dA(c); dinit [D, H, d, dh] fp32;
     dinit_momentum fp32 or None; dbeta [NC, H] fp32 or None).
     """
-    nc, heads, d1, d2 = dstates.shape
-    device = dstates.device
-    dupdates = new_buffer(dstates.shape, dtype, device)
+    fused = dstates is None
+    if fused:
+        heads, d1, d2 = do.shape[1], do.shape[2], hq.shape[2]
+        device = do.device
+    else:
+        _, heads, d1, d2 = dstates.shape
+        device = dstates.device
+    nc = table.num_chunks
+    dupdates = new_buffer((nc, heads, d1, d2), dtype, device)
     dinit = new_buffer((table.num_docs, heads, d1, d2), torch.float32, device)
     has_mom = beta is not None
     dinit_mom = new_buffer(dinit.shape, torch.float32, device) if has_mom else None
-    b1, b2 = _scan_tiles(d1, d2)
-    ntiles = triton.cdiv(d1, b1) * triton.cdiv(d2, b2)
+    launch = _scan_launch(d1, d2, chunk_size, fused, dtype, table.num_docs * heads)
+    ntiles = triton.cdiv(d1, launch["B1"]) * triton.cdiv(d2, launch["B2"])
     dbeta_tiles = new_buffer((nc, heads, ntiles), torch.float32, device) if has_mom else None
     grid = (ntiles, table.num_docs, heads)
+    any_ = dupdates  # stands in for pointers a variant does not read
     state_scan_bwd_kernel[grid](
-        dstates, dupdates, dfinal if dfinal is not None else dstates, dinit,
-        beta if has_mom else dstates, momenta if has_mom else dstates,
-        dfinal_mom if dfinal_mom is not None else dstates, dinit_mom if has_mom else dstates,
-        dbeta_tiles if has_mom else dstates, table.doc_chunks, heads, sign, ntiles,
-        D1=d1, D2=d2, B1=b1, B2=b2, HAS_DFINAL=dfinal is not None, HAS_MOM=has_mom,
-        HAS_DFINAL_MOM=has_mom and dfinal_mom is not None, num_warps=4,
+        any_ if fused else dstates, do if fused else any_, hq if fused else any_, table.starts, table.ends,
+        chunk_size, dupdates, dfinal if dfinal is not None else any_, dinit,
+        beta if has_mom else any_, momenta if has_mom else any_,
+        dfinal_mom if dfinal_mom is not None else any_, dinit_mom if has_mom else any_,
+        dbeta_tiles if has_mom else any_, table.doc_chunks, heads, sign, ntiles,
+        D1=d1, D2=d2, HAS_DFINAL=dfinal is not None, HAS_MOM=has_mom,
+        HAS_DFINAL_MOM=has_mom and dfinal_mom is not None, **launch,
     )
     dbeta = dbeta_tiles.sum(-1) if has_mom else None
     return dupdates, dinit, dinit_mom, dbeta
@@ -295,6 +383,23 @@ def state_scan_bwd(dstates, table: ChunkTable, dfinal, beta, momenta, dfinal_mom
 
 # ----------------------------------------------------------------------------------------------
 # chunk apply: out_t = x_t W(c)^T + sign * sum_{s in c, s <= t (REVERSE: s >= t)} (x_t . y_s) z_s
+
+
+@triton.jit
+def _masked_scores_times_z(scores, z_ptr, eta_ptr, offs_t, offs_s, mask_s, offs_n, mask_n, i_h, H,
+                           DZ: tl.constexpr, REVERSE: tl.constexpr, ETA_COL: tl.constexpr, PRECISION: tl.constexpr):
+    """(scores [BT, BS], eta_s-scaled when ETA_COL, kept where s <= t (REVERSE: s >= t)) @ z[offs_s, offs_n]."""
+    if ETA_COL:
+        eta_s = tl.load(eta_ptr + offs_s * H + i_h, mask=mask_s, other=0.0).to(tl.float32)
+        scores = scores * eta_s[None, :]
+    if REVERSE:
+        keep = (offs_t[:, None] <= offs_s[None, :]) & mask_s[None, :]
+    else:
+        keep = (offs_t[:, None] >= offs_s[None, :]) & mask_s[None, :]
+    scores = tl.where(keep, scores, 0.0)
+    z = tl.load(z_ptr + (offs_s[:, None] * H + i_h) * DZ + offs_n[None, :],
+                mask=mask_s[:, None] & mask_n[None, :], other=0.0)
+    return tl.dot(scores.to(z.dtype), z, input_precision=PRECISION)
 
 
 @triton.jit
@@ -325,7 +430,11 @@ def chunk_apply_kernel(
     offs_n = i_n * BN + tl.arange(0, BN)
     mask_n = offs_n < DZ
     w_base = w_ptr + (i_c * H + i_h) * DX * DZ
+    # A chunk of one sub-block (NSUB == 1) has only the diagonal score block: its scores share the
+    # x tiles of the state product and are accumulated in the same loop.
+    ONE_BLOCK: tl.constexpr = INTRA and NSUB == 1
     acc = tl.zeros([BT, BN], dtype=tl.float32)
+    diag_scores = tl.zeros([BT, BT], dtype=tl.float32)
     for m0 in range(0, DX, BM):
         offs_m = m0 + tl.arange(0, BM)
         mask_m = offs_m < DX
@@ -334,7 +443,14 @@ def chunk_apply_kernel(
         w = tl.load(w_base + offs_m[:, None] * stride_wm + offs_n[None, :] * stride_wn,
                     mask=mask_m[:, None] & mask_n[None, :], other=0.0)
         acc += tl.dot(x, w.to(x.dtype), input_precision=PRECISION)
-    if INTRA:
+        if ONE_BLOCK:
+            y = tl.load(y_ptr + (offs_t[:, None] * H + i_h) * DX + offs_m[None, :],
+                        mask=mask_t[:, None] & mask_m[None, :], other=0.0)
+            diag_scores += tl.dot(x, tl.trans(y), input_precision=PRECISION)
+    if ONE_BLOCK:
+        acc += sign * _masked_scores_times_z(diag_scores, z_ptr, eta_ptr, offs_t, offs_t, mask_t, offs_n, mask_n,
+                                             i_h, H, DZ, REVERSE, ETA_COL, PRECISION)
+    elif INTRA:
         if REVERSE:
             lo = t0
             hi = end
@@ -354,17 +470,8 @@ def chunk_apply_kernel(
                 y = tl.load(y_ptr + (offs_s[:, None] * H + i_h) * DX + offs_m[None, :],
                             mask=mask_s[:, None] & mask_m[None, :], other=0.0)
                 scores += tl.dot(x, tl.trans(y), input_precision=PRECISION)
-            if ETA_COL:
-                eta_s = tl.load(eta_ptr + offs_s * H + i_h, mask=mask_s, other=0.0).to(tl.float32)
-                scores = scores * eta_s[None, :]
-            if REVERSE:
-                keep = (offs_t[:, None] <= offs_s[None, :]) & mask_s[None, :]
-            else:
-                keep = (offs_t[:, None] >= offs_s[None, :]) & mask_s[None, :]
-            scores = tl.where(keep, scores, 0.0)
-            z = tl.load(z_ptr + (offs_s[:, None] * H + i_h) * DZ + offs_n[None, :],
-                        mask=mask_s[:, None] & mask_n[None, :], other=0.0)
-            intra += tl.dot(scores.to(z.dtype), z, input_precision=PRECISION)
+            intra += _masked_scores_times_z(scores, z_ptr, eta_ptr, offs_t, offs_s, mask_s, offs_n, mask_n,
+                                            i_h, H, DZ, REVERSE, ETA_COL, PRECISION)
         acc += sign * intra
     if ETA_DOT:
         vd = tl.load(vdot_ptr + (offs_t[:, None] * H + i_h) * DZ + offs_n[None, :],
@@ -416,10 +523,13 @@ def ttt_la_fwd(hq, hk, v, eta, initial_state, table: ChunkTable, chunk_size: int
     """hq, hk: [TT, H, dh]; v: [TT, H, d]; eta: [TT, H]; initial_state: [D, H, d, dh] or None;
     beta: [NC, H] or None. Returns o [TT, H, d], final [D, H, d, dh], final momentum or None,
     and what the backward needs (states [NC, H, d, dh], momenta or None)."""
-    updates = chunk_outer(v, hk, eta, table)  # A(c): [NC, H, d, dh] fp32
-    states, final, final_mom, momenta = state_scan_fwd(updates, table, initial_state, beta, initial_momentum,
-                                                       sign, hq.dtype)
-    del updates
+    scan_args = (table, initial_state, beta, initial_momentum, sign, hq.dtype)
+    if fuse_update_into_scan(chunk_size):
+        states, final, final_mom, momenta = state_scan_fwd(*scan_args, v=v, hk=hk, eta=eta, chunk_size=chunk_size)
+    else:
+        updates = chunk_outer(v, hk, eta, table)  # A(c): [NC, H, d, dh] fp32
+        states, final, final_mom, momenta = state_scan_fwd(*scan_args, updates=updates)
+        del updates
     o, _ = chunk_apply(hq, hk, v, states, False, eta, table, chunk_size, intra=token_causal, eta_col=True,
                        sign=sign)
     return o, final, final_mom, states, momenta
@@ -430,10 +540,13 @@ def ttt_la_bwd(do, hq, hk, v, eta, states, momenta, beta, table: ChunkTable, chu
     """Returns dhq, dhk, dv (input dtype), deta [TT, H] fp32, dinit [D, H, d, dh] fp32,
     dinit_momentum or None, dbeta [NC, H] or None."""
     do = do.contiguous()
-    dstates = chunk_outer(do, hq, None, table)  # dL/dS(c) = sum_t do_t hq_t^T, [NC, H, d, dh] fp32
-    dupdates, dinit, dinit_mom, dbeta = state_scan_bwd(dstates, table, dfinal, beta, momenta, dfinal_mom,
-                                                       sign, hq.dtype)
-    del dstates
+    scan_args = (table, dfinal, beta, momenta, dfinal_mom, sign, hq.dtype)
+    if fuse_update_into_scan(chunk_size):
+        dupdates, dinit, dinit_mom, dbeta = state_scan_bwd(*scan_args, do=do, hq=hq, chunk_size=chunk_size)
+    else:
+        dstates = chunk_outer(do, hq, None, table)  # dL/dS(c) = sum_t do_t hq_t^T, [NC, H, d, dh] fp32
+        dupdates, dinit, dinit_mom, dbeta = state_scan_bwd(*scan_args, dstates=dstates)
+        del dstates
     # dhq_t = S(c)^T do_t + sign * sum_{s <= t} eta_s (do_t . v_s) hk_s
     dhq, _ = chunk_apply(do, v, hk, states, True, eta, table, chunk_size, intra=token_causal, eta_col=True,
                          sign=sign)

@@ -1,16 +1,245 @@
-"""The SwiGLU feature map h(x) = silu(W0 x) * (W2 x) as one GEMM over packed weights.
+"""The SwiGLU feature map h(x) = silu(W0 x) * (W2 x): a fused Triton kernel and the torch form.
 
-Both projections share the input, so W0 and W2 are stacked into one [H, 2 dh, d] weight and
-multiplied once (cuBLAS through torch); the gate and product are one fused elementwise kernel
-when compiled. docs/kernels.md measures what this costs inside the layer op.
+`swiglu_features(x, w0, w2)` is the public function: on CUDA (or `TTTLA_FORCE_TRITON=1`) it runs
+the fused kernels below (or the torch form when FUSED_FEATURES is off), elsewhere
+`kernels.reference.swiglu_features`.
+
+Forward, one kernel (`swiglu_projection_kernel`): a program owns a [BM tokens, BN features] tile of
+one head, runs both GEMMs x W0^T and x W2^T over the same x tiles (two fp32 accumulators) and writes
+silu(a) * b in the input dtype straight into [B, T, H, dh], the layout the chunk kernels read: no
+[T, H, 2 dh] intermediate, no head-major copies.
+
+Backward, three launches:
+  1. the same kernel with GRAD=True recomputes a, b (or reads them when the forward saved them,
+     `SAVE_PROJECTIONS`) and writes da = g b silu'(a), db = g silu(a) as one [TT, H, 2 dh] tensor;
+  2. `head_matmul_kernel`: dx = da W0 + db W2 (K = 2 dh, the stacked weights);
+  3. `head_matmul_kernel`: [dW0; dW2] = [da, db]^T x, split over tokens into fp32 partial sums.
+Both matmuls read the token-major layouts through strides; nothing is permuted.
+
+The torch form (`swiglu_features_packed`: one cuBLAS GEMM over stacked weights, gate and product
+fused by torch.compile) is kept for comparison; docs/kernels.md measures both.
 """
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels import reference
+
+# On CUDA, the fused kernels (True) or the torch form (False); docs/kernels.md measures both.
+FUSED_FEATURES = True
+# Tile shapes (measured at d = 384, dh = 768; `kernels.bench --variants` re-measures them).
+PROJECTION_TILES = dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
+MATMUL_TILES = dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
+# Keep a and b from the forward (2 dh values per token and head, operand dtype; only when a gradient
+# will be taken) instead of recomputing them in the backward: on the device, a layer-shape fwd+bwd
+# took 5.6 ms per input saved vs 6.6 ms recomputed, for 2 dh x 2 bytes more activation memory per
+# token and head. docs/kernels.md has the numbers.
+SAVE_PROJECTIONS = True
+# Enough programs to fill the GPU when the token axis is split for the weight gradient.
+WEIGHT_GRAD_PROGRAMS = 512
+# Tests set this to fill every kernel-written buffer with NaN first, so an unwritten element shows.
+poison_outputs = False
+
+
+def _new_buffer(shape, dtype, device) -> torch.Tensor:
+    if poison_outputs:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _tile(dim: int, cap: int) -> int:
+    return max(16, min(cap, triton.next_power_of_2(dim)))
+
+
+@triton.jit
+def swiglu_projection_kernel(
+    x_ptr, w0_ptr, w2_ptr, out_ptr, ab_ptr, g_ptr, TT, H,
+    D: tl.constexpr, DH: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    GRAD: tl.constexpr, SAVE_AB: tl.constexpr, LOAD_AB: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """x: [TT, H, D]; w0, w2: [H, DH, D]; ab: [TT, H, 2 DH] (a then b).
+
+    GRAD=False: out [TT, H, DH] = silu(a) * b, and a, b to ab when SAVE_AB.
+    GRAD=True: g [TT, H, DH] is dL/dh; out [TT, H, 2 DH] = (da, db); a, b read from ab when LOAD_AB.
+    """
+    i_m = tl.program_id(0)
+    i_n = tl.program_id(1)
+    i_h = tl.program_id(2)
+    offs_m = i_m * BM + tl.arange(0, BM)
+    offs_n = i_n * BN + tl.arange(0, BN)
+    mask_m = offs_m < TT
+    mask_n = offs_n < DH
+    mask = mask_m[:, None] & mask_n[None, :]
+    ab_rows = ab_ptr + (offs_m[:, None] * H + i_h) * (2 * DH) + offs_n[None, :]
+    if LOAD_AB:
+        a = tl.load(ab_rows, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(ab_rows + DH, mask=mask, other=0.0).to(tl.float32)
+    else:
+        a = tl.zeros([BM, BN], dtype=tl.float32)
+        b = tl.zeros([BM, BN], dtype=tl.float32)
+        w_base = i_h * DH * D
+        for k0 in range(0, D, BK):
+            offs_k = k0 + tl.arange(0, BK)
+            mask_k = offs_k < D
+            x = tl.load(x_ptr + (offs_m[:, None] * H + i_h) * D + offs_k[None, :],
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            w_offs = w_base + offs_n[None, :] * D + offs_k[:, None]  # W^T tile [BK, BN]
+            w_mask = mask_k[:, None] & mask_n[None, :]
+            a += tl.dot(x, tl.load(w0_ptr + w_offs, mask=w_mask, other=0.0), input_precision=PRECISION)
+            b += tl.dot(x, tl.load(w2_ptr + w_offs, mask=w_mask, other=0.0), input_precision=PRECISION)
+    sig = 1.0 / (1.0 + tl.exp(-a))
+    silu = a * sig
+    if GRAD:
+        g = tl.load(g_ptr + (offs_m[:, None] * H + i_h) * DH + offs_n[None, :], mask=mask, other=0.0)
+        g = g.to(tl.float32)
+        da = g * b * sig * (1.0 + a * (1.0 - sig))
+        db = g * silu
+        out_rows = out_ptr + (offs_m[:, None] * H + i_h) * (2 * DH) + offs_n[None, :]
+        tl.store(out_rows, da.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_rows + DH, db.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(out_ptr + (offs_m[:, None] * H + i_h) * DH + offs_n[None, :],
+                 (silu * b).to(out_ptr.dtype.element_ty), mask=mask)
+        if SAVE_AB:
+            tl.store(ab_rows, a.to(ab_ptr.dtype.element_ty), mask=mask)
+            tl.store(ab_rows + DH, b.to(ab_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def head_matmul_kernel(
+    a_ptr, b_ptr, c_ptr, M, N, K, K_SPLIT,
+    stride_ah, stride_am, stride_ak, stride_bh, stride_bk, stride_bn,
+    stride_cs, stride_ch, stride_cm, stride_cn,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """c[s, h] = sum_{k in split s} a[h][:, k] b[h][k, :], every operand through its strides."""
+    i_mn = tl.program_id(0)
+    i_h = tl.program_id(1)
+    i_s = tl.program_id(2)
+    num_n = tl.cdiv(N, BN)
+    offs_m = (i_mn // num_n) * BM + tl.arange(0, BM)
+    offs_n = (i_mn % num_n) * BN + tl.arange(0, BN)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    a_base = a_ptr + i_h * stride_ah + offs_m[:, None] * stride_am
+    b_base = b_ptr + i_h * stride_bh + offs_n[None, :] * stride_bn
+    k_lo = i_s * K_SPLIT
+    k_hi = tl.minimum(k_lo + K_SPLIT, K)
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        mask_k = offs_k < k_hi
+        a = tl.load(a_base + offs_k[None, :] * stride_ak, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_base + offs_k[:, None] * stride_bk, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc += tl.dot(a, b, input_precision=PRECISION)
+    c = c_ptr + i_s * stride_cs + i_h * stride_ch + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def _head_matmul(a, a_strides, b, b_strides, c, c_strides, M, N, K, heads, splits=1):
+    """Launches `head_matmul_kernel`; strides as (h, m, k), (h, k, n) and (split, h, m, n)."""
+    tiles = MATMUL_TILES
+    bm, bn, bk = _tile(M, tiles["BM"]), _tile(N, tiles["BN"]), _tile(K, tiles["BK"])
+    k_split = triton.cdiv(triton.cdiv(K, splits), bk) * bk
+    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn), heads, triton.cdiv(K, k_split))
+    head_matmul_kernel[grid](
+        a, b, c, M, N, K, k_split, *a_strides, *b_strides, *c_strides, BM=bm, BN=bn, BK=bk,
+        PRECISION=_dot_precision(a.dtype), num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
+    )
+    return grid[2]
+
+
+def _projection(x, w0, w2, out, ab, g, grad: bool, save_ab: bool, load_ab: bool) -> None:
+    tt, heads, d = x.shape
+    dh = w0.shape[1]
+    tiles = PROJECTION_TILES
+    bm, bn, bk = _tile(tt, tiles["BM"]), _tile(dh, tiles["BN"]), _tile(d, tiles["BK"])
+    grid = (triton.cdiv(tt, bm), triton.cdiv(dh, bn), heads)
+    any_ = out  # stands in for pointers a variant does not read
+    swiglu_projection_kernel[grid](
+        x, w0, w2, out, ab if ab is not None else any_, g if g is not None else any_, tt, heads,
+        D=d, DH=dh, BM=bm, BN=bn, BK=bk, GRAD=grad, SAVE_AB=save_ab, LOAD_AB=load_ab,
+        PRECISION=_dot_precision(x.dtype), num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
+    )
+
+
+class SwiGLUFeaturesFunction(torch.autograd.Function):
+    """Autograd around the fused kernels; inputs as in `swiglu_features`."""
+
+    @staticmethod
+    def forward(ctx, x, w0, w2):
+        shape = x.shape
+        heads, dh, d = w0.shape
+        fx = x.reshape(-1, heads, d).contiguous()
+        w0c, w2c = w0.to(x.dtype).contiguous(), w2.to(x.dtype).contiguous()
+        out = _new_buffer((fx.shape[0], heads, dh), x.dtype, x.device)
+        save_ab = SAVE_PROJECTIONS and torch.is_grad_enabled() and any(ctx.needs_input_grad)
+        ab = _new_buffer((fx.shape[0], heads, 2 * dh), x.dtype, x.device) if save_ab else None
+        _projection(fx, w0c, w2c, out, ab, None, grad=False, save_ab=save_ab, load_ab=False)
+        ctx.save_for_backward(fx, w0c, w2c, ab)
+        ctx.meta = (shape, w0.dtype, w2.dtype)
+        return out.reshape(*shape[:-1], dh)
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        fx, w0, w2, ab = ctx.saved_tensors
+        shape, w0_dtype, w2_dtype = ctx.meta
+        tt, heads, d = fx.shape
+        dh = w0.shape[1]
+        g = grad_h.reshape(tt, heads, dh).to(fx.dtype).contiguous()
+        dab = _new_buffer((tt, heads, 2 * dh), fx.dtype, fx.device)  # [da, db] per token and head
+        _projection(fx, w0, w2, dab, ab, g, grad=True, save_ab=False, load_ab=ab is not None)
+        dx = dw0 = dw2 = None
+        if ctx.needs_input_grad[0]:
+            w02 = torch.cat([w0, w2], dim=1)  # [H, 2 dh, d]
+            dx = _new_buffer((tt, heads, d), fx.dtype, fx.device)
+            _head_matmul(dab, (2 * dh, heads * 2 * dh, 1), w02, (2 * dh * d, d, 1), dx, (0, d, heads * d, 1),
+                         M=tt, N=d, K=2 * dh, heads=heads)
+            dx = dx.reshape(shape)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            bm, bn = _tile(2 * dh, MATMUL_TILES["BM"]), _tile(d, MATMUL_TILES["BN"])
+            base_programs = triton.cdiv(2 * dh, bm) * triton.cdiv(d, bn) * heads
+            splits = max(1, min(triton.cdiv(tt, 1024), triton.cdiv(WEIGHT_GRAD_PROGRAMS, base_programs)))
+            partial = _new_buffer((splits, heads, 2 * dh, d), torch.float32, fx.device)
+            used = _head_matmul(dab, (2 * dh, 1, heads * 2 * dh), fx, (d, heads * d, 1), partial,
+                                (heads * 2 * dh * d, 2 * dh * d, d, 1), M=2 * dh, N=d, K=tt, heads=heads,
+                                splits=splits)
+            dw02 = partial[:used].sum(0)
+            dw0, dw2 = dw02[:, :dh].to(w0_dtype), dw02[:, dh:].to(w2_dtype)
+        return dx, dw0, dw2
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Triton on CUDA tensors; `TTTLA_FORCE_TRITON=1` also on CPU (with TRITON_INTERPRET=1, for tests)."""
+    return x.is_cuda or os.environ.get("TTTLA_FORCE_TRITON", "0") == "1"
+
+
+def swiglu_features(x: torch.Tensor, w0: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """h(x) = silu(W0 x) * (W2 x), fused.
+
+    x: [B, T, H, d] (bf16/fp16/fp32 operands, fp32 accumulation); w0, w2: [H, dh, d] shared by the
+    batch. Returns h(x) [B, T, H, dh] in x's dtype, contiguous, in the layout `chunk_ttt_la` reads.
+    Gradients flow to x, w0 and w2 (in their dtypes).
+    """
+    if w0.dim() != 3 or w2.shape != w0.shape or x.shape[-1] != w0.shape[-1] or x.shape[-2] != w0.shape[0]:
+        raise ValueError(f"swiglu_features needs x [B, T, H, d] and w0, w2 [H, dh, d]; got x {tuple(x.shape)}, "
+                         f"w0 {tuple(w0.shape)}, w2 {tuple(w2.shape)}")
+    if not use_triton(x) or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return reference.swiglu_features(x, w0, w2)
+    if not FUSED_FEATURES:
+        return compiled_swiglu_features()(x, pack_swiglu_weights(w0, w2))
+    return SwiGLUFeaturesFunction.apply(x, w0, w2)
 
 
 def pack_swiglu_weights(w0: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -19,7 +248,7 @@ def pack_swiglu_weights(w0: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
 
 
 def swiglu_features_packed(x: torch.Tensor, w02: torch.Tensor) -> torch.Tensor:
-    """x: [B, T, H, d]; w02: [H, 2 dh, d] from `pack_swiglu_weights`. Returns h(x) [B, T, H, dh]."""
+    """The torch form. x: [B, T, H, d]; w02: [H, 2 dh, d] from `pack_swiglu_weights`. Returns [B, T, H, dh]."""
     projected = torch.einsum("bthd,hed->bthe", x, w02)  # [B, T, H, 2 dh]
     gate, value = projected.chunk(2, dim=-1)
     return F.silu(gate) * value

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import features as fast_features
 from kernels.reference import (
     FastWeights,
     chunk_mean,
@@ -34,6 +35,7 @@ from kernels.reference import (
     swiglu_features,
     ttt_la_parallel_reference,
 )
+from kernels.ttt_la import chunk_ttt_la
 from model.config import LMConfig
 from model.layers import RMSNorm, apply_rotary, rotary_tables
 from model.swa import sliding_window_attention
@@ -53,6 +55,17 @@ class TTTInputs:
     v: torch.Tensor  # [B, T, H, d], SiLU
     etas: torch.Tensor  # [B, T, 3, H] learning rates eta0, eta1, eta2 (fp32; fp64 in the proofs)
     momentum_gate: Optional[torch.Tensor]  # [B, T, H] sigmoid; a chunk's momentum decay is its mean (None: off)
+
+
+def operand_dtype(x: torch.Tensor, state_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the scan's operands (features, values, learning rates): the state dtype on CPU,
+    where the reference runs; on GPUs the autocast dtype when autocast is on, else the activations'
+    dtype. One dtype for all operands, because the kernel multiplies them together in tiles."""
+    if x.device.type == "cpu":
+        return state_dtype
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 class TTTMixer(nn.Module):
@@ -178,11 +191,12 @@ class TTTMixer(nn.Module):
         """Features with the (frozen) W0/W2, then the chunk scan. Momentum is kept in the recurrent
         form's sign convention (gradient units) in the returned state so the two modes share states."""
         ttt = self.cfg.ttt
-        state_dtype = entering.w1.dtype
-        feature_dtype = state_dtype if q.device.type == "cpu" else q.dtype
+        feature_dtype = operand_dtype(q, entering.w1.dtype)
         w0, w2 = self.w0.to(feature_dtype), self.w2.to(feature_dtype)
-        hq = swiglu_features(q.to(feature_dtype), w0, w2)
-        hk = swiglu_features(k.to(feature_dtype), w0, w2)
+        features = fast_features.swiglu_features if self._use_kernels(q) else swiglu_features
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            hq = features(q.to(feature_dtype), w0, w2)
+            hk = features(k.to(feature_dtype), w0, w2)
         initial_momentum = None if entering.m1 is None else -entering.m1
         out, final_w1, final_momentum = self.chunk_scan(
             hq, hk, v.to(feature_dtype), eta1.to(feature_dtype), entering.w1, ttt.chunk_size,
@@ -199,7 +213,9 @@ class TTTMixer(nn.Module):
         A method so that a caller running one sequence across ranks can wrap it on the instance (the
         state entering a slice enters the scan linearly); the layer itself never needs that.
         """
-        scan = ttt_la_parallel_reference
-        if self.cfg.ttt.use_kernel and args[0].is_cuda:
-            from kernels.ttt_la import chunk_ttt_la as scan
+        scan = chunk_ttt_la if self._use_kernels(args[0]) else ttt_la_parallel_reference
         return scan(*args, **kwargs)
+
+    def _use_kernels(self, x: torch.Tensor) -> bool:
+        """Triton feature and scan kernels on CUDA unless `model.ttt.use_kernel=false`."""
+        return self.cfg.ttt.use_kernel and x.is_cuda

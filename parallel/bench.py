@@ -36,6 +36,7 @@ import torch.distributed as dist
 from model.config import LMConfig, TTTConfig, load_model_config
 from model.lm import TTTLM
 from model.ttt_layer import TTTMixer
+from parallel.collectives import all_gather_flat, reduce_scatter_flat
 from parallel.groups import ParallelGroups, build_groups, slice_sequence
 from parallel.layout import SliceLayout
 from parallel.p2p import exchange_rows
@@ -139,8 +140,8 @@ def comm_runner(cfg: LMConfig, groups: ParallelGroups, batch: int, device: torch
     halo = torch.zeros(batch, halo_rows, cfg.num_attn_heads, 2 * attn_dim, device=device, dtype=dtype)
 
     def run() -> None:
-        dist.all_gather_single(gathered, flat, group=groups.sp_group)
-        dist.reduce_scatter_single(flat, gathered, group=groups.sp_group)
+        all_gather_flat(gathered, flat, group=groups.sp_group)
+        reduce_scatter_flat(flat, gathered, group=groups.sp_group)
         exchange_rows(halo, halo_rows, +1, groups)
         exchange_rows(halo, halo_rows, -1, groups)
 

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from kernels.reference import chunk_bounds, decay_matrix
+from parallel.collectives import all_gather_flat, reduce_scatter_flat
 from parallel.groups import ParallelGroups
 
 
@@ -189,7 +190,7 @@ class _StartGather(torch.autograd.Function):
         groups = pending.groups
         flat = flat.contiguous()
         gathered = flat.new_empty((groups.sp, flat.numel()))
-        pending.handle = dist.all_gather_single(gathered.view(-1), flat, group=groups.sp_group, async_op=True)
+        pending.handle = all_gather_flat(gathered.view(-1), flat, group=groups.sp_group, async_op=True)
         pending.sent = flat  # the collective reads it until finish()
         ctx.groups = groups
         return gathered
@@ -198,7 +199,7 @@ class _StartGather(torch.autograd.Function):
     def backward(ctx, grad_gathered: torch.Tensor):
         groups = ctx.groups
         grad_flat = grad_gathered.new_empty(grad_gathered.shape[1:])
-        dist.reduce_scatter_single(grad_flat, grad_gathered.contiguous().view(-1), group=groups.sp_group)
+        reduce_scatter_flat(grad_flat, grad_gathered.contiguous().view(-1), group=groups.sp_group)
         return grad_flat, None
 
 

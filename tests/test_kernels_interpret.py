@@ -16,11 +16,13 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import kernels.chunk  # noqa: E402
+import kernels.features  # noqa: E402
 
 # Another test module may have imported the kernels before the interpreter was switched on.
 importlib.reload(kernels.chunk)
+importlib.reload(kernels.features)
 
-from kernels.reference import num_chunks, ttt_la_parallel_reference  # noqa: E402
+from kernels.reference import num_chunks, swiglu_features, ttt_la_parallel_reference  # noqa: E402
 from kernels.ttt_la import chunk_ttt_la  # noqa: E402
 from kernels.varlen_reference import ttt_la_parallel_varlen_reference  # noqa: E402
 
@@ -31,6 +33,16 @@ REL_TOL = 1e-5
 def poisoned_outputs(monkeypatch):
     """Every buffer a kernel writes starts as NaN: an element the kernel misses fails the comparison."""
     monkeypatch.setattr(kernels.chunk, "poison_outputs", True)
+    monkeypatch.setattr(kernels.features, "poison_outputs", True)
+
+
+@pytest.fixture(params=["fused", "stored"])
+def scan_path(request, monkeypatch):
+    """Both ways to the chunk states: the update formed inside the scan (small chunks) and the
+    chunk updates stored by chunk_outer first (large chunks)."""
+    if request.param == "stored":
+        monkeypatch.setattr(kernels.chunk, "FUSED_SCAN_MAX_CHUNK", 0)
+    return request.param
 
 
 def rel_err(ref: torch.Tensor, got: torch.Tensor) -> float:
@@ -97,19 +109,19 @@ def test_block_causal_matches_reference(d, dh, token_causal):
 
 
 @pytest.mark.parametrize("token_causal", [False, True])
-def test_momentum_matches_reference(token_causal):
+def test_momentum_matches_reference(token_causal, scan_path):
     generator = torch.Generator().manual_seed(3 + token_causal)
     inputs = make_inputs(generator, batch=2, seq_len=56, heads=2, d=16, dh=32, chunk_size=16, momentum=True)
     check_against_reference(inputs, chunk_size=16, token_causal=token_causal, seed=3)
 
 
-def test_update_sign_minus_one_with_momentum():
+def test_update_sign_minus_one_with_momentum(scan_path):
     generator = torch.Generator().manual_seed(5)
     inputs = make_inputs(generator, batch=1, seq_len=80, heads=2, d=32, dh=32, chunk_size=32, momentum=True)
     check_against_reference(inputs, chunk_size=32, token_causal=True, update_sign=-1.0, seed=5)
 
 
-def test_chunk_larger_than_sub_block_and_sequence():
+def test_chunk_larger_than_sub_block_and_sequence(scan_path):
     """C = 80 > the kernels' 64-token sub-block; T = 50 < C: one short chunk split in sub-blocks."""
     generator = torch.Generator().manual_seed(6)
     inputs = make_inputs(generator, batch=1, seq_len=50, heads=1, d=16, dh=16, chunk_size=80, momentum=False)
@@ -120,7 +132,7 @@ def test_chunk_larger_than_sub_block_and_sequence():
 
 
 @pytest.mark.parametrize("momentum", [False, True])
-def test_varlen_resets_state_at_document_starts(momentum):
+def test_varlen_resets_state_at_document_starts(momentum, scan_path):
     generator = torch.Generator().manual_seed(8 + momentum)
     cu_seqlens = torch.tensor([0, 21, 24, 60, 77])
     inputs = make_inputs(generator, batch=1, seq_len=77, heads=2, d=16, dh=32, chunk_size=16, momentum=momentum,
@@ -148,6 +160,83 @@ def test_unsupported_dtype_is_a_clear_error():
     x = torch.randn(1, 8, 1, 16, dtype=torch.float64)
     with pytest.raises(ValueError, match="Triton kernel takes"):
         chunk_ttt_la(x, x, x, torch.rand(1, 8, 1), torch.zeros(1, 1, 16, 16), 4)
+
+
+def test_block_causal_with_stored_updates(monkeypatch):
+    monkeypatch.setattr(kernels.chunk, "FUSED_SCAN_MAX_CHUNK", 0)
+    generator = torch.Generator().manual_seed(12)
+    inputs = make_inputs(generator, batch=2, seq_len=72, heads=2, d=32, dh=16, chunk_size=32, momentum=False)
+    check_against_reference(inputs, chunk_size=32, seed=12)
+
+
+# ----------------------------------------------------------------------------------------------
+# the fused SwiGLU feature kernels (kernels.features) against the float64 reference
+
+
+@pytest.mark.parametrize("save_projections", [False, True])
+@pytest.mark.parametrize("batch, seq_len, heads, d, dh", [(2, 37, 2, 16, 48), (1, 150, 3, 48, 16)])
+def test_fused_features_match_reference(batch, seq_len, heads, d, dh, save_projections, monkeypatch):
+    """Odd token counts (37, 150: partial token tiles), dh not a power of two (48: a partial feature
+    tile), and enough tokens (150 > the 128-token tile) that the weight gradient sums several tiles."""
+    monkeypatch.setattr(kernels.features, "SAVE_PROJECTIONS", save_projections)
+    generator = torch.Generator().manual_seed(seq_len + save_projections)
+    randn = lambda *s: torch.randn(*s, dtype=torch.float64, generator=generator)  # noqa: E731
+    x, w0, w2 = randn(batch, seq_len, heads, d), randn(heads, dh, d) * d**-0.5, randn(heads, dh, d) * d**-0.5
+    cotangent = randn(batch, seq_len, heads, dh)
+    ref_inputs = [t.clone().requires_grad_() for t in (x, w0, w2)]
+    kernel_inputs = [t.float().requires_grad_() for t in (x, w0, w2)]
+    ref = swiglu_features(*ref_inputs)
+    got = kernels.features.swiglu_features(*kernel_inputs)
+    assert got.shape == ref.shape and got.is_contiguous()
+    assert rel_err(ref, got) < REL_TOL
+    (ref * cotangent).sum().backward()
+    (got * cotangent.float()).sum().backward()
+    for name, r, g in zip(("x", "w0", "w2"), ref_inputs, kernel_inputs):
+        assert rel_err(r.grad, g.grad) < REL_TOL, f"grad of {name}"
+
+
+def test_fused_features_weight_gradient_split_over_tokens(monkeypatch):
+    """Few programs per split: the token axis is cut into several fp32 partial sums."""
+    monkeypatch.setattr(kernels.features, "WEIGHT_GRAD_PROGRAMS", 64)
+    generator = torch.Generator().manual_seed(13)
+    x = torch.randn(1, 2100, 1, 16, dtype=torch.float64, generator=generator)
+    w0, w2 = (torch.randn(1, 16, 16, dtype=torch.float64, generator=generator) * 0.25 for _ in range(2))
+    ref_inputs = [t.clone().requires_grad_() for t in (x, w0, w2)]
+    kernel_inputs = [t.float().requires_grad_() for t in (x, w0, w2)]
+    swiglu_features(*ref_inputs).sum().backward()
+    kernels.features.swiglu_features(*kernel_inputs).sum().backward()
+    for name, r, g in zip(("x", "w0", "w2"), ref_inputs, kernel_inputs):
+        assert rel_err(r.grad, g.grad) < REL_TOL, f"grad of {name}"
+
+
+def test_fused_features_feed_the_chunk_kernels():
+    """Features and chunk kernels end to end (the layer op), gradients to x and the weights."""
+    generator = torch.Generator().manual_seed(14)
+    randn = lambda *s: torch.randn(*s, dtype=torch.float64, generator=generator)  # noqa: E731
+    B, T, H, d, dh, C = 1, 40, 2, 16, 32, 16
+    xq, xk, v = randn(B, T, H, d), randn(B, T, H, d), randn(B, T, H, d)
+    w0, w2 = randn(H, dh, d) * 0.25, randn(H, dh, d) * 0.25
+    eta = torch.rand(B, T, H, dtype=torch.float64, generator=generator)
+    state = randn(B, H, d, dh)
+
+    def layer(features, scan, inputs):
+        xq_, xk_, v_, w0_, w2_, eta_, state_ = inputs
+        return scan(features(xq_, w0_, w2_), features(xk_, w0_, w2_), v_, eta_, state_, C, token_causal=True)[0]
+
+    ref_inputs = [t.clone().requires_grad_() for t in (xq, xk, v, w0, w2, eta, state)]
+    kernel_inputs = [t.float().requires_grad_() for t in (xq, xk, v, w0, w2, eta, state)]
+    ref = layer(swiglu_features, ttt_la_parallel_reference, ref_inputs)
+    got = layer(kernels.features.swiglu_features, chunk_ttt_la, kernel_inputs)
+    assert rel_err(ref, got) < REL_TOL
+    ref.sum().backward()
+    got.sum().backward()
+    for i, (r, g) in enumerate(zip(ref_inputs, kernel_inputs)):
+        assert rel_err(r.grad, g.grad) < REL_TOL, f"grad of input {i}"
+
+
+def test_features_wrong_weight_shape_is_a_clear_error():
+    with pytest.raises(ValueError, match="w0, w2 \\[H, dh, d\\]"):
+        kernels.features.swiglu_features(torch.randn(1, 4, 2, 16), torch.randn(3, 8, 16), torch.randn(3, 8, 16))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,7 +8,9 @@ fp32, which lands near 3e-3 at these sizes; an indexing or formula error is O(1)
 import pytest
 import torch
 
-from kernels.reference import FastWeights, lact_recurrent_reference, num_chunks, ttt_la_parallel_reference
+from kernels import chunk, features
+from kernels.reference import (FastWeights, lact_recurrent_reference, num_chunks, swiglu_features,
+                               ttt_la_parallel_reference)
 from kernels.ttt_la import chunk_ttt_la
 
 pytestmark = pytest.mark.gpu
@@ -64,6 +66,36 @@ def test_bf16_layer_shapes(H, d, dh, token_causal, momentum):
     C = 2048 if d > 128 else 64
     inputs = random_layer_inputs(2, 4096 + 100, H, d, dh, C, momentum, seed=d + token_causal)
     check_bf16_against_float64(inputs, C, token_causal, update_sign=-1.0 if momentum else 1.0)
+
+
+@requires_cuda
+@pytest.mark.parametrize("C, fused_scan", [(128, True), (64, False), (2048, True)])
+def test_bf16_scan_paths(C, fused_scan, monkeypatch):
+    """The update formed inside the scan (several sub-blocks per chunk at C = 128, 32 at C = 2048) and
+    the stored chunk updates at the core shape, with momentum."""
+    monkeypatch.setattr(chunk, "FUSED_SCAN_MAX_CHUNK", 1 << 30 if fused_scan else 0)
+    inputs = random_layer_inputs(2, 4096 + 100, 8, 128, 128, C, momentum=True, seed=C)
+    check_bf16_against_float64(inputs, C, token_causal=True, update_sign=-1.0)
+
+
+@requires_cuda
+@pytest.mark.parametrize("save_projections", [False, True])
+@pytest.mark.parametrize("H, d, dh", [(4, 384, 768), (4, 512, 512), (3, 80, 48)])
+def test_bf16_fused_features(H, d, dh, save_projections, monkeypatch):
+    monkeypatch.setattr(features, "SAVE_PROJECTIONS", save_projections)
+    g = torch.Generator(device="cuda").manual_seed(d)
+    x = torch.randn(2, 4096 + 100, H, d, device="cuda", generator=g).bfloat16()
+    w0, w2 = ((torch.randn(H, dh, d, device="cuda", generator=g) * d**-0.5).bfloat16() for _ in range(2))
+    kernel_in = [t.clone().requires_grad_() for t in (x, w0, w2)]
+    ref_in = [t.double().requires_grad_() for t in (x, w0, w2)]
+    got = features.swiglu_features(*kernel_in)
+    ref = swiglu_features(*ref_in)
+    assert got.dtype == torch.bfloat16 and rel_err(ref, got) < BF16_TOL
+    cot = torch.randn_like(ref)
+    (ref * cot).sum().backward()
+    (got.float() * cot.float()).sum().backward()
+    for name, r, k in zip(("x", "w0", "w2"), ref_in, kernel_in):
+        assert rel_err(r.grad, k.grad) < BF16_TOL, f"grad of {name}"
 
 
 @requires_cuda
