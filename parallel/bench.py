@@ -13,7 +13,9 @@ Writes sp.json and sp.md under --out (default docs/bench), one row per measureme
   checkpointing, AdamW), from the peak memory at two lengths (memory is affine in the length),
   which avoids out-of-memory failures halfway through a collective.
 
-With sp = 1 every rank runs whole sequences (dp = world); timings are rank 0's, medians of --iters.
+With sp = 1 every rank runs whole sequences (dp = world); --sp picks the degrees (default 1 and the
+world size; `--sp 1,4,8` on 8 GPUs adds the dp = 2 x sp = 4 layout). Timings are rank 0's, medians
+of --iters.
 On GPUs it runs NCCL in bf16 at the 760M shape (configs/model/760m.yaml with model.ttt.mode=parallel
 fast_weights=w1 weight_norm=false); `--quick` runs a tiny shape on CPU with gloo as a smoke test.
 Keep NCCL_NVLS_ENABLE=0 in the environment on NVLink hosts.
@@ -257,6 +259,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny shapes on CPU with gloo (smoke test)")
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--out", default="docs/bench", help="folder for sp.json and sp.md")
+    parser.add_argument("--sp", default=None, help="comma-separated sp degrees, each dividing the world (default: 1,WORLD)")
     args = parser.parse_args()
     cuda = torch.cuda.is_available() and not args.quick
     if cuda:
@@ -264,7 +267,10 @@ def main() -> None:
     dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     world = dist.get_world_size()
-    grids = {1: build_groups(1), world: build_groups(world)}
+    degrees = sorted({1, world} if args.sp is None else {int(sp) for sp in args.sp.split(",")})
+    if any(world % sp for sp in degrees):
+        raise ValueError(f"--sp {args.sp}: every degree must divide the number of processes ({world})")
+    grids = {sp: build_groups(sp) for sp in degrees}
     setting = gpu_setting() if cuda else quick_setting()
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
     timer = Timer(device, args.iters)

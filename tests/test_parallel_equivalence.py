@@ -62,6 +62,10 @@ CASES = {
         Case("dp2_sp2_parallel_momentum", sp=2, seq_len=74, ttt=dict(chunk_size=16, **MOMENTUM)),
         Case("sp4_ring_recurrent", sp=4, seq_len=80, ttt=dict(chunk_size=16, **RING)),
     ],
+    8: [  # slices of 18 tokens: chunks of 16 straddle every boundary, the 11-row halo crosses each one
+        Case("sp8_parallel_momentum_straddling_window", sp=8, seq_len=144, window_size=12, ttt=dict(chunk_size=16, **MOMENTUM)),
+        Case("dp2_sp4_parallel_momentum_straddling_window", sp=4, seq_len=72, window_size=12, ttt=dict(chunk_size=16, **MOMENTUM)),
+    ],
 }
 
 

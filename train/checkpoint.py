@@ -6,12 +6,20 @@ Layout under the checkpoint root:
         <DeepSpeed files>            model + optimizer + scheduler, one ZeRO shard per rank
         rank_00000.pt ...            per rank: RNG states (python, numpy, torch, cuda), data-loader state
         run.yaml                     the resolved run config (export reads the model from it)
-        complete.json                written last: step and world size
+        complete.json                written last: step, world size and its dp x sp layout
     .staging-step_00000400/          a save in progress; never read, removed at the next save
 
 Every rank writes into the staging folder, all ranks meet at a barrier, and rank 0 renames it to
 its final name. A crash mid-save leaves only a staging folder, and the previous checkpoints are
 untouched. The root must be on a filesystem all ranks share (as DeepSpeed requires).
+
+Resume needs the same world size, but may change the dp x sp split of it. DeepSpeed is given no
+`mpu`, so ZeRO shards model and optimizer over the whole world in every layout: the shards, the
+scheduler and the step load exactly. The data-loader state is mosaicml-streaming's global position
+in the epoch (samples consumed, counted once per sp group) and its global sample order does not
+depend on the number of replicas, so the resumed run continues the epoch from the same sample,
+but deals the samples to a different number of dp replicas; it is not bit-for-bit the uninterrupted
+run, and resuming says so.
 """
 
 from __future__ import annotations
@@ -95,7 +103,8 @@ def save_checkpoint(
     barrier()
     if layout.is_main:
         (staging / RUN_CONFIG).write_text(run_config_yaml)
-        (staging / MARKER).write_text(json.dumps({"step": step, "world": layout.world}) + "\n")
+        marker = {"step": step, "world": layout.world, "dp": layout.dp, "sp": layout.sp}
+        (staging / MARKER).write_text(json.dumps(marker) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
         _prune(root, keep_last)
@@ -112,11 +121,22 @@ def _prune(root: Path, keep_last: int) -> None:
 
 def load_checkpoint(engine: Any, folder: Path, layout: Layout) -> tuple[dict[str, Any], dict[str, Any]]:
     """Restore engine (model, optimizer, scheduler) and this rank's RNG; returns (client, rank) states."""
-    written_by = json.loads((folder / MARKER).read_text())["world"]
-    if written_by != layout.world:
+    marker = json.loads((folder / MARKER).read_text())
+    if marker["world"] != layout.world:
         raise ConfigError(
-            f"train.resume: {folder} was written by {written_by} processes but this run has {layout.world}; "
+            f"train.resume: {folder} was written by {marker['world']} processes but this run has {layout.world}; "
             f"resume with the same number of processes (or export it with python -m train.export)"
+        )
+    written_sp = marker.get("sp", layout.sp)  # markers written before the layout was recorded carry no sp
+    if written_sp != layout.sp and layout.is_main:
+        print(
+            f"warning: train.resume: {folder} was written with dp={layout.world // written_sp} x "
+            f"parallel.sp={written_sp}, this run has dp={layout.dp} x parallel.sp={layout.sp}. Model, optimizer, "
+            f"scheduler and step are restored exactly; the data continues the epoch from the same sample "
+            f"but is dealt to {layout.dp} data-parallel replicas instead of {layout.world // written_sp}, so the "
+            f"sample order from here on differs from the uninterrupted run (each step reads the same "
+            f"samples only if train.micro_batch_size x train.grad_accum x dp is unchanged)",
+            flush=True,
         )
     path, client_state = engine.load_checkpoint(
         str(folder.parent), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=True

@@ -99,11 +99,20 @@ def train(cfg: RunConfig) -> RunResult:
     engine, lm = build_engine(cfg, layout)
     loader = build_loader(cfg.data, cfg.data.train_split, t.micro_batch_size, layout.sp, cfg.data.shuffle)
     step = skipped = 0
+    sequences_per_step = t.micro_batch_size * t.grad_accum * layout.dp
     if checkpoint is not None:
         client_state, rank_state = load_checkpoint(engine, checkpoint, layout)
         loader.load_state_dict(rank_state["loader"])
         step, skipped = client_state["step"], client_state["nonfinite_skipped"]
         realign_after_resume(engine.lr_scheduler, t.lr)
+        written_sequences = client_state.get("sequences_per_step", sequences_per_step)  # absent in older checkpoints
+        if written_sequences != sequences_per_step and layout.is_main:
+            print(
+                f"warning: train.resume: {checkpoint} was trained on {written_sequences} sequences per step, this run "
+                f"reads {sequences_per_step} (train.micro_batch_size x train.grad_accum x dp); to keep the batch, set "
+                f"train.micro_batch_size x train.grad_accum = {written_sequences / layout.dp:g}",
+                flush=True,
+            )
         if layout.is_main:
             print(f"resumed from {checkpoint} at step {step}", flush=True)
     monitor = Monitor(run_dir, layout.is_main, cfg.logging.tensorboard, t.steps, config_yaml)
@@ -111,7 +120,7 @@ def train(cfg: RunConfig) -> RunResult:
     fast = ("w0", "w1", "w2") if cfg.model.ttt.fast_weights == "all" else ("w1",)
     flops_per_token = training_flops_per_token(cfg.model, cfg.data.seq_len)
     peak_flops = peak_flops_per_device(cfg.logging.peak_tflops, layout.device)
-    tokens_per_step = t.micro_batch_size * t.grad_accum * layout.dp * cfg.data.seq_len
+    tokens_per_step = sequences_per_step * cfg.data.seq_len
     batches = endless(loader)
     stop = StopRequest()
     streak = 0
@@ -120,7 +129,8 @@ def train(cfg: RunConfig) -> RunResult:
     def save(at_step: int) -> Path:
         started = time.perf_counter()
         folder = save_checkpoint(
-            engine, root, at_step, layout, {"step": at_step, "nonfinite_skipped": skipped},
+            engine, root, at_step, layout,
+            {"step": at_step, "nonfinite_skipped": skipped, "sequences_per_step": sequences_per_step},
             {"loader": loader.state_dict()}, config_yaml, cfg.checkpoint.keep_last,
         )  # fmt: skip
         monitor.pause(time.perf_counter() - started)
