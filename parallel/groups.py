@@ -83,3 +83,12 @@ def slice_sequence(tensor: torch.Tensor, groups: ParallelGroups) -> torch.Tensor
         )
     local = seq_len // groups.sp
     return tensor[:, groups.sp_rank * local : (groups.sp_rank + 1) * local]
+
+
+def gather_sequence(local: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
+    """[B, T / sp] -> [B, T]: the inverse of `slice_sequence`, on every rank of the sp group."""
+    if groups.sp == 1:
+        return local
+    pieces = [torch.empty_like(local) for _ in range(groups.sp)]
+    dist.all_gather(pieces, local.contiguous(), group=groups.sp_group)
+    return torch.cat(pieces, dim=1)

@@ -101,6 +101,15 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Perplexity by position on the held-out split (`data.val_split`) while training."""
+
+    every: int = 0  # steps between evaluations (also one at the last step); 0 turns it off
+    batches: int = 2  # micro-batches of `train.micro_batch_size` sequences per data-parallel rank
+    bucket_size: int = 1024  # positions per perplexity bucket
+
+
+@dataclass
 class DebugConfig:
     """Fault injection for the tests of the failure paths; empty in real runs."""
 
@@ -117,6 +126,7 @@ class RunConfig:
     zero: ZeroConfig = field(default_factory=ZeroConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
     def checkpoint_dir(self) -> Path:
@@ -157,6 +167,9 @@ class RunConfig:
         if self.logging.peak_tflops is not None:
             _require(self.logging.peak_tflops > 0, "logging.peak_tflops", self.logging.peak_tflops, "must be > 0")
         _require(self.checkpoint.every >= 1, "checkpoint.every", self.checkpoint.every, "must be >= 1")
+        _require(self.eval.every >= 0, "eval.every", self.eval.every, "must be >= 0 (0 turns evaluation off)")
+        _require(self.eval.batches >= 1, "eval.batches", self.eval.batches, "must be >= 1")
+        _require(self.eval.bucket_size >= 1, "eval.bucket_size", self.eval.bucket_size, "must be >= 1")
         _require(self.checkpoint.keep_last >= 1, "checkpoint.keep_last", self.checkpoint.keep_last, "must be >= 1")
         return self
 

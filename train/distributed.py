@@ -102,3 +102,21 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 
 def barrier() -> None:
     dist.barrier()
+
+
+def shard_sequence(tensor: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """[B, T] -> this rank's [B, T/sp] slice (identity without sequence parallelism)."""
+    if layout.sp == 1:
+        return tensor
+    from parallel.groups import slice_sequence
+
+    return slice_sequence(tensor, layout.groups)
+
+
+def unshard_sequence(local: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """[B, T/sp] -> [B, T] on every rank of the sequence's group (identity without sequence parallelism)."""
+    if layout.sp == 1:
+        return local
+    from parallel.groups import gather_sequence
+
+    return gather_sequence(local, layout.groups)

@@ -18,7 +18,7 @@ import math
 import sys
 from itertools import islice
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import matplotlib.pyplot as plt
 import torch
@@ -38,7 +38,11 @@ LOSS_SLICE = 4096  # positions per cross-entropy slice: bounds the fp32 copy of 
 def token_losses(model: LanguageModel, tokens: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of every next-token prediction: tokens [B, L] -> [B, L - 1] (fp32)."""
     input_ids, targets = split_inputs_targets(tokens)
-    logits = model(input_ids).logits
+    return per_token_cross_entropy(model(input_ids).logits, targets)
+
+
+def per_token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """logits [B, T, V], targets [B, T] -> [B, T] fp32 losses, upcast slice by slice to bound memory."""
     return torch.cat(
         [
             F.cross_entropy(logits[:, s : s + LOSS_SLICE].float().transpose(1, 2), targets[:, s : s + LOSS_SLICE], reduction="none")
@@ -63,13 +67,29 @@ def evaluate_perplexity_by_position(
     was_training = model.training
     model.eval()
     device = model.embed.weight.device
-    loss_sums: Optional[torch.Tensor] = None  # [T] summed over sequences, fp64
+    loss_sums, count = accumulate_position_losses(lambda tokens: token_losses(model, tokens), batches, device, eval_len)
+    model.train(was_training)
+    return summarize_position_losses(loss_sums, count, bucket_size)
+
+
+def accumulate_position_losses(
+    losses_of: Callable[[torch.Tensor], torch.Tensor],
+    batches: Iterable[torch.Tensor | dict],
+    device: torch.device,
+    eval_len: Optional[int] = None,
+) -> tuple[torch.Tensor, int]:
+    """Per-position loss summed over sequences ([T] fp64) and the number of sequences.
+
+    `losses_of(tokens [B, L]) -> [B, L - 1]` is how one batch is scored: a plain forward pass for an
+    exported model, the sharded forward of the training engine during training.
+    """
+    loss_sums: Optional[torch.Tensor] = None
     count = 0
     for batch in batches:
         tokens = (batch["tokens"] if isinstance(batch, dict) else batch).to(device)
         if eval_len is not None:
             tokens = tokens[:, : eval_len + 1]
-        losses = token_losses(model, tokens).double().sum(dim=0)
+        losses = losses_of(tokens).double().sum(dim=0)
         if loss_sums is None:
             loss_sums = losses
         elif losses.shape != loss_sums.shape:
@@ -77,9 +97,15 @@ def evaluate_perplexity_by_position(
         else:
             loss_sums += losses
         count += tokens.shape[0]
-    model.train(was_training)
     if loss_sums is None:
         raise ValueError("no batches to evaluate: the split is empty or shorter than one batch")
+    return loss_sums, count
+
+
+def summarize_position_losses(loss_sums: torch.Tensor, count: int, bucket_size: int) -> dict:
+    """Bucketed mean loss and perplexity from per-position loss sums over `count` sequences."""
+    if bucket_size < 1:
+        raise ValueError(f"bucket_size={bucket_size} must be >= 1")
     buckets = []
     for start in range(0, loss_sums.shape[0], bucket_size):
         bucket = loss_sums[start : start + bucket_size]

@@ -26,10 +26,11 @@ from model.config import ConfigError
 from train.checkpoint import complete_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 from train.config import RunConfig, to_yaml
 from train.data import build_loader, check_dataset, endless, split_inputs_targets
-from train.distributed import Layout, all_reduce_sum, init_distributed
+from train.distributed import all_reduce_sum, init_distributed, shard_sequence
 from train.engine import build_engine
 from train.flops import peak_flops_per_device, training_flops_per_token
 from train.monitor import LearningRateProbe, Monitor, perplexity, state_norms
+from train.periodic_eval import PeriodicEvaluator
 from train.schedule import realign_after_resume
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -67,15 +68,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def shard_sequence(tensor: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """[B, T] -> this rank's [B, T/sp] slice (identity without sequence parallelism)."""
-    if layout.sp == 1:
-        return tensor
-    from parallel.groups import slice_sequence
-
-    return slice_sequence(tensor, layout.groups)
 
 
 def train(cfg: RunConfig) -> RunResult:
@@ -122,6 +114,7 @@ def train(cfg: RunConfig) -> RunResult:
     peak_flops = peak_flops_per_device(cfg.logging.peak_tflops, layout.device)
     tokens_per_step = sequences_per_step * cfg.data.seq_len
     batches = endless(loader)
+    evaluator = PeriodicEvaluator(cfg, layout, engine.module, monitor.writer, run_dir / "eval")
     stop = StopRequest()
     streak = 0
     preempted = False
@@ -184,6 +177,8 @@ def train(cfg: RunConfig) -> RunResult:
                     **probe.scalars(),
                 }
                 monitor.report(step, scalars, flops_per_token, peak_flops, layout.world)
+            if evaluator.due(step):
+                evaluator.run(step)
             if streak >= t.max_nonfinite_steps:
                 raise NonFiniteLossError(
                     f"{streak} consecutive steps (up to step {step}) had non-finite loss or gradients "
