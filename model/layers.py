@@ -33,15 +33,16 @@ class SwiGLUMLP(nn.Module):
 def rotary_tables(
     positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin tables [T, head_dim / 2] for the given absolute positions (offsets allowed for decoding)."""
+    """cos, sin tables [..., head_dim / 2] for positions [T] (offsets allowed for decoding) or [B, T]
+    (positions restarting at packed document starts)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    angles = positions.to(torch.float32)[..., None] * inv_freq
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[2i], x[2i+1]) of x [B, T, A, Dh] by the position angles ([T, Dh/2])."""
+    """Rotate pairs (x[2i], x[2i+1]) of x [B, T, A, Dh] by the position angles ([T, Dh/2] or [B, T, Dh/2])."""
     even, odd = x[..., 0::2], x[..., 1::2]
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    cos, sin = (t.expand(x.shape[0], *t.shape[-2:])[:, :, None, :] for t in (cos, sin))
     rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
     return rotated.flatten(-2)

@@ -17,6 +17,7 @@ from torch import nn
 from kernels.reference import FastWeights
 from model.config import LMConfig
 from model.layers import RMSNorm, SwiGLUMLP
+from model.segments import DocumentSegments
 from model.ttt_layer import TTTMixer
 
 IGNORE_INDEX = -100
@@ -40,9 +41,9 @@ class Block(nn.Module):
         self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.resolved_mlp_hidden_size())
 
     def forward(
-        self, x: torch.Tensor, state: Optional[FastWeights], position_offset: int
+        self, x: torch.Tensor, state: Optional[FastWeights], position_offset: int, segments: Optional[DocumentSegments] = None
     ) -> tuple[torch.Tensor, FastWeights]:
-        mixed, new_state = self.mixer(self.mixer_norm(x), state, position_offset)
+        mixed, new_state = self.mixer(self.mixer_norm(x), state, position_offset, segments)
         x = x + mixed
         return x + self.mlp(self.mlp_norm(x)), new_state
 
@@ -77,12 +78,18 @@ class TTTLM(nn.Module):
         states: Optional[list[FastWeights]] = None,
         position_offset: int = 0,
         return_logits: bool = True,
+        doc_ids: Optional[torch.Tensor] = None,
     ) -> LMOutput:
-        """input_ids, targets: [B, T] (targets[t] is the token after input_ids[t]; IGNORE_INDEX masks)."""
+        """input_ids, targets: [B, T] (targets[t] is the token after input_ids[t]; IGNORE_INDEX masks).
+
+        doc_ids [B, T] (optional): the document of every token when documents are packed into rows;
+        each document then starts from the learned initial fast weights and attends only to itself.
+        """
+        segments = None if doc_ids is None else DocumentSegments.from_doc_ids(doc_ids)
         x = self.embed(input_ids)
         new_states = []
         for i, block in enumerate(self.blocks):
-            x, state = block(x, None if states is None else states[i], position_offset)
+            x, state = block(x, None if states is None else states[i], position_offset, segments)
             new_states.append(state)
         logits = F.linear(self.final_norm(x), self.output_weight())
         loss = loss_sum = num_targets = None

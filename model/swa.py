@@ -12,6 +12,8 @@ Three paths compute the same function:
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -27,16 +29,29 @@ def band_mask(query_positions: torch.Tensor, key_positions: torch.Tensor, window
     return (distance >= 0) & (distance < window)
 
 
-def band_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+def same_document(doc_ids: Optional[torch.Tensor], mask: torch.Tensor, queries: slice, keys: slice) -> torch.Tensor:
+    """The band mask [Tq, Tk], further restricted to pairs in one document when doc_ids [B, T] is given: [B, 1, Tq, Tk]."""
+    if doc_ids is None:
+        return mask
+    return mask & (doc_ids[:, queries, None] == doc_ids[:, None, keys])[:, None]
+
+
+def band_attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, doc_ids: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """q, k, v: [B, T, A, Dh] -> [B, T, A, Dh], one dense masked SDPA call."""
     positions = torch.arange(q.shape[1], device=q.device)
-    mask = band_mask(positions, positions, window)
+    mask = same_document(doc_ids, band_mask(positions, positions, window), slice(None), slice(None))
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.transpose(1, 2)
 
 
-def blockwise_band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
-    """q, k, v: [B, T, A, Dh] -> [B, T, A, Dh]; each block of `window` queries reads keys [start - window + 1, end)."""
+def blockwise_band_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, doc_ids: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """q, k, v: [B, T, A, Dh] -> [B, T, A, Dh]; each block of `window` queries reads keys [start - window + 1, end).
+
+    doc_ids [B, T] (optional) keeps attention inside each packed document."""
     seq_len = q.shape[1]
     block = max(1, min(window, seq_len))
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # [B, A, T, Dh]
@@ -47,6 +62,7 @@ def blockwise_band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         mask = band_mask(
             torch.arange(start, end, device=q.device), torch.arange(key_start, end, device=q.device), window
         )
+        mask = same_document(doc_ids, mask, slice(start, end), slice(key_start, end))
         outputs.append(
             F.scaled_dot_product_attention(
                 qt[:, :, start:end], kt[:, :, key_start:end], vt[:, :, key_start:end], attn_mask=mask
@@ -55,8 +71,11 @@ def blockwise_band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return torch.cat(outputs, dim=2).transpose(1, 2)
 
 
-def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
-    """Dispatch: flash-attn's window on CUDA (fp16/bf16) when installed, else the blockwise SDPA path."""
-    if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+def sliding_window_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, doc_ids: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Dispatch: flash-attn's window on CUDA (fp16/bf16) when installed and no documents are packed,
+    else the blockwise SDPA path (which also masks across documents)."""
+    if doc_ids is None and flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         return flash_attn_func(q, k, v, causal=True, window_size=(window - 1, 0))
-    return blockwise_band_attention(q, k, v, window)
+    return blockwise_band_attention(q, k, v, window, doc_ids)

@@ -32,12 +32,15 @@ from kernels.reference import (
     FastWeights,
     chunk_mean,
     lact_recurrent_reference,
+    num_chunks,
     swiglu_features,
     ttt_la_parallel_reference,
 )
 from kernels.ttt_la import chunk_ttt_la
+from kernels.varlen_reference import ttt_la_parallel_varlen_reference
 from model.config import LMConfig
 from model.layers import RMSNorm, apply_rotary, rotary_tables
+from model.segments import DocumentSegments
 from model.swa import sliding_window_attention
 
 
@@ -66,6 +69,20 @@ def operand_dtype(x: torch.Tensor, state_dtype: torch.dtype) -> torch.dtype:
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
+
+
+def concat_states(states: list[FastWeights]) -> FastWeights:
+    """Per-sequence states stacked along the batch dimension (momenta only where present)."""
+    def stack(name: str) -> Optional[torch.Tensor]:
+        parts = [getattr(s, name) for s in states]
+        return None if parts[0] is None else torch.cat(parts)
+
+    return FastWeights(*(stack(name) for name in ("w0", "w1", "w2", "m0", "m1", "m2")))
+
+
+def select_states(state: FastWeights, index: torch.Tensor) -> FastWeights:
+    """The states of the sequences at `index` ([n] indices into the batch dimension)."""
+    return FastWeights(*(None if t is None else t[index] for t in (state.w0, state.w1, state.w2, state.m0, state.m1, state.m2)))
 
 
 class TTTMixer(nn.Module):
@@ -104,11 +121,25 @@ class TTTMixer(nn.Module):
         return FastWeights(*(w.to(dtype).unsqueeze(0).expand(batch, -1, -1, -1) for w in (self.w0, self.w1, self.w2)))
 
     def forward(
-        self, x: torch.Tensor, state: Optional[FastWeights] = None, position_offset: int = 0
+        self,
+        x: torch.Tensor,
+        state: Optional[FastWeights] = None,
+        position_offset: int = 0,
+        segments: Optional[DocumentSegments] = None,
     ) -> tuple[torch.Tensor, FastWeights]:
+        """x [B, T, D] -> y [B, T, D] and the fast weights after each row.
+
+        `segments` marks packed documents: each starts from the learned initial state and attends
+        only within itself (a carried `state` cannot be combined with it).
+        """
         q, k, v = self.qkv(x).chunk(3, dim=-1)
-        ttt_out, final_state = self._ttt_branch(x, q, k, v, state)
-        attention = self.attention_branch(q, k, v, position_offset) if self.attn_heads else None
+        if segments is None:
+            ttt_out, final_state = self._ttt_branch(x, q, k, v, state)
+        elif state is not None:
+            raise ValueError("a carried fast-weight state and document segments exclude each other")
+        else:
+            ttt_out, final_state = self._segmented_ttt_branch(self.ttt_inputs(x, q, k, v), segments)
+        attention = self.attention_branch(q, k, v, position_offset, segments) if self.attn_heads else None
         return self.combine(ttt_out, attention, x.dtype), final_state
 
     def combine(self, ttt_out: torch.Tensor, attention: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
@@ -123,21 +154,30 @@ class TTTMixer(nn.Module):
         return self.o_proj(mixed)
 
     def attention_heads(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_offset: int
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_offset: int,
+        positions: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[B, T, D] projections -> [B, T, A, D/A] heads, q and k rotated to their absolute positions
-        (decoding caches the rotated keys, so it needs this step on its own)."""
+        (decoding caches the rotated keys, so it needs this step on its own); `positions` [B, T]
+        replaces position_offset + t where packed documents restart their positions."""
         batch, seq_len, hidden = q.shape
         heads = self.attn_heads
         q, k, v = (t.reshape(batch, seq_len, heads, hidden // heads) for t in (q, k, v))
-        positions = torch.arange(position_offset, position_offset + seq_len, device=q.device)
+        if positions is None:
+            positions = torch.arange(position_offset, position_offset + seq_len, device=q.device)
         cos, sin = rotary_tables(positions, hidden // heads, self.cfg.rope_theta, q.dtype)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
-    def attention_branch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_offset: int) -> torch.Tensor:
-        """Sliding-window attention over [B, T, D] projections -> [B, T, D]."""
+    def attention_branch(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_offset: int,
+        segments: Optional[DocumentSegments] = None,
+    ) -> torch.Tensor:
+        """Sliding-window attention over [B, T, D] projections -> [B, T, D]; with packed documents,
+        positions restart and attention stays inside each document."""
         batch, seq_len, hidden = q.shape
-        out = sliding_window_attention(*self.attention_heads(q, k, v, position_offset), self.cfg.window_size)
+        positions = None if segments is None else segments.positions
+        heads = self.attention_heads(q, k, v, position_offset, positions)
+        out = sliding_window_attention(*heads, self.cfg.window_size, doc_ids=None if segments is None else segments.doc_ids)
         return out.reshape(batch, seq_len, hidden)
 
     def _ttt_branch(
@@ -146,6 +186,36 @@ class TTTMixer(nn.Module):
         """[B, T, H, d] output of the fast-weight MLP, and the state after the sequence."""
         entering = state if state is not None else self.initial_state(x.shape[0])
         return self.ttt_scan(self.ttt_inputs(x, q, k, v), entering)
+
+    def _segmented_ttt_branch(self, inputs: TTTInputs, segments: DocumentSegments) -> tuple[torch.Tensor, FastWeights]:
+        """The fast-weight branch over packed documents: every document runs from the learned initial
+        state with its own chunks (the rows laid end to end, as the kernels take `cu_seqlens`).
+        Returns [B, T, H, d] and, per row, the state its last document ended with."""
+        ttt = self.cfg.ttt
+        packed = TTTInputs(*(segments.pack(t) for t in (inputs.q, inputs.k, inputs.v, inputs.etas)),
+                           None if inputs.momentum_gate is None else segments.pack(inputs.momentum_gate))  # fmt: skip
+        bounds = segments.bounds()
+        beta = None
+        if packed.momentum_gate is not None:  # [1, NC, H]: each document's chunks counted from its start
+            beta = torch.cat([chunk_mean(packed.momentum_gate[:, s:e], ttt.chunk_size) for s, e in bounds], dim=1)
+        eta0, eta1, eta2 = packed.etas.unbind(dim=2)
+        entering = self.initial_state(segments.num_documents)
+        if ttt.mode == "recurrent":
+            outputs, finals, chunk = [], [], 0
+            for i, (s, e) in enumerate(bounds):
+                n = num_chunks(e - s, ttt.chunk_size)
+                doc_state = FastWeights(entering.w0[i : i + 1], entering.w1[i : i + 1], entering.w2[i : i + 1])
+                out, final = self._recurrent(
+                    packed.q[:, s:e], packed.k[:, s:e], packed.v[:, s:e], eta0[:, s:e], eta1[:, s:e], eta2[:, s:e],
+                    None if beta is None else beta[:, chunk : chunk + n], doc_state,
+                )  # fmt: skip
+                outputs.append(out)
+                finals.append(final)
+                chunk += n
+            out, final = torch.cat(outputs, dim=1), concat_states(finals)
+        else:
+            out, final = self._parallel(packed.q, packed.k, packed.v, eta1, beta, entering, segments.cu_seqlens)
+        return segments.unpack(out), select_states(final, segments.last_document)
 
     def ttt_inputs(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> TTTInputs:
         """The per-token inputs of the fast-weight branch from x [B, T, D] and its q/k/v projections.
@@ -187,9 +257,12 @@ class TTTMixer(nn.Module):
                 weight_norm=ttt.weight_norm, fast_weights=ttt.fast_weights, update_sign=ttt.update_sign,
             )  # fmt: skip
 
-    def _parallel(self, q, k, v, eta1, beta, entering: FastWeights) -> tuple[torch.Tensor, FastWeights]:
-        """Features with the (frozen) W0/W2, then the chunk scan. Momentum is kept in the recurrent
-        form's sign convention (gradient units) in the returned state so the two modes share states."""
+    def _parallel(
+        self, q, k, v, eta1, beta, entering: FastWeights, cu_seqlens: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, FastWeights]:
+        """Features with the (frozen) W0/W2, then the chunk scan (over packed documents when
+        `cu_seqlens` is given). Momentum is kept in the recurrent form's sign convention (gradient
+        units) in the returned state so the two modes share states."""
         ttt = self.cfg.ttt
         feature_dtype = operand_dtype(q, entering.w1.dtype)
         w0, w2 = self.w0.to(feature_dtype), self.w2.to(feature_dtype)
@@ -198,11 +271,14 @@ class TTTMixer(nn.Module):
             hq = features(q.to(feature_dtype), w0, w2)
             hk = features(k.to(feature_dtype), w0, w2)
         initial_momentum = None if entering.m1 is None else -entering.m1
-        out, final_w1, final_momentum = self.chunk_scan(
-            hq, hk, v.to(feature_dtype), eta1.to(feature_dtype), entering.w1, ttt.chunk_size,
-            beta=beta, initial_momentum=initial_momentum, muon=ttt.muon, token_causal=ttt.token_causal,
-            update_sign=ttt.update_sign,
-        )  # fmt: skip
+        options = dict(beta=beta, initial_momentum=initial_momentum, muon=ttt.muon, token_causal=ttt.token_causal,
+                       update_sign=ttt.update_sign)  # fmt: skip
+        operands = (hq, hk, v.to(feature_dtype), eta1.to(feature_dtype), entering.w1, ttt.chunk_size)
+        if cu_seqlens is None:
+            out, final_w1, final_momentum = self.chunk_scan(*operands, **options)
+        else:
+            scan = chunk_ttt_la if self._use_kernels(q) else ttt_la_parallel_varlen_reference
+            out, final_w1, final_momentum = scan(*operands, cu_seqlens=cu_seqlens, **options)
         final = replace(entering, w1=final_w1, m1=None if final_momentum is None else -final_momentum)
         return out, final
 

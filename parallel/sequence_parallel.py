@@ -68,16 +68,21 @@ class SequenceParallelLM(nn.Module):
         states: Optional[list[FastWeights]] = None,
         position_offset: int = 0,
         return_logits: bool = True,
+        doc_ids: Optional[torch.Tensor] = None,
     ) -> SequenceParallelOutput:
-        """input_ids, targets: [B, T/sp], this rank's slice; position_offset: where the full sequences start."""
+        """input_ids, targets: [B, T/sp], this rank's slice; position_offset: where the full sequences start.
+
+        Packed-document resets (`doc_ids`) are only defined for whole sequences (sp = 1)."""
         groups = self.groups
+        if doc_ids is not None and groups.sp > 1:
+            raise ValueError("data.reset_at_doc_boundaries needs parallel.sp=1: the state exchange carries one sequence across ranks")
         if groups.sp > 1:
             layout = SliceLayout.build(input_ids.shape[1], self.model.cfg, groups)
             self.context.layout = layout
             borrowed = exchange_rows(input_ids[:, : layout.lent_to_previous], layout.borrowed_from_next, -1, groups)
             input_ids = torch.cat([input_ids[:, layout.lent_to_previous :], borrowed], dim=1)
             position_offset += layout.start
-        out = self.model(input_ids, targets, states, position_offset, return_logits)
+        out = self.model(input_ids, targets, states, position_offset, return_logits, doc_ids)
         if out.loss_sum is None:
             return SequenceParallelOutput(out.logits, None, None, None, out.states)
         totals = torch.stack([out.loss_sum.detach().double(), out.num_targets.double()])

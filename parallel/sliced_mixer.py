@@ -62,8 +62,11 @@ class SlicedMixerForward:
         self.context = context
 
     def __call__(
-        self, x: torch.Tensor, state: Optional[FastWeights] = None, position_offset: int = 0
+        self, x: torch.Tensor, state: Optional[FastWeights] = None, position_offset: int = 0, segments: None = None
     ) -> tuple[torch.Tensor, FastWeights]:
+        """The mixer's forward on this rank's slice; packed-document segments exist only without sequence parallelism."""
+        if segments is not None:
+            raise ValueError("packed-document resets need parallel.sp=1 (data.reset_at_doc_boundaries)")
         mixer, groups = self.mixer, self.context.groups
         ring = mixer.cfg.ttt.mode == "recurrent"
         if ring and groups.sp_rank > 0:

@@ -8,7 +8,6 @@ a few 1e-7; 1e-5 leaves room for the longer scans and still fails any indexing o
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported, so @triton.jit builds interpreted kernels
-os.environ["TTTLA_FORCE_TRITON"] = "1"
 
 import importlib  # noqa: E402
 
@@ -27,6 +26,12 @@ from kernels.ttt_la import chunk_ttt_la  # noqa: E402
 from kernels.varlen_reference import ttt_la_parallel_varlen_reference  # noqa: E402
 
 REL_TOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def force_triton(monkeypatch):
+    """Dispatch to the Triton kernels on CPU for this module's tests only (other modules test the reference path)."""
+    monkeypatch.setenv("TTTLA_FORCE_TRITON", "1")
 
 
 @pytest.fixture(autouse=True)

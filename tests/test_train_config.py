@@ -51,11 +51,17 @@ def test_nested_includes_resolve_relative_to_their_file(tmp_path: Path) -> None:
         ("train.schedule=linear", "train.schedule"),
         ("parallel.sp=3", "parallel.sp"),  # does not divide data.seq_len=512
         ("model.ttt.chunk_size=0", "model.ttt.chunk_size"),
+        ("eval.every=-1", "eval.every"),
     ],
 )
 def test_bad_values_name_their_key(override: str, key: str) -> None:
     with pytest.raises(ConfigError, match=key):
         load_run_config(REPO / "configs/train/tiny_cpu.yaml", [override])
+
+
+def test_document_resets_refuse_sequence_parallelism() -> None:
+    with pytest.raises(ConfigError, match="data.reset_at_doc_boundaries"):
+        load_run_config(REPO / "configs/train/tiny_cpu.yaml", ["parallel.sp=2", "data.reset_at_doc_boundaries=true"])
 
 
 def test_missing_include_names_the_file(tmp_path: Path) -> None:

@@ -45,6 +45,7 @@ class DataConfig:
     shuffle: bool = True
     shuffle_seed: int = 1234
     num_workers: int = 0  # loader worker processes per rank; resume is exact for a fixed value
+    reset_at_doc_boundaries: bool = False  # packed documents start from the initial fast weights, attend within themselves
 
 
 @dataclass
@@ -160,6 +161,13 @@ class RunConfig:
             "parallel.sp",
             self.parallel.sp,
             f"must divide data.seq_len={self.data.seq_len}",
+        )
+        _require(
+            not (self.data.reset_at_doc_boundaries and self.parallel.sp > 1),
+            "data.reset_at_doc_boundaries",
+            self.data.reset_at_doc_boundaries,
+            f"is not supported with parallel.sp={self.parallel.sp} (the state exchange carries one sequence "
+            f"across ranks); use parallel.sp=1 or leave the resets off",
         )
         _require(self.zero.stage in (1, 2, 3), "zero.stage", self.zero.stage, "must be 1, 2 or 3")
         _require(self.zero.bucket_size >= 1, "zero.bucket_size", self.zero.bucket_size, "must be >= 1")

@@ -9,7 +9,7 @@ resumed run sees exactly the samples the interrupted one would have seen next.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -86,6 +86,13 @@ def build_loader(data: DataConfig, split: str, micro_batch_size: int, sp: int, s
 def split_inputs_targets(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """tokens [B, L] -> input_ids [B, L-1], targets [B, L-1] (targets[t] = tokens[t + 1])."""
     return tokens[:, :-1], tokens[:, 1:]
+
+
+def input_doc_ids(batch: dict[str, torch.Tensor], data: DataConfig, device: torch.device) -> Optional[torch.Tensor]:
+    """The documents of the input positions [B, L-1] when `data.reset_at_doc_boundaries`, else None."""
+    if not data.reset_at_doc_boundaries:
+        return None
+    return batch["doc_ids"][:, :-1].to(device, non_blocking=True)
 
 
 def endless(loader: StreamingDataLoader) -> Iterator[dict[str, torch.Tensor]]:

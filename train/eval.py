@@ -67,36 +67,36 @@ def evaluate_perplexity_by_position(
     was_training = model.training
     model.eval()
     device = model.embed.weight.device
-    loss_sums, count = accumulate_position_losses(lambda tokens: token_losses(model, tokens), batches, device, eval_len)
+
+    def losses_of(batch: torch.Tensor | dict) -> torch.Tensor:
+        tokens = (batch["tokens"] if isinstance(batch, dict) else batch).to(device)
+        return token_losses(model, tokens if eval_len is None else tokens[:, : eval_len + 1])
+
+    loss_sums, count = accumulate_position_losses(losses_of, batches)
     model.train(was_training)
     return summarize_position_losses(loss_sums, count, bucket_size)
 
 
 def accumulate_position_losses(
-    losses_of: Callable[[torch.Tensor], torch.Tensor],
-    batches: Iterable[torch.Tensor | dict],
-    device: torch.device,
-    eval_len: Optional[int] = None,
+    losses_of: Callable[[torch.Tensor | dict], torch.Tensor], batches: Iterable[torch.Tensor | dict]
 ) -> tuple[torch.Tensor, int]:
     """Per-position loss summed over sequences ([T] fp64) and the number of sequences.
 
-    `losses_of(tokens [B, L]) -> [B, L - 1]` is how one batch is scored: a plain forward pass for an
-    exported model, the sharded forward of the training engine during training.
+    `losses_of(batch) -> [B, T]` scores one batch as it comes from `batches`: a plain forward pass
+    of an exported model, or the sharded forward of the training engine during training.
     """
     loss_sums: Optional[torch.Tensor] = None
     count = 0
     for batch in batches:
-        tokens = (batch["tokens"] if isinstance(batch, dict) else batch).to(device)
-        if eval_len is not None:
-            tokens = tokens[:, : eval_len + 1]
-        losses = losses_of(tokens).double().sum(dim=0)
+        per_token = losses_of(batch).double()
+        losses = per_token.sum(dim=0)
         if loss_sums is None:
             loss_sums = losses
         elif losses.shape != loss_sums.shape:
             raise ValueError(f"sequences of {losses.shape[0] + 1} and {loss_sums.shape[0] + 1} tokens: batches must share a length")
         else:
             loss_sums += losses
-        count += tokens.shape[0]
+        count += per_token.shape[0]
     if loss_sums is None:
         raise ValueError("no batches to evaluate: the split is empty or shorter than one batch")
     return loss_sums, count
@@ -104,8 +104,6 @@ def accumulate_position_losses(
 
 def summarize_position_losses(loss_sums: torch.Tensor, count: int, bucket_size: int) -> dict:
     """Bucketed mean loss and perplexity from per-position loss sums over `count` sequences."""
-    if bucket_size < 1:
-        raise ValueError(f"bucket_size={bucket_size} must be >= 1")
     buckets = []
     for start in range(0, loss_sums.shape[0], bucket_size):
         bucket = loss_sums[start : start + bucket_size]

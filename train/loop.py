@@ -25,7 +25,7 @@ import torch
 from model.config import ConfigError
 from train.checkpoint import complete_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 from train.config import RunConfig, to_yaml
-from train.data import build_loader, check_dataset, endless, split_inputs_targets
+from train.data import build_loader, check_dataset, endless, input_doc_ids, split_inputs_targets
 from train.distributed import all_reduce_sum, init_distributed, shard_sequence
 from train.engine import build_engine
 from train.flops import peak_flops_per_device, training_flops_per_token
@@ -140,8 +140,12 @@ def train(cfg: RunConfig) -> RunResult:
             step_loss = torch.zeros((), dtype=torch.float64, device=layout.device)
             norms: dict[str, float] = {}
             for micro in range(t.grad_accum):
-                input_ids, targets = split_inputs_targets(next(batches)["tokens"].to(layout.device, non_blocking=True))
-                output = engine(shard_sequence(input_ids, layout), shard_sequence(targets, layout), return_logits=False)
+                batch = next(batches)
+                input_ids, targets = split_inputs_targets(batch["tokens"].to(layout.device, non_blocking=True))
+                doc_ids = input_doc_ids(batch, cfg.data, layout.device)
+                output = engine(
+                    shard_sequence(input_ids, layout), shard_sequence(targets, layout), return_logits=False, doc_ids=doc_ids
+                )
                 loss = output.loss
                 if step in cfg.debug.nonfinite_loss_steps:
                     loss = loss * float("nan")

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from train.config import RunConfig
-from train.data import build_loader, split_inputs_targets
+from train.data import build_loader, input_doc_ids, split_inputs_targets
 from train.distributed import Layout, shard_sequence, unshard_sequence
 from train.eval import (
     accumulate_position_losses,
@@ -55,13 +55,14 @@ class PeriodicEvaluator:
         was_training = self.model.training
         self.model.eval()
 
-        def losses_of(tokens: torch.Tensor) -> torch.Tensor:
-            input_ids, targets = split_inputs_targets(tokens)
-            logits = self.model(shard_sequence(input_ids, layout), None, return_logits=True).logits
+        def losses_of(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            input_ids, targets = split_inputs_targets(batch["tokens"].to(layout.device))
+            doc_ids = input_doc_ids(batch, self.cfg.data, layout.device)
+            logits = self.model(shard_sequence(input_ids, layout), None, return_logits=True, doc_ids=doc_ids).logits
             return unshard_sequence(per_token_cross_entropy(logits, shard_sequence(targets, layout)), layout)
 
         batches = islice(iter(self.loader), self.cfg.eval.batches)
-        loss_sums, count = accumulate_position_losses(losses_of, batches, layout.device)
+        loss_sums, count = accumulate_position_losses(losses_of, batches)
         self.model.train(was_training)
         totals = torch.cat([loss_sums, torch.tensor([float(count)], dtype=loss_sums.dtype, device=loss_sums.device)])
         if dist.is_initialized():
