@@ -66,6 +66,9 @@ def split_losses() -> list[float]:
     from parallel.groups import build_groups, slice_sequence
     from parallel.sequence_parallel import SequenceParallelLM
 
+    from train.distributed import skip_deepspeed_shm_allreduce
+
+    skip_deepspeed_shm_allreduce()
     deepspeed.init_distributed(dist_backend="gloo")
     groups = build_groups(2)
     model = SequenceParallelLM(tiny_model(), groups)

@@ -52,6 +52,19 @@ def _single_process_environment() -> None:
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
 
 
+def skip_deepspeed_shm_allreduce() -> None:
+    """Keep DeepSpeed's CPU backend from building and mapping its shared-memory all-reduce.
+
+    DeepSpeed JIT-compiles that extension on first use and maps /dev/shm segments named after
+    MASTER_PORT at start-up, yet only its inference all-reduce uses them: training talks through
+    torch.distributed (gloo) alone. Skipping it saves the one-off build and removes a start-up step
+    that aborted a rank now and then when several multi-process jobs shared one host.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def init_distributed(sp: int) -> Layout:
     """Join (or create) the process group and derive the dp x sp layout; idempotent."""
     _single_process_environment()
@@ -67,6 +80,8 @@ def init_distributed(sp: int) -> Layout:
     if not dist.is_initialized():
         import deepspeed  # imported here so that checkpoint inspection and export stay light
 
+        if backend == "gloo":
+            skip_deepspeed_shm_allreduce()
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     world, rank = dist.get_world_size(), dist.get_rank()
     if world % sp:
