@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import gc
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.multiprocess import REPO, run_torchrun, small_corpus
+
 STEPS, RESUME_AT = 4, 2
 # Float32 summation order alone: observed ~5e-8 (step 3) and ~1e-7 (step 4, after one AdamW step)
 # relative, weights ~1e-7 apart. 1e-5 leaves two orders of margin; a wrong data position (say the
@@ -74,17 +73,10 @@ def run_both_layouts(data: Path, out: Path) -> None:
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
-    from train.prepare import prepare, stdlib_files
-    from train.tokenizer import ByteTokenizer
-
     root = tmp_path_factory.mktemp("layout")
-    data = root / "data"
-    prepare(stdlib_files()[:20], data, 64, ByteTokenizer(), val_fraction=0.1, show_progress=False)
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", __file__, str(data), str(root)]
-    finished = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert finished.returncode == 0, finished.stdout[-4000:] + finished.stderr[-8000:]
-    return json.loads((root / "results.json").read_text()), finished.stdout
+    data = small_corpus(root / "data", 64, val_fraction=0.1)
+    stdout = run_torchrun([__file__, str(data), str(root)], processes=4, timeout=300)
+    return json.loads((root / "results.json").read_text()), stdout
 
 
 @pytest.mark.slow

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import gc
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.multiprocess import REPO, run_torchrun, small_corpus
+
 STEPS, KILL_AT = 6, 3
 STAGES = (1, 2, 3)
 
@@ -98,16 +97,9 @@ def run_scenarios(data: Path, out: Path) -> None:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from train.prepare import prepare, stdlib_files
-    from train.tokenizer import ByteTokenizer
-
     root = tmp_path_factory.mktemp("resume")
-    data = root / "data"
-    prepare(stdlib_files()[:20], data, 64, ByteTokenizer(), val_fraction=0.1, show_progress=False)
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, str(data), str(root)]
-    finished = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert finished.returncode == 0, finished.stdout[-4000:] + finished.stderr[-8000:]
+    data = small_corpus(root / "data", 64, val_fraction=0.1)
+    run_torchrun([__file__, str(data), str(root)], processes=2, timeout=600)
     return json.loads((root / "results.json").read_text())
 
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,12 +22,12 @@ import torch
 
 from model.config import LMConfig, TTTConfig
 from model.lm import TTTLM
+from tests.multiprocess import run_torchrun
 
 STEPS = 4
 LR = 0.5
 CLIP = 1.0
 TOLERANCE = 2e-6
-REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_model() -> TTTLM:
@@ -65,7 +63,6 @@ def split_losses() -> list[float]:
 
     from parallel.groups import build_groups, slice_sequence
     from parallel.sequence_parallel import SequenceParallelLM
-
     from train.distributed import skip_deepspeed_shm_allreduce
 
     skip_deepspeed_shm_allreduce()
@@ -97,14 +94,7 @@ def split_losses() -> list[float]:
 @pytest.mark.timeout(300)
 def test_zero2_sp2_matches_single_process_step_by_step(tmp_path):
     result = tmp_path / "losses.json"
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-               "-m", "tests.test_parallel_deepspeed", str(result)]  # fmt: skip
-    finished = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=280)
-    assert finished.returncode == 0, finished.stderr[-4000:]
+    run_torchrun(["-m", "tests.test_parallel_deepspeed", str(result)], processes=2, timeout=280)
     losses = json.loads(result.read_text())
     for split, single in zip(losses["split"], losses["single"], strict=True):
         assert abs(split - single) / single < TOLERANCE, losses

@@ -8,14 +8,12 @@ sequence's slices, so both must report the same numbers for the same weights and
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.multiprocess import run_torchrun, small_corpus
+
 # float32 on CPU; the split run sums its losses in another order and through a gather, so the
 # two agree to rounding (~1e-7), far inside 1e-5, while any missing slice or double count is O(1).
 TOLERANCE = 1e-5
@@ -23,12 +21,7 @@ TOLERANCE = 1e-5
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from train.prepare import prepare, stdlib_files
-    from train.tokenizer import ByteTokenizer
-
-    folder = tmp_path_factory.mktemp("eval") / "data"
-    prepare(stdlib_files()[:20], folder, 128, ByteTokenizer(), val_fraction=0.2, show_progress=False)
-    return folder
+    return small_corpus(tmp_path_factory.mktemp("eval") / "data", 128, val_fraction=0.2)
 
 
 def train_with_eval(corpus: Path, run_dir: Path, processes: int, sp: int) -> None:
@@ -37,11 +30,7 @@ def train_with_eval(corpus: Path, run_dir: Path, processes: int, sp: int) -> Non
         "train.micro_batch_size=2", "eval.every=2", "eval.batches=2", "eval.bucket_size=32",
         "logging.log_every=2", "checkpoint.every=100", f"parallel.sp={sp}", f"logging.run_dir={run_dir}",
     ]  # fmt: skip
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-               "-m", "train", "configs/train/tiny_cpu.yaml", *overrides]  # fmt: skip
-    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_torchrun(["-m", "train", "configs/train/tiny_cpu.yaml", *overrides], processes=processes, timeout=300)
 
 
 @pytest.fixture(scope="module")

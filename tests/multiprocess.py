@@ -1,0 +1,30 @@
+"""Launching the real multi-process jobs the CPU suite checks: torchrun with gloo workers on this host."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_torchrun(target: list[str], processes: int, timeout: int) -> str:
+    """`torchrun --standalone --nproc_per_node=N TARGET...` from the repository root, with DeepSpeed on
+    the CPU and one thread per worker; fails the test with the workers' output unless every worker
+    exits cleanly. Returns their stdout."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", *target]
+    finished = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert finished.returncode == 0, finished.stdout[-4000:] + finished.stderr[-8000:]
+    return finished.stdout
+
+
+def small_corpus(folder: Path, seq_len: int, val_fraction: float) -> Path:
+    """The first 20 standard-library files, byte-tokenised and packed to seq_len: seconds to build."""
+    from train.prepare import prepare, stdlib_files
+    from train.tokenizer import ByteTokenizer
+
+    prepare(stdlib_files()[:20], folder, seq_len, ByteTokenizer(), val_fraction=val_fraction, show_progress=False)
+    return folder
