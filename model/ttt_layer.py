@@ -20,7 +20,7 @@ the layer knowing why.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Optional
 
 import torch
@@ -77,12 +77,12 @@ def concat_states(states: list[FastWeights]) -> FastWeights:
         parts = [getattr(s, name) for s in states]
         return None if parts[0] is None else torch.cat(parts)
 
-    return FastWeights(*(stack(name) for name in ("w0", "w1", "w2", "m0", "m1", "m2")))
+    return FastWeights(**{f.name: stack(f.name) for f in fields(FastWeights)})
 
 
 def select_states(state: FastWeights, index: torch.Tensor) -> FastWeights:
     """The states of the sequences at `index` ([n] indices into the batch dimension)."""
-    return FastWeights(*(None if t is None else t[index] for t in (state.w0, state.w1, state.w2, state.m0, state.m1, state.m2)))
+    return FastWeights(**{f.name: None if (t := getattr(state, f.name)) is None else t[index] for f in fields(FastWeights)})
 
 
 class TTTMixer(nn.Module):
