@@ -87,6 +87,12 @@ APPLY_TILES = dict(BT=64, BM=64, BN=128, num_warps=4, num_stages=3)  # no intra-
 APPLY_INTRA_TILES = dict(BT=64, BM=64, BN=128, num_warps=4, num_stages=3)  # token-causal
 SCAN_TILES = dict(B1=64, B2=64, num_warps=4, num_stages=3)  # scan over stored chunk updates
 FUSED_SCAN_TILES = dict(B1=64, B2=64, BT=64, num_warps=4, num_stages=2)  # update formed inside the scan (d x dh tile)
+# Token-causal apply with a narrow output tile (BN < 64, i.e. a head dim of at most 32 on the z side)
+# in 16-bit operands: the [BT, BT] x [BT, BN] score product miscompiles at BT = 64 on Hopper with
+# Triton 3.6 (an out-of-bounds shared-memory read under compute-sanitizer; crashes or wrong dh(q),
+# dh(k)), and is exact at BT = 32 over the randomised suite (tests/gpu/kernel_fuzz.py). fp32 operands
+# take the IEEE FMA path and are unaffected; wider tiles (every default model shape) keep BT = 64.
+NARROW_INTRA_MIN_BN, NARROW_INTRA_MAX_BT = 64, 32
 # Chunks up to this many tokens form their update inside the scan (one program per state tile walks
 # the whole document, as fla's chunk_fwd_h); longer chunks use chunk_outer over all chunks at once,
 # which has C / BT times more parallel work per state tile. Measured in docs/kernels.md.
@@ -496,22 +502,29 @@ def chunk_apply(
     tt, heads, dx = x.shape
     dz = z.shape[-1]
     out = new_buffer((tt, heads, dz), x.dtype, x.device)
-    tiles = APPLY_INTRA_TILES if intra else APPLY_TILES
-    bt = min(tiles["BT"], _tile(chunk_size, tiles["BT"]))
-    bm, bn = _tile(dx, tiles["BM"]), _tile(dz, tiles["BN"])
-    nsub = triton.cdiv(chunk_size, bt)
-    nn = triton.cdiv(dz, bn)
+    launch = _apply_launch(dx, dz, chunk_size, intra, x.dtype)
+    nn = triton.cdiv(dz, launch["BN"])
     deta_tiles = new_buffer((tt, heads, nn), torch.float32, x.device) if vdot is not None else None
     stride_wm, stride_wn = (dz, 1) if w_transposed else (1, dx)
-    grid = (table.num_chunks * nsub, nn, heads)
+    grid = (table.num_chunks * launch["NSUB"], nn, heads)
     chunk_apply_kernel[grid](
         x, y, z, w, eta if eta is not None else x, out, vdot if vdot is not None else x,
         deta_tiles if vdot is not None else out, table.starts, table.ends, heads, sign, stride_wm, stride_wn,
-        DX=dx, DZ=dz, NSUB=nsub, BT=bt, BM=bm, BN=bn, INTRA=intra, REVERSE=reverse,
-        ETA_ROW=eta_row, ETA_COL=eta_col, ETA_DOT=vdot is not None, PRECISION=_dot_precision(x.dtype),
-        num_warps=tiles["num_warps"] if bn * bt >= 64 * 128 else 4, num_stages=tiles["num_stages"],
+        DX=dx, DZ=dz, INTRA=intra, REVERSE=reverse, ETA_ROW=eta_row, ETA_COL=eta_col, ETA_DOT=vdot is not None,
+        PRECISION=_dot_precision(x.dtype), **launch,
     )
     return out, (deta_tiles.sum(-1) if vdot is not None else None)
+
+
+def _apply_launch(dx: int, dz: int, chunk_size: int, intra: bool, dtype: torch.dtype) -> dict:
+    """Tile shapes of one `chunk_apply_kernel` launch."""
+    tiles = APPLY_INTRA_TILES if intra else APPLY_TILES
+    bt = min(tiles["BT"], _tile(chunk_size, tiles["BT"]))
+    bm, bn = _tile(dx, tiles["BM"]), _tile(dz, tiles["BN"])
+    if intra and bn < NARROW_INTRA_MIN_BN and dtype != torch.float32:
+        bt = min(bt, NARROW_INTRA_MAX_BT)
+    return dict(BT=bt, BM=bm, BN=bn, NSUB=triton.cdiv(chunk_size, bt),
+                num_warps=tiles["num_warps"] if bn * bt >= 64 * 128 else 4, num_stages=tiles["num_stages"])
 
 
 # ----------------------------------------------------------------------------------------------
