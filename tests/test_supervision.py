@@ -21,7 +21,8 @@ import psutil
 import pytest
 
 from tests.multiprocess import REPO, small_corpus, worker_environment
-from train.supervision import LOCK_FILE, acquire_run_lock
+
+LOCK_FILE = "run.lock"
 
 WORKERS_GONE_WITHIN_S = 20.0  # watchdog poll (0.5 s) + finishing the step + saving the tiny model
 
@@ -58,7 +59,7 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> dict:
     try:
         wait_until_training(run_dir, launcher)
         workers = psutil.Process(launcher.pid).children()
-        holder = json.loads((run_dir / LOCK_FILE).read_text())["pid"]
+        holder = json.loads((run_dir / LOCK_FILE).read_text())["pid"] if (run_dir / LOCK_FILE).is_file() else None
         second = subprocess.run(
             [sys.executable, "-m", "train", "configs/train/tiny_cpu.yaml", *overrides, "train.steps=2"],
             cwd=REPO, env=worker_environment(), capture_output=True, text=True, timeout=120,
@@ -103,6 +104,8 @@ def test_workers_stop_when_the_launcher_is_killed(job: dict) -> None:
 
 
 def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from train.supervision import acquire_run_lock
+
     finished = subprocess.Popen([sys.executable, "-c", "pass"])
     finished.wait()  # a PID that no longer runs
     (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": finished.pid, "host": os.uname().nodename, "started": "earlier"}))

@@ -9,6 +9,7 @@ same message, so the command line prints it once, from rank 0.
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -28,10 +29,14 @@ class RunError(RuntimeError):
 
 
 def describe_os_error(error: OSError, path: Optional[Path | str] = None) -> str:
-    """`<path>: <reason>; <fix>` for an OSError, the path taken from the error when it names one."""
+    """`<path>: <reason>; <fix>` for an OSError, the path taken from the error when it names one.
+
+    The fix is added to the system's own reasons only; a reason written here already says what to do.
+    """
     where = error.filename if error.filename is not None else path
     reason = error.strerror or str(error)
-    fix = OS_ERROR_FIXES.get(error.errno or 0)
+    system_reason = error.errno is not None and reason == os.strerror(error.errno)
+    fix = OS_ERROR_FIXES.get(error.errno or 0) if system_reason else None
     return f"{where}: {reason}" + (f"; {fix}" if fix else "")
 
 

@@ -1,5 +1,9 @@
 """The training loop: batches -> DeepSpeed engine -> metrics, checkpoints, preemption, resume.
 
+Before anything is built, rank 0 takes the run directory's lock (train/supervision.py) and every
+rank checks the data against its index and picks, with the others, the checkpoint to resume from;
+the resolved config is written only once those checks passed and the checkpoint loaded.
+
 One optimizer step is `train.grad_accum` micro-batches. After every step all ranks agree (one
 all-reduce) on the mean loss and on whether any rank was asked to stop (SIGTERM/SIGINT); a stop
 saves a checkpoint and returns. A step whose gradients are non-finite is skipped by the ZeRO

@@ -114,7 +114,7 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
         elif path.is_file():
             files.append(path)
         else:
-            raise FileNotFoundError(errno.ENOENT, "input file or folder does not exist (check the path)", item)
+            raise FileNotFoundError(errno.ENOENT, "input file or folder does not exist; check the path", item)
     return files
 
 
