@@ -54,4 +54,4 @@ def free_space(path: Path) -> str:
     value = float(free)
     while value >= 1024 and index < len(units) - 1:
         value, index = value / 1024, index + 1
-    return f"{value:.1f} {units[index]}"
+    return f"{value:.1f} {units[index]}" if index else f"{free} B"
