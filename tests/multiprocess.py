@@ -10,11 +10,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def worker_environment() -> dict[str, str]:
+    """This environment with DeepSpeed on the CPU, one thread per worker, and the repository importable."""
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
 def run_torchrun(target: list[str], processes: int, timeout: int) -> str:
     """`torchrun --standalone --nproc_per_node=N TARGET...` from the repository root, with DeepSpeed on
     the CPU and one thread per worker; fails the test with the workers' output unless every worker
     exits cleanly. Returns their stdout."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = worker_environment()
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", *target]
     finished = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert finished.returncode == 0, finished.stdout[-4000:] + finished.stderr[-8000:]

@@ -105,3 +105,14 @@ def test_tokenizer_json_with_its_end_token(tmp_path: Path) -> None:
     loaded = load_tokenizer(str(tmp_path / "tokenizer.json"))
     assert loaded.eos_id == 1 and loaded.vocab_size == 4
     assert loaded.encode("hello world").ids.tolist() == [2, 3]
+
+
+def test_skip_bad_packs_nothing_of_a_bad_file(tmp_path: Path) -> None:
+    path = tmp_path / "half.jsonl"
+    path.write_text(json.dumps({"text": "x" * 20}) + "\nnot json\n")  # a good first line, then a bad one
+    write_corpus(tmp_path / "in", documents=3)
+    report = prepare([*sorted((tmp_path / "in").iterdir()), path], tmp_path / "out", 4, ByteTokenizer(), val_fraction=0.0, skip_bad=True, show_progress=False)
+    assert [Path(b["path"]).name for b in report.bad_files] == ["half.jsonl"]
+    assert report.splits["train"].documents == 3
+    stream = np.concatenate([row["tokens"] for row in samples(tmp_path / "out/train")])
+    assert ord("x") not in stream.tolist()

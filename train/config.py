@@ -18,10 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from model.config import ConfigError, LMConfig
+from train.cli import warn
 
 SCHEDULES = ("cosine", "wsd", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -74,12 +76,16 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
+    """The process layout: the sequence-parallel degree (data parallelism takes the rest)."""
+
     sp: int = 1  # sequence-parallel degree: ranks sharing one sequence
     dp: Optional[int] = None  # derived: world / sp (set it only to assert the layout)
 
 
 @dataclass
 class ZeroConfig:
+    """DeepSpeed ZeRO: what is sharded over the ranks, and the communication buckets."""
+
     stage: int = 2
     overlap_comm: bool = True
     bucket_size: int = 200_000_000  # elements per gradient reduce / parameter all-gather bucket
@@ -88,6 +94,8 @@ class ZeroConfig:
 
 @dataclass
 class LoggingConfig:
+    """Where the run writes (config, metrics, TensorBoard) and how often it reports."""
+
     run_dir: str = "runs/tiny_cpu"  # resolved config, TensorBoard events and checkpoints go here
     log_every: int = 10  # steps between progress lines and TensorBoard scalars
     tensorboard: bool = True
@@ -96,6 +104,8 @@ class LoggingConfig:
 
 @dataclass
 class CheckpointConfig:
+    """Where and how often checkpoints are written, and how many are kept."""
+
     dir: Optional[str] = None  # default: <logging.run_dir>/checkpoints
     every: int = 100  # steps between checkpoints (also one at the end and on SIGTERM/SIGINT)
     keep_last: int = 3
@@ -144,7 +154,10 @@ class RunConfig:
         _require(t.lr > 0, "train.lr", t.lr, "must be > 0")
         _require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
         _require(t.schedule in SCHEDULES, "train.schedule", t.schedule, f"must be one of {SCHEDULES}")
-        _require(0 <= t.warmup_steps <= t.steps, "train.warmup_steps", t.warmup_steps, f"must be in [0, train.steps={t.steps}]")
+        _require(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "must be >= 0")
+        if t.warmup_steps > t.steps:
+            warn(f"train.warmup_steps={t.warmup_steps} is more than train.steps={t.steps}; warming up over all {t.steps} steps")
+            t.warmup_steps = t.steps
         _require(0 < t.decay_fraction <= 1, "train.decay_fraction", t.decay_fraction, "must be in (0, 1]")
         _require(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "must be >= 0 (0 turns clipping off)")
         _require(t.precision in PRECISIONS, "train.precision", t.precision, f"must be one of {PRECISIONS}")
@@ -199,7 +212,12 @@ def _load_with_includes(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
         raise ConfigError(f"include cycle: {' -> '.join(str(p) for p in (*seen, path))}")
     if not path.is_file():
         raise ConfigError(f"config file {path} not found (check the path or the `include:` entry naming it)")
-    node = OmegaConf.load(path)
+    try:
+        node = OmegaConf.load(path)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path} is not valid YAML{where}: {getattr(error, 'problem', None) or error}; fix that line") from error
     if not isinstance(node, DictConfig):
         raise ConfigError(f"{path} must hold a mapping of config keys, not a list")
     includes = node.pop("include", ListConfig([]))
@@ -226,7 +244,11 @@ def load_run_config(path: str | Path, overrides: Optional[list[str]] = None) -> 
         )
         cfg: RunConfig = OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
-        raise ConfigError(f"{path}: {error}") from error
+        key = getattr(error, "full_key", None)
+        where = f" (key {key})" if key else ""
+        raise ConfigError(
+            f"{path}: {str(error).splitlines()[0]}{where}; `python -m train --help` lists the sections and keys"
+        ) from error
     return cfg.validate()
 
 

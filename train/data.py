@@ -8,6 +8,7 @@ resumed run sees exactly the samples the interrupted one would have seen next.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -16,6 +17,7 @@ import torch
 from streaming import StreamingDataLoader, StreamingDataset
 
 from model.config import ConfigError
+from train.cli import warn
 from train.config import DataConfig, RunConfig
 from train.prepare import read_manifest
 
@@ -26,17 +28,51 @@ def is_remote(path: str) -> bool:
     return path.startswith(REMOTE_SCHEMES)
 
 
-def check_dataset(cfg: RunConfig) -> None:
-    """A local prepared dataset must match the run: same seq_len, token ids inside the vocabulary."""
+def prepare_hint(data: DataConfig) -> str:
+    return f"python -m train.prepare ... --out {data.path} --seq-len {data.seq_len}, or `make prepare-data`"
+
+
+def check_split(data: DataConfig, split: str) -> int:
+    """A local split's shards against its index.json: each present with the size the index records.
+
+    Returns the number of samples the index lists; raises ConfigError naming the file otherwise.
+    """
+    folder = Path(data.path) / split
+    index = folder / "index.json"
+    if not index.is_file():
+        raise ConfigError(f"data.path={data.path!r}: {index} not found; prepare it first ({prepare_hint(data)})")
+    try:
+        shards = json.loads(index.read_text())["shards"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ConfigError(f"data.path={data.path!r}: {index} is not a valid MDS index ({error}); prepare the data again") from error
+    for shard in shards:
+        files = [entry for entry in (shard.get("raw_data"), shard.get("zip_data")) if entry]
+        present = [entry for entry in files if (folder / entry["basename"]).is_file()]
+        if not present:
+            raise ConfigError(
+                f"data.path={data.path!r}: shard {folder / files[0]['basename']} is missing but {index} lists it; "
+                f"restore it or prepare the data again ({prepare_hint(data)})"
+            )
+        entry = present[0]
+        size = (folder / entry["basename"]).stat().st_size
+        if size != entry["bytes"]:
+            raise ConfigError(
+                f"data.path={data.path!r}: shard {folder / entry['basename']} is {size} bytes but {index} records "
+                f"{entry['bytes']}; it is damaged: restore it or prepare the data again ({prepare_hint(data)})"
+            )
+    return sum(shard["samples"] for shard in shards)
+
+
+def check_dataset(cfg: RunConfig, dp: int) -> None:
+    """A local prepared dataset must match the run before training starts: shards as index.json lists
+    them, the same seq_len, token ids inside the vocabulary. Evaluation is turned off, with a warning,
+    when the validation split cannot fill one micro-batch per data-parallel rank."""
     data = cfg.data
     if is_remote(data.path):
         return
-    split_index = Path(data.path) / data.train_split / "index.json"
-    if not split_index.is_file():
-        raise ConfigError(
-            f"data.path={data.path!r}: {split_index} not found; prepare it first "
-            f"(python -m train.prepare --stdlib --out {data.path} --seq-len {data.seq_len}, or `make prepare-data`)"
-        )
+    check_split(data, data.train_split)
+    if cfg.eval.every > 0:
+        _check_validation_split(cfg, dp)
     manifest = read_manifest(data.path)
     if manifest is None:
         return
@@ -51,6 +87,22 @@ def check_dataset(cfg: RunConfig) -> None:
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the vocabulary of {data.path} "
             f"({manifest['tokenizer']['name']}: {vocab}); raise model.vocab_size to >= {vocab}"
         )
+
+
+def _check_validation_split(cfg: RunConfig, dp: int) -> None:
+    data, needed = cfg.data, cfg.train.micro_batch_size * dp
+    if not (Path(data.path) / data.val_split / "index.json").is_file():
+        samples, where = 0, f"{Path(data.path) / data.val_split} does not exist"
+    else:
+        samples = check_split(data, data.val_split)
+        where = f"{Path(data.path) / data.val_split} holds {samples} samples"
+    if samples < needed:
+        warn(
+            f"eval.every={cfg.eval.every}: {where}, fewer than one micro-batch per data-parallel rank "
+            f"(train.micro_batch_size x dp = {needed}); evaluation is off for this run. Prepare the data "
+            f"with a larger --val-fraction to evaluate, or set eval.every=0"
+        )
+        cfg.eval.every = 0
 
 
 def _collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

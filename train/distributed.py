@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 
 from model.config import ConfigError
+from train.errors import RunError
+from train.supervision import end_with_launcher
 
 
 @dataclass
@@ -66,7 +68,12 @@ def skip_deepspeed_shm_allreduce() -> None:
 
 
 def init_distributed(sp: int) -> Layout:
-    """Join (or create) the process group and derive the dp x sp layout; idempotent."""
+    """Join (or create) the process group and derive the dp x sp layout; idempotent.
+
+    A process started by a launcher (RANK set) stops when the launcher is gone (train/supervision.py).
+    """
+    if "RANK" in os.environ:
+        end_with_launcher()
     _single_process_environment()
     if "LOCAL_SIZE" in os.environ:  # the deepspeed launcher's name; streaming reads torchrun's
         os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ["LOCAL_SIZE"])
@@ -113,6 +120,20 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def all_gather_objects(value: Any) -> list[Any]:
+    """Every rank's `value` (picklable), indexed by rank, on every rank: one collective."""
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def agree_on_failure(failure: Optional[str]) -> None:
+    """One collective: every rank raises RunError when any rank reports a failure (the lowest rank's message)."""
+    failures = [message for message in all_gather_objects(failure) if message]
+    if failures:
+        raise RunError(failures[0])
 
 
 def barrier() -> None:

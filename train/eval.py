@@ -27,8 +27,9 @@ from torch.utils.tensorboard import SummaryWriter
 
 from model.baseline import BaselineLM
 from model.lm import TTTLM
+from train.cli import DEBUG_HELP, run_command
 from train.config import DataConfig
-from train.data import build_loader, split_inputs_targets
+from train.data import build_loader, check_split, split_inputs_targets
 from train.export import load_model
 
 LanguageModel = TTTLM | BaselineLM  # anything whose forward(input_ids) returns an LMOutput with logits
@@ -152,7 +153,7 @@ def load_for_eval(args: argparse.Namespace) -> TTTLM:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m train.eval", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m train.eval", description=__doc__.split("\n\n")[0], epilog=DEBUG_HELP)
     add_model_arguments(parser)
     parser.add_argument("--data", required=True, help="prepared dataset folder (python -m train.prepare writes one)")
     parser.add_argument("--split", default="val")
@@ -170,10 +171,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     model = load_for_eval(args)
-    split = Path(args.data) / args.split
-    if not (split / "index.json").is_file():
-        raise SystemExit(f"--data {args.data}: {split / 'index.json'} not found; prepare it with python -m train.prepare")
-    loader = build_loader(DataConfig(path=args.data), args.split, args.batch_size, sp=1, shuffle=False)
+    data = DataConfig(path=args.data)
+    check_split(data, args.split)
+    loader = build_loader(data, args.split, args.batch_size, sp=1, shuffle=False)
     result = evaluate_perplexity_by_position(model, islice(loader, args.max_batches), args.bucket_size, args.eval_len)
     writer = SummaryWriter(str(args.tensorboard or args.out))
     publish(plot_perplexity_by_position({Path(args.model).name: result}, args.train_len), result, "ppl_by_position", args.out, writer, args.step)
@@ -184,4 +184,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_command("train.eval", main, sys.argv[1:])

@@ -9,6 +9,8 @@ newest complete checkpoint); the model config comes from the checkpoint's run.ya
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 from pathlib import Path
 
@@ -19,9 +21,18 @@ from safetensors.torch import load_file, save_file
 from model.config import LMConfig, load_model_config
 from model.lm import TTTLM
 from train.checkpoint import MARKER, RUN_CONFIG, complete_checkpoints
+from train.checkpoint_integrity import verify
+from train.cli import DEBUG_HELP, run_command
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model.yaml"
+DEFAULT_FILE_MODE = 0o666  # what open() would create, before the umask
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_exported(model: TTTLM, folder: str | Path) -> Path:
@@ -30,6 +41,7 @@ def save_exported(model: TTTLM, folder: str | Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
     save_file(state, str(folder / WEIGHTS_FILE))
+    os.chmod(folder / WEIGHTS_FILE, DEFAULT_FILE_MODE & ~current_umask())  # safetensors creates it 0600
     OmegaConf.save(OmegaConf.structured(model.cfg), folder / CONFIG_FILE)
     return folder
 
@@ -39,7 +51,9 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", dtype: to
     folder = Path(folder)
     for name in (WEIGHTS_FILE, CONFIG_FILE):
         if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder / name} not found: export a checkpoint first (python -m train.export)")
+            raise FileNotFoundError(
+                errno.ENOENT, "no exported model here: export a checkpoint first (python -m train.export CHECKPOINT OUT)", str(folder / name)
+            )
     cfg = load_model_config(str(folder / CONFIG_FILE))
     model = TTTLM(cfg)
     model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
@@ -62,11 +76,11 @@ def strip_wrapper_prefix(state: dict[str, torch.Tensor], expected: set[str]) -> 
         parts = key.split(".")
         matches = [".".join(parts[i:]) for i in range(len(parts)) if ".".join(parts[i:]) in expected]
         if not matches:
-            raise KeyError(f"checkpoint tensor {key!r} matches no parameter of the model in its run.yaml")
+            raise ValueError(f"checkpoint tensor {key!r} matches no parameter of the model in its run.yaml")
         renamed[matches[0]] = tensor
     missing = expected - renamed.keys()
     if missing:
-        raise KeyError(f"checkpoint lacks model tensors {sorted(missing)}")
+        raise ValueError(f"checkpoint lacks model tensors {sorted(missing)}")
     return renamed
 
 
@@ -77,13 +91,16 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return path
     found = complete_checkpoints(path)
     if not found:
-        raise FileNotFoundError(f"{path} is neither a complete checkpoint (no {MARKER}) nor a folder holding one")
+        raise FileNotFoundError(errno.ENOENT, f"neither a complete checkpoint (no {MARKER}) nor a folder holding one", str(path))
     return found[-1]
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     """Consolidate a sharded checkpoint (ZeRO 1/2/3) into `out` as model.safetensors + model.yaml."""
     folder = resolve_checkpoint(checkpoint)
+    reason = verify(folder, rank=0, world=1)
+    if reason:
+        raise ValueError(f"{folder} is damaged: {reason}; export an older step_* folder")
     model_cfg = OmegaConf.merge(OmegaConf.structured(LMConfig), OmegaConf.load(folder / RUN_CONFIG).model)
     cfg: LMConfig = OmegaConf.to_object(model_cfg)
     model = TTTLM(cfg.validate())
@@ -93,11 +110,11 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) != 2:
-        raise SystemExit("usage: python -m train.export CHECKPOINT_DIR OUT_DIR  (a step_N folder or a checkpoints root)")
+    if len(argv) != 2 or argv[0] in ("-h", "--help"):
+        raise SystemExit(f"usage: python -m train.export CHECKPOINT_DIR OUT_DIR  (a step_N folder or a checkpoints root); {DEBUG_HELP}")
     folder = export_checkpoint(argv[0], argv[1])
     print(f"exported {resolve_checkpoint(argv[0])} -> {folder / WEIGHTS_FILE}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_command("train.export", main, sys.argv[1:])

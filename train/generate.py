@@ -24,6 +24,7 @@ import torch
 
 from model.decode import decode_step, prefill
 from model.lm import TTTLM
+from train.cli import DEBUG_HELP, run_command
 from train.export import load_model
 from train.tokenizer import ByteTokenizer
 
@@ -134,7 +135,7 @@ def decode_bytes(tokens: list[int]) -> str:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m train.generate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m train.generate", description=__doc__.split("\n\n")[0], epilog=DEBUG_HELP)
     parser.add_argument("--model", required=True, help="exported model folder (python -m train.export writes one)")
     parser.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
     parser.add_argument("--max-new-tokens", type=int, default=200)
@@ -180,4 +181,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_command("train.generate", main, sys.argv[1:])

@@ -1,5 +1,9 @@
 """The training loop: batches -> DeepSpeed engine -> metrics, checkpoints, preemption, resume.
 
+Before anything is built, rank 0 takes the run directory's lock (train/supervision.py) and every
+rank checks the data against its index and picks, with the others, the checkpoint to resume from;
+the resolved config is written only once those checks passed and the checkpoint loaded.
+
 One optimizer step is `train.grad_accum` micro-batches. After every step all ranks agree (one
 all-reduce) on the mean loss and on whether any rank was asked to stop (SIGTERM/SIGINT); a stop
 saves a checkpoint and returns. A step whose gradients are non-finite is skipped by the ZeRO
@@ -17,26 +21,30 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
 from model.config import ConfigError
-from train.checkpoint import complete_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from train.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint, select_checkpoint
+from train.cli import warn
 from train.config import RunConfig, to_yaml
+from train.config_changes import check_config_changes
 from train.data import build_loader, check_dataset, endless, input_doc_ids, split_inputs_targets
-from train.distributed import all_reduce_sum, init_distributed, shard_sequence
+from train.distributed import Layout, agree_on_failure, all_reduce_sum, init_distributed, shard_sequence
 from train.engine import build_engine
+from train.errors import RunError
 from train.flops import peak_flops_per_device, training_flops_per_token
 from train.monitor import LearningRateProbe, Monitor, perplexity, state_norms
 from train.periodic_eval import PeriodicEvaluator
 from train.schedule import realign_after_resume
+from train.supervision import RunLock, acquire_run_lock
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunError):
     """Too many consecutive steps had non-finite loss or gradients."""
 
 
@@ -70,44 +78,81 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(cfg: RunConfig) -> RunResult:
-    layout = init_distributed(cfg.parallel.sp)
-    cfg.resolve_layout(layout.world)
-    check_dataset(cfg)
-    config_yaml = to_yaml(cfg)
-    run_dir = Path(cfg.logging.run_dir)
+def hold_run_dir(run_dir: Path, layout: Layout) -> Optional[RunLock]:
+    """Rank 0 takes the run directory's lock; every rank stops if it is held by another job."""
+    lock, failure = None, None
     if layout.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(config_yaml)
-    t = cfg.train
+        try:
+            lock = acquire_run_lock(run_dir)
+        except RunError as error:
+            failure = str(error)
+    agree_on_failure(failure)
+    return lock
+
+
+def start_checks(cfg: RunConfig, layout: Layout) -> Optional[Path]:
+    """Everything that can refuse the run before it builds anything; returns the checkpoint to resume from."""
+    check_dataset(cfg, layout.dp)
     root = cfg.checkpoint_dir()
-    checkpoint = resolve_resume(t.resume, root)
-    if t.resume == "none" and complete_checkpoints(root):
+    if cfg.train.resume == "none" and complete_checkpoints(root):
         raise ConfigError(
             f"{root} already holds checkpoints of an earlier run; continue it with train.resume=auto, "
             f"or start afresh with another logging.run_dir (or checkpoint.dir)"
         )
+    checkpoint = select_checkpoint(cfg.train.resume, root, layout)
+    if checkpoint is not None:
+        check_config_changes(cfg, checkpoint)
+    return checkpoint
+
+
+def resume(engine: Any, loader: Any, checkpoint: Path, layout: Layout, cfg: RunConfig, sequences_per_step: int) -> tuple[int, int]:
+    """Load `checkpoint` on every rank; returns (step, non-finite steps skipped so far)."""
+    client_state, rank_state = load_checkpoint(engine, checkpoint, layout)
+    loader.load_state_dict(rank_state["loader"])
+    step, skipped = client_state["step"], client_state["nonfinite_skipped"]
+    realign_after_resume(engine.lr_scheduler, cfg.train.lr)
+    written_sequences = client_state.get("sequences_per_step", sequences_per_step)  # absent in older checkpoints
+    if written_sequences != sequences_per_step:
+        warn(
+            f"train.resume: {checkpoint} was trained on {written_sequences} sequences per step, this run "
+            f"reads {sequences_per_step} (train.micro_batch_size x train.grad_accum x dp); to keep the batch, set "
+            f"train.micro_batch_size x train.grad_accum = {written_sequences / layout.dp:g}"
+        )
+    if layout.is_main:
+        print(f"resumed from {checkpoint} at step {step}", flush=True)
+        if step >= cfg.train.steps:
+            print(f"train.steps={cfg.train.steps} is reached already; raise train.steps to train further", flush=True)
+    return step, skipped
+
+
+def train(cfg: RunConfig) -> RunResult:
+    """Train on every rank of the launched world; holds the run directory's lock throughout."""
+    layout = init_distributed(cfg.parallel.sp)
+    cfg.resolve_layout(layout.world)
+    lock = hold_run_dir(Path(cfg.logging.run_dir), layout)
+    try:
+        return train_holding_lock(cfg, layout)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def train_holding_lock(cfg: RunConfig, layout: Layout) -> RunResult:
+    checkpoint = start_checks(cfg, layout)
+    config_yaml = to_yaml(cfg)
+    run_dir = Path(cfg.logging.run_dir)
+    t = cfg.train
+    root = cfg.checkpoint_dir()
     seed_everything(t.seed)
     engine, lm = build_engine(cfg, layout)
     loader = build_loader(cfg.data, cfg.data.train_split, t.micro_batch_size, layout.sp, cfg.data.shuffle)
     step = skipped = 0
     sequences_per_step = t.micro_batch_size * t.grad_accum * layout.dp
     if checkpoint is not None:
-        client_state, rank_state = load_checkpoint(engine, checkpoint, layout)
-        loader.load_state_dict(rank_state["loader"])
-        step, skipped = client_state["step"], client_state["nonfinite_skipped"]
-        realign_after_resume(engine.lr_scheduler, t.lr)
-        written_sequences = client_state.get("sequences_per_step", sequences_per_step)  # absent in older checkpoints
-        if written_sequences != sequences_per_step and layout.is_main:
-            print(
-                f"warning: train.resume: {checkpoint} was trained on {written_sequences} sequences per step, this run "
-                f"reads {sequences_per_step} (train.micro_batch_size x train.grad_accum x dp); to keep the batch, set "
-                f"train.micro_batch_size x train.grad_accum = {written_sequences / layout.dp:g}",
-                flush=True,
-            )
-        if layout.is_main:
-            print(f"resumed from {checkpoint} at step {step}", flush=True)
-    monitor = Monitor(run_dir, layout.is_main, cfg.logging.tensorboard, t.steps, config_yaml)
+        step, skipped = resume(engine, loader, checkpoint, layout, cfg, sequences_per_step)
+    if layout.is_main:
+        (run_dir / "config.yaml").write_text(config_yaml)
+    monitor = Monitor(run_dir, layout.is_main, cfg.logging.tensorboard, t.steps, config_yaml, step)
     probe = LearningRateProbe(lm)
     fast = ("w0", "w1", "w2") if cfg.model.ttt.fast_weights == "all" else ("w1",)
     flops_per_token = training_flops_per_token(cfg.model, cfg.data.seq_len)

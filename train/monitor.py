@@ -64,21 +64,45 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-class Monitor:
-    """Rank 0's outputs; on other ranks every method is a no-op except timing bookkeeping."""
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep the records of steps <= last_step (a resumed run logs the later ones again); drops a torn last line."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    staging = path.with_name(path.name + ".partial")
+    staging.write_text("".join(kept))
+    staging.replace(path)
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, total_steps: int, config_yaml: str) -> None:
+
+class Monitor:
+    """Rank 0's outputs; on other ranks every method is a no-op except timing bookkeeping.
+
+    A run that starts at `start_step` (0, or the step it resumed from) first drops what an earlier
+    run logged after that step, from metrics.jsonl and (with `purge_step`) from TensorBoard, so that
+    each step is logged once however often the run was resumed.
+    """
+
+    def __init__(
+        self, run_dir: Path, enabled: bool, tensorboard: bool, total_steps: int, config_yaml: str, start_step: int = 0
+    ) -> None:
         self.enabled, self.total_steps = enabled, total_steps
         self.writer = None
         self.metrics = None
         if enabled:
             run_dir.mkdir(parents=True, exist_ok=True)
+            truncate_metrics(run_dir / "metrics.jsonl", start_step)
             self.metrics = open(run_dir / "metrics.jsonl", "a")
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-                self.writer.add_text("config", "```\n" + config_yaml + "\n```", 0)
+                self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
+                self.writer.add_text("config", "```\n" + config_yaml + "\n```", start_step)
         self.window_start = time.perf_counter()
         self.window_tokens = self.window_steps = 0
 

@@ -20,6 +20,7 @@ listed in the manifest). Output is written under a temporary name and renamed wh
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import shutil
 import sys
@@ -32,6 +33,7 @@ import numpy as np
 from streaming import MDSWriter
 from tqdm import tqdm
 
+from train.cli import DEBUG_HELP, run_command, warn
 from train.tokenizer import Tokenizer, load_tokenizer
 
 COLUMNS = {"tokens": "ndarray:int32", "doc_ids": "ndarray:int32"}
@@ -112,7 +114,7 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
         elif path.is_file():
             files.append(path)
         else:
-            raise FileNotFoundError(f"input {item} does not exist")
+            raise FileNotFoundError(errno.ENOENT, "input file or folder does not exist; check the path", item)
     return files
 
 
@@ -187,14 +189,16 @@ def prepare(
     document_index = 0
     for path in tqdm(files, desc="tokenising", unit="file", disable=not show_progress, file=sys.stderr):
         try:
-            for text in read_documents(path, text_field):
-                encoded = tokenizer.encode(text)
-                report.dropped_eos_collisions += encoded.dropped
-                split = "val" if is_validation(document_index, val_fraction) else "train"
-                packers[split].add(encoded.ids)
-                document_index += 1
+            documents = list(read_documents(path, text_field))  # the whole file first: a bad line skips all of it
         except BadInput as error:
             report.bad_files.append({"path": str(path), "error": str(error)})
+            continue
+        for text in documents:
+            encoded = tokenizer.encode(text)
+            report.dropped_eos_collisions += encoded.dropped
+            split = "val" if is_validation(document_index, val_fraction) else "train"
+            packers[split].add(encoded.ids)
+            document_index += 1
     for name in SPLITS:
         packers[name].finish()
         writers[name].finish()
@@ -225,7 +229,7 @@ def read_manifest(path: str | Path) -> Optional[dict]:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m train.prepare", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m train.prepare", description=__doc__.split("\n\n")[0], epilog=DEBUG_HELP)
     parser.add_argument("inputs", nargs="*", help="text/jsonl/parquet files or folders")
     parser.add_argument("--stdlib", action="store_true", help="add the standard library's .py sources (offline corpus)")
     parser.add_argument("--out", required=True, type=Path, help="output folder (gets train/, val/, manifest.json)")
@@ -242,15 +246,18 @@ def main(argv: list[str]) -> None:
     args = parse_args(argv)
     files = expand_inputs(args.inputs) + (stdlib_files() if args.stdlib else [])
     tokenizer = load_tokenizer(args.tokenizer, args.eos_token)
-    try:
-        report = prepare(files, args.out, args.seq_len, tokenizer, args.val_fraction, args.text_field, args.skip_bad)
-    except (BadInput, ValueError) as error:
-        raise SystemExit(f"train.prepare: {error}") from error
+    report = prepare(files, args.out, args.seq_len, tokenizer, args.val_fraction, args.text_field, args.skip_bad)
     for bad in report.bad_files:
         print(f"skipped {bad['path']}: {bad['error']}", file=sys.stderr)
     for name, stats in report.splits.items():
         print(f"{args.out}/{name}: {stats.documents} documents, {stats.tokens} tokens, {stats.samples} samples of {args.seq_len + 1}")
+    val = report.splits["val"]
+    if args.val_fraction > 0 and val.samples == 0:
+        warn(
+            f"{args.out}/val holds no sample ({val.documents} documents, {val.tokens} tokens; a sample needs "
+            f"{args.seq_len + 1}): training turns evaluation off. Raise --val-fraction, lower --seq-len or add documents"
+        )
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_command("train.prepare", main, sys.argv[1:])

@@ -25,6 +25,7 @@ import matplotlib.pyplot as plt
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
+from train.cli import DEBUG_HELP, run_command
 from train.eval import LanguageModel, add_model_arguments, load_for_eval, publish
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -70,14 +71,14 @@ def _digits(rng: random.Random, n: int) -> str:
     return str(rng.randrange(10 ** (n - 1), 10**n))
 
 
-def make_sample(task: str, length: int, depth: float, rng: random.Random, num_needles: int = 4) -> RetrievalSample:
-    """One sample of `task` whose byte length is exactly `length`, needle(s) at `depth` in [0, 1]."""
+def _sample_parts(task: str, rng: random.Random, num_needles: int) -> tuple[str, str, list[tuple[str, str]]]:
+    """(intro, needle text, [(question, answer)]) of one sample of `task`."""
     if task == "passkey":
         key = _digits(rng, 5)
         intro = "There is important information hidden inside a lot of irrelevant text. Find it and remember it.\n"
         needles = f"The pass key is {key}. Remember it. {key} is the pass key. "
-        questions = [("\nWhat is the pass key? The pass key is ", key)]
-    elif task in ("niah_single", "niah_multiquery"):
+        return intro, needles, [("\nWhat is the pass key? The pass key is ", key)]
+    if task in ("niah_single", "niah_multiquery"):
         count = 1 if task == "niah_single" else num_needles
         facts = [(_word(rng), _digits(rng, 7)) for _ in range(count)]
         intro = "Some special magic numbers are hidden within the following text. Make sure to memorize them.\n"
@@ -87,8 +88,27 @@ def make_sample(task: str, length: int, depth: float, rng: random.Random, num_ne
             (f"\nWhat is the special magic number for {word} mentioned in the provided text? The special magic number for {word} is ", number)
             for word, number in facts
         ]
-    else:
-        raise ValueError(f"task={task!r} must be one of {TASKS}")
+        return intro, needles, questions
+    raise ValueError(f"task={task!r} must be one of {TASKS}")
+
+
+def minimum_length(task: str, num_needles: int = 4) -> int:
+    """The shortest sample of `task` in tokens: its fixed text plus one filler sentence block
+    (the same for every sample: keys and words have fixed lengths)."""
+    intro, needles, questions = _sample_parts(task, random.Random(0), num_needles)
+    return len(intro) + len(needles) + sum(len(q) + len(a) for q, a in questions) + len(FILLER)
+
+
+def check_lengths(tasks: list[str], lengths: list[int]) -> None:
+    """Refuse, before any task runs, lengths too short for some task."""
+    too_short = [f"{task} needs >= {minimum_length(task)}" for task in tasks if min(lengths) < minimum_length(task)]
+    if too_short:
+        raise ValueError(f"--lengths {min(lengths)} is too short: {', '.join(too_short)} tokens; raise the smallest length")
+
+
+def make_sample(task: str, length: int, depth: float, rng: random.Random, num_needles: int = 4) -> RetrievalSample:
+    """One sample of `task` whose byte length is exactly `length`, needle(s) at `depth` in [0, 1]."""
+    intro, needles, questions = _sample_parts(task, rng, num_needles)
     fixed = len(intro) + len(needles) + sum(len(q) + len(a) for q, a in questions)
     if length < fixed + len(FILLER):
         raise ValueError(f"length={length} is too short for {task}: it needs at least {fixed + len(FILLER)} tokens")
@@ -157,7 +177,7 @@ def plot_heatmap(result: dict) -> plt.Figure:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m train.retrieval", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m train.retrieval", description=__doc__.split("\n\n")[0], epilog=DEBUG_HELP)
     add_model_arguments(parser)
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     parser.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048, 4096, 8192])
@@ -176,6 +196,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
+    check_lengths(args.tasks, args.lengths)
     model = load_for_eval(args)
     writer = SummaryWriter(str(args.tensorboard or args.out))
     for task in args.tasks:
@@ -187,4 +208,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_command("train.retrieval", main, sys.argv[1:])

@@ -8,6 +8,7 @@ the few NUL bytes an input might hold are dropped and counted so the EOS id stay
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -42,7 +43,10 @@ class JsonTokenizer:
         from tokenizers import Tokenizer
 
         self.name = str(path)
-        self._tokenizer = Tokenizer.from_file(str(path))
+        try:
+            self._tokenizer = Tokenizer.from_file(str(path))
+        except Exception as error:  # the tokenizers library raises a bare Exception for a malformed file
+            raise ValueError(f"--tokenizer {path} is not a valid tokenizer.json ({error}); pass an intact file or 'bytes'") from error
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
         candidates = (eos_token,) if eos_token else EOS_CANDIDATES
         ids = [self._tokenizer.token_to_id(token) for token in candidates]
@@ -65,5 +69,5 @@ def load_tokenizer(spec: str, eos_token: Optional[str] = None) -> Tokenizer:
     if spec == "bytes":
         return ByteTokenizer()
     if not Path(spec).is_file():
-        raise FileNotFoundError(f"--tokenizer {spec}: not 'bytes' and no such tokenizer.json file")
+        raise FileNotFoundError(errno.ENOENT, "--tokenizer is neither 'bytes' nor an existing tokenizer.json", spec)
     return JsonTokenizer(spec, eos_token)
