@@ -18,7 +18,8 @@ from torch import nn
 
 from model.config import LMConfig
 from model.layers import RMSNorm, SwiGLUMLP, apply_rotary, rotary_tables
-from model.lm import IGNORE_INDEX, LMOutput
+from model.lm import LMOutput
+from model.loss import head_and_loss
 
 
 @dataclass
@@ -82,22 +83,20 @@ class BaselineLM(nn.Module):
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=cfg.init_std)
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.embed.weight if self.head is None else self.head.weight
-        return F.linear(self.final_norm(x), weight)
+    def output_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.head is None else self.head.weight
 
-    def forward(self, input_ids: torch.Tensor, targets: Optional[torch.Tensor] = None) -> LMOutput:
-        """input_ids, targets: [B, T]; the same LMOutput as TTTLM (no states)."""
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.final_norm(x), self.output_weight())
+
+    def forward(self, input_ids: torch.Tensor, targets: Optional[torch.Tensor] = None, return_logits: bool = True) -> LMOutput:
+        """input_ids, targets: [B, T]; the same LMOutput as TTTLM (no states), with the same head and loss."""
         x = self.embed(input_ids)
         for block in self.blocks:
             x = x + block.attention(block.mixer_norm(x))
             x = x + block.mlp(block.mlp_norm(x))
-        logits = self.logits(x)
-        loss = loss_sum = num_targets = None
-        if targets is not None:
-            loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-            num_targets = (targets != IGNORE_INDEX).sum()
-            loss = loss_sum / num_targets.clamp(min=1)
+        logits, loss_sum, num_targets = head_and_loss(self.final_norm(x), self.output_weight(), targets, return_logits)
+        loss = None if loss_sum is None else loss_sum / num_targets.clamp(min=1)
         return LMOutput(logits, loss, loss_sum, num_targets, [])
 
     def empty_cache(self, batch: int, capacity: int) -> KVCache:

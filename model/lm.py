@@ -8,25 +8,24 @@ sequence parallelism) decide what to carry.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kernels.reference import FastWeights
 from model.config import LMConfig
 from model.layers import RMSNorm, SwiGLUMLP
+from model.loss import head_and_loss
 from model.segments import DocumentSegments
+from model.swa import flex_attention, window_block_mask
 from model.ttt_layer import TTTMixer
-
-IGNORE_INDEX = -100
 
 
 @dataclass
 class LMOutput:
     logits: Optional[torch.Tensor]  # [B, T, V]; None when only the loss was asked for
-    loss: Optional[torch.Tensor]  # mean cross-entropy over targets != IGNORE_INDEX
+    loss: Optional[torch.Tensor]  # mean cross-entropy over targets != model.loss.IGNORE_INDEX
     loss_sum: Optional[torch.Tensor]  # summed cross-entropy (exact averaging across sequence shards)
     num_targets: Optional[torch.Tensor]  # how many targets entered loss_sum
     states: list[FastWeights]  # fast weights after the sequence, one per layer
@@ -41,9 +40,10 @@ class Block(nn.Module):
         self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.resolved_mlp_hidden_size())
 
     def forward(
-        self, x: torch.Tensor, state: Optional[FastWeights], position_offset: int, segments: Optional[DocumentSegments] = None
+        self, x: torch.Tensor, state: Optional[FastWeights], position_offset: int,
+        segments: Optional[DocumentSegments] = None, window_mask: Optional[Any] = None,
     ) -> tuple[torch.Tensor, FastWeights]:
-        mixed, new_state = self.mixer(self.mixer_norm(x), state, position_offset, segments)
+        mixed, new_state = self.mixer(self.mixer_norm(x), state, position_offset, segments, window_mask)
         x = x + mixed
         return x + self.mlp(self.mlp_norm(x)), new_state
 
@@ -87,19 +87,21 @@ class TTTLM(nn.Module):
         """
         segments = None if doc_ids is None else DocumentSegments.from_doc_ids(doc_ids)
         x = self.embed(input_ids)
+        window_mask = self.window_mask(input_ids, doc_ids)
         new_states = []
         for i, block in enumerate(self.blocks):
-            x, state = block(x, None if states is None else states[i], position_offset, segments)
+            x, state = block(x, None if states is None else states[i], position_offset, segments, window_mask)
             new_states.append(state)
-        logits = F.linear(self.final_norm(x), self.output_weight())
-        loss = loss_sum = num_targets = None
-        if targets is not None:
-            loss_sum = F.cross_entropy(
-                logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-            )
-            num_targets = (targets != IGNORE_INDEX).sum()
-            loss = loss_sum / num_targets.clamp(min=1)
-        return LMOutput(logits if return_logits else None, loss, loss_sum, num_targets, new_states)
+        logits, loss_sum, num_targets = head_and_loss(self.final_norm(x), self.output_weight(), targets, return_logits)
+        loss = None if loss_sum is None else loss_sum / num_targets.clamp(min=1)
+        return LMOutput(logits, loss, loss_sum, num_targets, new_states)
+
+    def window_mask(self, input_ids: torch.Tensor, doc_ids: Optional[torch.Tensor]) -> Optional[Any]:
+        """The sliding-window block mask every layer shares, built once per forward where FlexAttention
+        runs (CUDA); None elsewhere (the blockwise path needs none)."""
+        if self.cfg.window_size <= 0 or not input_ids.is_cuda or flex_attention is None:
+            return None
+        return window_block_mask(input_ids.shape[1], self.cfg.window_size, input_ids.device, doc_ids)
 
 
 def count_parameters(model: nn.Module, include_embeddings: bool = True) -> int:

@@ -1,27 +1,33 @@
 """Sliding-window causal softmax attention (the local branch LaCT pairs with its large chunks).
 
-Token t attends to keys s with t - window < s <= t. The large-chunk TTT branch only sees earlier
-chunks, so this branch is what makes the layer causal token by token inside a chunk.
+Token t attends to keys s with t - window < s <= t (and, with packed documents, only to keys of its own
+document). The large-chunk TTT branch only sees earlier chunks, so this branch is what makes the layer
+causal token by token inside a chunk.
 
 Three paths compute the same function:
 * `band_attention_reference`: one SDPA call with a [T, T] band mask (tests, short sequences);
-* `blockwise_band_attention`: queries in blocks of `window`, each against at most 2 * window keys,
-  so memory is O(T * window) rather than O(T^2) (CPU, and GPUs without flash-attn);
-* flash-attn's native window (`window_size=(window - 1, 0)`) on CUDA when the package is installed.
+* `blockwise_band_attention`: queries in blocks of `window`, each against at most 2 * window keys, so
+  memory is O(T * window) rather than O(T^2) (CPU, and the reference the GPU path is tested against);
+* `flex_window_attention`: FlexAttention with a block-sparse mask, the default on CUDA in 16-bit: only
+  the 128 x 128 tiles that touch the band are computed, so its cost is T * window, not the dense
+  masked kernel's T * 2 * window with a boolean mask read per element.
+
+The block mask depends only on (T, window) without documents, and on the batch's `doc_ids` with them:
+`window_block_mask` caches the first kind and the LM builds the second once per forward, outside the
+blocks, so every layer (and a compiled block) reuses it.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
-try:  # optional fast path; the image may not ship it
-    from flash_attn import flash_attn_func
-except ImportError:  # pragma: no cover - depends on the environment
-    flash_attn_func = None
-
+try:  # FlexAttention: torch >= 2.5
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:  # pragma: no cover - depends on the torch build
+    BlockMask = create_block_mask = flex_attention = None
 
 def band_mask(query_positions: torch.Tensor, key_positions: torch.Tensor, window: int) -> torch.Tensor:
     """True where query i may attend key j: 0 <= pos_i - pos_j < window. Shapes [Tq], [Tk] -> [Tq, Tk]."""
@@ -71,11 +77,79 @@ def blockwise_band_attention(
     return torch.cat(outputs, dim=2).transpose(1, 2)
 
 
-def sliding_window_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, doc_ids: Optional[torch.Tensor] = None
+def window_mask_mod(window: int, doc_ids: Optional[torch.Tensor] = None) -> Callable:
+    """FlexAttention's mask function: query i sees key j when 0 <= i - j < window (same document)."""
+
+    def in_window(b: Any, h: Any, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        distance = q_idx - kv_idx
+        return (distance >= 0) & (distance < window)
+
+    if doc_ids is None:
+        return in_window
+
+    def in_window_and_document(b: Any, h: Any, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        return in_window(b, h, q_idx, kv_idx) & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
+
+    return in_window_and_document
+
+
+_WINDOW_MASKS: dict[tuple, Any] = {}
+
+
+def window_block_mask(seq_len: int, window: int, device: torch.device, doc_ids: Optional[torch.Tensor] = None) -> Any:
+    """The BlockMask of the band (per row of `doc_ids` [B, T] when documents are packed).
+
+    Without documents the mask is cached per (T, window, device): one build serves every layer and
+    step. With documents it depends on the batch; the LM builds it once per forward.
+    """
+    key = (seq_len, window, str(device))
+    if doc_ids is None and key in _WINDOW_MASKS:
+        return _WINDOW_MASKS[key]
+    batch = None if doc_ids is None else doc_ids.shape[0]
+    mask = create_block_mask(window_mask_mod(window, doc_ids), batch, None, seq_len, seq_len, device=device,
+                             _compile=device.type == "cuda")
+    if doc_ids is None:
+        _WINDOW_MASKS[key] = mask
+    return mask
+
+
+_COMPILED_FLEX: Optional[Callable] = None
+
+
+def _flex(device: torch.device) -> Callable:
+    """FlexAttention compiled on CUDA (its fused kernel exists only compiled); the eager op elsewhere,
+    which runs FlexAttention's own dense reference (CPU tests)."""
+    global _COMPILED_FLEX
+    if device.type != "cuda":
+        return flex_attention
+    if _COMPILED_FLEX is None:
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED_FLEX
+
+
+def flex_window_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, doc_ids: Optional[torch.Tensor] = None,
+    block_mask: Optional[Any] = None,
 ) -> torch.Tensor:
-    """Dispatch: flash-attn's window on CUDA (fp16/bf16) when installed and no documents are packed,
-    else the blockwise SDPA path (which also masks across documents)."""
-    if doc_ids is None and flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        return flash_attn_func(q, k, v, causal=True, window_size=(window - 1, 0))
+    """q, k, v: [B, T, A, Dh] -> [B, T, A, Dh] through FlexAttention; `block_mask` from
+    `window_block_mask` (built here when not given)."""
+    if block_mask is None:
+        block_mask = window_block_mask(q.shape[1], window, q.device, doc_ids)
+    out = _flex(q.device)(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask)
+    return out.transpose(1, 2)
+
+
+def use_flex_attention(x: torch.Tensor) -> bool:
+    """FlexAttention on CUDA for 16-bit activations; the blockwise SDPA path elsewhere."""
+    return flex_attention is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+
+
+def sliding_window_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, doc_ids: Optional[torch.Tensor] = None,
+    block_mask: Optional[Any] = None,
+) -> torch.Tensor:
+    """Dispatch: FlexAttention on CUDA in 16-bit (with the caller's `block_mask` when it built one),
+    else the blockwise SDPA path. Both mask across documents when doc_ids [B, T] is given."""
+    if use_flex_attention(q):
+        return flex_window_attention(q, k, v, window, doc_ids, block_mask)
     return blockwise_band_attention(q, k, v, window, doc_ids)

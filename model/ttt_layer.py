@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -126,11 +126,13 @@ class TTTMixer(nn.Module):
         state: Optional[FastWeights] = None,
         position_offset: int = 0,
         segments: Optional[DocumentSegments] = None,
+        window_mask: Optional[Any] = None,
     ) -> tuple[torch.Tensor, FastWeights]:
         """x [B, T, D] -> y [B, T, D] and the fast weights after each row.
 
         `segments` marks packed documents: each starts from the learned initial state and attends
-        only within itself (a carried `state` cannot be combined with it).
+        only within itself (a carried `state` cannot be combined with it). `window_mask` is the
+        attention branch's block mask when the caller built one for all layers (`model.swa`).
         """
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         if segments is None:
@@ -139,7 +141,7 @@ class TTTMixer(nn.Module):
             raise ValueError("a carried fast-weight state and document segments exclude each other")
         else:
             ttt_out, final_state = self._segmented_ttt_branch(self.ttt_inputs(x, q, k, v), segments)
-        attention = self.attention_branch(q, k, v, position_offset, segments) if self.attn_heads else None
+        attention = self.attention_branch(q, k, v, position_offset, segments, window_mask) if self.attn_heads else None
         return self.combine(ttt_out, attention, x.dtype), final_state
 
     def combine(self, ttt_out: torch.Tensor, attention: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
@@ -170,14 +172,15 @@ class TTTMixer(nn.Module):
 
     def attention_branch(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_offset: int,
-        segments: Optional[DocumentSegments] = None,
+        segments: Optional[DocumentSegments] = None, window_mask: Optional[Any] = None,
     ) -> torch.Tensor:
         """Sliding-window attention over [B, T, D] projections -> [B, T, D]; with packed documents,
         positions restart and attention stays inside each document."""
         batch, seq_len, hidden = q.shape
         positions = None if segments is None else segments.positions
         heads = self.attention_heads(q, k, v, position_offset, positions)
-        out = sliding_window_attention(*heads, self.cfg.window_size, doc_ids=None if segments is None else segments.doc_ids)
+        doc_ids = None if segments is None else segments.doc_ids
+        out = sliding_window_attention(*heads, self.cfg.window_size, doc_ids=doc_ids, block_mask=window_mask)
         return out.reshape(batch, seq_len, hidden)
 
     def _ttt_branch(

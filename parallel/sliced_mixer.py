@@ -62,9 +62,11 @@ class SlicedMixerForward:
         self.context = context
 
     def __call__(
-        self, x: torch.Tensor, state: Optional[FastWeights] = None, position_offset: int = 0, segments: None = None
+        self, x: torch.Tensor, state: Optional[FastWeights] = None, position_offset: int = 0, segments: None = None,
+        window_mask: None = None,
     ) -> tuple[torch.Tensor, FastWeights]:
-        """The mixer's forward on this rank's slice; packed-document segments exist only without sequence parallelism."""
+        """The mixer's forward on this rank's slice; packed-document segments exist only without sequence
+        parallelism, and the window attention runs over [halo; slice], so it builds its own mask."""
         if segments is not None:
             raise ValueError("packed-document resets need parallel.sp=1 (data.reset_at_doc_boundaries)")
         mixer, groups = self.mixer, self.context.groups

@@ -46,3 +46,36 @@ def test_key_just_outside_window_has_no_influence():
     changed = blockwise_band_attention(q, k, v2, 5)
     assert torch.equal(changed[:, 11], base[:, 11]) and torch.equal(changed[:, :6], base[:, :6])
     assert not torch.allclose(changed[:, 10], base[:, 10])
+
+
+def explicit_document_window_attention(q, k, v, window, doc_ids):
+    """The definition with packed documents: keys in the window and in the query's own document."""
+    scale = q.shape[-1] ** -0.5
+    out = torch.empty_like(q)
+    for b in range(q.shape[0]):
+        for t in range(q.shape[1]):
+            keys = [s for s in range(max(0, t - window + 1), t + 1) if doc_ids[b, s] == doc_ids[b, t]]
+            scores = torch.einsum("ad,sad->as", q[b, t], k[b, keys]) * scale
+            out[b, t] = torch.einsum("as,sad->ad", scores.softmax(-1), v[b, keys])
+    return out
+
+
+@pytest.mark.parametrize("seq_len,window", [(17, 4), (130, 37), (9, 32)])
+def test_flex_window_attention_equals_definition(seq_len, window):
+    """The FlexAttention path (its block mask and mask function; eager FlexAttention on CPU runs the
+    same masked softmax densely) against the definition, with and without packed documents."""
+    from model.swa import flex_window_attention
+
+    q, k, v = (torch.randn(2, seq_len, 2, 8, dtype=torch.float64) for _ in range(3))
+    assert relative_error(flex_window_attention(q, k, v, window), explicit_window_attention(q, k, v, window)) < TOLERANCE
+    doc_ids = torch.cumsum(torch.rand(2, seq_len) < 0.1, dim=1)
+    expected = explicit_document_window_attention(q, k, v, window, doc_ids)
+    assert relative_error(flex_window_attention(q, k, v, window, doc_ids), expected) < TOLERANCE
+
+
+def test_window_block_mask_is_built_once_per_length_and_window():
+    from model.swa import window_block_mask
+
+    first = window_block_mask(256, 64, torch.device("cpu"))
+    assert window_block_mask(256, 64, torch.device("cpu")) is first
+    assert window_block_mask(256, 32, torch.device("cpu")) is not first

@@ -69,6 +69,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # global gradient-norm clip; 0 turns it off
     precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     activation_checkpointing: bool = False  # recompute each block in the backward pass
+    activation_checkpointing_policy: str = "full"  # full: the whole block; selective: keep GEMM outputs
     seed: int = 0
     resume: str = "none"  # none | auto (newest complete checkpoint) | a checkpoint folder
     max_nonfinite_steps: int = 5  # consecutive skipped (non-finite) steps before the run stops
@@ -154,6 +155,8 @@ class RunConfig:
         _require(t.lr > 0, "train.lr", t.lr, "must be > 0")
         _require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
         _require(t.schedule in SCHEDULES, "train.schedule", t.schedule, f"must be one of {SCHEDULES}")
+        _require(t.activation_checkpointing_policy in ("full", "selective"), "train.activation_checkpointing_policy",
+                 t.activation_checkpointing_policy, "must be one of ('full', 'selective')")
         _require(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "must be >= 0")
         if t.warmup_steps > t.steps:
             warn(f"train.warmup_steps={t.warmup_steps} is more than train.steps={t.steps}; warming up over all {t.steps} steps")

@@ -61,7 +61,7 @@ def build_model(cfg: RunConfig, layout: Layout) -> tuple[nn.Module, TTTLM]:
     torch.manual_seed(cfg.train.seed)
     model = TTTLM(cfg.model)
     if cfg.train.activation_checkpointing:
-        checkpoint_blocks(model)
+        checkpoint_blocks(model, cfg.train.activation_checkpointing_policy)
     if layout.sp == 1:
         return model, model
     try:
