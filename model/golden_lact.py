@@ -167,3 +167,46 @@ def golden_mixer(mixer, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
     if cfg.window_size > 0:
         mixed = mixed + window_attention(q, k, v, cfg.window_size, positions, cfg)
     return mixed @ mixer.o_proj.weight.T, final
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected|| (inf when actual is not finite)."""
+    if not torch.isfinite(actual).all():
+        return math.inf
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-300)).item()
+
+
+def compare_with_golden(mixer, x: torch.Tensor, seed: int = 7) -> dict[str, float]:
+    """Relative errors of `mixer(x)` against `golden_mixer`: "output", "state <name>" for every final fast
+    weight and momentum, "grad <parameter>" for every parameter (of a random linear function of the
+    output and the final state, so every path is exercised)."""
+    params = dict(mixer.named_parameters())
+    y, state = mixer(x)
+    y_gold, state_gold = golden_mixer(mixer, x)
+    generator = torch.Generator().manual_seed(seed)
+    errors = {"output": relative_error(y, y_gold)}
+    probe = torch.randn(y.shape, generator=generator, dtype=y.dtype)
+    objective, objective_gold = (y * probe).sum(), (y_gold * probe).sum()
+    for name, expected in state_gold.items():
+        actual = getattr(state, name)
+        errors[f"state {name}"] = relative_error(actual, expected)
+        probe = torch.randn(expected.shape, generator=generator, dtype=expected.dtype)
+        objective, objective_gold = objective + (actual * probe).sum(), objective_gold + (expected * probe).sum()
+    grads = torch.autograd.grad(objective, list(params.values()))
+    grads_gold = torch.autograd.grad(objective_gold, list(params.values()))
+    for name, g, g_gold in zip(params, grads, grads_gold):
+        errors[f"grad {name}"] = relative_error(g, g_gold)
+    return errors
+
+
+def perturbed_mixer(mixer, seed: int = 0):
+    """The mixer (float64) with every parameter moved off its init and learning rates of order 0.1, so
+    that each update term matters at the 1e-3 level or more; fixed seed."""
+    mixer = mixer.double()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in mixer.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+        lr = mixer.lr_bias if mixer.lr_proj is None else mixer.lr_proj.bias
+        lr.copy_(-1.5 + 0.5 * torch.randn(lr.shape, generator=generator, dtype=lr.dtype))
+    return mixer
