@@ -38,7 +38,9 @@ class TTTConfig:
     which is why that combination is enforced here rather than silently ignored.
     A sequence whose length is not a multiple of `chunk_size` ends in a shorter final chunk.
 
-    The fields after `use_kernel` reproduce the layer as released (a1600012888/LaCT, `lact_llm`:
+    `mode` .. `weight_norm` keep the project's small parallel-first defaults (the parallel W1-only form
+    kept LaCT's quality at equal size, docs/quality.md); the released layer as a whole is the preset
+    `configs/model/lact_760m.yaml`. The fields after `use_kernel` reproduce the layer as released (a1600012888/LaCT, `lact_llm`:
     `ttt_operation.py` and `layer_lact_swiglu.py`) and default to what it does; each can be switched
     off to study it. They act on the per-token inputs and the output, so both modes offer them:
     * `rope`: RoPE on the fast q/k after their L2 norm (released configs: `ttt_nope=False`), with
