@@ -15,7 +15,6 @@ keeps it working; nothing is written unless --out is given.
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -60,18 +59,16 @@ def modes_of(cfg: LMConfig) -> list[str]:
 
 
 def seconds(fn: Callable[[], None], device: torch.device) -> float:
-    """Median wall time of fn: triton's do_bench on CUDA, three runs after one warm-up elsewhere."""
+    """Wall time of fn: triton's do_bench median on CUDA; elsewhere (the CPU smoke run, which only keeps
+    the code working) one run after a warm-up."""
     if device.type == "cuda":
         import triton.testing
 
         return triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median") / 1e3
     fn()
-    runs = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        runs.append(time.perf_counter() - start)
-    return statistics.median(runs)
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def time_layer(cfg: LMConfig, mode: str, batch: int, seq_len: int, device: torch.device) -> dict:
