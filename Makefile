@@ -9,7 +9,7 @@ SEQ_LEN ?= 512
 RUNS ?= runs
 DS_ACCELERATOR ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
 
-.PHONY: install test test-gpu train prepare-data tensorboard bench-kernels bench-sp clean
+.PHONY: install test test-gpu train prepare-data tensorboard bench-kernels bench-ladder bench-sp mutations clean
 
 install:
 	python3 -m venv .venv
@@ -40,6 +40,15 @@ tensorboard:
 
 bench-kernels:
 	$(PYTHON) -m kernels.bench
+
+# The simplification ladder V0..V6 (arXiv 2602.21204, Table 2): one 760M layer per step, recurrent and
+# parallel tokens/s beside the paper's; writes docs/bench/ladder.json and ladder.md (CUDA).
+bench-ladder:
+	$(PYTHON) -m kernels.bench --ladder
+
+# Break the layer on purpose in copies of the tree and check that the tests catch every breakage.
+mutations:
+	$(PYTHON) -m tests.mutations
 
 # Sequence-parallel benchmark on NPROC GPUs of one host (NVLink multicast stays off).
 bench-sp:

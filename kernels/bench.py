@@ -16,6 +16,7 @@ at three shapes (B * T = 131072 tokens each):
 FLOP model (per token per head, forward; backward counted as 2x forward) in docs/kernels.md.
 Writes kernels.json and kernels.md under --out; also measures the bf16 matmul peak (8192^3).
 `--variants` instead times the design choices and tile shapes docs/kernels.md reports (variants.json).
+`--ladder` instead times the simplification ladder's layers (kernels/ladder.py; `--smoke`: tiny, on CPU).
 """
 
 from __future__ import annotations
@@ -358,11 +359,19 @@ def main() -> None:
     parser.add_argument("--T", type=int, nargs="+", default=[4096, 16384, 65536], help="sequence lengths")
     parser.add_argument("--ops", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--impls", nargs="+", default=None, help="subset of impls to run")
-    parser.add_argument("--out", default="docs/bench", help="folder for kernels.json and kernels.md")
+    parser.add_argument("--out", default=None, help="folder for the results (default docs/bench; --smoke: none)")
     parser.add_argument("--profile", action="store_true", help="print tttla's per-kernel times (layer, T=16384)")
     parser.add_argument("--sweep", action="store_true", help="pick tttla's tile shapes by a short sweep first")
     parser.add_argument("--variants", action="store_true", help="time the design variants only (variants.json)")
+    parser.add_argument("--ladder", action="store_true", help="time the ladder V0..V6 layers only (ladder.json, ladder.md)")
+    parser.add_argument("--smoke", action="store_true", help="with --ladder: a tiny width on the CPU")
     args = parser.parse_args()
+    if args.ladder:
+        from kernels import ladder
+
+        ladder.main(args.smoke, args.out)
+        return
+    args.out = args.out or "docs/bench"
     if not torch.cuda.is_available():
         raise SystemExit("kernels.bench needs a CUDA device")
     device = torch.device("cuda")

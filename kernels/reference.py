@@ -18,16 +18,48 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
-# Quintic Newton-Schulz coefficients used by Muon (5 iterations drive singular values towards 1).
-NS5_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
-NS5_STEPS = 5
-NS5_EPS = 1e-7
+# Muon's Newton-Schulz iteration x <- a x + (b G + c G^2) x, G = x x^T, one (a, b, c) per step.
+# "classic": the fixed quintic of Keller Jordan's Muon, five times. "lact": the five-step schedule of
+# the released LaCT language models (a1600012888/LaCT, lact_llm), a different (a, b, c) per step.
+NS_SCHEDULES: dict[str, tuple[tuple[float, float, float], ...]] = {
+    "classic": ((3.4445, -4.7750, 2.0315),) * 5,
+    "lact": (
+        (4.0848, -6.8946, 2.9270),
+        (3.9505, -6.3029, 2.6377),
+        (3.7418, -5.5913, 2.3037),
+        (2.8769, -3.1427, 1.2046),
+        (2.8366, -3.0525, 1.2012),
+    ),
+}
+NS_EPS = 1e-7  # added to the Frobenius norm before the first step
 
+
+@dataclass(frozen=True)
+class NewtonSchulz:
+    """Muon's orthogonalisation: which coefficient schedule, and the dtype the iteration runs in.
+
+    `compute_dtype=None` iterates in the update's own dtype (float64 in the proofs); the layer passes
+    its operand dtype, which is bf16 under autocast, as the released LaCT code iterates in bf16.
+    """
+
+    schedule: str = "lact"
+    compute_dtype: Optional[torch.dtype] = None
+
+    @property
+    def coefficients(self) -> tuple[tuple[float, float, float], ...]:
+        return NS_SCHEDULES[self.schedule]
+
+
+def resolve_muon(muon: "bool | NewtonSchulz | None") -> Optional[NewtonSchulz]:
+    """`muon` as the references take it: False/None (off), True (the default schedule) or a NewtonSchulz."""
+    if isinstance(muon, NewtonSchulz):
+        return muon
+    return NewtonSchulz() if muon else None
 
 def swiglu_features(x: torch.Tensor, w0: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """h(x) = silu(W0 x) * (W2 x).
@@ -38,20 +70,26 @@ def swiglu_features(x: torch.Tensor, w0: torch.Tensor, w2: torch.Tensor) -> torc
     return F.silu(torch.einsum(pattern, x, w0)) * torch.einsum(pattern, x, w2)
 
 
-def newton_schulz5(update: torch.Tensor) -> torch.Tensor:
-    """Muon's orthogonalisation of each trailing matrix of `update` ([..., m, n]).
+def identity_features(x: torch.Tensor, w0: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """h(x) = x: the fast weight is one linear layer f(x) = W1 x (the ladder's "V3"); w0, w2 unused."""
+    return x
 
-    Works on the wide orientation (m <= n) so the Gram matrix is the small one, as Muon does.
+
+def newton_schulz5(update: torch.Tensor, muon: NewtonSchulz = NewtonSchulz()) -> torch.Tensor:
+    """Muon's orthogonalisation of each trailing matrix of `update` ([..., m, n]), in its dtype out.
+
+    Works on the wide orientation (m <= n) so the Gram matrix is the small one, as Muon does; the
+    Frobenius norm (+ NS_EPS) bounds the spectral norm by 1 before the first step.
     """
-    a, b, c = NS5_COEFFICIENTS
     transposed = update.shape[-2] > update.shape[-1]
     x = update.transpose(-1, -2) if transposed else update
-    x = x / (torch.linalg.matrix_norm(x, keepdim=True) + NS5_EPS)
-    for _ in range(NS5_STEPS):
+    x = x.to(muon.compute_dtype or x.dtype)
+    x = x / (torch.linalg.matrix_norm(x, keepdim=True) + NS_EPS)
+    for a, b, c in muon.coefficients:
         gram = x @ x.transpose(-1, -2)
         x = a * x + (b * gram + c * gram @ gram) @ x
+    x = x.to(update.dtype)
     return x.transpose(-1, -2) if transposed else x
-
 
 def chunk_bounds(seq_len: int, chunk_size: int) -> list[tuple[int, int]]:
     """[(start, end)] of each chunk; the last one is shorter when chunk_size does not divide seq_len."""
@@ -83,9 +121,9 @@ class FastWeights:
 class ChunkGradients:
     """Per-token-learning-rate-weighted gradients of sum_t eta_t * l_t, l_t = -<f(k_t), v_t>."""
 
-    g0: torch.Tensor  # [B, H, dh, d]
+    g0: Optional[torch.Tensor]  # [B, H, dh, d] (None when W0 is frozen)
     g1: torch.Tensor  # [B, H, d, dh]
-    g2: torch.Tensor  # [B, H, dh, d]
+    g2: Optional[torch.Tensor]  # [B, H, dh, d] (None when W2 is frozen)
 
 
 def lact_chunk_gradients(
@@ -114,9 +152,10 @@ def lact_chunk_gradients(
     return ChunkGradients(g0=g0, g1=g1, g2=g2)
 
 
-def _row_normalise(w: torch.Tensor, row_norm: torch.Tensor) -> torch.Tensor:
-    """Weight norm: rescale every row of w ([..., rows, cols]) to the given norms ([..., rows, 1])."""
-    return w / w.norm(dim=-1, keepdim=True) * row_norm
+def _row_normalise(w: torch.Tensor, row_norm: torch.Tensor, eps: float) -> torch.Tensor:
+    """Weight norm: rescale every row of w ([..., rows, cols]) to the given norms ([..., rows, 1]),
+    dividing by (norm + eps) as the released LaCT code does (eps = 1e-5 there)."""
+    return w / (w.norm(dim=-1, keepdim=True) + eps) * row_norm
 
 
 def _momentum_update(
@@ -149,16 +188,23 @@ def lact_recurrent_reference(
     chunk_size: int,
     *,
     beta: Optional[torch.Tensor] = None,
-    muon: bool = False,
+    muon: "bool | NewtonSchulz" = False,
     weight_norm: bool = False,
+    weight_norm_eps: float = 0.0,
+    row_norms: Optional[FastWeights] = None,
     fast_weights: str = "all",
     update_sign: float = 1.0,
+    features: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = swiglu_features,
     trace: Optional[RecurrentTrace] = None,
 ) -> tuple[torch.Tensor, FastWeights]:
     """The faithful LaCT layer: block-causal, apply-then-update, one gradient step per chunk.
 
     q, k, v: [B, T, H, d]; eta0/1/2: [B, T, H]; beta: [B, N, H] per-chunk momentum (None: off);
-    `fast_weights="w1"` freezes W0, W2; `update_sign=-1` ascends the inner loss instead.
+    `fast_weights="w1"` freezes W0, W2; `update_sign=-1` ascends the inner loss instead;
+    `features(x, w0, w2)` is the feature map h (SwiGLU; another map needs `fast_weights="w1"`,
+    because the hand-derived W0/W2 gradients are SwiGLU's). Weight norm restores every row to its
+    norm in `row_norms` ([B or 1, H, rows, 1] each): those of the sequence's first weights, which a
+    continued sequence must pass because its entering rows are (with eps > 0) slightly shorter.
     Returns the output o [B, T, H, d] and the weights after the last chunk (for continuing a
     sequence). `trace`, when given, records the weights each chunk used (for the unrolled rewrite).
     """
@@ -166,31 +212,39 @@ def lact_recurrent_reference(
         raise ValueError("initial fast weights must be per sequence: [B, H, rows, cols]")
     if fast_weights not in ("all", "w1"):
         raise ValueError(f"fast_weights={fast_weights!r} must be 'all' or 'w1'")
+    if fast_weights == "all" and features is not swiglu_features:
+        raise ValueError("fast_weights='all' needs the SwiGLU feature map (its W0/W2 gradients are written for it)")
+    muon = resolve_muon(muon)
     w = FastWeights(initial.w0, initial.w1, initial.w2)
     if beta is not None:
         w.m0 = initial.m0 if initial.m0 is not None else torch.zeros_like(w.w0)
         w.m1 = initial.m1 if initial.m1 is not None else torch.zeros_like(w.w1)
         w.m2 = initial.m2 if initial.m2 is not None else torch.zeros_like(w.w2)
-    row_norms = [x.norm(dim=-1, keepdim=True) for x in (w.w0, w.w1, w.w2)]
+    targets = row_norms if row_norms is not None else w
+    row_norms = [x.norm(dim=-1, keepdim=True) for x in (targets.w0, targets.w1, targets.w2)]
     outputs = []
     for c, (s, e) in enumerate(chunk_bounds(q.shape[1], chunk_size)):
         if trace is not None:
             trace.w0.append(w.w0)
             trace.w1.append(w.w1)
             trace.w2.append(w.w2)
-        hq = swiglu_features(q[:, s:e], w.w0, w.w2)
+        hq = features(q[:, s:e], w.w0, w.w2)
         outputs.append(torch.einsum("bhde,bnhe->bnhd", w.w1, hq))
-        grads = lact_chunk_gradients(k[:, s:e], v[:, s:e], eta0[:, s:e], eta1[:, s:e], eta2[:, s:e], w)
+        if fast_weights == "all":
+            grads = lact_chunk_gradients(k[:, s:e], v[:, s:e], eta0[:, s:e], eta1[:, s:e], eta2[:, s:e], w)
+        else:  # dl/dW1 = -v h(k)^T for any feature map
+            hk = features(k[:, s:e], w.w0, w.w2)
+            grads = ChunkGradients(None, -chunk_updates(hk, v[:, s:e], eta1[:, s:e], e - s)[:, 0], None)
         beta_c = None if beta is None else beta[:, c]
         names = ("w0", "w1", "w2") if fast_weights == "all" else ("w1",)
         for name in names:
             index = int(name[1])
             direction, new_momentum = _momentum_update(getattr(w, f"m{index}"), getattr(grads, f"g{index}"), beta_c)
             setattr(w, f"m{index}", new_momentum)
-            step = newton_schulz5(direction) if muon else direction
+            step = newton_schulz5(direction, muon) if muon is not None else direction
             updated = getattr(w, name) - update_sign * step
             if weight_norm:
-                updated = _row_normalise(updated, row_norms[index])
+                updated = _row_normalise(updated, row_norms[index], weight_norm_eps)
             setattr(w, name, updated)
     return torch.cat(outputs, dim=1), w
 
@@ -225,7 +279,7 @@ def ttt_la_parallel_reference(
     *,
     beta: Optional[torch.Tensor] = None,
     initial_momentum: Optional[torch.Tensor] = None,
-    muon: bool = False,
+    muon: "bool | NewtonSchulz" = False,
     token_causal: bool = False,
     update_sign: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
@@ -251,8 +305,9 @@ def ttt_la_parallel_reference(
             carried = torch.exp(torch.cumsum(torch.log(beta), dim=1))  # prod_{j<=c} beta_j, [B, N, H]
             updates = updates + carried[..., None, None] * initial_momentum[:, None]
         momentum = updates[:, -1]
-    if muon:
-        updates = newton_schulz5(updates)
+    muon = resolve_muon(muon)
+    if muon is not None:
+        updates = newton_schulz5(updates, muon)
     updates = update_sign * updates
     inclusive = initial_state[:, None] + torch.cumsum(updates, dim=1)  # S after chunk c
     read_states = torch.cat([initial_state[:, None], inclusive[:, :-1]], dim=1)  # [B, N, H, d, dh]

@@ -40,6 +40,7 @@ class CausalAttention(nn.Module):
         self.heads = cfg.num_attn_heads
         self.head_dim = cfg.hidden_size // cfg.num_attn_heads
         self.rope_theta = cfg.rope_theta
+        self.rope_layout = cfg.rope_layout
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)
         self.o_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
 
@@ -49,7 +50,8 @@ class CausalAttention(nn.Module):
         q, k, v = (t.reshape(batch, seq_len, self.heads, self.head_dim) for t in self.qkv(x).chunk(3, dim=-1))
         positions = torch.arange(position_offset, position_offset + seq_len, device=x.device)
         cos, sin = rotary_tables(positions, self.head_dim, self.rope_theta, q.dtype)
-        return apply_rotary(q, cos, sin).transpose(1, 2), apply_rotary(k, cos, sin).transpose(1, 2), v.transpose(1, 2)
+        rotated = (apply_rotary(t, cos, sin, self.rope_layout).transpose(1, 2) for t in (q, k))
+        return *rotated, v.transpose(1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.heads_at(x, 0)

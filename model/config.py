@@ -15,6 +15,9 @@ from omegaconf import OmegaConf
 
 TTT_MODES = ("recurrent", "parallel")
 FAST_WEIGHT_SETS = ("all", "w1")
+FEATURE_MAPS = ("swiglu", "identity")
+NS_SCHEDULE_NAMES = ("lact", "classic")  # kernels.reference.NS_SCHEDULES
+ROPE_LAYOUTS = ("half", "interleaved")
 
 
 class ConfigError(ValueError):
@@ -34,6 +37,35 @@ class TTTConfig:
     `mode="parallel"` is the chunk scan, exact only when W1 alone is fast and weight norm is off,
     which is why that combination is enforced here rather than silently ignored.
     A sequence whose length is not a multiple of `chunk_size` ends in a shorter final chunk.
+
+    `mode` .. `weight_norm` keep the project's small parallel-first defaults (the parallel W1-only form
+    kept LaCT's quality at equal size, docs/quality.md); the released layer as a whole is the preset
+    `configs/model/lact_760m.yaml`. The fields after `use_kernel` reproduce the layer as released (a1600012888/LaCT, `lact_llm`:
+    `ttt_operation.py` and `layer_lact_swiglu.py`) and default to what it does; each can be switched
+    off to study it. They act on the per-token inputs and the output, so both modes offer them:
+    * `rope`: RoPE on the fast q/k after their L2 norm (released configs: `ttt_nope=False`), with
+      the attention branch's tables (`model.rope_theta`, blocks of the attention head dim,
+      positions absolute or restarting per packed document);
+    * `ns_coefficients`: Muon's Newton-Schulz schedule, "lact" (five different (a, b, c), as
+      released) or "classic" (3.4445, -4.7750, 2.0315) x 5; it iterates in the operand dtype (bf16
+      under autocast, as released) after a Frobenius normalisation + 1e-7;
+    * `output_scale`: the per-head gate silu(ttt_scale_proj(x)) on the normed TTT output
+      (`learnable_ttt_scale=True` in every released config);
+    * `qk_affine`: learnable per-channel scale and offset on q/k before the fast branch's SiLU;
+    * `w02_rank`: r > 0 makes the learned initial W0, W2 low-rank plus 0.5 I (W_left W_right + 0.5 I,
+      rank 32 in the released configs); 0 keeps them full matrices (the released class default);
+    * `l2_eps`, `weight_norm_eps`, `output_norm_eps`: x / (|x| + 1e-5) for the fast q/k, weight
+      norm W / (|W|_row + 1e-5) |W(0)|_row, and the per-head RMSNorm's 1e-5, as released;
+    * `init_gain` 1.0 and `low_rank_init_gain` 0.5: std gain / sqrt(fan_in) of the full-rank fast
+      weights and of the low-rank factors (std gain / sqrt(rank) and gain / sqrt(d)), as released.
+      The learning-rate, momentum and output-scale heads start as every linear layer,
+      normal(0, model.init_std); the learning-rate bias carries inv_softplus(base_lr), which the
+      released code adds in its forward instead (same function; its bias = ours - inv_softplus(base_lr)).
+    The two ladder simplifications (arXiv 2602.21204, Table 2) that change the layer's form:
+    * `feature_map="identity"`: the fast weight is one linear layer, f(x) = W1 x (h(x) = x, dh = d,
+      no W0/W2; needs `fast_weights="w1"`), "V3";
+    * `per_token_lr=false`: one learned learning rate per head and weight instead of a projection of
+      the token, "V4".
     """
 
     mode: str = "parallel"
@@ -47,14 +79,28 @@ class TTTConfig:
     token_causal: bool = False  # add the intra-chunk causal term (parallel mode)
     update_sign: float = 1.0  # +1: gradient descent on -<f(k), v>; -1: gradient ascent
     base_lr: float = 1e-3  # softplus(bias) at init for the per-token learning rates
-    init_gain: float = 0.5  # std of the fast-weight init is init_gain / sqrt(fan_in)
     use_kernel: bool = True  # Triton on CUDA where available; the reference elsewhere
+    rope: bool = True
+    ns_coefficients: str = "lact"
+    output_scale: bool = True
+    qk_affine: bool = True
+    w02_rank: int = 0
+    l2_eps: float = 1e-5
+    weight_norm_eps: float = 1e-5
+    output_norm_eps: float = 1e-5
+    init_gain: float = 1.0
+    low_rank_init_gain: float = 0.5
+    feature_map: str = "swiglu"
+    per_token_lr: bool = True
 
     def resolved_head_dim(self, hidden_size: int) -> int:
         """d: the TTT heads split the shared q/k/v projections, so d = hidden_size / num_heads."""
         return hidden_size // self.num_heads
 
     def resolved_inner_dim(self, hidden_size: int) -> int:
+        """dh: the feature size; the identity feature map has none of its own (dh = d)."""
+        if self.feature_map == "identity":
+            return self.resolved_head_dim(hidden_size)
         return int(round(self.resolved_head_dim(hidden_size) * self.inter_multi))
 
     def validate(self, hidden_size: int, prefix: str = "model.ttt") -> None:
@@ -77,6 +123,33 @@ class TTTConfig:
         _require(self.update_sign in (1.0, -1.0), f"{prefix}.update_sign", self.update_sign, "must be +1 or -1")
         _require(self.base_lr > 0, f"{prefix}.base_lr", self.base_lr, "must be > 0")
         _require(self.init_gain > 0, f"{prefix}.init_gain", self.init_gain, "must be > 0")
+        _require(self.low_rank_init_gain > 0, f"{prefix}.low_rank_init_gain", self.low_rank_init_gain, "must be > 0")
+        _require(
+            self.ns_coefficients in NS_SCHEDULE_NAMES,
+            f"{prefix}.ns_coefficients",
+            self.ns_coefficients,
+            f"must be one of {NS_SCHEDULE_NAMES}",
+        )
+        _require(self.w02_rank >= 0, f"{prefix}.w02_rank", self.w02_rank, "must be >= 0 (0: full-rank W0/W2)")
+        for key in ("l2_eps", "weight_norm_eps", "output_norm_eps"):
+            _require(getattr(self, key) >= 0, f"{prefix}.{key}", getattr(self, key), "must be >= 0")
+        _require(self.output_norm_eps > 0, f"{prefix}.output_norm_eps", self.output_norm_eps, "must be > 0")
+        _require(
+            self.feature_map in FEATURE_MAPS, f"{prefix}.feature_map", self.feature_map, f"must be one of {FEATURE_MAPS}"
+        )
+        if self.feature_map == "identity":
+            _require(
+                self.fast_weights == "w1",
+                f"{prefix}.fast_weights",
+                self.fast_weights,
+                f"must be 'w1' when {prefix}.feature_map='identity' (a single linear fast layer has no W0/W2)",
+            )
+            _require(
+                self.w02_rank == 0,
+                f"{prefix}.w02_rank",
+                self.w02_rank,
+                f"must be 0 when {prefix}.feature_map='identity' (there is no W0/W2)",
+            )
         if self.mode == "parallel":
             _require(
                 self.fast_weights == "w1",
@@ -111,7 +184,8 @@ class LMConfig:
     mlp_hidden_size: Optional[int] = None  # defaults to the SwiGLU 8/3 rule, rounded up to 64
     num_attn_heads: int = 4
     window_size: int = 64  # sliding-window attention; 0 turns the attention branch off
-    rope_theta: float = 10000.0
+    rope_theta: float = 1e6  # the released LaCT configs' theta, shared by the attention branch and the fast q/k
+    rope_layout: str = "half"  # pairs (i, i + D/2) as fla's RotaryEmbedding in the released code; "interleaved": (2i, 2i+1)
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
     init_std: float = 0.02
@@ -127,7 +201,8 @@ class LMConfig:
         _require(self.hidden_size >= 1, f"{prefix}.hidden_size", self.hidden_size, "must be >= 1")
         _require(self.num_layers >= 1, f"{prefix}.num_layers", self.num_layers, "must be >= 1")
         _require(self.window_size >= 0, f"{prefix}.window_size", self.window_size, "must be >= 0 (0 disables it)")
-        if self.window_size > 0:
+        _require(self.rope_layout in ROPE_LAYOUTS, f"{prefix}.rope_layout", self.rope_layout, f"must be one of {ROPE_LAYOUTS}")
+        if self.window_size > 0 or self.ttt.rope:
             _require(self.num_attn_heads >= 1, f"{prefix}.num_attn_heads", self.num_attn_heads, "must be >= 1")
             _require(
                 self.hidden_size % self.num_attn_heads == 0,
@@ -139,9 +214,10 @@ class LMConfig:
                 (self.hidden_size // self.num_attn_heads) % 2 == 0,
                 f"{prefix}.num_attn_heads",
                 self.num_attn_heads,
-                f"must leave an even attention head dim for RoPE ({prefix}.hidden_size={self.hidden_size})",
+                f"must leave an even attention head dim for RoPE ({prefix}.hidden_size={self.hidden_size}; "
+                f"the fast q/k use the same RoPE blocks when {prefix}.ttt.rope=true)",
             )
-        elif not self.ttt.token_causal:
+        if self.window_size == 0 and not self.ttt.token_causal:
             raise ConfigError(
                 f"{prefix}.window_size=0 with {prefix}.ttt.token_causal=false leaves tokens blind to their "
                 f"own chunk; set {prefix}.ttt.token_causal=true (parallel mode) or a positive window"

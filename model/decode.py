@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from kernels.reference import FastWeights, chunk_updates, swiglu_features
+from kernels.reference import FastWeights, chunk_updates
 from model.lm import TTTLM
 from model.ttt_layer import TTTInputs, TTTMixer
 
@@ -103,10 +103,10 @@ def _store_pending(cache: LayerCache, inputs: TTTInputs, start: int) -> None:
         cache.pending_gate[:, start:end] = inputs.momentum_gate
 
 
-def _intra_update(inputs: TTTInputs, fast: FastWeights) -> torch.Tensor:
+def _intra_update(mixer: TTTMixer, inputs: TTTInputs, fast: FastWeights) -> torch.Tensor:
     """sum over the given tokens of eta1 v h(k)^T, [B, H, d, dh]: what token-causal queries add to W1."""
     dtype = fast.w1.dtype
-    hk = swiglu_features(inputs.k.to(dtype), fast.w0, fast.w2)
+    hk = mixer.features(inputs.k.to(dtype), fast.w0, fast.w2)
     return chunk_updates(hk, inputs.v.to(dtype), inputs.etas[:, :, 1].to(dtype), hk.shape[1])[:, 0]
 
 
@@ -144,12 +144,12 @@ def _prefill_mixer(mixer: TTTMixer, h: torch.Tensor) -> tuple[torch.Tensor, Laye
         outputs.append(mixer.ttt_scan(remainder, fast)[0])
         _store_pending(cache, remainder, 0)
         if cache.intra is not None:
-            cache.intra += _intra_update(remainder, fast)
+            cache.intra += _intra_update(mixer, remainder, fast)
     attention = None
     if mixer.attn_heads:
         attention = mixer.attention_branch(q, k, v, 0)
         _store_window(cache, mixer, q, k, v, 0)
-    return mixer.combine(torch.cat(outputs, dim=1), attention, h.dtype), cache
+    return mixer.combine(torch.cat(outputs, dim=1), attention, h.dtype, inputs.output_scale), cache
 
 
 def _own_storage(t: torch.Tensor) -> torch.Tensor:
@@ -160,10 +160,7 @@ def _own_storage(t: torch.Tensor) -> torch.Tensor:
 
 def _slice_inputs(inputs: TTTInputs, start: int, end: int) -> TTTInputs:
     gate = inputs.momentum_gate
-    return TTTInputs(
-        *(t[:, start:end] for t in (inputs.q, inputs.k, inputs.v, inputs.etas)),
-        None if gate is None else gate[:, start:end],
-    )
+    return TTTInputs(*(None if t is None else t[:, start:end] for t in (inputs.q, inputs.k, inputs.v, inputs.etas, gate)))
 
 
 def _step_mixer(mixer: TTTMixer, h: torch.Tensor, cache: LayerCache, position: int) -> torch.Tensor:
@@ -171,14 +168,14 @@ def _step_mixer(mixer: TTTMixer, h: torch.Tensor, cache: LayerCache, position: i
     ttt = mixer.cfg.ttt
     slot = position % ttt.chunk_size
     q, k, v = mixer.qkv(h).chunk(3, dim=-1)
-    inputs = mixer.ttt_inputs(h, q, k, v)
+    inputs = mixer.ttt_inputs(h, q, k, v, position)
     _store_pending(cache, inputs, slot)
     fast = cache.fast
     read = fast.w1  # [B, H, d, dh]: the weights left by the previous chunk
     if cache.intra is not None:
-        cache.intra += _intra_update(inputs, fast)
+        cache.intra += _intra_update(mixer, inputs, fast)
         read = read + ttt.update_sign * cache.intra
-    hq = swiglu_features(inputs.q.to(read.dtype), fast.w0, fast.w2)  # [B, 1, H, dh]
+    hq = mixer.features(inputs.q.to(read.dtype), fast.w0, fast.w2)  # [B, 1, H, dh]
     ttt_out = torch.einsum("bhde,bnhe->bnhd", read, hq)
     if slot == ttt.chunk_size - 1:  # the chunk is complete: apply its update with the chunk form's function
         chunk = TTTInputs(cache.pending_k, cache.pending_k, cache.pending_v, cache.pending_etas, cache.pending_gate)
@@ -191,7 +188,7 @@ def _step_mixer(mixer: TTTMixer, h: torch.Tensor, cache: LayerCache, position: i
         filled = min(position + 1, mixer.cfg.window_size)
         keys, values = cache.keys[:, :, :filled], cache.values[:, :, :filled]  # ring slots fill in order
         attention = F.scaled_dot_product_attention(q_rot, keys, values).transpose(1, 2).reshape(h.shape)
-    return mixer.combine(ttt_out, attention, h.dtype)
+    return mixer.combine(ttt_out, attention, h.dtype, inputs.output_scale)
 
 
 def _run_blocks(model: TTTLM, input_ids: torch.Tensor, mix: Callable[[int, TTTMixer, torch.Tensor], torch.Tensor]) -> torch.Tensor:

@@ -34,15 +34,26 @@ def rotary_tables(
     positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin tables [..., head_dim / 2] for positions [T] (offsets allowed for decoding) or [B, T]
-    (positions restarting at packed document starts)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    angles = positions.to(torch.float32)[..., None] * inv_freq
+    (positions restarting at packed document starts). Angles are computed in float64 for a float64
+    model (the proofs compare to 1e-10) and in float32 otherwise."""
+    table_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=table_dtype) / head_dim
+    angles = positions.to(table_dtype)[..., None] * (1.0 / theta**exponents)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[2i], x[2i+1]) of x [B, T, A, Dh] by the position angles ([T, Dh/2] or [B, T, Dh/2])."""
-    even, odd = x[..., 0::2], x[..., 1::2]
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str = "half") -> torch.Tensor:
+    """Rotate pairs of x [B, T, A, Dh] by the position angles ([T, Dh/2] or [B, T, Dh/2]).
+
+    layout "half" pairs (x[i], x[i + Dh/2]) (fla's and flash-attn's RotaryEmbedding, which the released
+    LaCT code uses); "interleaved" pairs (x[2i], x[2i+1]).
+    """
+    if layout == "half":
+        first, second = x.chunk(2, dim=-1)
+    else:
+        first, second = x[..., 0::2], x[..., 1::2]
     cos, sin = (t.expand(x.shape[0], *t.shape[-2:])[:, :, None, :] for t in (cos, sin))
-    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
-    return rotated.flatten(-2)
+    rotated = (first * cos - second * sin, first * sin + second * cos)
+    if layout == "half":
+        return torch.cat(rotated, dim=-1)
+    return torch.stack(rotated, dim=-1).flatten(-2)

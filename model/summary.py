@@ -20,7 +20,8 @@ def main(argv: list[str]) -> None:
     with torch.device("meta"):
         model = TTTLM(cfg)
     total = count_parameters(model)
-    print(f"{argv[0]}: {total / 1e6:.1f}M parameters ({count_parameters(model, include_embeddings=False) / 1e6:.1f}M without embeddings)")
+    without = count_parameters(model, include_embeddings=False)
+    print(f"{argv[0]}: {total / 1e6:.1f}M parameters ({total:,}; {without / 1e6:.1f}M without embeddings)")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 Both branches read one shared q/k/v projection, as in LaCT: the attention branch splits it into
 `num_attn_heads` RoPE heads; the TTT branch into `ttt.num_heads` heads of d = hidden / heads, with
-SiLU on q/k/v and L2-normalised q/k. Per head the TTT branch holds the fast-weight MLP
+(optionally) a per-channel affine map on q/k, SiLU on q/k/v, L2-normalised q/k and (optionally) the
+attention branch's RoPE on the fast q/k; its per-head normed output is (optionally) gated by
+silu(ttt_scale_proj(x)). `model.config.TTTConfig` says which option is the released layer's. Per head the TTT branch holds the fast-weight MLP
 f(x) = W1 (silu(W0 x) * (W2 x)) whose initial weights are learned parameters, and per token it
 predicts three learning rates (softplus, "mamba" parameterisation) and, with momentum, a
 coefficient whose chunk mean is the momentum decay.
@@ -30,7 +32,9 @@ from torch import nn
 from kernels import features as fast_features
 from kernels.reference import (
     FastWeights,
+    NewtonSchulz,
     chunk_mean,
+    identity_features,
     lact_recurrent_reference,
     num_chunks,
     swiglu_features,
@@ -40,6 +44,7 @@ from kernels.ttt_la import chunk_ttt_la
 from kernels.varlen_reference import ttt_la_parallel_varlen_reference
 from model.config import LMConfig
 from model.layers import RMSNorm, apply_rotary, rotary_tables
+from model.low_rank import LowRankFastWeight
 from model.segments import DocumentSegments
 from model.swa import sliding_window_attention
 
@@ -58,6 +63,12 @@ class TTTInputs:
     v: torch.Tensor  # [B, T, H, d], SiLU
     etas: torch.Tensor  # [B, T, 3, H] learning rates eta0, eta1, eta2 (fp32; fp64 in the proofs)
     momentum_gate: Optional[torch.Tensor]  # [B, T, H] sigmoid; a chunk's momentum decay is its mean (None: off)
+    output_scale: Optional[torch.Tensor] = None  # [B, T, H] silu(ttt_scale_proj(x)) (None: off)
+
+
+def l2_normalise(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / (|x| + eps) over the last dim, as the released LaCT code normalises the fast q/k."""
+    return x / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + eps)
 
 
 def operand_dtype(x: torch.Tensor, state_dtype: torch.dtype) -> torch.dtype:
@@ -95,30 +106,60 @@ class TTTMixer(nn.Module):
         self.num_heads = ttt.num_heads
         self.head_dim = ttt.resolved_head_dim(cfg.hidden_size)  # d
         self.inner_dim = ttt.resolved_inner_dim(cfg.hidden_size)  # dh
-        hidden = cfg.hidden_size
+        hidden, heads = cfg.hidden_size, ttt.num_heads
         self.qkv = nn.Linear(hidden, 3 * hidden, bias=False)
-        self.lr_proj = nn.Linear(hidden, 3 * self.num_heads, bias=True)
-        self.momentum_proj = nn.Linear(hidden, self.num_heads, bias=True) if ttt.momentum else None
-        gain = ttt.init_gain
-        self.w0 = nn.Parameter(torch.randn(self.num_heads, self.inner_dim, self.head_dim) * gain / math.sqrt(self.head_dim))
-        self.w1 = nn.Parameter(torch.randn(self.num_heads, self.head_dim, self.inner_dim) * gain / math.sqrt(self.inner_dim))
-        self.w2 = nn.Parameter(torch.randn(self.num_heads, self.inner_dim, self.head_dim) * gain / math.sqrt(self.head_dim))
-        self.ttt_norm = RMSNorm(self.head_dim, cfg.norm_eps)
+        if ttt.per_token_lr:  # rows h * 3 + i: head h's rate for W_i, the released layout
+            self.lr_proj = nn.Linear(hidden, 3 * heads, bias=True)
+        else:
+            self.lr_proj = None
+            self.lr_bias = nn.Parameter(torch.empty(3 * heads))
+        self.momentum_proj = nn.Linear(hidden, heads, bias=True) if ttt.momentum else None
+        if ttt.qk_affine:  # column 0 acts on q, column 1 on k
+            self.qk_scale = nn.Parameter(torch.ones(hidden, 2))
+            self.qk_offset = nn.Parameter(torch.zeros(hidden, 2))
+        self.ttt_scale_proj = nn.Linear(hidden, heads, bias=True) if ttt.output_scale else None
+        feature_shape = (heads, self.inner_dim, self.head_dim)
+        self.w0 = self.w2 = None
+        if ttt.feature_map == "swiglu" and ttt.w02_rank > 0:
+            self.w0, self.w2 = (LowRankFastWeight(*feature_shape, ttt.w02_rank, ttt.low_rank_init_gain) for _ in range(2))
+        elif ttt.feature_map == "swiglu":
+            self.w0, self.w2 = (nn.Parameter(torch.empty(feature_shape)) for _ in range(2))
+        self.w1 = nn.Parameter(torch.empty(heads, self.head_dim, self.inner_dim))
+        self.features = swiglu_features if ttt.feature_map == "swiglu" else identity_features
+        self.ttt_norm = RMSNorm(self.head_dim, ttt.output_norm_eps)
         self.o_proj = nn.Linear(hidden, hidden, bias=False)
         self.attn_heads = cfg.num_attn_heads if cfg.window_size > 0 else 0
+        self.reset_ttt_parameters()
 
     def reset_ttt_parameters(self) -> None:
-        """Learning-rate heads start at base_lr everywhere; called after the LM's generic init."""
-        nn.init.zeros_(self.lr_proj.weight)
-        nn.init.constant_(self.lr_proj.bias, inverse_softplus(self.cfg.ttt.base_lr))
-        if self.momentum_proj is not None:
-            nn.init.zeros_(self.momentum_proj.weight)
-            nn.init.zeros_(self.momentum_proj.bias)  # sigmoid(0) = 0.5
+        """The fast weights' initial values and the learning-rate bias (softplus(bias) = base_lr); called
+        after the LM's generic init, which draws every linear layer (lr, momentum and output-scale heads
+        included) from normal(0, model.init_std), as the released code does."""
+        ttt = self.cfg.ttt
+        bias = self.lr_bias if self.lr_proj is None else self.lr_proj.bias
+        nn.init.constant_(bias, inverse_softplus(ttt.base_lr))
+        nn.init.normal_(self.w1, std=ttt.init_gain / math.sqrt(self.inner_dim))
+        for w in (self.w0, self.w2):
+            if isinstance(w, LowRankFastWeight):
+                w.reset_parameters()
+            elif w is not None:
+                nn.init.normal_(w, std=ttt.init_gain / math.sqrt(self.head_dim))
+
+    def feature_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The learned W0, W2 as dense [H, dh, d] matrices (low-rank ones materialised; [H, 0, d] when
+        the feature map has none, so states keep one layout)."""
+        if self.w0 is None:
+            empty = self.w1.new_zeros(self.num_heads, 0, self.head_dim)
+            return empty, empty
+        if isinstance(self.w0, LowRankFastWeight):
+            return self.w0(), self.w2()
+        return self.w0, self.w2
 
     def initial_state(self, batch: int) -> FastWeights:
         """The learned initial fast weights, one copy per sequence (fp32: states never run in bf16)."""
         dtype = torch.float64 if self.w1.dtype == torch.float64 else torch.float32
-        return FastWeights(*(w.to(dtype).unsqueeze(0).expand(batch, -1, -1, -1) for w in (self.w0, self.w1, self.w2)))
+        w0, w2 = self.feature_weights()
+        return FastWeights(*(w.to(dtype).unsqueeze(0).expand(batch, -1, -1, -1) for w in (w0, self.w1, w2)))
 
     def forward(
         self,
@@ -136,21 +177,31 @@ class TTTMixer(nn.Module):
         """
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         if segments is None:
-            ttt_out, final_state = self._ttt_branch(x, q, k, v, state)
+            inputs = self.ttt_inputs(x, q, k, v, position_offset)
+            entering = state if state is not None else self.initial_state(x.shape[0])
+            ttt_out, final_state = self.ttt_scan(inputs, entering)
         elif state is not None:
             raise ValueError("a carried fast-weight state and document segments exclude each other")
         else:
-            ttt_out, final_state = self._segmented_ttt_branch(self.ttt_inputs(x, q, k, v), segments)
+            inputs = self.ttt_inputs(x, q, k, v, positions=segments.positions)
+            ttt_out, final_state = self._segmented_ttt_branch(inputs, segments)
         attention = self.attention_branch(q, k, v, position_offset, segments, window_mask) if self.attn_heads else None
-        return self.combine(ttt_out, attention, x.dtype), final_state
+        return self.combine(ttt_out, attention, x.dtype, inputs.output_scale), final_state
 
-    def combine(self, ttt_out: torch.Tensor, attention: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        """o_proj(norm(TTT output) + attention output): [B, T, H, d] and [B, T, D] (or None) -> [B, T, D].
+    def combine(
+        self, ttt_out: torch.Tensor, attention: Optional[torch.Tensor], dtype: torch.dtype,
+        output_scale: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """o_proj(norm(TTT output) [* output_scale] + attention output): [B, T, H, d], [B, T, D] (or
+        None) and [B, T, H] (or None) -> [B, T, D].
 
         Public so that token-by-token decoding mixes its two branches exactly as `forward` does.
         """
         batch, seq_len = ttt_out.shape[:2]
-        mixed = self.ttt_norm(ttt_out).reshape(batch, seq_len, -1).to(dtype)
+        normed = self.ttt_norm(ttt_out)
+        if output_scale is not None:
+            normed = normed * output_scale[..., None]
+        mixed = normed.reshape(batch, seq_len, -1).to(dtype)
         if attention is not None:
             mixed = mixed + attention
         return self.o_proj(mixed)
@@ -165,10 +216,20 @@ class TTTMixer(nn.Module):
         batch, seq_len, hidden = q.shape
         heads = self.attn_heads
         q, k, v = (t.reshape(batch, seq_len, heads, hidden // heads) for t in (q, k, v))
+        q, k = self.rotate(q, k, position_offset, positions)
+        return q, k, v
+
+    def rotate(
+        self, q: torch.Tensor, k: torch.Tensor, position_offset: int, positions: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE on [B, T, A, Dh] heads at positions position_offset + t (or `positions` [B, T]), theta
+        `model.rope_theta`; tables in the heads' dtype."""
+        seq_len, head_dim = q.shape[1], q.shape[-1]
         if positions is None:
             positions = torch.arange(position_offset, position_offset + seq_len, device=q.device)
-        cos, sin = rotary_tables(positions, hidden // heads, self.cfg.rope_theta, q.dtype)
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+        cos, sin = rotary_tables(positions, head_dim, self.cfg.rope_theta, q.dtype)
+        layout = self.cfg.rope_layout
+        return apply_rotary(q, cos, sin, layout), apply_rotary(k, cos, sin, layout)
 
     def attention_branch(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_offset: int,
@@ -182,13 +243,6 @@ class TTTMixer(nn.Module):
         doc_ids = None if segments is None else segments.doc_ids
         out = sliding_window_attention(*heads, self.cfg.window_size, doc_ids=doc_ids, block_mask=window_mask)
         return out.reshape(batch, seq_len, hidden)
-
-    def _ttt_branch(
-        self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Optional[FastWeights]
-    ) -> tuple[torch.Tensor, FastWeights]:
-        """[B, T, H, d] output of the fast-weight MLP, and the state after the sequence."""
-        entering = state if state is not None else self.initial_state(x.shape[0])
-        return self.ttt_scan(self.ttt_inputs(x, q, k, v), entering)
 
     def _segmented_ttt_branch(self, inputs: TTTInputs, segments: DocumentSegments) -> tuple[torch.Tensor, FastWeights]:
         """The fast-weight branch over packed documents: every document runs from the learned initial
@@ -220,22 +274,39 @@ class TTTMixer(nn.Module):
             out, final = self._parallel(packed.q, packed.k, packed.v, eta1, beta, entering, segments.cu_seqlens)
         return segments.unpack(out), select_states(final, segments.last_document)
 
-    def ttt_inputs(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> TTTInputs:
-        """The per-token inputs of the fast-weight branch from x [B, T, D] and its q/k/v projections.
+    def ttt_inputs(
+        self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_offset: int = 0,
+        positions: Optional[torch.Tensor] = None,
+    ) -> TTTInputs:
+        """The per-token inputs of the fast-weight branch from x [B, T, D] and its q/k/v projections at
+        positions position_offset + t (or `positions` [B, T], restarting per packed document).
 
         Separate from the scan so that decoding can compute them one token at a time and keep the
         pending partial chunk's inputs until the chunk is complete.
         """
-        batch, seq_len, _ = x.shape
+        ttt = self.cfg.ttt
+        batch, seq_len, hidden = x.shape
+        if ttt.qk_affine:
+            q = q * self.qk_scale[:, 0] + self.qk_offset[:, 0]
+            k = k * self.qk_scale[:, 1] + self.qk_offset[:, 1]
         shape = (batch, seq_len, self.num_heads, self.head_dim)
         tq, tk, tv = (F.silu(t).reshape(shape) for t in (q, k, v))
-        tq, tk = F.normalize(tq, dim=-1), F.normalize(tk, dim=-1)
+        tq, tk = l2_normalise(tq, ttt.l2_eps), l2_normalise(tk, ttt.l2_eps)
+        if ttt.rope:  # the attention branch's RoPE over blocks of its head dim, as released
+            blocks = (batch, seq_len, self.cfg.num_attn_heads, hidden // self.cfg.num_attn_heads)
+            tq, tk = self.rotate(tq.reshape(blocks), tk.reshape(blocks), position_offset, positions)
+            tq, tk = tq.reshape(shape), tk.reshape(shape)
         state_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        etas = F.softplus(self.lr_proj(x).to(state_dtype)).reshape(batch, seq_len, 3, self.num_heads)
+        if self.lr_proj is not None:
+            logits = self.lr_proj(x).to(state_dtype).reshape(batch, seq_len, self.num_heads, 3)
+        else:
+            logits = self.lr_bias.to(state_dtype).reshape(self.num_heads, 3).expand(batch, seq_len, -1, -1)
+        etas = F.softplus(logits).transpose(2, 3)  # [B, T, 3, H]
         gate = None
         if self.momentum_proj is not None:
             gate = torch.sigmoid(self.momentum_proj(x).to(state_dtype))
-        return TTTInputs(tq, tk, tv, etas, gate)
+        scale = F.silu(self.ttt_scale_proj(x)) if self.ttt_scale_proj is not None else None
+        return TTTInputs(tq, tk, tv, etas, gate, scale)
 
     def ttt_scan(self, inputs: TTTInputs, entering: FastWeights) -> tuple[torch.Tensor, FastWeights]:
         """The mode's chunk form over `inputs` from the state `entering`: ([B, T, H, d] output, final state).
@@ -253,12 +324,19 @@ class TTTMixer(nn.Module):
     def _recurrent(self, q, k, v, eta0, eta1, eta2, beta, entering: FastWeights) -> tuple[torch.Tensor, FastWeights]:
         ttt = self.cfg.ttt
         dtype = entering.w1.dtype
+        muon = self.newton_schulz(q, dtype)
         with torch.autocast(device_type=q.device.type, enabled=False):
             return lact_recurrent_reference(
                 q.to(dtype), k.to(dtype), v.to(dtype), eta0.to(dtype), eta1.to(dtype), eta2.to(dtype),
-                entering, ttt.chunk_size, beta=None if beta is None else beta.to(dtype), muon=ttt.muon,
-                weight_norm=ttt.weight_norm, fast_weights=ttt.fast_weights, update_sign=ttt.update_sign,
+                entering, ttt.chunk_size, beta=None if beta is None else beta.to(dtype), muon=muon,
+                weight_norm=ttt.weight_norm, weight_norm_eps=ttt.weight_norm_eps, row_norms=self.initial_state(1),
+                fast_weights=ttt.fast_weights, update_sign=ttt.update_sign, features=self.features,
             )  # fmt: skip
+
+    def newton_schulz(self, x: torch.Tensor, state_dtype: torch.dtype) -> Optional[NewtonSchulz]:
+        """Muon's map (None when off): the configured schedule, iterating in the operand dtype."""
+        ttt = self.cfg.ttt
+        return NewtonSchulz(ttt.ns_coefficients, operand_dtype(x, state_dtype)) if ttt.muon else None
 
     def _parallel(
         self, q, k, v, eta1, beta, entering: FastWeights, cu_seqlens: Optional[torch.Tensor] = None
@@ -268,14 +346,16 @@ class TTTMixer(nn.Module):
         units) in the returned state so the two modes share states."""
         ttt = self.cfg.ttt
         feature_dtype = operand_dtype(q, entering.w1.dtype)
-        w0, w2 = self.w0.to(feature_dtype), self.w2.to(feature_dtype)
-        features = fast_features.swiglu_features if self._use_kernels(q) else swiglu_features
+        w0, w2 = (w.to(feature_dtype) for w in self.feature_weights())
+        features = self.features
+        if features is swiglu_features and self._use_kernels(q):
+            features = fast_features.swiglu_features
         with torch.autocast(device_type=q.device.type, enabled=False):
             hq = features(q.to(feature_dtype), w0, w2)
             hk = features(k.to(feature_dtype), w0, w2)
         initial_momentum = None if entering.m1 is None else -entering.m1
-        options = dict(beta=beta, initial_momentum=initial_momentum, muon=ttt.muon, token_causal=ttt.token_causal,
-                       update_sign=ttt.update_sign)  # fmt: skip
+        options = dict(beta=beta, initial_momentum=initial_momentum, muon=self.newton_schulz(q, entering.w1.dtype),
+                       token_causal=ttt.token_causal, update_sign=ttt.update_sign)  # fmt: skip
         operands = (hq, hk, v.to(feature_dtype), eta1.to(feature_dtype), entering.w1, ttt.chunk_size)
         if cu_seqlens is None:
             out, final_w1, final_momentum = self.chunk_scan(*operands, **options)

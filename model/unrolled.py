@@ -29,28 +29,27 @@ from typing import Optional
 import torch
 
 from kernels.reference import (
-    NS5_COEFFICIENTS,
-    NS5_EPS,
-    NS5_STEPS,
+    NS_EPS,
+    NewtonSchulz,
     RecurrentTrace,
+    resolve_muon,
     chunk_bounds,
     swiglu_features,
 )
 
 
-def newton_schulz5_factor(update: torch.Tensor) -> tuple[str, torch.Tensor]:
+def newton_schulz5_factor(update: torch.Tensor, muon: NewtonSchulz = NewtonSchulz()) -> tuple[str, torch.Tensor]:
     """Write Muon's NS5(update) as a matrix product: ("left", L) with NS5 = L @ update, or ("right", R).
 
     update: [..., m, n]. The iteration x <- (a I + b G + c G^2) x with G = x x^T only ever multiplies
     x from the left in its wide orientation, so the accumulated left factor is the whole map.
     """
-    a, b, c = NS5_COEFFICIENTS
     transposed = update.shape[-2] > update.shape[-1]
     x = update.transpose(-1, -2) if transposed else update
     rows = x.shape[-2]
     eye = torch.eye(rows, dtype=x.dtype, device=x.device)
-    factor = eye / (torch.linalg.matrix_norm(x, keepdim=True) + NS5_EPS)
-    for _ in range(NS5_STEPS):
+    factor = eye / (torch.linalg.matrix_norm(x, keepdim=True) + NS_EPS)
+    for a, b, c in muon.coefficients:
         current = factor @ x
         gram = current @ current.transpose(-1, -2)
         factor = (a * eye + b * gram + c * gram @ gram) @ factor
@@ -67,8 +66,9 @@ def unrolled_lact_output(
     chunk_size: int,
     *,
     beta: Optional[torch.Tensor] = None,
-    muon: bool = False,
+    muon: "bool | NewtonSchulz" = False,
     weight_norm: bool = False,
+    weight_norm_eps: float = 0.0,
     update_sign: float = 1.0,
 ) -> torch.Tensor:
     """Output of the recurrent layer recomputed as linear attention (see the module docstring).
@@ -93,7 +93,8 @@ def unrolled_lact_output(
         return out
 
     momenta = [sum(decay(src, j)[..., None, None] * raw[src] for src in range(j + 1)) for j in range(n_chunks)]
-    factors = [newton_schulz5_factor(m) if muon else None for m in momenta]
+    muon = resolve_muon(muon)
+    factors = [newton_schulz5_factor(m, muon) if muon is not None else None for m in momenta]
 
     def update(j: int) -> torch.Tensor:
         """U_j rebuilt from its effective keys and values (used only to find weight-norm scalings)."""
@@ -112,7 +113,7 @@ def unrolled_lact_output(
         w1 = w1_initial
         for j in range(n_chunks - 1):
             pre = w1 + update(j)
-            scalings.append(row_norm0 / pre.norm(dim=-1))
+            scalings.append(row_norm0 / (pre.norm(dim=-1) + weight_norm_eps))
             w1 = scalings[-1][..., None] * pre
 
     def row_scale(reader: int, j: int) -> torch.Tensor:

@@ -75,11 +75,12 @@ class SlicedMixerForward:
             state = receive_state(x, mixer.initial_state(x.shape[0]), mixer.cfg.ttt.momentum, groups)
         q, k, v = mixer.qkv(x).chunk(3, dim=-1)
         entering = state if state is not None else mixer.initial_state(x.shape[0])
-        ttt_out, final = mixer.ttt_scan(mixer.ttt_inputs(x, q, k, v), entering)
+        inputs = mixer.ttt_inputs(x, q, k, v, position_offset)
+        ttt_out, final = mixer.ttt_scan(inputs, entering)
         if ring and groups.sp_rank < groups.sp - 1:  # before the halo: messages to a neighbour keep one order
             ttt_out = send_state(ttt_out, final, groups)
         attention = halo_window_attention(mixer, q, k, v, position_offset, self.context) if mixer.attn_heads else None
-        return mixer.combine(ttt_out, attention, x.dtype), final
+        return mixer.combine(ttt_out, attention, x.dtype, inputs.output_scale), final
 
 
 def split_mixers(model: nn.Module, context: SliceContext) -> int:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from model.config import ConfigError, LMConfig, TTTConfig, load_model_config
-from model.lm import TTTLM
+from model.lm import TTTLM, count_parameters
 
 
 @pytest.mark.parametrize(
@@ -18,6 +19,13 @@ from model.lm import TTTLM
         (dict(ttt=TTTConfig(mode="parallel", fast_weights="all")), "model.ttt.fast_weights"),
         (dict(ttt=TTTConfig(mode="parallel", weight_norm=True)), "model.ttt.weight_norm"),
         (dict(ttt=TTTConfig(mode="recurrent", token_causal=True)), "model.ttt.token_causal"),
+        (dict(ttt=TTTConfig(ns_coefficients="quintic")), "model.ttt.ns_coefficients"),
+        (dict(ttt=TTTConfig(w02_rank=-1)), "model.ttt.w02_rank"),
+        (dict(ttt=TTTConfig(feature_map="relu")), "model.ttt.feature_map"),
+        (dict(ttt=TTTConfig(mode="recurrent", fast_weights="all", feature_map="identity")), "model.ttt.fast_weights"),
+        (dict(ttt=TTTConfig(feature_map="identity", w02_rank=4)), "model.ttt.w02_rank"),
+        (dict(ttt=TTTConfig(l2_eps=-1.0)), "model.ttt.l2_eps"),
+        (dict(rope_layout="diagonal"), "model.rope_layout"),
         (dict(ttt=TTTConfig(update_sign=0.5)), "model.ttt.update_sign"),
         (dict(num_attn_heads=5), "model.num_attn_heads"),
         (dict(window_size=-1), "model.window_size"),
@@ -55,3 +63,18 @@ def test_chunk_remainder_is_handled_not_rejected():
     model = TTTLM(LMConfig(ttt=TTTConfig(chunk_size=16)))
     out = model(torch.randint(0, 256, (1, 21)))
     assert out.logits.shape == (1, 21, 256) and torch.isfinite(out.logits).all()
+
+
+@pytest.mark.parametrize(
+    "path,released",
+    # The released LaCT models' counts, from their config files and code (layer_lact_swiglu.py,
+    # modeling_lact.py, fla's GatedMLP with intermediate size 256 * ceil(8 D / 3 / 256) and weight-only
+    # RMSNorms): embeddings + untied head 2 * 32000 D, final norm D, and per layer 2 D (norms) + 4 D^2
+    # (qkv, o_proj) + 2 * 4 * 2 * 32 * d (low-rank W0, W2) + 4 d^2 (W1) + 12 D + 12 (lr_proj)
+    # + 4 D (qk scale, offset) + 2 * (4 D + 4) (ttt_scale_proj, momentum_proj) + d (ttt_norm) + 3 D M (MLP).
+    [("configs/model/lact_760m.yaml", 797_625_312), ("configs/model/lact_3b.yaml", 2_982_516_192)],
+)
+def test_released_presets_have_the_released_parameter_count(path: str, released: int) -> None:
+    with torch.device("meta"):
+        model = TTTLM(load_model_config(path))
+    assert count_parameters(model) == released

@@ -30,6 +30,10 @@ MODES = {
         mode="recurrent", fast_weights="all", momentum=True, weight_norm=True
     ),
     "recurrent-all-muon": TTTConfig(mode="recurrent", fast_weights="all", muon=True),
+    "recurrent-released": TTTConfig(
+        mode="recurrent", fast_weights="all", momentum=True, muon=True, weight_norm=True, w02_rank=2
+    ),
+    "parallel-identity-per-head-lr": TTTConfig(mode="parallel", feature_map="identity", per_token_lr=False, momentum=True),
 }
 
 

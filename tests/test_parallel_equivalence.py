@@ -44,12 +44,12 @@ class Case:
 
 
 MOMENTUM = dict(momentum=True)
-RING = dict(mode="recurrent", fast_weights="all", weight_norm=True, momentum=True)
+RING = dict(mode="recurrent", fast_weights="all", weight_norm=True, momentum=True, muon=True, w02_rank=2)  # the released layer
 CASES = {
     2: [
         Case("parallel_aligned", sp=2, seq_len=64, ttt=dict(chunk_size=16)),
         Case("parallel_momentum_aligned", sp=2, seq_len=64, ttt=dict(chunk_size=16, **MOMENTUM)),
-        Case("parallel_momentum_straddling_chunk", sp=2, seq_len=74, ttt=dict(chunk_size=16, **MOMENTUM)),
+        Case("parallel_momentum_straddling_chunk_low_rank", sp=2, seq_len=74, ttt=dict(chunk_size=16, w02_rank=2, **MOMENTUM)),
         Case("parallel_token_causal_ascent", sp=2, seq_len=74, ttt=dict(chunk_size=16, token_causal=True, update_sign=-1.0, **MOMENTUM)),
         Case("window_crossing_boundary", sp=2, seq_len=74, window_size=30, ttt=dict(chunk_size=16, **MOMENTUM)),
         Case("ring_recurrent", sp=2, seq_len=64, ttt=dict(chunk_size=16, **RING)),

@@ -46,10 +46,10 @@ def test_learning_rate_probe_reports_softplus_of_the_lr_heads() -> None:
     probe.active = True
     model(inputs)
     x = model.blocks[0].mixer_norm(model.embed(inputs))
-    expected = F.softplus(model.blocks[0].mixer.lr_proj(x)).reshape(2, 32, 3, -1).mean(dim=(0, 1, 3))
+    expected = F.softplus(model.blocks[0].mixer.lr_proj(x)).reshape(2, 32, -1, 3).mean(dim=(0, 1, 2))
     torch.testing.assert_close(probe.means[0], expected.float())
-    # untrained heads output the configured base learning rate everywhere
-    torch.testing.assert_close(probe.means[1], torch.full((3,), model.cfg.ttt.base_lr), rtol=1e-5, atol=0)
+    # untrained heads (bias inv_softplus(base_lr), weights normal(0, 0.02) as released) stay near base_lr
+    torch.testing.assert_close(probe.means[1], torch.full((3,), model.cfg.ttt.base_lr), rtol=0.05, atol=0)
 
 
 def test_state_norms_name_each_layer_and_fast_weight() -> None:

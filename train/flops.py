@@ -33,7 +33,8 @@ DEFAULT_CUDA_PEAK_TFLOPS = 989.0
 def dense_weights_per_layer(cfg: LMConfig) -> int:
     hidden, ttt = cfg.hidden_size, cfg.ttt
     qkv_and_output = 4 * hidden * hidden
-    learning_rate_heads = hidden * 3 * ttt.num_heads + (hidden * ttt.num_heads if ttt.momentum else 0)
+    per_token_heads = (3 if ttt.per_token_lr else 0) + (1 if ttt.momentum else 0) + (1 if ttt.output_scale else 0)
+    learning_rate_heads = hidden * ttt.num_heads * per_token_heads  # lr, momentum and output-scale projections
     mlp = 3 * hidden * cfg.resolved_mlp_hidden_size()
     return qkv_and_output + learning_rate_heads + mlp
 

@@ -31,14 +31,15 @@ class LearningRateProbe:
         self.active = False
         self.means: dict[int, torch.Tensor] = {}  # layer -> [3] (eta0, eta1, eta2)
         for index, block in enumerate(model.blocks):
-            block.mixer.lr_proj.register_forward_hook(self._hook(index, block.mixer.num_heads))
+            if block.mixer.lr_proj is not None:  # per-head learning rates (no projection) are parameters
+                block.mixer.lr_proj.register_forward_hook(self._hook(index, block.mixer.num_heads))
 
     def _hook(self, layer: int, heads: int):
         def capture(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
             if self.active:
                 with torch.no_grad():
-                    etas = F.softplus(output.detach().float()).reshape(*output.shape[:-1], 3, heads)  # [B, T, 3, H]
-                    self.means[layer] = etas.mean(dim=(0, 1, 3))
+                    etas = F.softplus(output.detach().float()).reshape(*output.shape[:-1], heads, 3)  # [B, T, H, 3]
+                    self.means[layer] = etas.mean(dim=(0, 1, 2))
 
         return capture
 

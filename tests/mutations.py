@@ -1,0 +1,139 @@
+"""`python -m tests.mutations`: break the layer on purpose, one way at a time, and check the tests notice.
+
+Each mutation is a text patch applied to a fresh copy of the tracked tree in a temporary folder; the
+layer's tests then run in that copy (`pytest -x`), and the first failing test is reported. A
+mutation that no test catches is a hole in the suite, and the script exits non-zero. The unpatched
+copy runs first and must pass, so a failure below is the mutation's doing.
+
+    python -m tests.mutations            # all mutations
+    python -m tests.mutations -k rope    # those whose name contains "rope"
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = [
+    "tests/test_golden_reference.py",
+    "tests/test_equivalence.py",
+    "tests/test_lact_update.py",
+    "tests/test_layer.py",
+    "tests/test_generate_decode.py",
+    "tests/test_document_resets.py",
+]
+REFERENCE, LAYER, LOW_RANK, DECODE = "kernels/reference.py", "model/ttt_layer.py", "model/low_rank.py", "model/decode.py"
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    patches: tuple[tuple[str, str, str], ...]  # (file, text to find exactly once, replacement)
+
+
+NAMES_ALL = 'names = ("w0", "w1", "w2") if fast_weights == "all"'
+APPLY = '        hq = features(q[:, s:e], w.w0, w.w2)\n        outputs.append(torch.einsum("bhde,bnhe->bnhd", w.w1, hq))\n'
+AFTER_UPDATE = "            setattr(w, name, updated)\n    return torch.cat(outputs, dim=1), w"
+MUTATIONS = [
+    Mutation("W0 never updated", ((REFERENCE, NAMES_ALL, 'names = ("w1", "w2") if fast_weights == "all"'),)),
+    Mutation("W1 never updated", ((REFERENCE, NAMES_ALL, 'names = ("w0", "w2") if fast_weights == "all"'),)),
+    Mutation("W2 never updated", ((REFERENCE, NAMES_ALL, 'names = ("w0", "w1") if fast_weights == "all"'),)),
+    Mutation("weight norm over the output axis (columns)", (
+        (REFERENCE, "return w / (w.norm(dim=-1, keepdim=True) + eps) * row_norm",
+         "return w / (w.norm(dim=-2, keepdim=True) + eps) * row_norm"),
+        (REFERENCE, "row_norms = [x.norm(dim=-1, keepdim=True) for x in", "row_norms = [x.norm(dim=-2, keepdim=True) for x in"),
+    )),  # fmt: skip
+    Mutation("weight norm without its eps", ((REFERENCE, "(w.norm(dim=-1, keepdim=True) + eps)", "w.norm(dim=-1, keepdim=True)"),)),
+    Mutation("W0's step uses eta1 and W1's eta0", (
+        (REFERENCE, "eta0[:, s:e], eta1[:, s:e], eta2[:, s:e], w)", "eta1[:, s:e], eta0[:, s:e], eta2[:, s:e], w)"),
+    )),  # fmt: skip
+    Mutation("W1 and W2 learning rates swapped", (
+        (REFERENCE, "eta0[:, s:e], eta1[:, s:e], eta2[:, s:e], w)", "eta0[:, s:e], eta2[:, s:e], eta1[:, s:e], w)"),
+    )),  # fmt: skip
+    Mutation("learning-rate rows read head-major as weight-major", (
+        (LAYER, ".reshape(batch, seq_len, self.num_heads, 3)", ".reshape(batch, seq_len, 3, self.num_heads).transpose(2, 3)"),
+    )),  # fmt: skip
+    Mutation("fast q/k L2 norm removed", ((LAYER, "tq, tk = l2_normalise(tq, ttt.l2_eps), l2_normalise(tk, ttt.l2_eps)", "pass"),)),
+    Mutation("fast q/k RoPE removed", ((LAYER, "if ttt.rope:  # the attention", "if False:  # the attention"),)),
+    Mutation("fast q/k RoPE at relative positions while decoding", ((DECODE, "mixer.ttt_inputs(h, q, k, v, position)", "mixer.ttt_inputs(h, q, k, v)"),)),
+    Mutation("classic Newton-Schulz schedule instead of LaCT's", ((REFERENCE, "return NS_SCHEDULES[self.schedule]", 'return NS_SCHEDULES["classic"]'),)),
+    Mutation("update before apply", ((REFERENCE, APPLY, ""), (REFERENCE, AFTER_UPDATE, AFTER_UPDATE.replace(
+        "\n    return", '\n        outputs.append(torch.einsum("bhde,bnhe->bnhd", w.w1, features(q[:, s:e], w.w0, w.w2)))\n    return')))),
+    Mutation("momentum dropped (recurrent)", ((REFERENCE, "new_momentum = beta_c[:, :, None, None] * momentum + grad", "new_momentum = grad"),)),
+    Mutation("momentum dropped (parallel)", ((REFERENCE, 'updates = torch.einsum("bhcj,bjhde->bchde", mixing, updates)', "pass"),)),
+    Mutation("output scale removed", ((LAYER, "normed = normed * output_scale[..., None]", "pass"),)),
+    Mutation("qk offset removed", ((LAYER, "q = q * self.qk_scale[:, 0] + self.qk_offset[:, 0]", "q = q * self.qk_scale[:, 0]"),)),
+    Mutation("low-rank W0/W2 without the 0.5 I", ((LOW_RANK, "return self.w_left @ self.w_right + 0.5 * eye", "return self.w_left @ self.w_right"),)),
+]  # fmt: skip
+
+
+def copy_tree(destination: Path) -> None:
+    """The tracked and untracked-but-not-ignored files of the working tree (what git would commit)."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout.split("\n")
+    for name in filter(None, listed):
+        source = ROOT / name
+        if source.is_file():
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, destination / name)
+
+
+def apply(tree: Path, mutation: Mutation) -> None:
+    for name, old, new in mutation.patches:
+        path = tree / name
+        text = path.read_text()
+        if text.count(old) != 1:
+            raise SystemExit(f"mutation {mutation.name!r}: {name} holds {text.count(old)} copies of {old!r}; update the patch")
+        path.write_text(text.replace(old, new))
+
+
+def run_tests(tree: Path) -> tuple[bool, str]:
+    """(passed, the first failing test id or the last summary line)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *TESTS],
+        cwd=tree, capture_output=True, text=True,
+    )  # fmt: skip
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", result.stdout, flags=re.MULTILINE)
+    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.stderr.strip()[-200:]
+    return result.returncode == 0, failed[0] if failed else summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("-k", default="", help="run only mutations whose name contains this text")
+    chosen = [m for m in MUTATIONS if parser.parse_args().k in m.name]
+    missed = []
+    with tempfile.TemporaryDirectory() as folder:
+        baseline = Path(folder) / "baseline"
+        copy_tree(baseline)
+        passed, summary = run_tests(baseline)
+        print(f"unmutated tree: {'passes' if passed else 'FAILS'} ({summary})", flush=True)
+        if not passed:
+            raise SystemExit("the unmutated tree must pass before mutations mean anything")
+        print("| mutation | caught by | seconds |\n|---|---|---|", flush=True)
+        for index, mutation in enumerate(chosen):
+            tree = Path(folder) / f"mutant{index}"
+            shutil.copytree(baseline, tree)
+            apply(tree, mutation)
+            start = time.time()
+            passed, first_failure = run_tests(tree)
+            print(f"| {mutation.name} | {'NOT CAUGHT' if passed else first_failure} | {time.time() - start:.0f} |", flush=True)
+            if passed:
+                missed.append(mutation.name)
+            shutil.rmtree(tree)
+    if missed:
+        raise SystemExit(f"{len(missed)} mutation(s) not caught: {missed}")
+    print(f"all {len(chosen)} mutations caught")
+
+
+if __name__ == "__main__":
+    main()
