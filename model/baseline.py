@@ -67,6 +67,10 @@ class BaselineBlock(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.resolved_mlp_hidden_size())
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.mixer_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
 
 class BaselineLM(nn.Module):
     """Embeddings, `num_layers` blocks of [RMSNorm -> causal SDPA -> RMSNorm -> SwiGLU], final norm, head.
@@ -95,8 +99,7 @@ class BaselineLM(nn.Module):
         """input_ids, targets: [B, T]; the same LMOutput as TTTLM (no states), with the same head and loss."""
         x = self.embed(input_ids)
         for block in self.blocks:
-            x = x + block.attention(block.mixer_norm(x))
-            x = x + block.mlp(block.mlp_norm(x))
+            x = block(x)
         logits, loss_sum, num_targets = head_and_loss(self.final_norm(x), self.output_weight(), targets, return_logits)
         loss = None if loss_sum is None else loss_sum / num_targets.clamp(min=1)
         return LMOutput(logits, loss, loss_sum, num_targets, [])

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from model.baseline import BaselineBlock
 from model.lm import Block
 
 CHECKPOINT_POLICIES = ("full", "selective")
@@ -50,14 +51,14 @@ def _selective_context() -> Callable[[], Any]:
 
 
 def checkpoint_blocks(model: nn.Module, policy: str = "full") -> int:
-    """Wrap every Block of `model` in activation checkpointing with `policy` (`CHECKPOINT_POLICIES`);
-    returns how many were wrapped."""
+    """Wrap every block of `model` (a TTTLM's, or the baseline transformer's, so that both are measured
+    alike) in activation checkpointing with `policy` (`CHECKPOINT_POLICIES`); returns how many were wrapped."""
     if policy not in CHECKPOINT_POLICIES:
         raise ValueError(f"train.activation_checkpointing_policy={policy!r} must be one of {CHECKPOINT_POLICIES}")
     options: dict[str, Any] = {"use_reentrant": False}
     if policy == "selective":
         options["context_fn"] = _selective_context()
-    blocks = [module for module in model.modules() if isinstance(module, Block)]
+    blocks = [module for module in model.modules() if isinstance(module, (Block, BaselineBlock))]
     for block in blocks:
         plain_forward = block.forward
 

@@ -64,6 +64,15 @@ def forward_flops_per_token(cfg: LMConfig, seq_len: int) -> float:
     return cfg.num_layers * per_layer + 2.0 * cfg.vocab_size * cfg.hidden_size
 
 
+def baseline_forward_flops_per_token(cfg: LMConfig, seq_len: int) -> float:
+    """The same count for `model.baseline.BaselineLM`: q/k/v/o and the MLP, full causal attention over
+    (seq_len + 1) / 2 keys on average, and the head."""
+    hidden = cfg.hidden_size
+    dense = 4 * hidden * hidden + 3 * hidden * cfg.resolved_mlp_hidden_size()
+    attention = 4.0 * hidden * mean_attended_keys(seq_len, seq_len)
+    return cfg.num_layers * (2.0 * dense + attention) + 2.0 * cfg.vocab_size * hidden
+
+
 def training_flops_per_token(cfg: LMConfig, seq_len: int) -> float:
     return TRAINING_MULTIPLIER * forward_flops_per_token(cfg, seq_len)
 

@@ -1,0 +1,195 @@
+"""Whole-model training step: tttla against the same-size transformer, one process, one GPU, bf16.
+
+    make bench-train                      # every row below, results in docs/bench/train_step.{json,md}
+    python -m train.bench_step --configs 125m --seqs 16384x1 --impls tttla sdpa --checkpointing none
+
+Each row times forward + backward + AdamW step of one model (bf16 autocast over fp32 weights, fused
+AdamW) at one context and reports tokens/s, peak memory and MFU (`train.flops`' count of useful work,
+recomputation not counted) against the bf16 matmul peak measured in the same run and against the spec
+sheet. The transformer (`model.baseline.BaselineLM`) shares the embeddings, norms, MLP, head, loss path
+(`model.loss`), checkpointing and compile setting, so the only difference is the mixer.
+
+Implementations: `tttla` (the parallel form: configs/model/<size>.yaml with W1-only fast weights),
+`tttla_recurrent` (the released LaCT layer, configs/model/lact_760m.yaml; 760M only), `sdpa` (full
+causal attention). A row that runs out of memory is reported as such, not dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from model.baseline import BaselineLM
+from model.config import LMConfig, load_model_config
+from model.lm import TTTLM
+from train.activation_checkpointing import checkpoint_blocks
+from train.flops import PEAK_BF16_TFLOPS, TRAINING_MULTIPLIER, baseline_forward_flops_per_token, training_flops_per_token
+
+PARALLEL_FORM = ["ttt.mode=parallel", "ttt.fast_weights=w1", "ttt.weight_norm=false"]
+CONFIG_DIR = Path("configs/model")
+
+
+def model_config(impl: str, size: str) -> LMConfig:
+    """The LMConfig an implementation is measured at (the transformer reads the tttla config's sizes)."""
+    if impl == "tttla_recurrent":
+        return load_model_config(str(CONFIG_DIR / f"lact_{size}.yaml"))
+    return load_model_config(str(CONFIG_DIR / f"{size}.yaml"), PARALLEL_FORM)
+
+
+def flops_per_token(impl: str, cfg: LMConfig, seq_len: int) -> float:
+    if impl == "sdpa":
+        return TRAINING_MULTIPLIER * baseline_forward_flops_per_token(cfg, seq_len)
+    return training_flops_per_token(cfg, seq_len)
+
+
+def build(impl: str, cfg: LMConfig, checkpointing: str, compile_blocks: Optional[Callable[[nn.Module], int]]) -> nn.Module:
+    model = (BaselineLM(cfg) if impl == "sdpa" else TTTLM(cfg)).cuda()
+    if checkpointing != "none":
+        checkpoint_blocks(model, checkpointing)
+    if compile_blocks is not None:
+        compile_blocks(model)
+    return model
+
+
+def time_steps(model: nn.Module, batch: int, seq_len: int, vocab: int, warmup: int, steps: int) -> float:
+    """Seconds per optimizer step (median of `steps` after `warmup`), on random token ids."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    ids = torch.randint(0, vocab, (batch, seq_len + 1), device="cuda")
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    times = []
+    for i in range(warmup + steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(inputs, targets, return_logits=False).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        end.record()
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def matmul_peak_tflops() -> float:
+    """bf16 8192^3 products on random data: the ceiling MFU is also reported against."""
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * 8192**3 * 20 / (time.perf_counter() - start) / 1e12
+
+
+def measure_row(impl: str, size: str, seq_len: int, batch: int, checkpointing: str, compile_on: bool,
+                peaks: tuple[float, float], warmup: int, steps: int) -> dict:
+    cfg = model_config(impl, size)
+    row = dict(impl=impl, config=size, T=seq_len, B=batch, checkpointing=checkpointing, compile=compile_on)
+    torch.cuda.reset_peak_memory_stats()
+    model = None
+    try:
+        model = build(impl, cfg, checkpointing, compile_function() if compile_on else None)
+        seconds = time_steps(model, batch, seq_len, cfg.vocab_size, warmup, steps)
+        tokens = batch * seq_len
+        achieved = flops_per_token(impl, cfg, seq_len) * tokens / seconds
+        row.update(tok_s=round(tokens / seconds), step_ms=round(seconds * 1e3, 1),
+                   peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                   mfu=round(achieved / (peaks[0] * 1e12), 4), mfu_spec=round(achieved / (peaks[1] * 1e12), 4))
+    except torch.cuda.OutOfMemoryError:
+        row.update(tok_s=None, step_ms=None, peak_gib=None, mfu=None, mfu_spec=None, error="out of memory")
+    finally:
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    return row
+
+
+def compile_function() -> Callable[[nn.Module], int]:
+    """The trainer's own block compilation (`train.compile`)."""
+    from train.compile import compile_blocks
+
+    return compile_blocks
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """tok/s and memory of each tttla row over the transformer's row of the same size, context and settings."""
+    baseline = {(r["config"], r["T"], r["B"], r["checkpointing"], r["compile"]): r for r in rows if r["impl"] == "sdpa"}
+    for row in rows:
+        other = baseline.get((row["config"], row["T"], row["B"], row["checkpointing"], row["compile"]))
+        if row["impl"] != "sdpa" and other and row["tok_s"] and other["tok_s"]:
+            row["speedup_vs_sdpa"] = round(row["tok_s"] / other["tok_s"], 2)
+            row["memory_vs_sdpa"] = round(row["peak_gib"] / other["peak_gib"], 2)
+
+
+def markdown(rows: list[dict], peaks: tuple[float, float], command: str) -> str:
+    lines = [f"# Training step, one {torch.cuda.get_device_name()}",
+             "",
+             f"`{command}`; bf16 matmul peak measured in the same run: {peaks[0]:.0f} TFLOP/s (spec sheet {peaks[1]:.0f}).",
+             "Forward + backward + fused AdamW step, bf16 autocast, median of the timed steps.",
+             "",
+             "| impl | config | T x B | checkpointing | compile | tok/s | step ms | peak GiB | MFU (measured / spec peak) | vs sdpa (speed, memory) |",
+             "|---|---|---|---|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        if r["tok_s"] is None:
+            cells = f"{r.get('error')} | | | |"
+        else:
+            ratio = f"{r['speedup_vs_sdpa']}x, {r['memory_vs_sdpa']}x" if "speedup_vs_sdpa" in r else ""
+            cells = f"{r['tok_s']:,} | {r['step_ms']} | {r['peak_gib']} | {r['mfu']:.1%} / {r['mfu_spec']:.1%} | {ratio}"
+        lines.append(f"| {r['impl']} | {r['config']} | {r['T']} x {r['B']} | {r['checkpointing']} | {r['compile']} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_seq(text: str) -> tuple[int, int]:
+    seq_len, _, batch = text.partition("x")
+    return int(seq_len), int(batch or 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=["125m", "350m", "760m"])
+    parser.add_argument("--seqs", nargs="+", default=["4096x4", "16384x1", "65536x1"], help="T x B")
+    parser.add_argument("--impls", nargs="+", default=["tttla", "tttla_recurrent", "sdpa"])
+    parser.add_argument("--checkpointing", nargs="+", default=["none", "full"], choices=["none", "full", "selective"])
+    parser.add_argument("--compile", choices=["on", "off"], default="on")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--out", default="docs/bench/train_step")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("train.bench_step: needs a CUDA device (it measures the GPU training step)")
+    name = torch.cuda.get_device_name()
+    peaks = (matmul_peak_tflops(), next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), 989.0))
+    rows = []
+    for size in args.configs:
+        for text in args.seqs:
+            seq_len, batch = parse_seq(text)
+            for checkpointing in args.checkpointing:
+                for impl in args.impls:
+                    if impl == "tttla_recurrent" and not (CONFIG_DIR / f"lact_{size}.yaml").exists():
+                        continue
+                    row = measure_row(impl, size, seq_len, batch, checkpointing, args.compile == "on", peaks,
+                                      args.warmup, args.steps)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+    add_ratios(rows)
+    command = "python -m train.bench_step " + " ".join(
+        f"--{k} {' '.join(v) if isinstance(v, list) else v}" for k, v in vars(args).items() if k != "out")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{args.out}.json").write_text(json.dumps(dict(device=name, peak_tflops=peaks, command=command, rows=rows), indent=1))
+    Path(f"{args.out}.md").write_text(markdown(rows, peaks, command))
+    print(markdown(rows, peaks, command))
+
+
+if __name__ == "__main__":
+    main()
