@@ -8,4 +8,4 @@ PYTHON=${PYTHON:-.venv/bin/python}
 if [ ! -f data/stdlib_16k/manifest.json ]; then
   "$PYTHON" -m train.prepare --stdlib --out data/stdlib_16k --seq-len 16384
 fi
-exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node=1 -m train configs/train/125m_16k.yaml "$@"
+exec "$PYTHON" -m train.launch --standalone --nproc_per_node=1 -m train configs/train/125m_16k.yaml "$@"

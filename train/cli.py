@@ -6,13 +6,21 @@ path, and what to do>`, and exit status 1. Under a launcher only rank 0 prints f
 share (config errors and the failures they agreed on), so the line appears once; a failure of
 another rank alone is printed by that rank. Anything else is a bug and keeps its traceback.
 `--debug` on the command line, or TTTLA_DEBUG=1, shows the traceback of expected failures too.
+
+Under torchrun every failing rank also leaves its line in the error file torchrun names
+(TORCHELASTIC_ERROR_FILE), where torchrun's failure summary shows it. Under train.launch, which
+sets TTTLA_LAUNCHER=1, the ranks print nothing themselves: the launcher prints each distinct line
+once, after torchrun has stopped every worker, so that a rank stopped by torchrun before it could
+print cannot lose the message.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
+import time
 from typing import Callable
 
 from model.config import ConfigError
@@ -20,6 +28,8 @@ from train.errors import RunError, describe_os_error
 
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "TTTLA_DEBUG"
+REPORTED_BY_LAUNCHER_ENV = "TTTLA_LAUNCHER"
+ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"
 DEBUG_HELP = f"{DEBUG_FLAG} (or {DEBUG_ENV}=1) shows the traceback of a failure"
 EXPECTED_FAILURES = (ConfigError, RunError, OSError, ValueError)
 SHARED_FAILURES = (ConfigError, RunError)  # raised alike on every rank
@@ -47,19 +57,47 @@ def failure_message(error: BaseException) -> str:
     return str(error)
 
 
+def debug_requested(argv: list[str]) -> bool:
+    """Whether failures keep their traceback (and train.launch shows torchrun's own report)."""
+    return DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "0") not in ("", "0")
+
+
+def record_failure(line: str) -> None:
+    """Leave `line` in this worker's torchrun error file, in the form torchrun reads back.
+
+    Written aside and renamed: torchrun's agent fails outright on a half-written file.
+    """
+    path = os.environ.get(ERROR_FILE_ENV)
+    if not path:
+        return
+    try:
+        with open(f"{path}.partial", "w") as file:
+            json.dump({"message": line, "timestamp": int(time.time())}, file)
+        os.replace(f"{path}.partial", path)
+    except OSError:  # the launcher then names the rank and its exit code instead
+        pass
+
+
+def report_failure(name: str, error: BaseException) -> None:
+    """Print the failure's line (once per job, see the module's docstring) and record it for torchrun."""
+    shared = isinstance(error, SHARED_FAILURES)
+    where = "" if is_main_process() or shared else f" (rank {rank()})"
+    line = f"{name}{where}: {failure_message(error)}"
+    record_failure(line)
+    if os.environ.get(REPORTED_BY_LAUNCHER_ENV) != "1" and (is_main_process() or not shared):
+        print(line, file=sys.stderr, flush=True)
+
+
 def run_command(name: str, main: Callable[[list[str]], object], argv: list[str]) -> None:
     """Run `main(argv)`; an expected failure prints one line and exits with status 1."""
-    debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "0") not in ("", "0")
+    debug = debug_requested(argv)
     argv = [argument for argument in argv if argument != DEBUG_FLAG]
     try:
         main(argv)
     except EXPECTED_FAILURES as error:
         if debug:
             raise
-        if is_main_process():
-            print(f"{name}: {failure_message(error)}", file=sys.stderr, flush=True)
-        elif not isinstance(error, SHARED_FAILURES):
-            print(f"{name} (rank {rank()}): {failure_message(error)}", file=sys.stderr, flush=True)
+        report_failure(name, error)
         sys.exit(1)
     except KeyboardInterrupt:
         if debug:
