@@ -13,9 +13,13 @@ compiles the pieces between the breaks and runs the breaking calls eagerly.
   (`parallel.sliced_mixer`), which Dynamo does not trace.
 * Packed-document resets: the document bounds are read on the host (`DocumentSegments.bounds`).
 * ZeRO-3: DeepSpeed gathers each module's parameters in forward hooks that call collectives.
+* Activation checkpointing with the trainer's learning-rate probe (`train.monitor`): on logging
+  steps the probe's forward hook stores the rates, a side effect a checkpointed region cannot hold,
+  so those steps run the checkpointed blocks with a break; the other steps are one graph.
 
 Activation checkpointing composes: it replaces `Block.forward` on the instance, and the compiled
-call traces through it (Dynamo turns the non-reentrant checkpoint into a higher-order op).
+call traces through it (Dynamo turns the non-reentrant checkpoint into a higher-order op, which
+must be free of side effects on outside objects).
 Decoding (`model.decode`) calls the mixer's pieces directly, not `Block.__call__`, so it runs the
 same eager code whether or not the blocks are compiled.
 """
@@ -38,7 +42,8 @@ def compile_enabled(setting: str, device: torch.device) -> bool:
 
 def blocks_are_one_graph(cfg: RunConfig, sp: int) -> bool:
     """Whether a block traces as one graph in this run (see the module docstring for the exceptions)."""
-    return sp == 1 and not cfg.data.reset_at_doc_boundaries and cfg.zero.stage < 3
+    t = cfg.train
+    return sp == 1 and not cfg.data.reset_at_doc_boundaries and cfg.zero.stage < 3 and not t.activation_checkpointing
 
 
 def compile_blocks(model: nn.Module, *, fullgraph: bool = True, backend: str = "inductor") -> int:
