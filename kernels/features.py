@@ -16,6 +16,10 @@ Backward, three launches:
   3. `head_matmul_kernel`: [dW0; dW2] = [da, db]^T x, split over tokens into fp32 partial sums.
 Both matmuls read the token-major layouts through strides; nothing is permuted.
 
+Forward and backward are registered as torch.library ops (`tttla::swiglu_features`,
+`tttla::swiglu_features_backward`) with fake implementations and an autograd formula, so
+torch.compile keeps them whole in a graph (no break) and fuses the elementwise work around them.
+
 The torch form (`swiglu_features_packed`: one cuBLAS GEMM over stacked weights, gate and product
 fused by torch.compile) is kept for comparison; docs/kernels.md measures both.
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -174,50 +179,109 @@ def _projection(x, w0, w2, out, ab, g, grad: bool, save_ab: bool, load_ab: bool)
     )
 
 
-class SwiGLUFeaturesFunction(torch.autograd.Function):
-    """Autograd around the fused kernels; inputs as in `swiglu_features`."""
+def swiglu_features_fwd(x: torch.Tensor, w0: torch.Tensor, w2: torch.Tensor, save_projections: bool):
+    """x: [TT, H, d]; w0, w2: [H, dh, d] in x's dtype. Returns h [TT, H, dh] and, when
+    `save_projections`, (a, b) as one [TT, H, 2 dh] tensor for the backward (else None)."""
+    tt, heads, _ = x.shape
+    dh = w0.shape[1]
+    out = _new_buffer((tt, heads, dh), x.dtype, x.device)
+    ab = _new_buffer((tt, heads, 2 * dh), x.dtype, x.device) if save_projections else None
+    _projection(x, w0, w2, out, ab, None, grad=False, save_ab=save_projections, load_ab=False)
+    return out, ab
 
-    @staticmethod
-    def forward(ctx, x, w0, w2):
-        shape = x.shape
-        heads, dh, d = w0.shape
-        fx = x.reshape(-1, heads, d).contiguous()
-        w0c, w2c = w0.to(x.dtype).contiguous(), w2.to(x.dtype).contiguous()
-        out = _new_buffer((fx.shape[0], heads, dh), x.dtype, x.device)
-        save_ab = SAVE_PROJECTIONS and torch.is_grad_enabled() and any(ctx.needs_input_grad)
-        ab = _new_buffer((fx.shape[0], heads, 2 * dh), x.dtype, x.device) if save_ab else None
-        _projection(fx, w0c, w2c, out, ab, None, grad=False, save_ab=save_ab, load_ab=False)
-        ctx.save_for_backward(fx, w0c, w2c, ab)
-        ctx.meta = (shape, w0.dtype, w2.dtype)
-        return out.reshape(*shape[:-1], dh)
 
-    @staticmethod
-    def backward(ctx, grad_h):
-        fx, w0, w2, ab = ctx.saved_tensors
-        shape, w0_dtype, w2_dtype = ctx.meta
-        tt, heads, d = fx.shape
-        dh = w0.shape[1]
-        g = grad_h.reshape(tt, heads, dh).to(fx.dtype).contiguous()
-        dab = _new_buffer((tt, heads, 2 * dh), fx.dtype, fx.device)  # [da, db] per token and head
-        _projection(fx, w0, w2, dab, ab, g, grad=True, save_ab=False, load_ab=ab is not None)
-        dx = dw0 = dw2 = None
-        if ctx.needs_input_grad[0]:
-            w02 = torch.cat([w0, w2], dim=1)  # [H, 2 dh, d]
-            dx = _new_buffer((tt, heads, d), fx.dtype, fx.device)
-            _head_matmul(dab, (2 * dh, heads * 2 * dh, 1), w02, (2 * dh * d, d, 1), dx, (0, d, heads * d, 1),
-                         M=tt, N=d, K=2 * dh, heads=heads)
-            dx = dx.reshape(shape)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            bm, bn = _tile(2 * dh, MATMUL_TILES["BM"]), _tile(d, MATMUL_TILES["BN"])
-            base_programs = triton.cdiv(2 * dh, bm) * triton.cdiv(d, bn) * heads
-            splits = max(1, min(triton.cdiv(tt, 1024), triton.cdiv(WEIGHT_GRAD_PROGRAMS, base_programs)))
-            partial = _new_buffer((splits, heads, 2 * dh, d), torch.float32, fx.device)
-            used = _head_matmul(dab, (2 * dh, 1, heads * 2 * dh), fx, (d, heads * d, 1), partial,
-                                (heads * 2 * dh * d, 2 * dh * d, d, 1), M=2 * dh, N=d, K=tt, heads=heads,
-                                splits=splits)
-            dw02 = partial[:used].sum(0)
-            dw0, dw2 = dw02[:, :dh].to(w0_dtype), dw02[:, dh:].to(w2_dtype)
-        return dx, dw0, dw2
+def swiglu_features_bwd(grad_h, x, w0, w2, ab, x_grad: bool, weight_grad: bool):
+    """grad_h: [TT, H, dh] dL/dh; x, w0, w2, ab as `swiglu_features_fwd` used and returned them.
+    Returns dx [TT, H, d] (x's dtype) when `x_grad`, and [dw0; dw2] [H, 2 dh, d] fp32 when
+    `weight_grad` (None otherwise)."""
+    tt, heads, d = x.shape
+    dh = w0.shape[1]
+    g = grad_h.to(x.dtype).contiguous()
+    dab = _new_buffer((tt, heads, 2 * dh), x.dtype, x.device)  # [da, db] per token and head
+    _projection(x, w0, w2, dab, ab, g, grad=True, save_ab=False, load_ab=ab is not None)
+    dx = dw02 = None
+    if x_grad:
+        w02 = torch.cat([w0, w2], dim=1)  # [H, 2 dh, d]
+        dx = _new_buffer((tt, heads, d), x.dtype, x.device)
+        _head_matmul(dab, (2 * dh, heads * 2 * dh, 1), w02, (2 * dh * d, d, 1), dx, (0, d, heads * d, 1),
+                     M=tt, N=d, K=2 * dh, heads=heads)
+    if weight_grad:
+        bm, bn = _tile(2 * dh, MATMUL_TILES["BM"]), _tile(d, MATMUL_TILES["BN"])
+        base_programs = triton.cdiv(2 * dh, bm) * triton.cdiv(d, bn) * heads
+        splits = max(1, min(triton.cdiv(tt, 1024), triton.cdiv(WEIGHT_GRAD_PROGRAMS, base_programs)))
+        partial = _new_buffer((splits, heads, 2 * dh, d), torch.float32, x.device)
+        used = _head_matmul(dab, (2 * dh, 1, heads * 2 * dh), x, (d, heads * d, 1), partial,
+                            (heads * 2 * dh * d, 2 * dh * d, d, 1), M=2 * dh, N=d, K=tt, heads=heads, splits=splits)
+        dw02 = partial[:used].sum(0)
+    return dx, dw02
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library ops (`tttla::swiglu_features` and its backward): opaque to torch.compile, which traces
+# around them through the fake implementations and fuses the glue on either side. An output that is
+# absent (projections not saved, a gradient not asked for) is an empty tensor: op schemas cannot
+# return None.
+
+
+def _absent(like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0)
+
+
+@torch.library.custom_op("tttla::swiglu_features", mutates_args=())
+def swiglu_features_op(
+    x: torch.Tensor, w0: torch.Tensor, w2: torch.Tensor, save_projections: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [TT, H, d]; w0, w2: [H, dh, d] (any float dtype, cast to x's). Returns h [TT, H, dh] in x's
+    dtype and the projections (a, b) [TT, H, 2 dh] when `save_projections` (else empty)."""
+    out, ab = swiglu_features_fwd(x.contiguous(), w0.to(x.dtype).contiguous(), w2.to(x.dtype).contiguous(),
+                                  save_projections)
+    return out, ab if ab is not None else _absent(x)
+
+
+@swiglu_features_op.register_fake
+def _(x, w0, w2, save_projections):
+    tt, heads, _ = x.shape
+    dh = w0.shape[1]
+    return x.new_empty(tt, heads, dh), x.new_empty(tt, heads, 2 * dh) if save_projections else _absent(x)
+
+
+@torch.library.custom_op("tttla::swiglu_features_backward", mutates_args=())
+def swiglu_features_backward_op(
+    grad_h: torch.Tensor, x: torch.Tensor, w0: torch.Tensor, w2: torch.Tensor, projections: Optional[torch.Tensor],
+    x_grad: bool, weight_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns dx [TT, H, d] in x's dtype (empty unless `x_grad`) and [dw0; dw2] [H, 2 dh, d] in w0's
+    dtype (empty unless `weight_grad`); `projections` is what the forward saved (None: recompute them)."""
+    dx, dw02 = swiglu_features_bwd(grad_h, x.contiguous(), w0.to(x.dtype).contiguous(),
+                                   w2.to(x.dtype).contiguous(), projections, x_grad, weight_grad)
+    return dx if x_grad else _absent(x), dw02.to(w0.dtype) if weight_grad else _absent(w0)
+
+
+@swiglu_features_backward_op.register_fake
+def _(grad_h, x, w0, w2, projections, x_grad, weight_grad):
+    heads, dh, d = w0.shape
+    return torch.empty_like(x) if x_grad else _absent(x), w0.new_empty(heads, 2 * dh, d) if weight_grad else _absent(w0)
+
+
+def _setup_swiglu_context(ctx, inputs, output) -> None:
+    x, w0, w2, save_projections = inputs
+    _, projections = output
+    ctx.set_materialize_grads(False)  # no zero-filled [TT, H, 2 dh] gradient for the projections
+    ctx.save_for_backward(x, w0, w2, projections if save_projections else None)
+
+
+def _swiglu_backward(ctx, grad_h, _grad_projections):
+    if grad_h is None:
+        return None, None, None, None
+    x, w0, w2, projections = ctx.saved_tensors
+    x_grad, weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+    dx, dw02 = swiglu_features_backward_op(grad_h, x, w0, w2, projections, x_grad, weight_grad)
+    dw0, dw2 = dw02.chunk(2, dim=1) if weight_grad else (None, None)
+    return (dx if x_grad else None, dw0 if ctx.needs_input_grad[1] else None,
+            dw2 if ctx.needs_input_grad[2] else None, None)
+
+
+swiglu_features_op.register_autograd(_swiglu_backward, setup_context=_setup_swiglu_context)
 
 
 def use_triton(x: torch.Tensor) -> bool:
@@ -239,7 +303,10 @@ def swiglu_features(x: torch.Tensor, w0: torch.Tensor, w2: torch.Tensor) -> torc
         return reference.swiglu_features(x, w0, w2)
     if not FUSED_FEATURES:
         return compiled_swiglu_features()(x, pack_swiglu_weights(w0, w2))
-    return SwiGLUFeaturesFunction.apply(x, w0, w2)
+    heads, dh, d = w0.shape
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or w0.requires_grad or w2.requires_grad)
+    h, _ = swiglu_features_op(x.reshape(-1, heads, d), w0, w2, SAVE_PROJECTIONS and needs_grad)
+    return h.reshape(*x.shape[:-1], dh)
 
 
 def pack_swiglu_weights(w0: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:

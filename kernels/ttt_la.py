@@ -20,58 +20,136 @@ def use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda or os.environ.get("TTTLA_FORCE_TRITON", "0") == "1"
 
 
-class ChunkTTTLAFunction(torch.autograd.Function):
-    """Autograd around the Triton kernels of `kernels.chunk`; inputs as in `chunk_ttt_la` (no Muon)."""
+# ----------------------------------------------------------------------------------------------
+# torch.library ops (`tttla::chunk_scan` and its backward) on the flat token axis [TT = B * T, H, *].
+# torch.compile keeps them whole in a graph (no break) and fuses the glue around them. The chunk
+# table is built inside the ops from (rows, cu_seqlens), so a compiled graph never sees its host
+# synchronisation. Absent outputs (momentum off, a gradient not asked for) are empty tensors: op
+# schemas cannot return None.
 
-    @staticmethod
-    def forward(ctx, hq, hk, v, eta1, initial_state, beta, initial_momentum, chunk_size, token_causal,
-                update_sign, cu_seqlens):
-        ctx.set_materialize_grads(False)
-        batch, seq_len, heads, dh = hq.shape
-        d = v.shape[-1]
-        if cu_seqlens is None:
-            table = chunk_kernels.regular_chunk_table(batch, seq_len, chunk_size, hq.device)
-        else:
-            table = chunk_kernels.varlen_chunk_table(cu_seqlens, chunk_size, hq.device)
-        flat = lambda x: x.reshape(batch * seq_len, heads, -1).contiguous()  # noqa: E731
-        fhq, fhk, fv = flat(hq), flat(hk), flat(v)
-        feta = eta1.reshape(batch * seq_len, heads).contiguous()
-        fbeta = beta.reshape(-1, heads).contiguous() if beta is not None else None
-        init = initial_state.contiguous() if initial_state is not None else None
-        init_mom = initial_momentum.contiguous() if initial_momentum is not None else None
-        o, final, final_mom, states, momenta = chunk_kernels.ttt_la_fwd(
-            fhq, fhk, fv, feta, init, table, chunk_size, fbeta, init_mom, token_causal, update_sign)
-        ctx.save_for_backward(fhq, fhk, fv, feta, states, momenta, fbeta)
-        ctx.table = table
-        ctx.config = (chunk_size, token_causal, update_sign)
-        ctx.shapes = (batch, seq_len, heads, d, dh)
-        ctx.input_meta = [(x.dtype, x.shape) if x is not None else None
-                          for x in (initial_state, beta, initial_momentum)]
-        return o.reshape(batch, seq_len, heads, d), final, final_mom
 
-    @staticmethod
-    def backward(ctx, do, dfinal, dfinal_mom):
-        fhq, fhk, fv, feta, states, momenta, fbeta = ctx.saved_tensors
-        chunk_size, token_causal, update_sign = ctx.config
-        batch, seq_len, heads, d, dh = ctx.shapes
-        if do is None:
-            do = torch.zeros(batch, seq_len, heads, d, dtype=fhq.dtype, device=fhq.device)
-        dhq, dhk, dv, deta, dinit, dinit_mom, dbeta = chunk_kernels.ttt_la_bwd(
-            do.reshape(batch * seq_len, heads, d).to(fhq.dtype), fhq, fhk, fv, feta, states, momenta, fbeta,
-            ctx.table, chunk_size, dfinal.contiguous() if dfinal is not None else None,
-            dfinal_mom.contiguous() if dfinal_mom is not None else None, token_causal, update_sign)
-        init_meta, beta_meta, mom_meta = ctx.input_meta
-        cast = lambda g, meta: g.reshape(meta[1]).to(meta[0]) if meta is not None else None  # noqa: E731
-        return (
-            dhq.reshape(batch, seq_len, heads, dh),
-            dhk.reshape(batch, seq_len, heads, dh),
-            dv.reshape(batch, seq_len, heads, d),
-            deta.reshape(batch, seq_len, heads).to(feta.dtype),
-            cast(dinit, init_meta),
-            cast(dbeta, beta_meta),
-            cast(dinit_mom, mom_meta),
-            None, None, None, None,
-        )
+def _chunk_table(tokens: int, rows: int, cu_seqlens: Optional[torch.Tensor], chunk_size: int, device):
+    """`rows` documents of tokens / rows tokens each, or the packed documents of cu_seqlens."""
+    if cu_seqlens is None:
+        return chunk_kernels.regular_chunk_table(rows, tokens // rows, chunk_size, device)
+    return chunk_kernels.varlen_chunk_table(cu_seqlens, chunk_size, device)
+
+
+def _absent(like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0, dtype=torch.float32)
+
+
+@torch.library.custom_op("tttla::chunk_scan", mutates_args=())
+def chunk_scan_op(
+    hq: torch.Tensor, hk: torch.Tensor, v: torch.Tensor, eta: torch.Tensor, initial_state: Optional[torch.Tensor],
+    beta: Optional[torch.Tensor], initial_momentum: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
+    rows: int, chunk_size: int, token_causal: bool, update_sign: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hq, hk: [TT, H, dh]; v: [TT, H, d]; eta: [TT, H]; initial_state, initial_momentum: [D, H, d, dh];
+    beta: [NC, H]; cu_seqlens: [D + 1] (None: `rows` documents of TT / rows tokens).
+
+    Returns o [TT, H, d] (hq's dtype), final state [D, H, d, dh] fp32, final momentum (fp32, empty
+    without beta), and for the backward the state each chunk read [NC, H, d, dh] (hq's dtype) and
+    the momentum it read (fp32, empty without beta).
+    """
+    table = _chunk_table(hq.shape[0], rows, cu_seqlens, chunk_size, hq.device)
+    contiguous = lambda x: x.contiguous() if x is not None else None  # noqa: E731
+    o, final, final_mom, states, momenta = chunk_kernels.ttt_la_fwd(
+        hq.contiguous(), hk.contiguous(), v.contiguous(), eta.contiguous(), contiguous(initial_state), table,
+        chunk_size, contiguous(beta), contiguous(initial_momentum), token_causal, update_sign)
+    return o, final, final_mom if beta is not None else _absent(hq), states, momenta if beta is not None else _absent(hq)
+
+
+@chunk_scan_op.register_fake
+def _(hq, hk, v, eta, initial_state, beta, initial_momentum, cu_seqlens, rows, chunk_size, token_causal,
+      update_sign):
+    tokens, heads, dh = hq.shape
+    d = v.shape[-1]
+    if cu_seqlens is None:
+        docs, chunks = rows, rows * ((tokens // rows + chunk_size - 1) // chunk_size)
+    elif beta is not None:
+        docs, chunks = cu_seqlens.shape[0] - 1, beta.shape[0]
+    else:  # the chunk count of packed documents depends on their lengths, known only when the op runs
+        docs, chunks = cu_seqlens.shape[0] - 1, torch.library.get_ctx().new_dynamic_size()
+    state = lambda n, dtype: hq.new_empty(n, heads, d, dh, dtype=dtype)  # noqa: E731
+    momentum = beta is not None
+    return (v.new_empty(tokens, heads, d, dtype=hq.dtype), state(docs, torch.float32),
+            state(docs, torch.float32) if momentum else _absent(hq), state(chunks, hq.dtype),
+            state(chunks, torch.float32) if momentum else _absent(hq))
+
+
+@torch.library.custom_op("tttla::chunk_scan_backward", mutates_args=())
+def chunk_scan_backward_op(
+    do: torch.Tensor, hq: torch.Tensor, hk: torch.Tensor, v: torch.Tensor, eta: torch.Tensor, states: torch.Tensor,
+    momenta: Optional[torch.Tensor], beta: Optional[torch.Tensor], dfinal: Optional[torch.Tensor],
+    dfinal_momentum: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], rows: int, chunk_size: int,
+    token_causal: bool, update_sign: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs as `chunk_scan` took and returned them, do = dL/do [TT, H, d], dfinal and dfinal_momentum
+    [D, H, d, dh] (None: no gradient). Returns dhq, dhk, dv (input dtype), deta [TT, H] fp32,
+    dinit [D, H, d, dh] fp32, and with beta dinit_momentum [D, H, d, dh] and dbeta [NC, H] fp32
+    (empty without beta)."""
+    table = _chunk_table(hq.shape[0], rows, cu_seqlens, chunk_size, hq.device)
+    contiguous = lambda x: x.contiguous() if x is not None else None  # noqa: E731
+    dhq, dhk, dv, deta, dinit, dinit_mom, dbeta = chunk_kernels.ttt_la_bwd(
+        do.to(hq.dtype).contiguous(), hq.contiguous(), hk.contiguous(), v.contiguous(), eta.contiguous(),
+        states.contiguous(), contiguous(momenta), contiguous(beta), table, chunk_size, contiguous(dfinal),
+        contiguous(dfinal_momentum), token_causal, update_sign)
+    if beta is None:
+        dinit_mom, dbeta = _absent(hq), _absent(hq)
+    return dhq, dhk, dv, deta, dinit, dinit_mom, dbeta
+
+
+@chunk_scan_backward_op.register_fake
+def _(do, hq, hk, v, eta, states, momenta, beta, dfinal, dfinal_momentum, cu_seqlens, rows, chunk_size,
+      token_causal, update_sign):
+    tokens, heads, dh = hq.shape
+    d = v.shape[-1]
+    docs = rows if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    dinit = hq.new_empty(docs, heads, d, dh, dtype=torch.float32)
+    momentum = beta is not None
+    return (torch.empty_like(hq), torch.empty_like(hk), torch.empty_like(v), eta.new_empty(tokens, heads, dtype=torch.float32),
+            dinit, torch.empty_like(dinit) if momentum else _absent(hq),
+            beta.new_empty(beta.shape, dtype=torch.float32) if momentum else _absent(hq))
+
+
+def _setup_chunk_scan_context(ctx, inputs, output) -> None:
+    hq, hk, v, eta, initial_state, beta, initial_momentum, cu_seqlens, rows, chunk_size, token_causal, sign = inputs
+    _, _, _, states, momenta = output
+    ctx.set_materialize_grads(False)  # no zero-filled [NC, H, d, dh] gradients for the saved states
+    ctx.save_for_backward(hq, hk, v, eta, states, momenta if beta is not None else None, beta, cu_seqlens)
+    ctx.config = (rows, chunk_size, token_causal, sign)
+    ctx.input_dtypes = [x.dtype if x is not None else None for x in (eta, initial_state, beta, initial_momentum)]
+
+
+def _chunk_scan_backward(ctx, do, dfinal, dfinal_momentum, _dstates, _dmomenta):
+    hq, hk, v, eta, states, momenta, beta, cu_seqlens = ctx.saved_tensors
+    rows, chunk_size, token_causal, sign = ctx.config
+    if do is None:  # only the final state or momentum is used
+        do = v.new_zeros(v.shape)
+    dhq, dhk, dv, deta, dinit, dinit_mom, dbeta = chunk_scan_backward_op(
+        do, hq, hk, v, eta, states, momenta, beta, dfinal, dfinal_momentum if beta is not None else None,
+        cu_seqlens, rows, chunk_size, token_causal, sign)
+    eta_dtype, init_dtype, beta_dtype, mom_dtype = ctx.input_dtypes
+    cast = lambda g, dtype: g.to(dtype) if dtype is not None else None  # noqa: E731
+    return (dhq, dhk, dv, deta.to(eta_dtype), cast(dinit, init_dtype), cast(dbeta, beta_dtype),
+            cast(dinit_mom, mom_dtype), None, None, None, None, None)
+
+
+chunk_scan_op.register_autograd(_chunk_scan_backward, setup_context=_setup_chunk_scan_context)
+
+
+def _chunk_scan(hq, hk, v, eta1, initial_state, beta, initial_momentum, chunk_size, token_causal, update_sign,
+                cu_seqlens):
+    """`chunk_ttt_la`'s kernel path: [B, T, H, *] viewed as the flat token axis the op takes."""
+    batch, seq_len, heads, dh = hq.shape
+    d = v.shape[-1]
+    flat = lambda x: x.reshape(batch * seq_len, heads, -1)  # noqa: E731
+    o, final, final_mom, _, _ = chunk_scan_op(
+        flat(hq), flat(hk), flat(v), eta1.reshape(batch * seq_len, heads), initial_state,
+        beta.reshape(-1, heads) if beta is not None else None, initial_momentum, cu_seqlens, batch, chunk_size,
+        token_causal, update_sign)
+    return o.reshape(batch, seq_len, heads, d), final, final_mom if beta is not None else None
 
 
 def _check_inputs(hq, hk, v, eta1, initial_state, chunk_size, beta, initial_momentum, cu_seqlens) -> None:
@@ -174,5 +252,5 @@ def chunk_ttt_la(
             return ttt_la_parallel_varlen_reference(hq, hk, v, eta1, initial_state, chunk_size, cu_seqlens, **kwargs)
         return ttt_la_parallel_reference(hq, hk, v, eta1, initial_state, chunk_size, **kwargs)
     _check_kernel_inputs(hq, hk, v)
-    return ChunkTTTLAFunction.apply(hq, hk, v, eta1, initial_state, beta, initial_momentum, chunk_size,
-                                    token_causal, float(update_sign), cu_seqlens)
+    return _chunk_scan(hq, hk, v, eta1, initial_state, beta, initial_momentum, chunk_size, token_causal,
+                       float(update_sign), cu_seqlens)

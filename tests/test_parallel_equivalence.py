@@ -28,6 +28,7 @@ from model.config import LMConfig, TTTConfig
 from model.lm import TTTLM
 from parallel.groups import build_groups, slice_sequence
 from parallel.sequence_parallel import SequenceParallelLM, average_gradients
+from train.compile import compile_blocks
 
 EXACT = 1e-10
 LOSS_TOLERANCE = 1e-6
@@ -41,6 +42,7 @@ class Case:
     ttt: dict = field(default_factory=dict)
     window_size: int = 8
     batch_per_group: int = 2
+    compiled: bool = False  # the split model's blocks through torch.compile, as train.compile does
 
 
 MOMENTUM = dict(momentum=True)
@@ -55,6 +57,8 @@ CASES = {
         Case("ring_recurrent", sp=2, seq_len=64, ttt=dict(chunk_size=16, **RING)),
         Case("ring_recurrent_straddling_chunk", sp=2, seq_len=74, ttt=dict(chunk_size=16, **RING)),
         Case("plain_data_parallel", sp=1, seq_len=64, ttt=dict(chunk_size=16, **MOMENTUM)),
+        Case("compiled_parallel_token_causal", sp=2, seq_len=74, window_size=30, compiled=True,
+             ttt=dict(chunk_size=16, token_causal=True, **MOMENTUM)),
     ],
     4: [
         Case("sp4_parallel", sp=4, seq_len=64, ttt=dict(chunk_size=16)),
@@ -96,10 +100,12 @@ def run_case(case: Case, world: int) -> dict[str, float]:
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
 
     reference = tiny_model(case)
+    split = SequenceParallelLM(copy.deepcopy(tiny_model(case)), groups)
+    if case.compiled:  # Dynamo over the sliced blocks, breaking its graphs at the exchanges (train.compile)
+        compile_blocks(split.model, fullgraph=False, backend="eager")
     expected = reference(inputs, targets)
     expected.loss.backward()
 
-    split = SequenceParallelLM(copy.deepcopy(tiny_model(case)), groups)
     rows = slice(groups.dp_rank * case.batch_per_group, (groups.dp_rank + 1) * case.batch_per_group)
     local_inputs, local_targets = (slice_sequence(t[rows], groups) for t in (inputs, targets))
     actual = split(local_inputs, local_targets)

@@ -28,6 +28,7 @@ from train.cli import warn
 SCHEDULES = ("cosine", "wsd", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
 RESUME_MODES = ("none", "auto")
+COMPILE_SETTINGS = ("auto", "true", "false")
 
 
 def _require(condition: bool, key: str, value: object, why: str) -> None:
@@ -70,6 +71,7 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     activation_checkpointing: bool = False  # recompute each block in the backward pass
     activation_checkpointing_policy: str = "full"  # full: the whole block; selective: keep GEMM outputs
+    compile: str = "auto"  # torch.compile each block: auto (on CUDA, off on CPU) | true | false
     seed: int = 0
     resume: str = "none"  # none | auto (newest complete checkpoint) | a checkpoint folder
     max_nonfinite_steps: int = 5  # consecutive skipped (non-finite) steps before the run stops
@@ -164,6 +166,7 @@ class RunConfig:
         _require(0 < t.decay_fraction <= 1, "train.decay_fraction", t.decay_fraction, "must be in (0, 1]")
         _require(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "must be >= 0 (0 turns clipping off)")
         _require(t.precision in PRECISIONS, "train.precision", t.precision, f"must be one of {PRECISIONS}")
+        _require(t.compile.lower() in COMPILE_SETTINGS, "train.compile", t.compile, f"must be one of {COMPILE_SETTINGS}")
         _require(
             t.resume in RESUME_MODES or Path(t.resume).is_dir(),
             "train.resume",

@@ -17,6 +17,7 @@ from torch import nn
 from model.config import ConfigError
 from model.lm import TTTLM
 from train.activation_checkpointing import checkpoint_blocks
+from train.compile import blocks_are_one_graph, compile_blocks, compile_enabled
 from train.config import RunConfig
 from train.distributed import Layout
 from train.schedule import scheduler_factory
@@ -62,6 +63,8 @@ def build_model(cfg: RunConfig, layout: Layout) -> tuple[nn.Module, TTTLM]:
     model = TTTLM(cfg.model)
     if cfg.train.activation_checkpointing:
         checkpoint_blocks(model, cfg.train.activation_checkpointing_policy)
+    if compile_enabled(cfg.train.compile, layout.device):
+        compile_blocks(model, fullgraph=blocks_are_one_graph(cfg, layout.sp))
     if layout.sp == 1:
         return model, model
     try:

@@ -1,0 +1,140 @@
+"""torch.compile with Inductor on the GPU: the tttla ops, one-graph blocks, compiled = eager.
+
+The model is 125M-shaped (configs/model/125m.yaml: hidden 768, 12 attention heads, 4 TTT heads of
+192, chunk and window 2048, momentum) with 2 layers, at T = 4096 so chunks and the window cross.
+It runs in bf16 parameters, as DeepSpeed's bf16 mode trains it.
+
+Tolerance of compiled against eager. Inductor fuses elementwise chains and keeps their
+intermediates in fp32 where eager rounds every op's output to bf16 (2^-8 relative each), and it may
+reorder reductions, so compiled and eager bf16 differ by bf16 rounding, not by a fixed bound. Each
+quantity (the logits and every parameter gradient) is therefore measured against the same model in
+fp32 (the kernels multiply fp32 operands exactly): compiled's relative error must be at most twice
+eager's own bf16 error plus 1e-2. A formula or wiring error (a dropped term, a wrong gradient) is
+O(1) relative and fails; bf16 rounding, even of gradients that are mostly noise, passes.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from model.config import load_model_config
+from model.lm import TTTLM
+from tests.op_cases import SCAN_VARIANTS, op_cases
+from train.activation_checkpointing import checkpoint_blocks
+from train.compile import compile_blocks
+from train.generate import generate_batch
+
+pytestmark = pytest.mark.gpu
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+SEQ_LEN = 4096
+ERROR_FACTOR, ERROR_SLACK = 2.0, 1e-2
+OP_CASES = ("swiglu_features", "swiglu_features_recompute", "swiglu_features_backward",
+            "swiglu_features_backward_recompute_x_only", *(f"chunk_scan{kind}_{variant}" for kind in ("", "_backward")
+                                                           for variant in SCAN_VARIANTS))  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles from scratch (no cache hits or recompile limits carried between tests)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def small_125m(layers: int = 2) -> TTTLM:
+    torch.manual_seed(0)
+    model = TTTLM(load_model_config("configs/model/125m.yaml", [f"num_layers={layers}"])).cuda()
+    with torch.no_grad():  # learning-rate and momentum heads away from their flat init: every path matters
+        for block in model.blocks:
+            block.mixer.lr_proj.weight.normal_(std=0.02)
+            block.mixer.momentum_proj.weight.normal_(std=0.02)
+    return model
+
+
+def tokens(batch: int = 1, seq_len: int = SEQ_LEN) -> torch.Tensor:
+    return torch.randint(0, 32000, (batch, seq_len + 1), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+
+
+def logits_and_gradients(model: TTTLM, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    out = model(ids[:, :-1], ids[:, 1:])
+    out.loss.backward()
+    results = {"logits": out.logits.detach().double()}
+    results.update({name: p.grad.double() for name, p in model.named_parameters()})
+    return results
+
+
+def relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def assert_compiled_like_eager(compiled: dict, eager: dict, exact: dict) -> None:
+    """Every quantity: compiled's error to fp32 within ERROR_FACTOR x eager's plus ERROR_SLACK."""
+    failures = []
+    for name, reference in exact.items():
+        eager_error, compiled_error = relative(eager[name], reference), relative(compiled[name], reference)
+        if not compiled_error <= ERROR_FACTOR * eager_error + ERROR_SLACK:
+            failures.append(f"{name}: compiled {compiled_error:.3g} vs eager {eager_error:.3g} (to fp32)")
+    assert not failures, "\n".join(failures)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("case", OP_CASES)
+def test_custom_op_passes_opcheck(case, dtype):
+    op, args = op_cases("cuda", dtype)[case]
+    results = torch.library.opcheck(op, args)
+    assert all(result == "SUCCESS" for result in results.values()), results
+
+
+@requires_cuda
+def test_block_with_the_kernels_is_one_graph():
+    """The GPU block takes the Triton path; the kernels enter the graph as tttla:: ops, no break."""
+    block = small_125m().bfloat16().blocks[0]
+    x = torch.randn(1, SEQ_LEN, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    explanation = torch._dynamo.explain(block)(x, None, 0)
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
+    graph_code = explanation.graphs[0].code
+    assert "tttla.chunk_scan" in graph_code and "tttla.swiglu_features" in graph_code
+    compile_blocks(block, fullgraph=True)
+    out, _ = block(x, None, 0)
+    out.float().square().mean().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+@requires_cuda
+@pytest.mark.parametrize("checkpointed", [False, True], ids=["plain", "activation_checkpointing"])
+def test_compiled_model_matches_eager(checkpointed):
+    """Logits and every parameter gradient of the compiled bf16 model against eager bf16, both
+    measured against fp32 (see the module docstring for the tolerance)."""
+    ids = tokens()
+    plain = small_125m()
+    exact = logits_and_gradients(copy.deepcopy(plain), ids)
+    eager_model, compiled_model = copy.deepcopy(plain).bfloat16(), copy.deepcopy(plain).bfloat16()
+    if checkpointed:
+        checkpoint_blocks(eager_model)
+        checkpoint_blocks(compiled_model)
+    eager = logits_and_gradients(eager_model, ids)
+    assert compile_blocks(compiled_model, fullgraph=True) == 2
+    assert_compiled_like_eager(logits_and_gradients(compiled_model, ids), eager, exact)
+
+
+@requires_cuda
+def test_generation_is_unchanged_by_compiled_blocks():
+    """Decoding on the GPU (Triton scan for completed chunks) gives the same tokens with compiled
+    blocks; chunk 64 so a 200-token generation completes chunks while decoding."""
+    def model() -> TTTLM:
+        torch.manual_seed(0)
+        cfg = load_model_config("configs/model/125m.yaml", ["num_layers=2", "ttt.chunk_size=64", "window_size=128"])
+        return TTTLM(cfg).cuda().eval()
+
+    prompts = tokens(batch=2, seq_len=100)
+    expected = generate_batch(model(), prompts, max_new_tokens=200)
+    compiled = model()
+    compile_blocks(compiled, fullgraph=True)
+    with torch.no_grad():
+        compiled(prompts)  # the compiled forward runs beside decoding
+    assert generate_batch(compiled, prompts, max_new_tokens=200) == expected

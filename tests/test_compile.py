@@ -1,0 +1,148 @@
+"""torch.compile over the model: blocks are one graph, compiled results equal eager, decoding unchanged.
+
+The compiled runs use the "aot_eager" backend: Dynamo and AOT autograd trace forward and backward
+exactly as for Inductor, but the traced ATen ops run eagerly, so a compiled block computes the same
+operations as eager and agrees to fp32 rounding of reordered sums (1e-5 relative, far below what a
+dropped or duplicated term would change). Inductor's own numerics are checked on the GPU
+(tests/gpu/test_compile_gpu.py). The Triton-kernel path runs on CPU in Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from model.config import ConfigError, LMConfig, TTTConfig
+from model.lm import Block, TTTLM
+from model.ttt_layer import TTTMixer
+from tests.op_cases import SCAN_VARIANTS, op_cases
+from train.activation_checkpointing import checkpoint_blocks
+from train.compile import compile_blocks, compile_enabled
+from train.config import RunConfig
+from train.generate import generate_batch
+
+REL_TOL = 1e-5
+interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="the Triton kernels run on CPU only under TRITON_INTERPRET=1")  # fmt: skip
+
+
+def config() -> LMConfig:
+    """Momentum, token-causal chunks and the window: every branch of the mixer is in the graph.
+    Head dims d = dh = 32 are accepted by the Triton kernels."""
+    ttt = TTTConfig(num_heads=2, chunk_size=16, momentum=True, token_causal=True, base_lr=0.3)
+    return LMConfig(vocab_size=64, hidden_size=64, num_layers=2, num_attn_heads=2, window_size=16, ttt=ttt)
+
+
+def make_block(seed: int = 0) -> Block:
+    torch.manual_seed(seed)
+    block = Block(config())
+    with torch.no_grad():  # learning-rate and momentum heads away from their flat init
+        block.mixer.lr_proj.weight.normal_(std=0.3)
+        block.mixer.momentum_proj.weight.normal_(std=0.5)
+    return block
+
+
+def run(block: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Output, input gradient and every parameter gradient of one forward + backward (T = 40: a short last chunk)."""
+    x = x.clone().requires_grad_()
+    out, state = block(x, None, 0)
+    ((out * torch.linspace(-1, 1, out.shape[-1])).sum() + state.w1.square().sum()).backward()
+    return out.detach(), x.grad, [p.grad for p in block.parameters()]
+
+
+def assert_same(expected, actual) -> None:
+    for name, e, a in zip(("output", "input gradient"), expected[:2], actual[:2]):
+        torch.testing.assert_close(a, e, rtol=REL_TOL, atol=REL_TOL * e.abs().max().item(), msg=name)
+    for i, (e, a) in enumerate(zip(expected[2], actual[2])):
+        torch.testing.assert_close(a, e, rtol=REL_TOL, atol=REL_TOL * e.abs().max().item(), msg=f"parameter {i}")
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_block_compiles_as_one_graph_on_the_reference_path(checkpointed):
+    """fullgraph=True: any graph break raises. With activation checkpointing applied first, as the
+    trainer does, the compiled call traces through the checkpoint."""
+    x = torch.randn(2, 40, 64, generator=torch.Generator().manual_seed(1))
+    expected = run(make_block(), x)
+    block = make_block()
+    if checkpointed:
+        checkpoint_blocks(block)
+    assert compile_blocks(block, fullgraph=True, backend="aot_eager") == 1
+    assert_same(expected, run(block, x))
+
+
+@interpreted
+def test_block_with_the_kernel_ops_is_one_graph(monkeypatch):
+    """The Triton feature and scan kernels as tttla:: ops: no graph break, the ops in the graph, and
+    compiled results equal to the eager kernel path. The model takes the kernel path on CUDA only,
+    so it is forced here (the kernels run in the interpreter)."""
+    monkeypatch.setenv("TTTLA_FORCE_TRITON", "1")
+    monkeypatch.setattr(TTTMixer, "_use_kernels", lambda self, x: True)
+    x = torch.randn(2, 40, 64, generator=torch.Generator().manual_seed(2))
+    block = make_block()
+    expected = run(block, x)
+    explanation = torch._dynamo.explain(block)(x, None, 0)
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
+    graph_code = explanation.graphs[0].code
+    assert "tttla.chunk_scan" in graph_code and "tttla.swiglu_features" in graph_code
+    block.zero_grad()
+    compile_blocks(block, fullgraph=True, backend="aot_eager")
+    assert_same(expected, run(block, x))
+
+
+OP_CASES = ("swiglu_features", "swiglu_features_recompute", "swiglu_features_backward",
+            "swiglu_features_backward_recompute_x_only", *(f"chunk_scan{kind}_{variant}" for kind in ("", "_backward")
+                                                           for variant in SCAN_VARIANTS))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cpu_op_cases() -> dict:
+    return op_cases("cpu", torch.float32)
+
+
+@interpreted
+@pytest.mark.parametrize("case", OP_CASES)
+def test_custom_op_passes_opcheck(cpu_op_cases, case):
+    """Schema, fake (meta) implementation against the real outputs' shapes, dtypes and strides,
+    autograd registration, and tracing through AOT autograd with dynamic shapes."""
+    op, args = cpu_op_cases[case]
+    results = torch.library.opcheck(op, args)
+    assert all(result == "SUCCESS" for result in results.values()), results
+
+
+def test_whole_lm_traces_as_one_graph():
+    """Embedding, every block, the head and the loss: one graph (the trainer compiles per block)."""
+    model = TTTLM(config())
+    tokens = torch.randint(0, 64, (2, 41), generator=torch.Generator().manual_seed(3))
+    explanation = torch._dynamo.explain(model)(tokens[:, :-1], tokens[:, 1:])
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
+
+
+def test_generation_is_unchanged_by_compiled_blocks():
+    """Decoding calls the mixer's pieces, not the compiled block, and must give the same tokens; the
+    compiled forward over the generated text predicts each generated token (greedy), so the two
+    paths agree with each other."""
+    def model() -> TTTLM:
+        torch.manual_seed(0)
+        return TTTLM(config()).double().eval()
+
+    prompts = torch.randint(0, 64, (2, 21), generator=torch.Generator().manual_seed(4))
+    expected = generate_batch(model(), prompts, max_new_tokens=20)
+    compiled = model()
+    compile_blocks(compiled, backend="aot_eager")
+    generated = generate_batch(compiled, prompts, max_new_tokens=20)
+    assert generated == expected
+    with torch.no_grad():
+        logits = compiled(torch.cat([prompts, torch.tensor(generated)[:, :-1]], dim=1)).logits
+    assert logits[:, prompts.shape[1] - 1 :].argmax(-1).tolist() == generated
+
+
+def test_compile_setting():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert (compile_enabled("auto", cpu), compile_enabled("auto", cuda)) == (False, True)
+    assert compile_enabled("True", cpu) and not compile_enabled("false", cuda)  # YAML booleans arrive as 'True'
+    cfg = RunConfig()
+    cfg.train.compile = "yes"
+    with pytest.raises(ConfigError, match="train.compile='yes' must be one of"):
+        cfg.validate()

@@ -1,0 +1,59 @@
+"""torch.compile per block, applied from outside the model (as torchtitan does).
+
+Every `Block` is compiled on its own with `Module.compile`, so parameter names, state dicts and
+checkpoints stay those of the plain model, and one compiled graph serves every layer (the blocks
+share their code and shapes). The Triton kernels are torch.library ops (`tttla::chunk_scan`,
+`tttla::swiglu_features` and their backwards), so a block is one graph, `fullgraph=True`, and
+Inductor fuses the elementwise glue around the kernels (norms, SiLU, L2 norm, RoPE, learning-rate
+heads, residuals).
+
+Where a block cannot be one graph it is compiled with graph breaks (`fullgraph=False`): Dynamo
+compiles the pieces between the breaks and runs the breaking calls eagerly.
+* Sequence parallelism: the sliced mixer exchanges states and window halos with collectives
+  (`parallel.sliced_mixer`), which Dynamo does not trace.
+* Packed-document resets: the document bounds are read on the host (`DocumentSegments.bounds`).
+* ZeRO-3: DeepSpeed gathers each module's parameters in forward hooks that call collectives.
+* Activation checkpointing with the trainer's learning-rate probe (`train.monitor`): on logging
+  steps the probe's forward hook stores the rates, a side effect a checkpointed region cannot hold,
+  so those steps run the checkpointed blocks with a break; the other steps are one graph.
+
+Activation checkpointing composes: it replaces `Block.forward` on the instance, and the compiled
+call traces through it (Dynamo turns the non-reentrant checkpoint into a higher-order op, which
+must be free of side effects on outside objects).
+Decoding (`model.decode`) calls the mixer's pieces directly, not `Block.__call__`, so it runs the
+same eager code whether or not the blocks are compiled.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model.baseline import BaselineBlock
+from model.lm import Block
+from train.config import RunConfig
+
+
+def compile_enabled(setting: str, device: torch.device) -> bool:
+    """`train.compile`: auto compiles on CUDA only (on CPU the reference path gains little and
+    Inductor's C++ build costs minutes); true / false force it."""
+    setting = setting.lower()
+    return setting == "true" or (setting == "auto" and device.type == "cuda")
+
+
+def blocks_are_one_graph(cfg: RunConfig, sp: int) -> bool:
+    """Whether a block traces as one graph in this run (see the module docstring for the exceptions)."""
+    t = cfg.train
+    return sp == 1 and not cfg.data.reset_at_doc_boundaries and cfg.zero.stage < 3 and not t.activation_checkpointing
+
+
+def compile_blocks(model: nn.Module, *, fullgraph: bool = True, backend: str = "inductor") -> int:
+    """Compile every block of `model` (a TTTLM's, or the baseline transformer's, so both are measured alike)
+    in place; returns how many were compiled.
+
+    `backend` other than Inductor is for tests ("aot_eager" traces forward and backward like
+    Inductor but runs the traced ops eagerly, so results are bit-identical to eager)."""
+    blocks = [module for module in model.modules() if isinstance(module, (Block, BaselineBlock))]
+    for block in blocks:
+        block.compile(fullgraph=fullgraph, backend=backend)
+    return len(blocks)
