@@ -301,7 +301,9 @@ class TTTMixer(nn.Module):
             logits = self.lr_proj(x).to(state_dtype).reshape(batch, seq_len, self.num_heads, 3)
         else:
             logits = self.lr_bias.to(state_dtype).reshape(self.num_heads, 3).expand(batch, seq_len, -1, -1)
-        etas = F.softplus(logits).transpose(2, 3)  # [B, T, 3, H]
+        # [B, T, 3, H]; softplus runs on a contiguous tensor: on a transposed view its backward's output
+        # strides differ between traced and eager runs, which breaks the compiled backward (a view error).
+        etas = F.softplus(logits.transpose(2, 3).contiguous())
         gate = None
         if self.momentum_proj is not None:
             gate = torch.sigmoid(self.momentum_proj(x).to(state_dtype))
