@@ -142,6 +142,7 @@ def test_compile_setting():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert (compile_enabled("auto", cpu), compile_enabled("auto", cuda)) == (False, True)
     assert compile_enabled("True", cpu) and not compile_enabled("false", cuda)  # YAML booleans arrive as 'True'
+    assert not compile_enabled("auto", cuda, activation_checkpointing=True) and compile_enabled("true", cuda, True)
     cfg = RunConfig()
     cfg.train.compile = "yes"
     with pytest.raises(ConfigError, match="train.compile='yes' must be one of"):

@@ -63,7 +63,7 @@ def build_model(cfg: RunConfig, layout: Layout) -> tuple[nn.Module, TTTLM]:
     model = TTTLM(cfg.model)
     if cfg.train.activation_checkpointing:
         checkpoint_blocks(model, cfg.train.activation_checkpointing_policy)
-    if compile_enabled(cfg.train.compile, layout.device):
+    if compile_enabled(cfg.train.compile, layout.device, cfg.train.activation_checkpointing):
         compile_blocks(model, fullgraph=blocks_are_one_graph(cfg, layout.sp))
     if layout.sp == 1:
         return model, model
