@@ -9,7 +9,7 @@ SEQ_LEN ?= 512
 RUNS ?= runs
 DS_ACCELERATOR ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
 
-.PHONY: install test test-gpu train prepare-data tensorboard bench-kernels bench-ladder bench-sp mutations clean
+.PHONY: install test test-gpu train prepare-data tensorboard bench-kernels bench-ladder bench-train bench-sp mutations clean
 
 install:
 	python3 -m venv .venv
@@ -45,6 +45,11 @@ bench-kernels:
 # parallel tokens/s beside the paper's; writes docs/bench/ladder.json and ladder.md (CUDA).
 bench-ladder:
 	$(PYTHON) -m kernels.bench --ladder
+
+# The whole model's training step against the same-size transformer (one GPU): tokens/s, peak memory,
+# MFU; writes docs/bench/train_step.json and .md.
+bench-train:
+	$(PYTHON) -m train.bench_step
 
 # Break the layer on purpose in copies of the tree and check that the tests catch every breakage.
 mutations:
