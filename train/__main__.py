@@ -60,9 +60,18 @@ def main(argv: list[str]) -> None:
         return
     path, overrides = split_arguments(argv)
     cfg = load_run_config(path, overrides)
+    import torch.distributed as dist
+
     from train.loop import train  # imports DeepSpeed: only once there is something to train
 
-    train(cfg)
+    try:
+        train(cfg)
+    finally:
+        # The job is over in this process. Left to interpreter exit, the process group's teardown
+        # aborted a failing rank now and then ("terminate called without an active exception"),
+        # adding a line and a signal to its exit. (Not in `train` itself: a process may train twice.)
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -135,9 +135,6 @@ def train(cfg: RunConfig) -> RunResult:
     finally:
         if lock is not None:
             lock.release()
-        # Left to interpreter exit, the process group's teardown aborted a failing rank now and then
-        # ("terminate called without an active exception"), adding a line and a signal to its exit.
-        torch.distributed.destroy_process_group()
 
 
 def train_holding_lock(cfg: RunConfig, layout: Layout) -> RunResult:
