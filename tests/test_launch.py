@@ -24,7 +24,7 @@ from train.launch import failure_report
 def make_train_command(*arguments: str) -> str:
     """The shell commands `make train ARGS=...` runs, as make prints them with -n."""
     args = " ".join(arguments)
-    listed = subprocess.run(["make", "-n", "train", f"PYTHON={sys.executable}", f"ARGS={args}"], cwd=REPO, capture_output=True, text=True, check=True)
+    listed = subprocess.run(["make", "-n", "--no-print-directory", "train", f"PYTHON={sys.executable}", f"ARGS={args}"], cwd=REPO, capture_output=True, text=True, check=True)
     return listed.stdout
 
 
