@@ -74,6 +74,7 @@ class DecodeRunner:
         """Warm up on a side stream, capture both graphs into one memory pool, and restore the state
         the warm-up advanced (capture itself records kernels without running them)."""
         saved = [t.clone() for t in self.decoder.buffers()]
+        generator_state = None if generator is None else generator.get_state()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -91,3 +92,5 @@ class DecodeRunner:
             self.decoder.apply_chunk_updates()
         for buffer, value in zip(self.decoder.buffers(), saved):
             buffer.copy_(value)
+        if generator is not None:  # the first replay draws what the first eager step would have drawn
+            generator.set_state(generator_state)
