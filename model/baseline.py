@@ -10,7 +10,7 @@ questions the TTT model is built for: how much quality does the constant-size st
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -44,11 +44,12 @@ class CausalAttention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)
         self.o_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
 
-    def heads_at(self, x: torch.Tensor, position_offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [B, T, D] -> q, k (rotated), v as [B, A, T, Dh]."""
+    def heads_at(self, x: torch.Tensor, positions: "int | torch.Tensor") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, D] at positions offset + t (an int offset) or `positions` [B, T] -> q, k (rotated), v as [B, A, T, Dh]."""
         batch, seq_len, _ = x.shape
         q, k, v = (t.reshape(batch, seq_len, self.heads, self.head_dim) for t in self.qkv(x).chunk(3, dim=-1))
-        positions = torch.arange(position_offset, position_offset + seq_len, device=x.device)
+        if isinstance(positions, int):
+            positions = torch.arange(positions, positions + seq_len, device=x.device)
         cos, sin = rotary_tables(positions, self.head_dim, self.rope_theta, q.dtype)
         rotated = (apply_rotary(t, cos, sin, self.rope_layout).transpose(1, 2) for t in (q, k))
         return *rotated, v.transpose(1, 2)
@@ -110,18 +111,107 @@ class BaselineLM(nn.Module):
         shape = (self.cfg.num_layers, batch, self.cfg.num_attn_heads, capacity, self.cfg.hidden_size // self.cfg.num_attn_heads)
         return KVCache(torch.zeros(shape, dtype=param.dtype, device=param.device), torch.zeros(shape, dtype=param.dtype, device=param.device), 0)
 
+    def decode_blocks(self, input_ids: torch.Tensor, attend: Attend) -> torch.Tensor:
+        """The residual stack for decoding, the attention replaced by `attend(layer, attention, normed x)`
+        -> [B, A, n, Dh] (which reads and writes a cache): ids [B, n] -> logits [B, n, V]."""
+        x = self.embed(input_ids)
+        for index, block in enumerate(self.blocks):
+            out = attend(index, block.attention, block.mixer_norm(x))
+            x = x + block.attention.o_proj(out.transpose(1, 2).flatten(2))
+            x = x + block.mlp(block.mlp_norm(x))
+        return self.logits(x)
+
     @torch.no_grad()
     def decode_step(self, token_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One token per sequence (token_ids [B]) at position cache.length, attending to the whole cache -> logits [B, V]."""
         position = cache.length
-        x = self.embed(token_ids[:, None])
-        for index, block in enumerate(self.blocks):
-            q, k, v = block.attention.heads_at(block.mixer_norm(x), position)
+
+        def attend(index: int, attention: CausalAttention, h: torch.Tensor) -> torch.Tensor:
+            q, k, v = attention.heads_at(h, position)
             cache.keys[index, :, :, position] = k[:, :, 0]
             cache.values[index, :, :, position] = v[:, :, 0]
             keys, values = cache.keys[index, :, :, : position + 1], cache.values[index, :, :, : position + 1]
-            out = F.scaled_dot_product_attention(q, keys, values)
-            x = x + block.attention.o_proj(out.transpose(1, 2).flatten(2))
-            x = x + block.mlp(block.mlp_norm(x))
+            return F.scaled_dot_product_attention(q, keys, values)
+
+        logits = self.decode_blocks(token_ids[:, None], attend)
         cache.length += 1
-        return self.logits(x)[:, 0]
+        return logits[:, 0]
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, capacity: int) -> tuple[torch.Tensor, "StaticKVDecoder"]:
+        """Equal-length prompts [B, P] -> (logits [B, P, V], a static decoder whose cache holds `capacity` tokens)."""
+        batch, prompt_len = input_ids.shape
+        if capacity < prompt_len:
+            raise ValueError(f"capacity={capacity} must hold the prompt's {prompt_len} tokens")
+        cache = self.empty_cache(batch, capacity)
+
+        def attend(index: int, attention: CausalAttention, h: torch.Tensor) -> torch.Tensor:
+            q, k, v = attention.heads_at(h, 0)
+            cache.keys[index, :, :, :prompt_len] = k
+            cache.values[index, :, :, :prompt_len] = v
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+        logits = self.decode_blocks(input_ids, attend)
+        cache.length = prompt_len
+        return logits, StaticKVDecoder.around(self, cache)
+
+
+Attend = Callable[[int, CausalAttention, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class StaticKVDecoder:
+    """The transformer's decode step over a fixed-capacity cache, in the shape a CUDA graph replays
+    (the protocol of model/decode_graphs.py): rows at their own positions [B] on the device, keys and
+    values written in place, attention over the whole capacity with a length mask (SDPA's
+    memory-efficient kernel on CUDA takes the mask; the cost is that of the capacity, which the
+    benchmark sets to the context it measures)."""
+
+    model: BaselineLM
+    cache: KVCache
+    positions: torch.Tensor  # [B] int64
+    host_positions: list[int]
+    tokens: torch.Tensor  # [B] int64
+    logits: torch.Tensor  # [B, V]
+
+    @classmethod
+    def around(cls, model: BaselineLM, cache: KVCache) -> "StaticKVDecoder":
+        """A decoder continuing every row of `cache` at position cache.length."""
+        batch, device = cache.keys.shape[1], cache.keys.device
+        positions = torch.full((batch,), cache.length, dtype=torch.long, device=device)
+        logits = torch.zeros(batch, model.cfg.vocab_size, dtype=cache.keys.dtype, device=device)
+        return cls(model, cache, positions, [cache.length] * batch, torch.zeros_like(positions), logits)
+
+    def buffers(self) -> list[torch.Tensor]:
+        return [self.cache.keys, self.cache.values, self.positions, self.tokens, self.logits]
+
+    @torch.no_grad()
+    def forward_token(self) -> None:
+        """Consume `tokens` at `positions` -> `logits`; writes each row's key/value slot; advances `positions`."""
+        capacity = self.cache.keys.shape[3]
+        positions = self.positions[:, None]  # [B, 1]
+        rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
+        visible = (torch.arange(capacity, device=positions.device) <= positions)[:, None, None]  # [B, 1, 1, capacity]
+
+        def attend(index: int, attention: CausalAttention, h: torch.Tensor) -> torch.Tensor:
+            q, k, v = attention.heads_at(h, positions)  # [B, A, 1, Dh]
+            self.cache.keys[index][rows, :, positions] = k.transpose(1, 2)  # target [B, 1, A, Dh]
+            self.cache.values[index][rows, :, positions] = v.transpose(1, 2)
+            return F.scaled_dot_product_attention(q, self.cache.keys[index], self.cache.values[index], attn_mask=visible)
+
+        self.logits.copy_(self.model.decode_blocks(self.tokens[:, None], attend)[:, 0])
+        self.positions += 1
+
+    def apply_chunk_updates(self) -> None:
+        """Nothing: the transformer's state changes only by the key/value writes of `forward_token`."""
+
+    def chunk_due(self) -> bool:
+        return False
+
+    def advance_host(self) -> None:
+        self.host_positions = [p + 1 for p in self.host_positions]
+        if max(self.host_positions) > self.cache.keys.shape[3]:
+            raise ValueError(f"the KV cache holds {self.cache.keys.shape[3]} tokens: prefill with a larger capacity")
+
+    def memory_bytes(self) -> int:
+        return self.cache.memory_bytes()

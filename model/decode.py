@@ -93,14 +93,32 @@ def empty_cache(mixer: TTTMixer, fast: FastWeights) -> LayerCache:
     )
 
 
-def _store_pending(cache: LayerCache, inputs: TTTInputs, start: int) -> None:
-    """Copy the per-token inputs [B, n, ...] into the partial-chunk slots start .. start + n - 1."""
-    end = start + inputs.k.shape[1]
-    cache.pending_k[:, start:end] = inputs.k
-    cache.pending_v[:, start:end] = inputs.v
-    cache.pending_etas[:, start:end] = inputs.etas
+def store_pending(cache: LayerCache, inputs: TTTInputs, slots: tuple) -> None:
+    """Copy the per-token inputs [B, n, ...] into the partial-chunk slots `slots`, an index of the
+    buffers' first two dims that selects [B, n]: (slice(None), slice(start, end)) for a batch at one
+    position, or (rows [B, 1], slot [B, 1]) when every row sits at its own position."""
+    cache.pending_k[slots] = inputs.k
+    cache.pending_v[slots] = inputs.v
+    cache.pending_etas[slots] = inputs.etas
     if cache.pending_gate is not None:
-        cache.pending_gate[:, start:end] = inputs.momentum_gate
+        cache.pending_gate[slots] = inputs.momentum_gate
+
+
+def pending_chunk(cache: LayerCache) -> TTTInputs:
+    """The buffered chunk as the scan's inputs (queries unused by the update: the keys stand in)."""
+    return TTTInputs(cache.pending_k, cache.pending_k, cache.pending_v, cache.pending_etas, cache.pending_gate)
+
+
+def ttt_token_output(mixer: TTTMixer, cache: LayerCache, inputs: TTTInputs) -> torch.Tensor:
+    """The fast-weight branch for one token per row -> [B, 1, H, d]: W1 after the last complete chunk,
+    plus (token-causal) the partial chunk's running sum, which this token's inputs join first."""
+    fast = cache.fast
+    read = fast.w1  # [B, H, d, dh]: the weights left by the previous chunk
+    if cache.intra is not None:
+        cache.intra += _intra_update(mixer, inputs, fast)
+        read = read + mixer.cfg.ttt.update_sign * cache.intra
+    hq = mixer.features(inputs.q.to(read.dtype), fast.w0, fast.w2)  # [B, 1, H, dh]
+    return torch.einsum("bhde,bnhe->bnhd", read, hq)
 
 
 def _intra_update(mixer: TTTMixer, inputs: TTTInputs, fast: FastWeights) -> torch.Tensor:
@@ -110,16 +128,17 @@ def _intra_update(mixer: TTTMixer, inputs: TTTInputs, fast: FastWeights) -> torc
     return chunk_updates(hk, inputs.v.to(dtype), inputs.etas[:, :, 1].to(dtype), hk.shape[1])[:, 0]
 
 
-def _store_window(cache: LayerCache, mixer: TTTMixer, q, k, v, position: int) -> torch.Tensor:
-    """Write rotated keys/values of positions position .. position + n - 1 into the ring; return rotated q [B, A, n, Dh]."""
-    q_rot, k_rot, v_heads = (t.transpose(1, 2) for t in mixer.attention_heads(q, k, v, position))
-    window = mixer.cfg.window_size
-    n = k_rot.shape[2]
-    kept = min(n, window)  # only the last `window` tokens can ever be attended to again
-    slots = torch.arange(position + n - kept, position + n, device=k.device) % window
-    cache.keys[:, :, slots] = k_rot[:, :, n - kept :]
-    cache.values[:, :, slots] = v_heads[:, :, n - kept :]
-    return q_rot
+def store_window(cache: LayerCache, mixer: TTTMixer, q, k, v, positions: torch.Tensor) -> torch.Tensor:
+    """Write the rotated keys/values of [B, n] projections at absolute `positions` [B, n] (any
+    position per row) into the ring slots position % W; return rotated q [B, A, n, Dh]."""
+    q_rot, k_rot, v_heads = mixer.attention_heads(q, k, v, 0, positions)  # [B, n, A, Dh]
+    n = k_rot.shape[1]
+    kept = min(n, mixer.cfg.window_size)  # only the last `window` tokens can ever be attended to again
+    rows = torch.arange(k.shape[0], device=k.device)[:, None]
+    slots = positions[:, n - kept :] % mixer.cfg.window_size  # [B, kept]
+    cache.keys[rows, :, slots] = k_rot[:, n - kept :]  # advanced indices first: the target is [B, kept, A, Dh]
+    cache.values[rows, :, slots] = v_heads[:, n - kept :]
+    return q_rot.transpose(1, 2)
 
 
 def _prefill_mixer(mixer: TTTMixer, h: torch.Tensor) -> tuple[torch.Tensor, LayerCache]:
@@ -142,13 +161,14 @@ def _prefill_mixer(mixer: TTTMixer, h: torch.Tensor) -> tuple[torch.Tensor, Laye
     if complete < prompt_len:
         remainder = _slice_inputs(inputs, complete, prompt_len)
         outputs.append(mixer.ttt_scan(remainder, fast)[0])
-        _store_pending(cache, remainder, 0)
+        store_pending(cache, remainder, (slice(None), slice(0, prompt_len - complete)))
         if cache.intra is not None:
             cache.intra += _intra_update(mixer, remainder, fast)
     attention = None
     if mixer.attn_heads:
         attention = mixer.attention_branch(q, k, v, 0)
-        _store_window(cache, mixer, q, k, v, 0)
+        positions = torch.arange(prompt_len, device=h.device).expand(h.shape[0], -1)
+        store_window(cache, mixer, q, k, v, positions)
     return mixer.combine(torch.cat(outputs, dim=1), attention, h.dtype, inputs.output_scale), cache
 
 
@@ -165,33 +185,26 @@ def _slice_inputs(inputs: TTTInputs, start: int, end: int) -> TTTInputs:
 
 def _step_mixer(mixer: TTTMixer, h: torch.Tensor, cache: LayerCache, position: int) -> torch.Tensor:
     """The mixer for one token h [B, 1, D] at absolute `position` -> [B, 1, D]; advances the cache."""
-    ttt = mixer.cfg.ttt
-    slot = position % ttt.chunk_size
+    slot = position % mixer.cfg.ttt.chunk_size
     q, k, v = mixer.qkv(h).chunk(3, dim=-1)
     inputs = mixer.ttt_inputs(h, q, k, v, position)
-    _store_pending(cache, inputs, slot)
-    fast = cache.fast
-    read = fast.w1  # [B, H, d, dh]: the weights left by the previous chunk
-    if cache.intra is not None:
-        cache.intra += _intra_update(mixer, inputs, fast)
-        read = read + ttt.update_sign * cache.intra
-    hq = mixer.features(inputs.q.to(read.dtype), fast.w0, fast.w2)  # [B, 1, H, dh]
-    ttt_out = torch.einsum("bhde,bnhe->bnhd", read, hq)
-    if slot == ttt.chunk_size - 1:  # the chunk is complete: apply its update with the chunk form's function
-        chunk = TTTInputs(cache.pending_k, cache.pending_k, cache.pending_v, cache.pending_etas, cache.pending_gate)
-        cache.fast = mixer.ttt_scan(chunk, fast)[1]
+    store_pending(cache, inputs, (slice(None), slice(slot, slot + 1)))
+    ttt_out = ttt_token_output(mixer, cache, inputs)
+    if slot == mixer.cfg.ttt.chunk_size - 1:  # the chunk is complete: apply its update with the chunk form's function
+        cache.fast = mixer.ttt_scan(pending_chunk(cache), cache.fast)[1]
         if cache.intra is not None:
             cache.intra.zero_()
     attention = None
     if mixer.attn_heads:
-        q_rot = _store_window(cache, mixer, q, k, v, position)
+        positions = torch.full((h.shape[0], 1), position, device=h.device)
+        q_rot = store_window(cache, mixer, q, k, v, positions)
         filled = min(position + 1, mixer.cfg.window_size)
         keys, values = cache.keys[:, :, :filled], cache.values[:, :, :filled]  # ring slots fill in order
         attention = F.scaled_dot_product_attention(q_rot, keys, values).transpose(1, 2).reshape(h.shape)
     return mixer.combine(ttt_out, attention, h.dtype, inputs.output_scale)
 
 
-def _run_blocks(model: TTTLM, input_ids: torch.Tensor, mix: Callable[[int, TTTMixer, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def run_blocks(model: TTTLM, input_ids: torch.Tensor, mix: Callable[[int, TTTMixer, torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """The LM's residual stack with the mixer call replaced by `mix(layer, mixer, normed x)`: ids [B, n] -> logits [B, n, V]."""
     x = model.embed(input_ids)
     for index, block in enumerate(model.blocks):
@@ -212,7 +225,7 @@ def prefill(model: TTTLM, input_ids: torch.Tensor) -> tuple[torch.Tensor, Decode
         caches.append(cache)
         return out
 
-    logits = _run_blocks(model, input_ids, mix)
+    logits = run_blocks(model, input_ids, mix)
     return logits, DecodeState(caches, input_ids.shape[1])
 
 
@@ -220,7 +233,7 @@ def prefill(model: TTTLM, input_ids: torch.Tensor) -> tuple[torch.Tensor, Decode
 def decode_step(model: TTTLM, state: DecodeState, token_ids: torch.Tensor) -> torch.Tensor:
     """Consume one token per sequence (token_ids [B]) at `state.position` -> next-token logits [B, V]."""
     position = state.position
-    logits = _run_blocks(
+    logits = run_blocks(
         model, token_ids[:, None], lambda index, mixer, h: _step_mixer(mixer, h, state.layers[index], position)
     )
     state.position += 1

@@ -111,3 +111,12 @@ def test_retrieval_command_writes_a_heat_map_per_task(tmp_path) -> None:
         result = json.loads((out / f"{task}.json").read_text())
         assert len(result["accuracy"]) == 2 and len(result["accuracy"][0]) == 2
         assert (out / f"{task}.png").stat().st_size > 0
+
+
+def test_batches_across_the_cells_of_a_length_score_as_one_sample_at_a_time() -> None:
+    """Batches of 3 over 2 depths x 2 samples straddle cells; every cell must come out as unbatched."""
+    model = tiny_model()
+    batched = retrieval.evaluate_retrieval(model, "passkey", [1000], [0.0, 1.0], 2, batch_size=3)
+    single = retrieval.evaluate_retrieval(model, "passkey", [1000], [0.0, 1.0], 2, batch_size=1)
+    assert batched["accuracy"] == single["accuracy"]
+    assert batched["logprob"][0] == pytest.approx(single["logprob"][0], rel=1e-5)  # float32 model, batched matmuls

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from model.baseline import BaselineLM
 from model.config import LMConfig
+from model.decode_graphs import DecodeRunner
 from model.proof import relative_error
+from model.sampling import sample_tokens
 
 
 def test_kv_cache_decoding_matches_the_forward_pass() -> None:
@@ -17,3 +21,21 @@ def test_kv_cache_decoding_matches_the_forward_pass() -> None:
     steps = torch.stack([model.decode_step(tokens[:, t], cache) for t in range(19)], dim=1)
     # float64: both paths sum the same terms in another order (~1e-15 relative)
     assert relative_error(steps, model(tokens).logits) < 1e-9
+
+
+def test_static_cache_step_equals_the_kv_cache_decoder() -> None:
+    """Prefill 7 tokens, then 12 static steps (fixed capacity, length mask) against decode_step (sliced cache)."""
+    torch.manual_seed(0)
+    model = BaselineLM(LMConfig(vocab_size=40, hidden_size=32, num_layers=2, num_attn_heads=4)).double().eval()
+    tokens = torch.randint(0, 40, (2, 19))
+    cache = model.empty_cache(batch=2, capacity=19)
+    expected = torch.stack([model.decode_step(tokens[:, t], cache) for t in range(19)], dim=1)
+    logits, decoder = model.prefill(tokens[:, :7], capacity=19)
+    runner = DecodeRunner(decoder, partial(sample_tokens, temperature=0.0, top_p=1.0), graphs=False)
+    steps = []
+    for t in range(7, 19):
+        decoder.tokens.copy_(tokens[:, t])
+        runner.step()
+        steps.append(decoder.logits.clone())
+    # float64: masked SDPA over the capacity sums the same terms as the sliced cache (~1e-15 relative)
+    assert relative_error(torch.cat([logits, torch.stack(steps, dim=1)], dim=1), expected) < 1e-12

@@ -12,7 +12,9 @@ def test_quick_benchmark_shows_constant_state_against_a_growing_cache(tmp_path) 
     rows = json.loads((tmp_path / "decode.json").read_text())["rows"]
     sizes: dict[str, list[float]] = {}
     for row in rows:
-        sizes.setdefault(row["model"], []).append(row["state_mb"])
+        sizes.setdefault(row["model"], []).append(row["latency"]["state_mb"])
+        assert row["throughput"]["tokens_per_s"] > 0 and row["latency"]["max_ms"] >= row["latency"]["median_ms"]
+    assert rows[0]["prefill_tokens_per_s"] > 0  # 64 <= --prefill-up-to: prefilled and timed
     assert sizes["ttt-parallel"][0] == sizes["ttt-parallel"][1]
     assert sizes["ttt-recurrent"][0] == sizes["ttt-recurrent"][1]
     assert sizes["sdpa-kv-cache"][1] > 4 * sizes["sdpa-kv-cache"][0]

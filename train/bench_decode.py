@@ -1,13 +1,16 @@
-"""`python -m train.bench_decode [--quick]`: decode latency and memory, TTT state vs a growing KV cache.
+"""`python -m train.bench_decode [--quick]`: decode latency, throughput, prefill speed and memory, TTT state vs a growing KV cache.
 
-For each context length (default 4K, 64K, 1M tokens) it times `--steps` single-token decode steps of
-* the TTT model (model/decode.py) in each `--variants` mode: its state (fast weights, one partial
+For each context length (default 4K, 64K, 1M tokens) it times `--steps` single-token decode steps,
+at batch 1 (latency: median and max ms) and at `--throughput-batch` (tokens/s), through the static
+decoders and `model.decode_graphs.DecodeRunner` (CUDA graphs on CUDA), and one batch-1 prefill of
+the context (tokens/s, peak memory), of
+* the TTT model (model/static_decode.py) in each `--variants` mode: its state (fast weights, one partial
   chunk, the window ring) has the same size at every context. Contexts up to `--prefill-up-to` are
   really prefilled; longer ones start from `random_state`, a state of the right shapes with random
   contents, which is legitimate only because neither the state's size nor a step's work depends on
   the context (the JSON records which was used);
-* the SDPA transformer of the same config (model/baseline.py) attending to a KV cache filled to the
-  context, which grows linearly (a context whose cache does not fit is recorded as out of memory).
+* the SDPA transformer of the same config (model/baseline.py) attending to a static KV cache of the
+  context's capacity, which grows linearly (a cache that does not fit is recorded as out of memory).
 The timed steps straddle a chunk boundary, so `max_ms` shows the step that applies a chunk update.
 
 Writes `<out>.json` and `<out>.md` (default docs/bench/decode). `--quick` runs the tiny config on
@@ -22,14 +25,18 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from functools import partial
 from typing import Callable, Optional
 
 import torch
 
-from model.baseline import BaselineLM
+from model.baseline import BaselineLM, StaticKVDecoder
 from model.config import load_model_config
-from model.decode import DecodeState, decode_step, prefill, random_state
+from model.decode import prefill, random_state
+from model.decode_graphs import DecodeRunner
 from model.lm import TTTLM
+from model.sampling import sample_tokens
+from model.static_decode import StaticDecoder, prefill_rows
 
 VARIANTS = {
     "parallel": [],  # the config as written (TTT-LA chunk scan, W1 fast)
@@ -70,62 +77,104 @@ def summary(times: list[float], warmup: int) -> dict:
     return {"mean_ms": statistics.mean(timed), "median_ms": statistics.median(timed), "max_ms": max(timed)}
 
 
-def bench_ttt(model: TTTLM, context: int, args: argparse.Namespace, device: torch.device) -> dict:
-    """Decode steps ending at `context`; the state enters half-way before a chunk boundary."""
-    start = context - args.steps // 2  # `context` is a multiple of the chunk size in the default grids
+def time_prefill(run: Callable[[], object], tokens: int, device: torch.device) -> dict:
+    """Tokens per second of one prefill call (after one untimed call that warms up kernels) and its peak memory."""
+    run()
     reset_peak(device)
-    tokens = torch.randint(0, model.cfg.vocab_size, (args.batch, args.steps), device=device)
-    if context <= args.prefill_up_to:
-        prompt = torch.randint(0, model.cfg.vocab_size, (args.batch, start), device=device)
-        state: DecodeState = prefill(model, prompt)[1]
-        source = "prefilled"
-    else:
-        state = random_state(model, args.batch, start)
-        source = "random (size independent of context)"
-    reset_peak(device)
-    index = iter(range(args.steps))
-    times = time_steps(lambda: decode_step(model, state, tokens[:, next(index)]), args.steps, device)
-    return {"state": source, "state_mb": state.memory_bytes() / MB, "peak_mb": peak_mb(device), **summary(times, args.warmup)}
+    seconds = time_steps(run, 1, device)[0] / 1e3
+    return {"prefill_tokens_per_s": tokens / seconds, "prefill_peak_mb": peak_mb(device)}
 
 
-def bench_baseline(model: BaselineLM, context: int, args: argparse.Namespace, device: torch.device) -> dict:
-    """Decode steps attending to a KV cache already holding `context - steps/2` tokens."""
+def time_decoder(decoder, args: argparse.Namespace, device: torch.device) -> dict:
+    """Per-step times of the static decoder's step (CUDA graphs on CUDA unless --no-graphs), greedy sampling included."""
+    runner = DecodeRunner(decoder, partial(sample_tokens, temperature=0.0, top_p=1.0), graphs=args.graphs)
     reset_peak(device)
-    try:
-        cache = model.empty_cache(args.batch, context + args.steps)
-    except torch.cuda.OutOfMemoryError:
-        return {"state": "out of memory", "state_mb": None, "peak_mb": None, "mean_ms": None, "median_ms": None, "max_ms": None}
+    times = time_steps(runner.step, args.steps, device)
+    return {"state_mb": decoder.memory_bytes() / MB, "peak_mb": peak_mb(device), **summary(times, args.warmup)}
+
+
+def ttt_decoder(model: TTTLM, batch: int, start: int, prefilled: bool) -> StaticDecoder:
+    """A static decoder at position `start`: really prefilled, or a random state of the right shapes."""
+    if prefilled:
+        prompt = torch.randint(0, model.cfg.vocab_size, (batch, start)).tolist()
+        return prefill_rows(model, prompt)[1]
+    return StaticDecoder.from_states(model, [random_state(model, batch, start)])
+
+
+def baseline_decoder(model: BaselineLM, batch: int, start: int, capacity: int, prefilled: bool) -> StaticKVDecoder:
+    """A static decoder at position `start` over a cache of `capacity` tokens (prefilled, or random contents)."""
+    if prefilled:
+        return model.prefill(torch.randint(0, model.cfg.vocab_size, (batch, start), device=model.embed.weight.device), capacity)[1]
+    cache = model.empty_cache(batch, capacity)
     cache.keys.normal_()
     cache.values.normal_()
-    cache.length = context - args.steps // 2
-    tokens = torch.randint(0, model.cfg.vocab_size, (args.batch, args.steps), device=device)
-    reset_peak(device)
-    index = iter(range(args.steps))
-    times = time_steps(lambda: model.decode_step(tokens[:, next(index)], cache), args.steps, device)
-    return {"state": "kv cache", "state_mb": cache.memory_bytes() / MB, "peak_mb": peak_mb(device), **summary(times, args.warmup)}
+    cache.length = start
+    return StaticKVDecoder.around(model, cache)
+
+
+def bench_model(model: "TTTLM | BaselineLM", context: int, args: argparse.Namespace, device: torch.device) -> dict:
+    """Batch-1 latency, batch-`--throughput-batch` throughput and batch-1 prefill speed at `context`.
+
+    Decode steps end at `context`: the state enters `steps / 2` tokens before it, so the timed steps
+    straddle a chunk boundary (contexts in the default grids are multiples of the chunk size).
+    """
+    start = context - args.steps // 2
+    prefilled = context <= args.prefill_up_to
+    row: dict = {"state": "prefilled" if prefilled else "random (size independent of context)"}
+    for batch, label in ((1, "latency"), (args.throughput_batch, "throughput")):
+        reset_peak(device)
+        try:
+            if isinstance(model, BaselineLM):
+                decoder = baseline_decoder(model, batch, start, context + args.steps, prefilled and batch == 1)
+            else:
+                decoder = ttt_decoder(model, batch, start, prefilled and batch == 1)
+            timed = time_decoder(decoder, args, device)
+        except torch.cuda.OutOfMemoryError:
+            row[label] = {"out_of_memory": True}
+            continue
+        del decoder  # frees the batch-1 state (and its graphs) before the larger batch allocates
+        if label == "throughput":
+            timed["tokens_per_s"] = batch * 1e3 / timed["median_ms"]
+        row[label] = timed
+    if prefilled:
+        prompt = torch.randint(0, model.cfg.vocab_size, (1, context), device=device)
+        run = (lambda: model.prefill(prompt, context)) if isinstance(model, BaselineLM) else (lambda: prefill(model, prompt))
+        try:
+            row.update(time_prefill(run, context, device))
+        except torch.cuda.OutOfMemoryError:
+            row["prefill_tokens_per_s"] = None
+    return row
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
-        "# Decode latency and memory: TTT state vs SDPA KV cache",
+        "# Decode latency, throughput, prefill and memory: TTT state vs SDPA KV cache",
         "",
-        f"Config `{meta['config']}` {' '.join(meta['override'])}, batch {meta['batch']}, {meta['dtype']}, "
-        f"device: {meta['device']}. {meta['steps'] - meta['warmup']} timed steps per row straddling a chunk boundary "
-        "(`max` is the step that applies the chunk update). TTT contexts above "
-        f"{meta['prefill_up_to']} tokens start from a random state of the right shapes (its size does not depend "
-        "on the context); the baseline attends to a KV cache filled to the context. Peak = max allocated during the decode steps (weights included).",
+        f"Config `{meta['config']}` {' '.join(meta['override'])}, {meta['dtype']}, device: {meta['device']}, "
+        f"CUDA graphs: {meta['graphs']}. {meta['steps'] - meta['warmup']} timed steps per cell straddling a chunk "
+        "boundary (`max` includes the step that applies the chunk update), greedy sampling on the device included. "
+        f"Latency at batch 1; throughput at batch {meta['throughput_batch']} (batch x 1000 / median ms). TTT contexts "
+        f"above {meta['prefill_up_to']} tokens, and every throughput row, start from a random state of the right "
+        "shapes (its size does not depend on the context); the baseline attends to a cache of the context's capacity. "
+        "Prefill: one batch-1 prompt of the context's length. Peak = max allocated (weights included).",
         "",
-        "| model | context | state | state MB | peak MB | mean ms/token | median ms | max ms |",
-        "|---|---:|---|---:|---:|---:|---:|---:|",
+        f"| model | context | state MB (b=1) | median ms | max ms | peak MB | tokens/s (b={meta['throughput_batch']}) "
+        "| peak MB | prefill tokens/s | prefill peak MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
     def fmt(value: Optional[float]) -> str:
         return "-" if value is None else f"{value:.2f}"
 
+    def cell(part: dict, key: str) -> str:
+        return "OOM" if part.get("out_of_memory") else fmt(part.get(key))
+
     for r in rows:
+        latency, throughput = r["latency"], r["throughput"]
         lines.append(
-            f"| {r['model']} | {r['context']} | {r['state']} | {fmt(r['state_mb'])} | {fmt(r['peak_mb'])} | "
-            f"{fmt(r['mean_ms'])} | {fmt(r['median_ms'])} | {fmt(r['max_ms'])} |"
+            f"| {r['model']} | {r['context']} | {cell(latency, 'state_mb')} | {cell(latency, 'median_ms')} | "
+            f"{cell(latency, 'max_ms')} | {cell(latency, 'peak_mb')} | {cell(throughput, 'tokens_per_s')} | "
+            f"{cell(throughput, 'peak_mb')} | {fmt(r.get('prefill_tokens_per_s'))} | {fmt(r.get('prefill_peak_mb'))} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -133,11 +182,11 @@ def markdown(rows: list[dict], meta: dict) -> str:
 FULL = {
     "config": "configs/model/125m.yaml", "override": [], "contexts": [4096, 65536, 1048576], "prefill_up_to": 65536,
     "steps": 40, "warmup": 8, "dtype": "bfloat16", "device": "cuda" if torch.cuda.is_available() else "cpu",
-    "out": Path("docs/bench/decode"),
+    "throughput_batch": 64, "out": Path("docs/bench/decode"),
 }  # fmt: skip
 QUICK = {
     "config": "configs/model/tiny.yaml", "override": ["ttt.chunk_size=32", "window_size=32"], "contexts": [256, 1024, 16384],
-    "prefill_up_to": 1024, "steps": 24, "warmup": 4, "dtype": "float32", "device": "cpu", "out": Path("runs/bench_decode_quick"),
+    "prefill_up_to": 1024, "steps": 24, "warmup": 4, "dtype": "float32", "device": "cpu", "throughput_batch": 4, "out": Path("runs/bench_decode_quick"),
 }  # fmt: skip
 
 
@@ -150,7 +199,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["parallel", "recurrent"])
     parser.add_argument("--contexts", nargs="+", type=int)
     parser.add_argument("--prefill-up-to", type=int, help="longer TTT contexts use a random state")
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--throughput-batch", type=int, help="batch of the throughput columns (default 64; 4 with --quick)")
+    parser.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None,
+                        help="replay decode steps from CUDA graphs (default: on CUDA)")
     parser.add_argument("--steps", type=int, help="decode steps per row (the first --warmup are not timed)")
     parser.add_argument("--warmup", type=int)
     parser.add_argument("--dtype", choices=("bfloat16", "float32"))
@@ -160,6 +211,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.graphs is None:
+        args.graphs = args.device.startswith("cuda")
     if args.steps <= args.warmup or any(c < args.steps for c in args.contexts):
         parser.error(f"--steps={args.steps} must exceed --warmup={args.warmup} and be at most every context")
     return args
@@ -175,9 +228,8 @@ def main(argv: list[str]) -> None:
     models["sdpa-kv-cache"] = BaselineLM(load_model_config(args.config, args.override))
     for name, model in models.items():
         model.to(device=device, dtype=dtype).eval()
-        bench = bench_baseline if isinstance(model, BaselineLM) else bench_ttt
         for context in args.contexts:
-            row = {"model": name, "context": context, **bench(model, context, args, device)}
+            row = {"model": name, "context": context, **bench_model(model, context, args, device)}
             rows.append(row)
             print(json.dumps(row))
         model.to("cpu")

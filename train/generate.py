@@ -2,9 +2,10 @@
 
 The prompt is prefilled in the chunk form, then tokens are decoded one at a time from the recurrent
 state of model/decode.py (fast weights + the pending partial chunk + the sliding-window ring), so
-memory does not grow with the context. Greedy (`--temperature 0`), temperature and top-p sampling;
-several `--prompt`s form a batch (prompts of equal token length are decoded together, because the
-chunk boundaries of a batch must line up). With one prompt the text streams as it is produced.
+memory does not grow with the context. Greedy (`--temperature 0`), temperature and top-p sampling,
+on the device. Several `--prompt`s (and `--num-samples` continuations of each) decode as one batch,
+every row at its own position (model/static_decode.py); on CUDA the step is replayed from CUDA
+graphs. With one prompt and one sample the text streams as it is produced.
 
 Text is byte-level (train/tokenizer.py's byte tokenizer: ids < 256 are UTF-8 bytes, id 0 ends a
 document); other ids print as `<id>`. FOLDER is an exported model (`model.safetensors` +
@@ -17,13 +18,15 @@ from __future__ import annotations
 import argparse
 import codecs
 import sys
-from collections import defaultdict
-from typing import Callable, Optional
+from functools import partial
+from typing import Callable, Optional, Sequence
 
 import torch
 
-from model.decode import decode_step, prefill
+from model.decode_graphs import DecodeRunner
 from model.lm import TTTLM
+from model.sampling import sample_tokens
+from model.static_decode import prefill_rows
 from train.cli import DEBUG_HELP, run_command
 from train.export import load_model
 from train.tokenizer import ByteTokenizer
@@ -37,54 +40,62 @@ TokenCallback = Callable[[int, int], None]  # (index of the prompt, new token id
 def sample_next(
     logits: torch.Tensor, temperature: float, top_p: float, generator: Optional[torch.Generator] = None
 ) -> torch.Tensor:
-    """Next tokens [B] from logits [B, V]: argmax when temperature == 0, else nucleus sampling.
-
-    Top-p keeps the smallest set of most likely tokens whose probability reaches `top_p` (the most
-    likely token is always kept), renormalised.
-    """
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the more likely tokens
-        sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    """Next tokens [B] from logits [B, V]: `model.sampling.sample_tokens` (greedy, temperature, top-p on the device)."""
+    return sample_tokens(logits, temperature, top_p, generator)
 
 
 @torch.no_grad()
 def generate_batch(
     model: TTTLM,
-    prompts: torch.Tensor,
+    prompts: "torch.Tensor | Sequence[list[int]]",
     max_new_tokens: int,
     temperature: float = 0.0,
     top_p: float = 1.0,
     stop_id: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
     on_token: Optional[TokenCallback] = None,
+    graphs: Optional[bool] = None,
 ) -> list[list[int]]:
-    """Continue equal-length prompts [B, P]; a sequence ends at `stop_id` (included) or after max_new_tokens.
+    """Continue prompts of any lengths ([B, P] or B lists) in one batch; a sequence ends at `stop_id`
+    (included) or after max_new_tokens.
 
-    `on_token(row, token)` is called for every kept token as soon as it exists (streaming).
+    Each row decodes at its own position from static buffers; `graphs` (default: on CUDA) replays the
+    step from CUDA graphs. Tokens stay on the device and are read back every `STOP_CHECK_EVERY`
+    steps to see whether every row has stopped; `on_token(row, token)` (streaming) reads every step.
     """
-    logits, state = prefill(model, prompts)
-    next_logits = logits[:, -1]
-    outputs: list[list[int]] = [[] for _ in range(prompts.shape[0])]
-    finished = [False] * prompts.shape[0]
-    for step in range(max_new_tokens):
-        tokens = sample_next(next_logits, temperature, top_p, generator)
-        for row, token in enumerate(tokens.tolist()):
-            if finished[row]:
-                continue
-            outputs[row].append(token)
-            if on_token is not None:
-                on_token(row, token)
-            finished[row] = token == stop_id
-        if all(finished) or step == max_new_tokens - 1:
+    rows = prompts.tolist() if isinstance(prompts, torch.Tensor) else [list(p) for p in prompts]
+    last_logits, decoder = prefill_rows(model, rows)
+    sample = partial(sample_tokens, temperature=temperature, top_p=top_p, generator=generator)
+    decoder.tokens.copy_(sample(last_logits))
+    use_graphs = decoder.tokens.is_cuda if graphs is None else graphs
+    runner = DecodeRunner(decoder, sample, use_graphs, generator if temperature > 0 else None)
+    produced = [decoder.tokens.clone()]  # [B] per step, kept on the device
+    streamed = [False] * len(rows)  # per row: has its stop token been streamed (on_token only)
+    while True:
+        if on_token is not None:
+            for row, token in enumerate(produced[-1].tolist()):
+                if not streamed[row]:
+                    on_token(row, token)
+                    streamed[row] = token == stop_id
+        if len(produced) == max_new_tokens or _all_stopped(produced, stop_id, every=1 if on_token else STOP_CHECK_EVERY):
             break
-        next_logits = decode_step(model, state, tokens)
-    return outputs
+        runner.step()
+        produced.append(decoder.tokens.clone())
+    return [_until_stop(row, stop_id) for row in torch.stack(produced, dim=1).tolist()]
+
+
+STOP_CHECK_EVERY = 32  # steps between the device reads that ask whether every row has produced its stop token
+
+
+def _all_stopped(produced: list[torch.Tensor], stop_id: Optional[int], every: int) -> bool:
+    """Whether every row has produced `stop_id`, read from the device only every `every` steps."""
+    if stop_id is None or len(produced) % every:
+        return False
+    return bool((torch.stack(produced, dim=1) == stop_id).any(dim=1).all())
+
+
+def _until_stop(tokens: list[int], stop_id: Optional[int]) -> list[int]:
+    return tokens[: tokens.index(stop_id) + 1] if stop_id in tokens else tokens
 
 
 def generate(
@@ -96,22 +107,11 @@ def generate(
     stop_id: Optional[int] = None,
     seed: int = 0,
     on_token: Optional[TokenCallback] = None,
+    graphs: Optional[bool] = None,
 ) -> list[list[int]]:
-    """Continuations of prompts of any lengths (each >= 1 token), batched by length; `on_token(prompt index, token)`."""
-    device = model.embed.weight.device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    by_length: dict[int, list[int]] = defaultdict(list)
-    for index, prompt in enumerate(prompts):
-        if not prompt:
-            raise ValueError(f"prompt {index} is empty: generation needs at least one prompt token")
-        by_length[len(prompt)].append(index)
-    results: list[list[int]] = [[] for _ in prompts]
-    for indices in by_length.values():
-        batch = torch.tensor([prompts[i] for i in indices], dtype=torch.long, device=device)
-        callback = None if on_token is None else (lambda row, token, indices=indices: on_token(indices[row], token))
-        for index, out in zip(indices, generate_batch(model, batch, max_new_tokens, temperature, top_p, stop_id, generator, callback)):
-            results[index] = out
-    return results
+    """Continuations of prompts of any lengths (each >= 1 token), all decoded as one batch; `on_token(prompt index, token)`."""
+    generator = torch.Generator(device=model.embed.weight.device).manual_seed(seed)
+    return generate_batch(model, prompts, max_new_tokens, temperature, top_p, stop_id, generator, on_token, graphs)
 
 
 class ByteTextStream:
@@ -141,13 +141,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=200)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--num-samples", type=int, default=1, help="continuations per prompt, decoded in the same batch")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="run the CUDA decode step eagerly")
     parser.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-document token")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     args = parser.parse_args(argv)
-    if args.max_new_tokens < 1:
-        parser.error(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
+    if args.max_new_tokens < 1 or args.num_samples < 1:
+        parser.error(f"--max-new-tokens={args.max_new_tokens} and --num-samples={args.num_samples} must be >= 1")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         parser.error(f"--temperature={args.temperature} must be >= 0 and --top-p={args.top_p} in (0, 1]")
     return args
@@ -157,7 +159,8 @@ def main(argv: list[str]) -> None:
     args = parse_args(argv)
     model, _ = load_model(args.model, device=args.device, dtype=DTYPES[args.dtype])
     tokenizer = ByteTokenizer()
-    prompts = [tokenizer.encode(text).ids.tolist() for text in args.prompt]
+    texts = [text for text in args.prompt for _ in range(args.num_samples)]
+    prompts = [tokenizer.encode(text).ids.tolist() for text in texts]
     stop_id = None if args.no_stop else tokenizer.eos_id
     streaming = len(prompts) == 1
     stream = ByteTextStream()
@@ -171,12 +174,12 @@ def main(argv: list[str]) -> None:
         sys.stdout.write(args.prompt[0])
     outputs = generate(
         model, prompts, args.max_new_tokens, args.temperature, args.top_p, stop_id, args.seed,
-        print_token if streaming else None,
+        print_token if streaming else None, graphs=False if args.no_cuda_graphs else None,
     )  # fmt: skip
     if streaming:
         sys.stdout.write(stream.flush() + "\n")
         return
-    for index, (text, out) in enumerate(zip(args.prompt, outputs)):
+    for index, (text, out) in enumerate(zip(texts, outputs)):
         print(f"--- [{index}] ---\n{text}{decode_bytes([t for t in out if t != stop_id])}")
 
 

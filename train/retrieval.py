@@ -118,19 +118,32 @@ def make_sample(task: str, length: int, depth: float, rng: random.Random, num_ne
 
 
 @torch.no_grad()
-def score_samples(model: LanguageModel, samples: list[RetrievalSample]) -> tuple[float, float]:
-    """(fraction of answers greedy decoding reproduces, mean log-probability per answer token) of equal-length samples."""
+def score_each(model: LanguageModel, samples: list[RetrievalSample]) -> list[tuple[float, float]]:
+    """Per sample of an equal-length batch: (fraction of its answers greedy decoding reproduces, mean
+    log-probability of its answer tokens), from one teacher-forced forward pass."""
     encoded = [s.tokens() for s in samples]
     device = model.embed.weight.device
     ids = torch.tensor([e[0] for e in encoded], device=device)  # [B, T]
     owner = torch.tensor([e[1] for e in encoded], device=device)[:, 1:]  # [B, T-1]: answer of each prediction's target
     logits = model(ids[:, :-1]).logits  # [B, T-1, V]
     targets = ids[:, 1:]
-    hits = logits.argmax(dim=-1) == targets
+    hits = (logits.argmax(dim=-1) == targets).tolist()
+    token_logprobs = torch.log_softmax(logits.float(), dim=-1).gather(2, targets[..., None])[..., 0]  # [B, T-1]
     scored = owner >= 0
-    logprob = torch.log_softmax(logits[scored].float(), dim=-1).gather(1, targets[scored][:, None]).mean().item()
-    correct = [bool(hits[row][owner[row] == answer].all()) for row in range(len(samples)) for answer in range(len(samples[row].answers))]
-    return sum(correct) / len(correct), logprob
+    logprobs = ((token_logprobs * scored).sum(dim=1) / scored.sum(dim=1)).tolist()
+    owners = owner.tolist()
+    scores = []
+    for row, sample in enumerate(samples):
+        correct = [all(h for h, o in zip(hits[row], owners[row]) if o == answer) for answer in range(len(sample.answers))]
+        scores.append((sum(correct) / len(correct), logprobs[row]))
+    return scores
+
+
+def score_samples(model: LanguageModel, samples: list[RetrievalSample]) -> tuple[float, float]:
+    """(fraction of answers greedy decoding reproduces, mean log-probability per answer token) of
+    equal-length samples (every sample of a task has as many answers and answer tokens)."""
+    scores = score_each(model, samples)
+    return sum(a for a, _ in scores) / len(scores), sum(lp for _, lp in scores) / len(scores)
 
 
 def evaluate_retrieval(
@@ -142,20 +155,21 @@ def evaluate_retrieval(
     seed: int = 0,
     batch_size: int = 4,
 ) -> dict:
-    """Accuracy and answer log-probability of `task` on every (length, depth) cell: [len(lengths)][len(depths)]."""
+    """Accuracy and answer log-probability of `task` on every (length, depth) cell: [len(lengths)][len(depths)].
+
+    All samples of one length (every depth) have the same token count, so they are scored together
+    in batches of `batch_size` that run across the cells of a row of the grid.
+    """
     if model.cfg.vocab_size < BYTE_VOCAB:
         raise ValueError(f"model.vocab_size={model.cfg.vocab_size}: the retrieval tasks are byte-level text and need >= {BYTE_VOCAB}")
     rng = random.Random(seed)
     accuracy, logprob = [], []
     for length in lengths:
-        accuracy.append([])
-        logprob.append([])
-        for depth in depths:
-            samples = [make_sample(task, length, depth, rng) for _ in range(samples_per_cell)]
-            scores = [score_samples(model, samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)]
-            weights = [min(batch_size, len(samples) - i) for i in range(0, len(samples), batch_size)]
-            accuracy[-1].append(sum(w * s[0] for w, s in zip(weights, scores)) / len(samples))
-            logprob[-1].append(sum(w * s[1] for w, s in zip(weights, scores)) / len(samples))
+        samples = [make_sample(task, length, depth, rng) for depth in depths for _ in range(samples_per_cell)]
+        scores = [score for i in range(0, len(samples), batch_size) for score in score_each(model, samples[i : i + batch_size])]
+        cells = [scores[d * samples_per_cell : (d + 1) * samples_per_cell] for d in range(len(depths))]
+        accuracy.append([sum(a for a, _ in cell) / samples_per_cell for cell in cells])
+        logprob.append([sum(lp for _, lp in cell) / samples_per_cell for cell in cells])
     return {"task": task, "lengths": lengths, "depths": depths, "samples_per_cell": samples_per_cell, "accuracy": accuracy, "logprob": logprob}
 
 

@@ -1,0 +1,96 @@
+"""The decode loop's step, run eagerly or replayed from CUDA graphs: no Python between its kernels.
+
+A static decoder (`StaticDecoder` for the TTT model, `StaticKVDecoder` for the transformer) offers
+`forward_token()` (consume `tokens`, write `logits`), `apply_chunk_updates()` (fixed-shape, gated on
+the device), `chunk_due()` / `advance_host()` (the host's own count of positions, which decides only
+*whether to launch* the update, never what it computes) and `buffers()`. Every step here is
+
+    token graph:   forward_token(); tokens <- sample(logits)      (every step)
+    update graph:  apply_chunk_updates()                           (steps where some row completes a chunk)
+
+Captured once with `torch.cuda.CUDAGraph`; a replay relaunches the recorded kernels on the same
+buffers, so a step costs one or two launches from the host. On CPU (and with `graphs=False`) the
+same two functions run eagerly: that is the path the CPU tests prove equal to `model/decode.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Protocol
+
+import torch
+
+WARMUP_STEPS = 3  # eager runs on a side stream before capture: lazy inits and kernel autotuning happen there
+
+
+class StaticStepDecoder(Protocol):
+    tokens: torch.Tensor  # [B] int64
+    logits: torch.Tensor  # [B, V]
+
+    def forward_token(self) -> None: ...
+    def apply_chunk_updates(self) -> None: ...
+    def chunk_due(self) -> bool: ...
+    def advance_host(self) -> None: ...
+    def buffers(self) -> list[torch.Tensor]: ...
+
+
+class DecodeRunner:
+    """Steps a static decoder and samples its next tokens into `decoder.tokens`, eagerly or from CUDA graphs.
+
+    `sample(logits [B, V]) -> tokens [B]` must run on the device without host reads
+    (`model.sampling.sample_tokens`); a `generator` it draws from is registered with the graphs, so
+    replays advance it as eager runs would.
+    """
+
+    def __init__(
+        self, decoder: StaticStepDecoder, sample: Callable[[torch.Tensor], torch.Tensor], graphs: bool,
+        generator: Optional[torch.Generator] = None,
+    ) -> None:
+        if graphs and not decoder.tokens.is_cuda:
+            raise ValueError(f"CUDA graphs need the model on a CUDA device, not {decoder.tokens.device}: pass graphs=False")
+        self.decoder, self.sample = decoder, sample
+        self.token_graph: Optional[torch.cuda.CUDAGraph] = None
+        self.update_graph: Optional[torch.cuda.CUDAGraph] = None
+        if graphs:
+            self._capture(generator)
+
+    def token_step(self) -> None:
+        self.decoder.forward_token()
+        self.decoder.tokens.copy_(self.sample(self.decoder.logits))
+
+    def step(self) -> None:
+        """Consume `decoder.tokens`, leave the logits in `decoder.logits` and the sampled next tokens in `decoder.tokens`."""
+        due = self.decoder.chunk_due()
+        if self.token_graph is None:
+            self.token_step()
+            if due:
+                self.decoder.apply_chunk_updates()
+        else:
+            self.token_graph.replay()
+            if due:
+                self.update_graph.replay()
+        self.decoder.advance_host()
+
+    def _capture(self, generator: Optional[torch.Generator]) -> None:
+        """Warm up on a side stream, capture both graphs into one memory pool, and restore the state
+        the warm-up advanced (capture itself records kernels without running them)."""
+        saved = [t.clone() for t in self.decoder.buffers()]
+        generator_state = None if generator is None else generator.get_state()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_STEPS):
+                self.token_step()
+                self.decoder.apply_chunk_updates()
+        torch.cuda.current_stream().wait_stream(side)
+        pool = torch.cuda.graph_pool_handle()
+        self.token_graph, self.update_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        if generator is not None:
+            self.token_graph.register_generator_state(generator)
+        with torch.cuda.graph(self.token_graph, pool=pool):
+            self.token_step()
+        with torch.cuda.graph(self.update_graph, pool=pool):
+            self.decoder.apply_chunk_updates()
+        for buffer, value in zip(self.decoder.buffers(), saved):
+            buffer.copy_(value)
+        if generator is not None:  # the first replay draws what the first eager step would have drawn
+            generator.set_state(generator_state)

@@ -1,0 +1,180 @@
+"""Decoding with every buffer allocated once and updated in place, one position per row.
+
+`model/decode.py` defines the semantics (and is proven equal to the chunk form); this module runs
+the same computation in the shape a CUDA graph can replay:
+* the state lives in static tensors: the fast weights, the pending partial chunk, the window ring,
+  each row's absolute position [B] on the device; a step writes into them and allocates nothing
+  that outlives it;
+* rows sit at their own positions, so prompts of different lengths decode together: each prompt is
+  prefilled on its own (or with prompts of its length) and the constant-size states are stacked.
+  Left-padding would be wrong here: pad tokens would enter the fast weights and shift every later
+  chunk boundary. Per-row positions keep every row's chunk boundaries where its own sequence has them;
+* no value is read back to the host: where a row completes a chunk is a device flag
+  (position % C == C - 1), and the chunk update is a fixed-shape computation over the whole pending
+  buffer whose result is kept only where the flag is set (`torch.where`), so rows at other phases
+  are untouched.
+
+A step is two launches: `forward_token` (every step) and `apply_chunk_updates` (only at steps where
+some row completes a chunk; the host knows which from its own count of the steps, without reading
+the device). Running the update only when due amortises it: the other C - 1 steps cost one token's
+work, not a chunk's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from kernels.reference import FastWeights
+from model.decode import (
+    DecodeState,
+    LayerCache,
+    store_pending,
+    pending_chunk,
+    prefill,
+    run_blocks,
+    store_window,
+    ttt_token_output,
+)
+from model.lm import TTTLM
+from model.ttt_layer import TTTMixer
+
+
+@dataclass
+class StaticDecoder:
+    """The decoding state of B rows in static buffers, and the in-place step over it."""
+
+    model: TTTLM
+    layers: list[LayerCache]  # fast weights materialised [B, H, *, *] (momenta zero until a chunk fills them)
+    positions: torch.Tensor  # [B] int64: the absolute position of each row's next token
+    host_positions: list[int]  # the same positions, counted on the host (never read from the device)
+    tokens: torch.Tensor  # [B] int64: the tokens the next step consumes (written by the caller or the sampler)
+    logits: torch.Tensor  # [B, V]: the next-token logits the last step produced
+    completes: torch.Tensor  # [B] bool: whether the last step's token completed its row's chunk
+
+    @classmethod
+    def from_states(cls, model: TTTLM, states: list[DecodeState], order: Optional[torch.Tensor] = None) -> "StaticDecoder":
+        """Stack the rows of prefilled states (any positions) into static buffers; `order` [B] picks
+        and orders the stacked rows (default: as given)."""
+        positions = torch.tensor([s.position for s in states for _ in range(s.layers[0].pending_k.shape[0])])
+        order = torch.arange(len(positions)) if order is None else order.cpu()
+        positions = positions[order]
+        device = model.embed.weight.device
+        layers = [_stack_layer(block.mixer, [s.layers[i] for s in states], order.to(device)) for i, block in enumerate(model.blocks)]
+        batch = len(positions)
+        return cls(
+            model=model,
+            layers=layers,
+            positions=positions.to(device),
+            host_positions=positions.tolist(),
+            tokens=torch.zeros(batch, dtype=torch.long, device=device),
+            logits=torch.zeros(batch, model.cfg.vocab_size, dtype=model.embed.weight.dtype, device=device),
+            completes=torch.zeros(batch, dtype=torch.bool, device=device),
+        )
+
+    def buffers(self) -> list[torch.Tensor]:
+        """Every tensor a step writes (the CUDA-graph runner snapshots them around its warm-up)."""
+        own = [self.positions, self.tokens, self.logits, self.completes]
+        return own + [t for layer in self.layers for t in layer.tensors()]
+
+    def memory_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.tensors())
+
+    @torch.no_grad()
+    def forward_token(self) -> None:
+        """Consume `tokens` at `positions`: writes `logits`, the pending slot, the ring, `completes`;
+        advances `positions`. Fixed shapes, no host read."""
+        chunk = self.model.cfg.ttt.chunk_size
+        self.completes.copy_(self.positions % chunk == chunk - 1)
+        logits = run_blocks(self.model, self.tokens[:, None], self._token_mixer)  # [B, 1, V]
+        self.logits.copy_(logits[:, 0])
+        self.positions += 1
+
+    @torch.no_grad()
+    def apply_chunk_updates(self) -> None:
+        """Apply each layer's chunk update to the rows whose last token completed a chunk.
+
+        The update is the mixer's own `ttt_scan` over the whole pending buffer (the function the chunk
+        form runs), computed for every row; rows without the flag keep their weights bit for bit.
+        """
+        completes = self.completes[:, None, None, None]
+        for block, cache in zip(self.model.blocks, self.layers):
+            updated = block.mixer.ttt_scan(pending_chunk(cache), cache.fast)[1]
+            for name, current in vars(cache.fast).items():
+                if current is not None:
+                    current.copy_(torch.where(completes, getattr(updated, name), current))
+            if cache.intra is not None:
+                cache.intra.masked_fill_(completes, 0.0)
+
+    def chunk_due(self) -> bool:
+        """Whether the next token completes some row's chunk (from the host's count of the steps)."""
+        chunk = self.model.cfg.ttt.chunk_size
+        return any(p % chunk == chunk - 1 for p in self.host_positions)
+
+    def advance_host(self) -> None:
+        self.host_positions = [p + 1 for p in self.host_positions]
+
+    def _token_mixer(self, index: int, mixer: TTTMixer, h: torch.Tensor) -> torch.Tensor:
+        """The mixer for one token per row, h [B, 1, D] -> [B, 1, D], each row at its own position."""
+        cache = self.layers[index]
+        positions = self.positions[:, None]  # [B, 1]
+        rows = torch.arange(h.shape[0], device=h.device)[:, None]
+        q, k, v = mixer.qkv(h).chunk(3, dim=-1)
+        inputs = mixer.ttt_inputs(h, q, k, v, positions=positions)
+        store_pending(cache, inputs, (rows, positions % mixer.cfg.ttt.chunk_size))
+        ttt_out = ttt_token_output(mixer, cache, inputs)
+        attention = None
+        if mixer.attn_heads:
+            q_rot = store_window(cache, mixer, q, k, v, positions)
+            filled = torch.arange(mixer.cfg.window_size, device=h.device) <= positions  # [B, W]: the ring fills in order
+            out = F.scaled_dot_product_attention(q_rot, cache.keys, cache.values, attn_mask=filled[:, None, None])
+            attention = out.transpose(1, 2).reshape(h.shape)
+        return mixer.combine(ttt_out, attention, h.dtype, inputs.output_scale)
+
+
+def _stack_layer(mixer: TTTMixer, caches: list[LayerCache], order: torch.Tensor) -> LayerCache:
+    """One layer's caches concatenated along the batch and indexed by `order` (fresh, contiguous storage).
+
+    The fast weights hold every field the layer's update produces: a momentum that a state does not
+    carry yet (no chunk completed) is zero, which is exactly how the update starts it.
+    """
+    produced = mixer.ttt_scan(pending_chunk(caches[0]), caches[0].fast)[1]
+    names = [name for name, t in vars(produced).items() if t is not None]
+
+    def weights(cache: LayerCache, name: str) -> torch.Tensor:
+        t = getattr(cache.fast, name)
+        return torch.zeros_like(getattr(cache.fast, f"w{name[1]}")) if t is None else t
+
+    fast = FastWeights(**{name: torch.cat([weights(c, name) for c in caches])[order] for name in names})
+    buffers = {
+        f.name: None if getattr(caches[0], f.name) is None else torch.cat([getattr(c, f.name) for c in caches])[order]
+        for f in fields(LayerCache)
+        if f.name != "fast"
+    }
+    return LayerCache(fast=fast, **buffers)
+
+
+@torch.no_grad()
+def prefill_rows(model: TTTLM, prompts: list[list[int]]) -> tuple[torch.Tensor, StaticDecoder]:
+    """Prefill prompts of any lengths (each >= 1 token) -> (last-token logits [B, V], their decoder).
+
+    Prompts of one length are prefilled together in the chunk form (rows never interact, so this is
+    exact); the states are then stacked in the prompts' order, each row at its own position.
+    """
+    device = model.embed.weight.device
+    by_length: dict[int, list[int]] = {}
+    for index, prompt in enumerate(prompts):
+        if not prompt:
+            raise ValueError(f"prompt {index} is empty: decoding needs at least one prompt token")
+        by_length.setdefault(len(prompt), []).append(index)
+    states, last_logits, stacked_rows = [], [], []
+    for indices in by_length.values():
+        logits, state = prefill(model, torch.tensor([prompts[i] for i in indices], device=device))
+        states.append(state)
+        last_logits.append(logits[:, -1])
+        stacked_rows += indices
+    order = torch.argsort(torch.tensor(stacked_rows))  # stacked row of each prompt, in the prompts' order
+    return torch.cat(last_logits)[order.to(device)], StaticDecoder.from_states(model, states, order)

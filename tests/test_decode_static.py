@@ -1,0 +1,107 @@
+"""Specification of the static-buffer decoder (model/static_decode.py) and its step runner.
+
+The reference is model/decode.py, itself proven equal to the chunk form. Float64 throughout: the
+static step attends over the whole ring with a mask where the reference slices the filled slots, and
+applies the chunk update through `torch.where`; both compute the same terms, so any difference beyond
+~1e-15 relative is a semantic slip (a slot, a position or a boundary off by one), hence 1e-12.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from model.decode import decode_step, prefill
+from model.decode_graphs import DecodeRunner
+from model.proof import relative_error
+from model.sampling import sample_tokens
+from model.static_decode import prefill_rows
+from tests.test_generate_decode import CHUNK, MODES, make_model
+
+TOLERANCE = 1e-12
+STEPS = 3 * CHUNK + 5  # every row crosses at least three chunk boundaries while decoding
+
+
+def forced_tokens(model, rows: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, model.cfg.vocab_size, (rows, STEPS), generator=torch.Generator().manual_seed(seed))
+
+
+def reference_logits(model, prompt: list[int], continuation: torch.Tensor) -> torch.Tensor:
+    """One prompt through model/decode.py, then the continuation token by token: [STEPS, V]."""
+    _, state = prefill(model, torch.tensor([prompt]))
+    return torch.stack([decode_step(model, state, continuation[None, t])[0] for t in range(len(continuation))])
+
+
+def static_logits(model, prompts: list[list[int]], continuations: torch.Tensor) -> torch.Tensor:
+    """All prompts as one batch of static rows, fed the continuations: [B, STEPS, V]."""
+    _, decoder = prefill_rows(model, prompts)
+    runner = DecodeRunner(decoder, partial(sample_tokens, temperature=0.0, top_p=1.0), graphs=False)
+    steps = []
+    for t in range(continuations.shape[1]):
+        decoder.tokens.copy_(continuations[:, t])
+        runner.step()
+        steps.append(decoder.logits.clone())
+    return torch.stack(steps, dim=1)
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_static_rows_of_mixed_lengths_equal_the_decoder_one_prompt_at_a_time(mode: str) -> None:
+    """Prompt lengths 1, 8 (on a boundary), 13 (past the window) and 6: four chunk phases in one batch."""
+    model = make_model(MODES[mode])
+    prompts = [t.tolist() for t in forced_tokens(model, 4, seed=1)[:, :13]]
+    prompts = [prompts[0][:1], prompts[1][:8], prompts[2], prompts[3][:6]]
+    continuations = forced_tokens(model, 4, seed=2)
+    batched = static_logits(model, prompts, continuations)
+    for row, prompt in enumerate(prompts):
+        assert relative_error(batched[row], reference_logits(model, prompt, continuations[row])) < TOLERANCE
+
+
+def test_rows_without_a_completed_chunk_keep_their_fast_weights() -> None:
+    """The update runs for every row but lands only where the device flag is set."""
+    model = make_model(MODES["recurrent-all-momentum-weightnorm"])
+    _, decoder = prefill_rows(model, [[1] * (CHUNK - 1), [2] * 3])  # row 0 completes its chunk next, row 1 does not
+    before = [layer.fast.w1.clone() for layer in decoder.layers]
+    DecodeRunner(decoder, partial(sample_tokens, temperature=0.0, top_p=1.0), graphs=False).step()
+    for layer, w1 in zip(decoder.layers, before):
+        assert not torch.equal(layer.fast.w1[0], w1[0]) and torch.equal(layer.fast.w1[1], w1[1])
+
+
+class HostReads(TorchDispatchMode):
+    """Fails on every op that hands a tensor's values to the host: `.item()`, `bool(t)`, `int(t)` (all
+    `_local_scalar_dense`) and ops whose output shape depends on the values (boolean indexing, nonzero),
+    each a device-to-host sync on a GPU."""
+
+    FORBIDDEN = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+                 torch.ops.aten.masked_select.default, torch.ops.aten.repeat_interleave.Tensor}  # fmt: skip
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.FORBIDDEN:
+            raise AssertionError(f"the decode step reads tensor values on the host through {func}")
+        return func(*args, **(kwargs or {}))
+
+
+def no_host_copies(*args, **kwargs):
+    raise AssertionError("the decode step copies a tensor to the host (.tolist() / .numpy())")
+
+
+@pytest.mark.parametrize("temperature, top_p", [(0.0, 1.0), (0.8, 0.9)])
+def test_step_reads_nothing_back_to_the_host(temperature: float, top_p: float, monkeypatch) -> None:
+    """Three steps across a chunk boundary, sampling included, under a mode that rejects host reads."""
+    model = make_model(MODES["parallel-token-causal-momentum-muon"])
+    _, decoder = prefill_rows(model, [[1] * (CHUNK - 2), [2] * 3])
+    runner = DecodeRunner(decoder, partial(sample_tokens, temperature=temperature, top_p=top_p), graphs=False)
+    monkeypatch.setattr(torch.Tensor, "tolist", no_host_copies)
+    monkeypatch.setattr(torch.Tensor, "numpy", no_host_copies)
+    with HostReads():
+        for _ in range(3):
+            runner.step()
+    assert decoder.host_positions == [CHUNK + 1, 6]
+
+
+def test_the_host_read_check_catches_an_item_call() -> None:
+    """Guards the test above: the mode does see a host read."""
+    with pytest.raises(AssertionError, match="_local_scalar_dense"), HostReads():
+        torch.ones(2).sum().item()
