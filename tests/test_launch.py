@@ -70,6 +70,13 @@ def test_a_rank_stopped_by_the_agent_does_not_hide_the_others_line(tmp_path: Pat
     assert failure_report(error) == ([line], 1)
 
 
+def test_the_status_is_that_of_a_rank_that_exited_by_itself(tmp_path: Path) -> None:
+    """Rank 0 left its line but was stopped by the agent before it exited: the status is rank 1's own."""
+    line = "train: data.path='d': shard d/train/shard.00000.mds is missing"
+    error = ChildFailedError("train", {0: failure(tmp_path, 0, -signal.SIGTERM, line), 1: failure(tmp_path, 1, 1, line)})
+    assert failure_report(error) == ([line], 1)
+
+
 def test_a_worker_without_a_message_is_named_with_its_exit(tmp_path: Path) -> None:
     error = ChildFailedError("train", {1: failure(tmp_path, 1, -signal.SIGABRT, None)})
     assert failure_report(error) == (["train: rank 1 failed with signal SIGABRT; its output is above"], 128 + signal.SIGABRT)

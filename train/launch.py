@@ -64,13 +64,17 @@ def failure_report(error: ChildFailedError) -> tuple[list[str], int]:
     """
     first_rank, first = error.get_first_failure()
     lines: list[str] = []
-    status = exit_status(first)
+    reporting = []  # the failures that left a message, in rank order
     for rank in sorted(error.failures):
         message = recorded_message(error.failures[rank])
-        if message is not None and message not in lines:
-            if not lines:
-                status = exit_status(error.failures[rank])
-            lines.append(message)
+        if message is not None:
+            reporting.append(error.failures[rank])
+            if message not in lines:
+                lines.append(message)
+    # A rank that left its message may still have been stopped by torchrun (SIGTERM) before it
+    # exited on its own: the status is that of a rank that exited by itself where there is one.
+    exited = [f for f in reporting if f.exitcode > 0]
+    status = exit_status((exited or reporting or [first])[0])
     if not lines:
         cause = f"signal {first.signal_name()}" if first.exitcode < 0 else f"exit code {first.exitcode}"
         lines.append(f"{error.name}: rank {first_rank} failed with {cause}; its output is above")
