@@ -13,23 +13,25 @@ from model.proof import relative_error
 from model.sampling import sample_tokens
 
 
-def test_kv_cache_decoding_matches_the_forward_pass() -> None:
+def small_model_and_cached_decode() -> tuple[BaselineLM, torch.Tensor, torch.Tensor]:
+    """A float64 two-layer baseline, 2 x 19 random tokens, and the logits of decoding them one by one
+    from the KV cache."""
     torch.manual_seed(0)
     model = BaselineLM(LMConfig(vocab_size=40, hidden_size=32, num_layers=2, num_attn_heads=4)).double().eval()
     tokens = torch.randint(0, 40, (2, 19))
     cache = model.empty_cache(batch=2, capacity=19)
-    steps = torch.stack([model.decode_step(tokens[:, t], cache) for t in range(19)], dim=1)
+    return model, tokens, torch.stack([model.decode_step(tokens[:, t], cache) for t in range(19)], dim=1)
+
+
+def test_kv_cache_decoding_matches_the_forward_pass() -> None:
+    model, tokens, steps = small_model_and_cached_decode()
     # float64: both paths sum the same terms in another order (~1e-15 relative)
     assert relative_error(steps, model(tokens).logits) < 1e-9
 
 
 def test_static_cache_step_equals_the_kv_cache_decoder() -> None:
     """Prefill 7 tokens, then 12 static steps (fixed capacity, length mask) against decode_step (sliced cache)."""
-    torch.manual_seed(0)
-    model = BaselineLM(LMConfig(vocab_size=40, hidden_size=32, num_layers=2, num_attn_heads=4)).double().eval()
-    tokens = torch.randint(0, 40, (2, 19))
-    cache = model.empty_cache(batch=2, capacity=19)
-    expected = torch.stack([model.decode_step(tokens[:, t], cache) for t in range(19)], dim=1)
+    model, tokens, expected = small_model_and_cached_decode()
     logits, decoder = model.prefill(tokens[:, :7], capacity=19)
     runner = DecodeRunner(decoder, partial(sample_tokens, temperature=0.0, top_p=1.0), graphs=False)
     steps = []
