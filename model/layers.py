@@ -7,6 +7,13 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matrix product of x runs in: autocast's when it is on for x's device, else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()

@@ -16,16 +16,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from model.layers import compute_dtype
+
 IGNORE_INDEX = -100
 # Tokens per chunk: chunk x vocabulary fp32 logits (and their softmax) at a time, 2 x 256 MiB at V = 32000.
 LOSS_CHUNK_TOKENS = 2048
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """Autocast's dtype when it is on (the head GEMM runs there, as F.linear would), else x's dtype."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -37,7 +32,7 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
-        dtype = _compute_dtype(hidden)
+        dtype = compute_dtype(hidden)  # autocast's, as F.linear would run
         want_hidden_grad, want_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         reduce_dtype = torch.promote_types(dtype, torch.float32)  # fp32, or float64 in the proofs
         with torch.autocast(hidden.device.type, enabled=False):

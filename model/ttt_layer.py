@@ -43,7 +43,7 @@ from kernels.reference import (
 from kernels.ttt_la import chunk_ttt_la
 from kernels.varlen_reference import ttt_la_parallel_varlen_reference
 from model.config import LMConfig
-from model.layers import RMSNorm, apply_rotary, rotary_tables
+from model.layers import RMSNorm, apply_rotary, compute_dtype, rotary_tables
 from model.low_rank import LowRankFastWeight
 from model.segments import DocumentSegments
 from model.swa import sliding_window_attention
@@ -77,9 +77,7 @@ def operand_dtype(x: torch.Tensor, state_dtype: torch.dtype) -> torch.dtype:
     dtype. One dtype for all operands, because the kernel multiplies them together in tiles."""
     if x.device.type == "cpu":
         return state_dtype
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
+    return compute_dtype(x)
 
 
 def concat_states(states: list[FastWeights]) -> FastWeights:

@@ -23,8 +23,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from model.baseline import BaselineBlock
 from model.lm import Block
-
-CHECKPOINT_POLICIES = ("full", "selective")
+from train.config import CHECKPOINT_POLICIES
 
 
 def _expensive_ops() -> set:

@@ -30,6 +30,7 @@ from model.baseline import BaselineLM
 from model.config import LMConfig, load_model_config
 from model.lm import TTTLM
 from train.activation_checkpointing import checkpoint_blocks
+from train.config import CHECKPOINT_POLICIES
 from train.flops import PEAK_BF16_TFLOPS, TRAINING_MULTIPLIER, baseline_forward_flops_per_token, training_flops_per_token
 
 PARALLEL_FORM = ["ttt.mode=parallel", "ttt.fast_weights=w1", "ttt.weight_norm=false"]
@@ -160,7 +161,7 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=["125m", "350m", "760m"])
     parser.add_argument("--seqs", nargs="+", default=["4096x4", "16384x1", "65536x1"], help="T x B")
     parser.add_argument("--impls", nargs="+", default=["tttla", "tttla_recurrent", "sdpa"])
-    parser.add_argument("--checkpointing", nargs="+", default=["none", "full"], choices=["none", "full", "selective"])
+    parser.add_argument("--checkpointing", nargs="+", default=["none", "full"], choices=["none", *CHECKPOINT_POLICIES])
     parser.add_argument("--compile", choices=["on", "off"], default="on")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=4)

@@ -29,6 +29,7 @@ SCHEDULES = ("cosine", "wsd", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
 RESUME_MODES = ("none", "auto")
 COMPILE_SETTINGS = ("auto", "true", "false")
+CHECKPOINT_POLICIES = ("full", "selective")  # train.activation_checkpointing_policy
 
 
 def _require(condition: bool, key: str, value: object, why: str) -> None:
@@ -157,8 +158,8 @@ class RunConfig:
         _require(t.lr > 0, "train.lr", t.lr, "must be > 0")
         _require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
         _require(t.schedule in SCHEDULES, "train.schedule", t.schedule, f"must be one of {SCHEDULES}")
-        _require(t.activation_checkpointing_policy in ("full", "selective"), "train.activation_checkpointing_policy",
-                 t.activation_checkpointing_policy, "must be one of ('full', 'selective')")
+        _require(t.activation_checkpointing_policy in CHECKPOINT_POLICIES, "train.activation_checkpointing_policy",
+                 t.activation_checkpointing_policy, f"must be one of {CHECKPOINT_POLICIES}")
         _require(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "must be >= 0")
         if t.warmup_steps > t.steps:
             warn(f"train.warmup_steps={t.warmup_steps} is more than train.steps={t.steps}; warming up over all {t.steps} steps")
