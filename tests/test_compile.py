@@ -111,6 +111,20 @@ def test_custom_op_passes_opcheck(cpu_op_cases, case):
     assert all(result == "SUCCESS" for result in results.values()), results
 
 
+def test_each_op_object_is_the_live_registration():
+    """Re-importing a kernel module re-registers its ops and frees the old registrations, so an op
+    object kept from before (as tests/op_cases.py keeps them) then calls freed memory. Every op the
+    suite holds must still be the one the dispatcher knows."""
+    from torch._library.custom_ops import OPDEFS
+
+    import tests.op_cases as held
+
+    held_ops = (held.swiglu_features_op, held.swiglu_features_backward_op, held.chunk_scan_op,
+                held.chunk_scan_backward_op)
+    for op in held_ops:
+        assert OPDEFS[op._qualname] is op, f"{op._qualname} was registered again after it was imported"
+
+
 def test_whole_lm_traces_as_one_graph():
     """Embedding, every block, the head and the loss: one graph (the trainer compiles per block)."""
     model = TTTLM(config())
