@@ -137,6 +137,10 @@ class TTTConfig:
         _require(
             self.feature_map in FEATURE_MAPS, f"{prefix}.feature_map", self.feature_map, f"must be one of {FEATURE_MAPS}"
         )
+        self._validate_combinations(prefix)
+
+    def _validate_combinations(self, prefix: str) -> None:
+        """What the feature map and the mode allow of the other options."""
         if self.feature_map == "identity":
             _require(
                 self.fast_weights == "w1",

@@ -56,6 +56,52 @@ def newton_schulz5_factor(update: torch.Tensor, muon: NewtonSchulz = NewtonSchul
     return ("right", factor.transpose(-1, -2)) if transposed else ("left", factor)
 
 
+def momentum_decay(beta: Optional[torch.Tensor], src: int, dst: int, like: torch.Tensor) -> torch.Tensor:
+    """beta(src -> dst) = prod_{i=src+1..dst} beta_i, [B, H]; beta: [B, N, H].
+
+    Without momentum (beta None) an update reaches only its own chunk: 1 when src == dst, else 0,
+    shaped like `like` ([B, H])."""
+    if beta is None:
+        return torch.ones_like(like) if src == dst else torch.zeros_like(like)
+    out = torch.ones_like(beta[:, 0])
+    for i in range(src + 1, dst + 1):
+        out = out * beta[:, i]
+    return out
+
+
+def muon_update(momentum: torch.Tensor, factor: Optional[tuple[str, torch.Tensor]], update_sign: float) -> torch.Tensor:
+    """U_j = sign * NS5(M_j) rebuilt from its Muon factor (L M_j or M_j R; M_j itself without Muon): [B, H, d, dh]."""
+    side, matrix = factor if factor is not None else (None, None)
+    if side == "left":
+        momentum = matrix @ momentum
+    elif side == "right":
+        momentum = momentum @ matrix
+    return update_sign * momentum
+
+
+def weight_norm_scalings(w1_initial: torch.Tensor, updates: list[torch.Tensor], eps: float) -> list[torch.Tensor]:
+    """D_j of the weight norm W1(j) = D_j (W1(j-1) + U_j), as per-row scalars [B, H, d], one per update.
+
+    w1_initial: [B, H, d, dh]; updates: U_1.., each [B, H, d, dh]. D_j scales each row back to its norm in W1(0).
+    """
+    row_norm0 = w1_initial.norm(dim=-1)
+    scalings: list[torch.Tensor] = []
+    w1 = w1_initial
+    for update in updates:
+        pre = w1 + update
+        scalings.append(row_norm0 / (pre.norm(dim=-1) + eps))
+        w1 = scalings[-1][..., None] * pre
+    return scalings
+
+
+def row_scale(scalings: list[torch.Tensor], reader: int, j: int, like: torch.Tensor) -> torch.Tensor:
+    """P(reader-1, j): the product of D_j .. D_{reader-1}, [B, H, d]; ones (shaped like `like`) without weight norm."""
+    out = torch.ones_like(like)
+    for scaling in scalings[j:reader]:
+        out = out * scaling
+    return out
+
+
 def unrolled_lact_output(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -84,55 +130,25 @@ def unrolled_lact_output(
     raw = [torch.einsum("bnhd,bnhe->bhde", scaled_v[c], psi[c]) for c in range(n_chunks)]  # A(c)
 
     def decay(src: int, dst: int) -> torch.Tensor:
-        """beta(src -> dst) = prod_{i=src+1..dst} beta_i, [B, H]; 1 without momentum when src == dst."""
-        if beta is None:
-            return torch.ones_like(eta1[:, 0]) if src == dst else torch.zeros_like(eta1[:, 0])
-        out = torch.ones_like(beta[:, 0])
-        for i in range(src + 1, dst + 1):
-            out = out * beta[:, i]
-        return out
+        return momentum_decay(beta, src, dst, eta1[:, 0])
 
     momenta = [sum(decay(src, j)[..., None, None] * raw[src] for src in range(j + 1)) for j in range(n_chunks)]
     muon = resolve_muon(muon)
     factors = [newton_schulz5_factor(m, muon) if muon is not None else None for m in momenta]
-
-    def update(j: int) -> torch.Tensor:
-        """U_j rebuilt from its effective keys and values (used only to find weight-norm scalings)."""
-        side, factor = factors[j] if muon else (None, None)
-        m = momenta[j]
-        if side == "left":
-            m = factor @ m
-        elif side == "right":
-            m = m @ factor
-        return update_sign * m
-
-    # Weight norm: W1(j) = D_j (W1(j-1) + U_j); keep D_j as per-row scalars [B, H, d].
-    row_norm0 = w1_initial.norm(dim=-1)
-    scalings: list[torch.Tensor] = []
-    if weight_norm:
-        w1 = w1_initial
-        for j in range(n_chunks - 1):
-            pre = w1 + update(j)
-            scalings.append(row_norm0 / (pre.norm(dim=-1) + weight_norm_eps))
-            w1 = scalings[-1][..., None] * pre
-
-    def row_scale(reader: int, j: int) -> torch.Tensor:
-        """P(reader-1, j): product of D_j .. D_{reader-1}, [B, H, d] (ones without weight norm)."""
-        out = torch.ones_like(row_norm0)
-        if weight_norm:
-            for i in range(j, reader):
-                out = out * scalings[i]
-        return out
+    # Weight norm: W1(j) = D_j (W1(j-1) + U_j); the last update is never read, so it needs no D.
+    updates = [muon_update(momenta[j], factors[j], update_sign) for j in range(n_chunks - 1)] if weight_norm else []
+    scalings = weight_norm_scalings(w1_initial, updates, weight_norm_eps)
+    rows = w1_initial[..., 0]  # [B, H, d]: the shape of a row scaling
 
     outputs = []
     for c in range(n_chunks):
-        o_c = torch.einsum("bhd,bhde,bnhe->bnhd", row_scale(c, 0), w1_initial, phi[c])
+        o_c = torch.einsum("bhd,bhde,bnhe->bnhd", row_scale(scalings, c, 0, rows), w1_initial, phi[c])
         for j in range(c):
             side, factor = factors[j] if muon else (None, None)
             for src in range(j + 1):
                 keys = psi[src] if side != "right" else torch.einsum("bhef,bnhe->bnhf", factor, psi[src])
                 values = scaled_v[src] if side != "left" else torch.einsum("bhde,bnhe->bnhd", factor, scaled_v[src])
-                weight = update_sign * decay(src, j)[:, None, :, None] * row_scale(c, j)[:, None]
+                weight = update_sign * decay(src, j)[:, None, :, None] * row_scale(scalings, c, j, rows)[:, None]
                 scores = torch.einsum("bnhe,bmhe->bhnm", phi[c], keys)
                 o_c = o_c + torch.einsum("bhnm,bmhd->bnhd", scores, values * weight)
         outputs.append(o_c)

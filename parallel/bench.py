@@ -38,14 +38,14 @@ import torch.distributed as dist
 from model.config import LMConfig, TTTConfig, load_model_config
 from model.lm import TTTLM
 from model.ttt_layer import TTTMixer
+from parallel.activation_checkpointing import checkpoint_blocks
 from parallel.collectives import all_gather_flat, reduce_scatter_flat
-from parallel.groups import ParallelGroups, build_groups, slice_sequence
+from parallel.groups import ParallelDims, slice_sequence
 from parallel.layout import SliceLayout
 from parallel.p2p import exchange_rows
 from parallel.ring import state_bytes
 from parallel.sequence_parallel import SequenceParallelLM
 from parallel.sliced_mixer import SliceContext, split_mixers
-from train.activation_checkpointing import checkpoint_blocks
 
 PARALLEL_760M = ["ttt.mode=parallel", "ttt.fast_weights=w1", "ttt.weight_norm=false"]
 
@@ -111,7 +111,7 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 def mixer_runner(
-    cfg: LMConfig, groups: ParallelGroups, tokens_per_rank: int, batch: int, device: torch.device
+    cfg: LMConfig, groups: ParallelDims, tokens_per_rank: int, batch: int, device: torch.device
 ) -> Callable[[], None]:
     """One mixer's forward + backward on this rank's slice (split across the sp group when sp > 1)."""
     torch.manual_seed(0)
@@ -132,7 +132,7 @@ def mixer_runner(
     return run
 
 
-def comm_runner(cfg: LMConfig, groups: ParallelGroups, batch: int, device: torch.device) -> Callable[[], None]:
+def comm_runner(cfg: LMConfig, groups: ParallelDims, batch: int, device: torch.device) -> Callable[[], None]:
     """The communication of one split mixer, forward and backward, without the compute around it."""
     flat = torch.zeros(gathered_bytes(cfg, groups, batch) // (4 * groups.sp), device=device)
     gathered = flat.new_empty(groups.sp * flat.numel())
@@ -150,7 +150,7 @@ def comm_runner(cfg: LMConfig, groups: ParallelGroups, batch: int, device: torch
     return run
 
 
-def gathered_bytes(cfg: LMConfig, groups: ParallelGroups, batch: int) -> int:
+def gathered_bytes(cfg: LMConfig, groups: ParallelDims, batch: int) -> int:
     """Bytes of the all-gathered state maps of one layer: sp x B x H x d x dh x 4 (x2 with momentum)."""
     heads, d, dh = cfg.ttt.num_heads, cfg.ttt.resolved_head_dim(cfg.hidden_size), cfg.ttt.resolved_inner_dim(cfg.hidden_size)
     per_rank = batch * heads * d * dh * (2 if cfg.ttt.momentum else 1) + (2 * batch * heads if cfg.ttt.momentum else 0)
@@ -158,7 +158,7 @@ def gathered_bytes(cfg: LMConfig, groups: ParallelGroups, batch: int) -> int:
 
 
 def step_runner(
-    cfg: LMConfig, groups: ParallelGroups, total: int, batch: int, device: torch.device, optimizer_step: bool
+    cfg: LMConfig, groups: ParallelDims, total: int, batch: int, device: torch.device, optimizer_step: bool
 ) -> Callable[[], None]:
     """One training step of the whole model on this rank's slice, with activation checkpointing."""
     torch.manual_seed(0)
@@ -188,7 +188,7 @@ def peak_memory_bytes(run: Callable[[], None], device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device)
 
 
-def max_context(setting: Setting, groups: ParallelGroups, device: torch.device) -> int:
+def max_context(setting: Setting, groups: ParallelDims, device: torch.device) -> int:
     """Longest total length one training step fits: an affine fit of peak memory over two lengths,
     rounded down to whole chunks per rank (the worst rank counts)."""
     short, long = setting.memory_probe_total
@@ -207,13 +207,13 @@ def max_context(setting: Setting, groups: ParallelGroups, device: torch.device) 
     return int(fitting // granule * granule)
 
 
-def row(impl: str, groups: ParallelGroups, total: int, device_name: str, **values) -> dict:
+def row(impl: str, groups: ParallelDims, total: int, device_name: str, **values) -> dict:
     fields = dict(layer_fwdbwd_ms=None, step_ms=None, comm_ms=None, comm_frac=None, bytes_per_layer=None, max_context=None)
     fields.update(values)
     return dict(impl=impl, sp=groups.sp, dp=groups.dp, T_total=total, T_per_rank=total // groups.sp, **fields, device=device_name)
 
 
-def scaling_rows(setting: Setting, grids: dict[int, ParallelGroups], timer: Timer, device: torch.device, name: str) -> list[dict]:
+def scaling_rows(setting: Setting, grids: dict[int, ParallelDims], timer: Timer, device: torch.device, name: str) -> list[dict]:
     cfg, batch = setting.cfg, setting.batch
     cases = [(sp, tokens * sp) for tokens in setting.weak_tokens_per_rank for sp in grids]
     cases += [(sp, total) for total in setting.strong_total for sp in grids]
@@ -231,7 +231,7 @@ def scaling_rows(setting: Setting, grids: dict[int, ParallelGroups], timer: Time
     return rows
 
 
-def ring_rows(setting: Setting, grids: dict[int, ParallelGroups], timer: Timer, device: torch.device, name: str) -> list[dict]:
+def ring_rows(setting: Setting, grids: dict[int, ParallelDims], timer: Timer, device: torch.device, name: str) -> list[dict]:
     recurrent = ring_config(setting.cfg)
     total, batch, rows = setting.ring_total, setting.batch, []
     for sp, groups in grids.items():
@@ -268,9 +268,7 @@ def main() -> None:
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     world = dist.get_world_size()
     degrees = sorted({1, world} if args.sp is None else {int(sp) for sp in args.sp.split(",")})
-    if any(world % sp for sp in degrees):
-        raise ValueError(f"--sp {args.sp}: every degree must divide the number of processes ({world})")
-    grids = {sp: build_groups(sp) for sp in degrees}
+    grids = {sp: ParallelDims.build(sp, device) for sp in degrees}
     setting = gpu_setting() if cuda else quick_setting()
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
     timer = Timer(device, args.iters)

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from model.config import LMConfig
-from parallel.groups import ParallelGroups
+from parallel.groups import ParallelDims
 
 
 def _chunk_start_at_or_after(position: int, chunk_size: int) -> int:
@@ -45,7 +45,7 @@ class SliceLayout:
         return self.slice_len - self.lent_to_previous + self.borrowed_from_next
 
     @staticmethod
-    def build(slice_len: int, cfg: LMConfig, groups: ParallelGroups) -> "SliceLayout":
+    def build(slice_len: int, cfg: LMConfig, groups: ParallelDims) -> "SliceLayout":
         """The layout of this rank; raises when the slices are too short for a chunk or a window."""
         sp, chunk = groups.sp, cfg.ttt.chunk_size
         total = slice_len * sp

@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from parallel.groups import ParallelGroups
+from parallel.groups import ParallelDims
 
 
-def exchange_rows(outgoing: torch.Tensor, incoming_rows: int, step: int, groups: ParallelGroups) -> torch.Tensor:
+def exchange_rows(outgoing: torch.Tensor, incoming_rows: int, step: int, groups: ParallelDims) -> torch.Tensor:
     """Send `outgoing` [B, n, *] to sp rank + step; return the [B, incoming_rows, *] block from sp rank - step.
 
     A rank without that neighbour, or with nothing to move, skips that side (the peer skips the
@@ -35,7 +35,7 @@ def exchange_rows(outgoing: torch.Tensor, incoming_rows: int, step: int, groups:
 
 class _ShiftRows(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, outgoing: torch.Tensor, incoming_rows: int, step: int, groups: ParallelGroups) -> torch.Tensor:
+    def forward(ctx, outgoing: torch.Tensor, incoming_rows: int, step: int, groups: ParallelDims) -> torch.Tensor:
         ctx.sent_rows, ctx.step, ctx.groups = outgoing.shape[1], step, groups
         return exchange_rows(outgoing, incoming_rows, step, groups)
 
@@ -45,6 +45,6 @@ class _ShiftRows(torch.autograd.Function):
         return grad_outgoing, None, None, None
 
 
-def shift_rows(outgoing: torch.Tensor, incoming_rows: int, step: int, groups: ParallelGroups) -> torch.Tensor:
+def shift_rows(outgoing: torch.Tensor, incoming_rows: int, step: int, groups: ParallelDims) -> torch.Tensor:
     """`exchange_rows` as a differentiable op: the backward returns each received row's gradient to its sender."""
     return _ShiftRows.apply(outgoing, incoming_rows, step, groups)

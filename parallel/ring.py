@@ -17,7 +17,7 @@ from dataclasses import fields
 import torch
 
 from kernels.reference import FastWeights
-from parallel.groups import ParallelGroups
+from parallel.groups import ParallelDims
 from parallel.p2p import shift_rows
 
 
@@ -32,7 +32,7 @@ def _template(initial: FastWeights, momentum: bool) -> FastWeights:
     return FastWeights(initial.w0, initial.w1, initial.w2, initial.w0, initial.w1, initial.w2)
 
 
-def receive_state(anchor: torch.Tensor, initial: FastWeights, momentum: bool, groups: ParallelGroups) -> FastWeights:
+def receive_state(anchor: torch.Tensor, initial: FastWeights, momentum: bool, groups: ParallelDims) -> FastWeights:
     """The FastWeights rank r-1 leaves a layer with (call on ranks r > 0).
 
     `anchor` is any tensor of the graph that needs gradients (the layer input): an empty slice of it
@@ -53,7 +53,7 @@ def receive_state(anchor: torch.Tensor, initial: FastWeights, momentum: bool, gr
     return FastWeights(**received)
 
 
-def send_state(output: torch.Tensor, final: FastWeights, groups: ParallelGroups) -> torch.Tensor:
+def send_state(output: torch.Tensor, final: FastWeights, groups: ParallelDims) -> torch.Tensor:
     """Send this rank's final FastWeights of a layer to rank r+1 (call on ranks r < sp - 1).
 
     Returns `output` unchanged in value; adding the (empty) result of the send ties the send into

@@ -30,7 +30,7 @@ from torch import nn
 
 from kernels.reference import FastWeights
 from model.lm import LMOutput, TTTLM
-from parallel.groups import ParallelGroups
+from parallel.groups import ParallelDims
 from parallel.layout import SliceLayout
 from parallel.p2p import exchange_rows, shift_rows
 from parallel.sliced_mixer import SliceContext, split_mixers
@@ -49,7 +49,7 @@ class SequenceParallelLM(nn.Module):
     the plain model is `self.model`, whose state_dict has the usual parameter names.
     """
 
-    def __init__(self, model: TTTLM, groups: ParallelGroups) -> None:
+    def __init__(self, model: TTTLM, groups: ParallelDims) -> None:
         super().__init__()
         ttt = model.cfg.ttt
         if groups.sp > 1 and ttt.mode == "parallel" and ttt.muon:
@@ -72,10 +72,9 @@ class SequenceParallelLM(nn.Module):
     ) -> SequenceParallelOutput:
         """input_ids, targets: [B, T/sp], this rank's slice; position_offset: where the full sequences start.
 
-        Packed-document resets (`doc_ids`) are only defined for whole sequences (sp = 1)."""
+        Packed-document resets (`doc_ids`) are only defined for whole sequences (sp = 1); the run config
+        refuses data.reset_at_doc_boundaries with parallel.sp > 1."""
         groups = self.groups
-        if doc_ids is not None and groups.sp > 1:
-            raise ValueError("data.reset_at_doc_boundaries needs parallel.sp=1: the state exchange carries one sequence across ranks")
         if groups.sp > 1:
             layout = SliceLayout.build(input_ids.shape[1], self.model.cfg, groups)
             self.context.layout = layout
@@ -103,7 +102,7 @@ class SequenceParallelLM(nn.Module):
         return (torch.cat([returned, hidden[:, :kept]], dim=1),)
 
 
-def average_gradients(module: nn.Module, groups: ParallelGroups) -> None:
+def average_gradients(module: nn.Module, groups: ParallelDims) -> None:
     """What DeepSpeed/DDP do to gradients, for runs without them: the mean over all dp x sp ranks.
 
     A parameter without a gradient on this rank counts as zero: in the ring, the last slice's final

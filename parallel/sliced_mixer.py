@@ -22,7 +22,7 @@ from torch import nn
 from kernels.reference import FastWeights
 from model.swa import sliding_window_attention
 from model.ttt_layer import TTTMixer
-from parallel.groups import ParallelGroups
+from parallel.groups import ParallelDims
 from parallel.layout import SliceLayout
 from parallel.p2p import shift_rows
 from parallel.ring import receive_state, send_state
@@ -33,7 +33,7 @@ from parallel.state_exchange import StateExchangeScan
 class SliceContext:
     """Shared by the wrapped mixers of one model: the groups, and the layout of the current forward."""
 
-    groups: ParallelGroups
+    groups: ParallelDims
     layout: Optional[SliceLayout] = None
 
 
@@ -67,8 +67,6 @@ class SlicedMixerForward:
     ) -> tuple[torch.Tensor, FastWeights]:
         """The mixer's forward on this rank's slice; packed-document segments exist only without sequence
         parallelism, and the window attention runs over [halo; slice], so it builds its own mask."""
-        if segments is not None:
-            raise ValueError("packed-document resets need parallel.sp=1 (data.reset_at_doc_boundaries)")
         mixer, groups = self.mixer, self.context.groups
         ring = mixer.cfg.ttt.mode == "recurrent"
         if ring and groups.sp_rank > 0:

@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from kernels.reference import chunk_bounds, decay_matrix
 from parallel.collectives import all_gather_flat, reduce_scatter_flat
-from parallel.groups import ParallelGroups
+from parallel.groups import ParallelDims
 
 
 @dataclass
@@ -171,7 +171,7 @@ def compose_prefix(gathered: torch.Tensor, rank: int, like: StateMap) -> torch.T
 class PendingExchange:
     """An all-gather in flight; `finish()` waits for it and returns the map of the earlier ranks."""
 
-    def __init__(self, local: StateMap, groups: ParallelGroups) -> None:
+    def __init__(self, local: StateMap, groups: ParallelDims) -> None:
         self.like = local
         self.groups = groups
         self.handle: Optional[dist.Work] = None
@@ -233,10 +233,11 @@ class StateExchangeScan:
 
     `local_scan` is the mixer's own scan (Triton on CUDA, the reference elsewhere); it runs from the
     zero state while the maps travel. Returns what the single-process scan returns for this slice:
-    outputs, and the state and momentum leaving the slice.
+    outputs, and the state and momentum leaving the slice. `muon` is off whenever this runs:
+    `SequenceParallelLM` refuses Muon in the parallel form (`MUON_ERROR`) before it wraps any scan.
     """
 
-    def __init__(self, local_scan: ChunkScan, groups: ParallelGroups) -> None:
+    def __init__(self, local_scan: ChunkScan, groups: ParallelDims) -> None:
         self.local_scan = local_scan
         self.groups = groups
 
@@ -255,8 +256,6 @@ class StateExchangeScan:
         token_causal: bool = False,
         update_sign: float = 1.0,
     ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        if muon:
-            raise ValueError(MUON_ERROR)
         local = local_state_map(hk, v, eta1, beta, chunk_size, update_sign, initial_state.dtype)
         pending = PendingExchange(local, self.groups)
         out, _, _ = self.local_scan(

@@ -17,8 +17,8 @@ import torch
 from model.config import ConfigError, LMConfig, TTTConfig
 from model.lm import Block, TTTLM
 from model.ttt_layer import TTTMixer
+from parallel.activation_checkpointing import checkpoint_blocks
 from tests.op_cases import SCAN_VARIANTS, op_cases
-from train.activation_checkpointing import checkpoint_blocks
 from train.compile import compile_blocks, compile_enabled
 from train.config import RunConfig
 from train.generate import generate_batch

@@ -61,13 +61,13 @@ def single_process_losses() -> list[float]:
 def split_losses() -> list[float]:
     import deepspeed
 
-    from parallel.groups import build_groups, slice_sequence
+    from parallel.groups import ParallelDims, slice_sequence
     from parallel.sequence_parallel import SequenceParallelLM
     from train.distributed import skip_deepspeed_shm_allreduce
 
     skip_deepspeed_shm_allreduce()
     deepspeed.init_distributed(dist_backend="gloo")
-    groups = build_groups(2)
+    groups = ParallelDims.build(2)
     model = SequenceParallelLM(tiny_model(), groups)
     config = {
         "train_micro_batch_size_per_gpu": 2,

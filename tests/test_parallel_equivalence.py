@@ -26,7 +26,7 @@ import torch.multiprocessing as mp
 
 from model.config import LMConfig, TTTConfig
 from model.lm import TTTLM
-from parallel.groups import build_groups, slice_sequence
+from parallel.groups import ParallelDims, slice_sequence
 from parallel.sequence_parallel import SequenceParallelLM, average_gradients
 from train.compile import compile_blocks
 
@@ -93,7 +93,7 @@ def relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def run_case(case: Case, world: int) -> dict[str, float]:
     """Errors of the split run against the reference, as maxima over ranks."""
-    groups = build_groups(case.sp)
+    groups = ParallelDims.build(case.sp)
     dp = world // case.sp
     gen = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, 64, (dp * case.batch_per_group, case.seq_len + 1), generator=gen)

@@ -7,14 +7,14 @@ import torch
 
 from model.config import LMConfig, TTTConfig
 from model.lm import TTTLM
-from parallel.groups import ParallelGroups, build_groups, slice_sequence
+from parallel.groups import ParallelDims, slice_sequence
 from parallel.layout import SliceLayout
 from parallel.sequence_parallel import SequenceParallelLM
 
 
-def grid_position(sp: int, sp_rank: int, dp: int = 1, dp_rank: int = 0) -> ParallelGroups:
+def grid_position(sp: int, sp_rank: int, dp: int = 1, dp_rank: int = 0) -> ParallelDims:
     """A rank of a dp x sp grid, without process groups (enough for layout arithmetic)."""
-    return ParallelGroups(dp * sp, dp_rank * sp + sp_rank, dp, sp, dp_rank, sp_rank, None, None)
+    return ParallelDims(world=dp * sp, rank=dp_rank * sp + sp_rank, sp=sp)
 
 
 def config(chunk: int = 16, window: int = 8, **ttt) -> LMConfig:
@@ -34,7 +34,7 @@ def test_slice_of_indivisible_length_names_both_numbers():
 
 def test_world_not_divisible_by_sp_names_parallel_sp():
     with pytest.raises(ValueError, match=r"parallel.sp=2 must divide the number of processes \(1\)"):
-        build_groups(2)
+        ParallelDims.build(2)
 
 
 def test_aligned_slices_move_nothing():

@@ -8,6 +8,7 @@ import pytest
 
 from model.config import ConfigError
 from train.__main__ import DEFAULT_CONFIG, split_arguments
+from parallel.groups import ParallelDims
 from train.config import load_run_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,10 +72,10 @@ def test_missing_include_names_the_file(tmp_path: Path) -> None:
 
 
 def test_dp_is_derived_from_world_and_sp() -> None:
-    cfg = load_run_config(REPO / "configs/train/tiny_cpu.yaml", ["parallel.sp=2"]).resolve_layout(8)
+    cfg = load_run_config(REPO / "configs/train/tiny_cpu.yaml", ["parallel.sp=2"]).resolve_layout(ParallelDims(world=8, rank=0, sp=2))
     assert cfg.parallel.dp == 4
     with pytest.raises(ConfigError, match="parallel.dp"):
-        load_run_config(REPO / "configs/train/tiny_cpu.yaml", ["parallel.dp=3"]).resolve_layout(8)
+        load_run_config(REPO / "configs/train/tiny_cpu.yaml", ["parallel.dp=3"]).resolve_layout(ParallelDims(world=8, rank=0, sp=1))
 
 
 def test_cli_takes_config_then_overrides_and_drops_launcher_local_rank() -> None:

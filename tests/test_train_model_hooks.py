@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from model.config import LMConfig
 from model.lm import TTTLM
-from train.activation_checkpointing import checkpoint_blocks
+from parallel.activation_checkpointing import checkpoint_blocks
 from train.monitor import LearningRateProbe, state_norms
 
 
@@ -67,7 +67,7 @@ def test_checkpointed_blocks_give_the_same_gradients(policy):
     plain = TTTLM(LMConfig(num_layers=2, hidden_size=32, num_attn_heads=2, window_size=8)).double()
     wrapped = TTTLM(LMConfig(num_layers=2, hidden_size=32, num_attn_heads=2, window_size=8)).double()
     wrapped.load_state_dict(plain.state_dict())
-    assert checkpoint_blocks(wrapped, policy) == 2
+    assert checkpoint_blocks(wrapped, selective=policy == "selective") == 2
     ids = torch.randint(0, 256, (2, 19))
     grads = []
     for model in (plain, wrapped):

@@ -29,7 +29,7 @@ from torch import nn
 from model.baseline import BaselineLM
 from model.config import LMConfig, load_model_config
 from model.lm import TTTLM
-from train.activation_checkpointing import checkpoint_blocks
+from parallel.activation_checkpointing import checkpoint_blocks
 from train.config import CHECKPOINT_POLICIES
 from train.flops import PEAK_BF16_TFLOPS, TRAINING_MULTIPLIER, baseline_forward_flops_per_token, training_flops_per_token
 
@@ -53,7 +53,7 @@ def flops_per_token(impl: str, cfg: LMConfig, seq_len: int) -> float:
 def build(impl: str, cfg: LMConfig, checkpointing: str, compile_blocks: Optional[Callable[[nn.Module], int]]) -> nn.Module:
     model = (BaselineLM(cfg) if impl == "sdpa" else TTTLM(cfg)).cuda()
     if checkpointing != "none":
-        checkpoint_blocks(model, checkpointing)
+        checkpoint_blocks(model, selective=checkpointing == "selective")
     if compile_blocks is not None:
         compile_blocks(model)
     return model

@@ -34,19 +34,18 @@ run, and resuming says so.
 from __future__ import annotations
 
 import json
-import random
 import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import numpy as np
 import torch
 
 from model.config import ConfigError
+from parallel.groups import ParallelDims
 from train.checkpoint_integrity import MARKER, checkpoint_files, file_records, read_marker, set_aside, verify
 from train.cli import warn
-from train.distributed import Layout, agree_on_failure, all_gather_objects
+from train.distributed import agree_on_failure, all_gather_objects
 from train.errors import RunError, describe_os_error, free_space
 
 STEP_PATTERN = re.compile(r"^step_(\d+)$")
@@ -68,13 +67,13 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_PATTERN.match(p.name).group(1)))
 
 
-def _verified_everywhere(folder: Path, layout: Layout) -> Optional[str]:
+def _verified_everywhere(folder: Path, dims: ParallelDims) -> Optional[str]:
     """Why some rank rejects `folder` (None if every rank verified its share): one collective."""
-    reasons = [reason for reason in all_gather_objects(verify(folder, layout.rank, layout.world)) if reason]
+    reasons = [reason for reason in all_gather_objects(verify(folder, dims.rank, dims.world)) if reason]
     return reasons[0] if reasons else None
 
 
-def select_checkpoint(resume: str, root: Path, layout: Layout) -> Optional[Path]:
+def select_checkpoint(resume: str, root: Path, dims: ParallelDims) -> Optional[Path]:
     """The checkpoint to resume from, the same on every rank; every rank calls it.
 
     `none` -> None; a folder -> that folder, refused if damaged; `auto` -> the newest checkpoint
@@ -86,32 +85,17 @@ def select_checkpoint(resume: str, root: Path, layout: Layout) -> Optional[Path]
         folder = Path(resume)
         if not (folder / MARKER).is_file():
             raise ConfigError(f"train.resume={resume!r} is not a complete checkpoint (no {MARKER}); pick a step_* folder")
-        reason = _verified_everywhere(folder, layout)
+        reason = _verified_everywhere(folder, dims)
         if reason:
             raise RunError(f"train.resume={resume!r} is damaged: {reason}; pick another step_* folder or train.resume=auto")
         return folder
     for folder in reversed(complete_checkpoints(root)):
-        reason = _verified_everywhere(folder, layout)
+        reason = _verified_everywhere(folder, dims)
         if reason is None:
             return folder
-        aside = set_aside(folder) if layout.is_main else folder
+        aside = set_aside(folder) if dims.is_main else folder
         warn(f"train.resume=auto: {folder} is damaged ({reason}); moved it to {aside} and trying the previous checkpoint")
     return None
-
-
-def capture_rng() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def rank_file(folder: Path, rank: int) -> Path:
@@ -135,12 +119,12 @@ def _write_failure(action: Callable[[], Any], folder: Path) -> Optional[str]:
     return None
 
 
-def _agree_on_save(failure: Optional[str], step: int, staging: Path, layout: Layout) -> None:
+def _agree_on_save(failure: Optional[str], step: int, staging: Path, dims: ParallelDims) -> None:
     """One collective; on a failure anywhere rank 0 removes the staging folder and every rank raises."""
     try:
         agree_on_failure(failure)
     except RunError as error:
-        if layout.is_main:
+        if dims.is_main:
             shutil.rmtree(staging, ignore_errors=True)
         previous = complete_checkpoints(staging.parent)
         kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
@@ -151,7 +135,7 @@ def _agree_on_save(failure: Optional[str], step: int, staging: Path, layout: Lay
 
 
 def save_checkpoint(
-    engine: Any, root: Path, step: int, layout: Layout, client_state: dict[str, Any], rank_state: dict[str, Any],
+    engine: Any, root: Path, step: int, dims: ParallelDims, client_state: dict[str, Any], rank_state: dict[str, Any],
     run_config_yaml: str, keep_last: int,
 ) -> Path:  # fmt: skip
     """Write, verify-record, publish and prune; every rank calls it. Returns the published folder."""
@@ -166,15 +150,15 @@ def save_checkpoint(
 
     def write() -> None:
         engine.save_checkpoint(str(root), tag=staging.name, client_state=client_state, save_latest=False)
-        write_rank_state(rank_file(staging, layout.rank), {**rank_state, "rng": capture_rng()})
+        write_rank_state(rank_file(staging, dims.rank), rank_state)
 
-    _agree_on_save(_write_failure(prepare, staging) if layout.is_main else None, step, staging, layout)
-    _agree_on_save(_write_failure(write, staging), step, staging, layout)
+    _agree_on_save(_write_failure(prepare, staging) if dims.is_main else None, step, staging, dims)
+    _agree_on_save(_write_failure(write, staging), step, staging, dims)
     names = checkpoint_files(staging)
     files: dict[str, dict[str, Any]] = {}
-    for part in all_gather_objects(file_records(staging, names, layout.rank, layout.world)):
+    for part in all_gather_objects(file_records(staging, names, dims.rank, dims.world)):
         files.update(part)
-    marker = {"step": step, "world": layout.world, "dp": layout.dp, "sp": layout.sp, "files": files}
+    marker = {"step": step, "world": dims.world, "dp": dims.dp, "sp": dims.sp, "files": files}
 
     def publish() -> None:
         (staging / MARKER).write_text(json.dumps(marker) + "\n")
@@ -182,7 +166,7 @@ def save_checkpoint(
         staging.rename(final)
         _prune(root, keep_last)
 
-    _agree_on_save(_write_failure(publish, staging) if layout.is_main else None, step, staging, layout)
+    _agree_on_save(_write_failure(publish, staging) if dims.is_main else None, step, staging, dims)
     return final
 
 
@@ -193,25 +177,25 @@ def _prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def load_checkpoint(engine: Any, folder: Path, layout: Layout) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Restore engine (model, optimizer, scheduler) and this rank's RNG; returns (client, rank) states.
+def load_checkpoint(engine: Any, folder: Path, dims: ParallelDims) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Restore the engine (model, optimizer, scheduler); returns the (client, rank) states saved beside it.
 
     Returns on every rank only once every rank has loaded (one collective), so that a rank that
     fails makes all of them stop with its message.
     """
     marker = read_marker(folder)
-    if marker["world"] != layout.world:
+    if marker["world"] != dims.world:
         raise ConfigError(
-            f"train.resume: {folder} was written by {marker['world']} processes but this run has {layout.world}; "
+            f"train.resume: {folder} was written by {marker['world']} processes but this run has {dims.world}; "
             f"resume with the same number of processes (or export it with python -m train.export)"
         )
-    written_sp = marker.get("sp", layout.sp)  # markers written before the layout was recorded carry no sp
-    if written_sp != layout.sp:
+    written_sp = marker.get("sp", dims.sp)  # markers written before the layout was recorded carry no sp
+    if written_sp != dims.sp:
         warn(
-            f"train.resume: {folder} was written with dp={layout.world // written_sp} x "
-            f"parallel.sp={written_sp}, this run has dp={layout.dp} x parallel.sp={layout.sp}. Model, optimizer, "
+            f"train.resume: {folder} was written with dp={dims.world // written_sp} x "
+            f"parallel.sp={written_sp}, this run has dp={dims.dp} x parallel.sp={dims.sp}. Model, optimizer, "
             f"scheduler and step are restored exactly; the data continues the epoch from the same sample "
-            f"but is dealt to {layout.dp} data-parallel replicas instead of {layout.world // written_sp}, so the "
+            f"but is dealt to {dims.dp} data-parallel replicas instead of {dims.world // written_sp}, so the "
             f"sample order from here on differs from the uninterrupted run (each step reads the same "
             f"samples only if train.micro_batch_size x train.grad_accum x dp is unchanged)"
         )
@@ -222,9 +206,8 @@ def load_checkpoint(engine: Any, folder: Path, layout: Layout) -> tuple[dict[str
         )
         if path is None:
             raise ValueError("DeepSpeed found no checkpoint in it")
-        rank_state = torch.load(rank_file(folder, layout.rank), map_location="cpu", weights_only=False)
+        rank_state = torch.load(rank_file(folder, dims.rank), map_location="cpu", weights_only=False)
     except Exception as error:  # any failure to read: every rank must hear of it, not wait for this one
-        failure = f"train.resume: loading {folder} failed on rank {layout.rank}: {error}"
+        failure = f"train.resume: loading {folder} failed on rank {dims.rank}: {error}"
     agree_on_failure(failure)
-    restore_rng(rank_state.pop("rng"))
     return client_state, rank_state

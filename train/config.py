@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -24,6 +24,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from model.config import ConfigError, LMConfig
 from train.cli import warn
+
+if TYPE_CHECKING:  # parallel.groups imports torch, which `python -m train --help` does not wait for
+    from parallel.groups import ParallelDims
 
 SCHEDULES = ("cosine", "wsd", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -83,7 +86,7 @@ class ParallelConfig:
     """The process layout: the sequence-parallel degree (data parallelism takes the rest)."""
 
     sp: int = 1  # sequence-parallel degree: ranks sharing one sequence
-    dp: Optional[int] = None  # derived: world / sp (set it only to assert the layout)
+    dp: Optional[int] = None  # derived: world / sp, recorded from the launched layout (set it only to assert that)
 
 
 @dataclass
@@ -201,14 +204,15 @@ class RunConfig:
         _require(self.checkpoint.keep_last >= 1, "checkpoint.keep_last", self.checkpoint.keep_last, "must be >= 1")
         return self
 
-    def resolve_layout(self, world_size: int) -> "RunConfig":
-        """Fill the derived `parallel.dp`; a user-given value must agree with the world size."""
-        sp = self.parallel.sp
-        _require(world_size % sp == 0, "parallel.sp", sp, f"must divide the number of processes ({world_size})")
-        dp = world_size // sp
+    def resolve_layout(self, dims: ParallelDims) -> "RunConfig":
+        """Record the launched layout's `parallel.dp` (the resolved config shows it); a user-given value
+        must agree with it."""
         if self.parallel.dp is not None:
-            _require(self.parallel.dp == dp, "parallel.dp", self.parallel.dp, f"must equal world/sp = {world_size}/{sp} = {dp} (or be left unset)")
-        self.parallel.dp = dp
+            _require(
+                self.parallel.dp == dims.dp, "parallel.dp", self.parallel.dp,
+                f"must equal world/sp = {dims.world}/{dims.sp} = {dims.dp} (or be left unset)",
+            )  # fmt: skip
+        self.parallel.dp = dims.dp
         return self
 
 

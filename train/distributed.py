@@ -1,43 +1,22 @@
-"""The process layout of a run: world, device, and the data-parallel x sequence-parallel split.
+"""Joining the world: one entry point for every launcher, and the few collectives the loop needs.
 
-One entry point serves every launcher: torchrun (single or multi-node) and the `deepspeed`
-launcher set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT, and a plain
-`python -m train` gets a one-process world. CUDA runs use NCCL, CPU runs gloo.
-
-Ranks are grouped as `rank = dp_rank * sp + sp_rank`: the sp ranks sharing a sequence are
-consecutive, which is the placement mosaicml-streaming's `replication=sp` gives the same samples.
+torchrun (single or multi-node) and the `deepspeed` launcher set RANK / WORLD_SIZE / LOCAL_RANK /
+MASTER_ADDR / MASTER_PORT, and a plain `python -m train` gets a one-process world. CUDA runs use
+NCCL, CPU runs gloo. The layout of the world (dp x sp, device, groups) is `parallel.groups.ParallelDims`.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
-from model.config import ConfigError
+from parallel.groups import ParallelDims
 from train.errors import RunError
 from train.supervision import end_with_launcher
-
-
-@dataclass
-class Layout:
-    world: int
-    rank: int
-    local_rank: int
-    dp: int
-    dp_rank: int
-    sp: int
-    sp_rank: int
-    device: torch.device
-    groups: Optional[Any] = None  # parallel.groups.ParallelGroups when sp > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 def _free_port() -> int:
@@ -67,8 +46,8 @@ def skip_deepspeed_shm_allreduce() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def init_distributed(sp: int) -> Layout:
-    """Join (or create) the process group and derive the dp x sp layout; idempotent.
+def init_distributed(sp: int) -> ParallelDims:
+    """Join (or create) the process group and build the dp x sp layout; idempotent.
 
     A process started by a launcher (RANK set) stops when the launcher is gone (train/supervision.py).
     """
@@ -90,29 +69,7 @@ def init_distributed(sp: int) -> Layout:
         if backend == "gloo":
             skip_deepspeed_shm_allreduce()
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
-    world, rank = dist.get_world_size(), dist.get_rank()
-    if world % sp:
-        raise ConfigError(f"parallel.sp={sp} must divide the number of processes ({world})")
-    groups = _sequence_parallel_groups(sp, rank) if sp > 1 else None
-    return Layout(world, rank, local_rank, world // sp, rank // sp, sp, rank % sp, device, groups)
-
-
-def _sequence_parallel_groups(sp: int, rank: int) -> Any:
-    try:
-        from parallel.groups import build_groups
-    except ImportError as error:
-        raise ConfigError(
-            f"parallel.sp={sp} needs parallel.groups and parallel.sequence_parallel, which this checkout "
-            f"lacks ({error}); run with parallel.sp=1"
-        ) from error
-    groups = build_groups(sp)
-    if (groups.dp_rank, groups.sp_rank) != (rank // sp, rank % sp):
-        raise ConfigError(
-            f"parallel.sp={sp}: parallel.groups placed rank {rank} at dp_rank={groups.dp_rank}, "
-            f"sp_rank={groups.sp_rank}; the data loader needs consecutive ranks per sequence "
-            f"(dp_rank={rank // sp}, sp_rank={rank % sp})"
-        )
-    return groups
+    return ParallelDims.build(sp, device)
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
@@ -134,25 +91,3 @@ def agree_on_failure(failure: Optional[str]) -> None:
     failures = [message for message in all_gather_objects(failure) if message]
     if failures:
         raise RunError(failures[0])
-
-
-def barrier() -> None:
-    dist.barrier()
-
-
-def shard_sequence(tensor: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """[B, T] -> this rank's [B, T/sp] slice (identity without sequence parallelism)."""
-    if layout.sp == 1:
-        return tensor
-    from parallel.groups import slice_sequence
-
-    return slice_sequence(tensor, layout.groups)
-
-
-def unshard_sequence(local: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """[B, T/sp] -> [B, T] on every rank of the sequence's group (identity without sequence parallelism)."""
-    if layout.sp == 1:
-        return local
-    from parallel.groups import gather_sequence
-
-    return gather_sequence(local, layout.groups)

@@ -16,10 +16,11 @@ from torch import nn
 
 from model.config import ConfigError
 from model.lm import TTTLM
-from train.activation_checkpointing import checkpoint_blocks
+from parallel.activation_checkpointing import checkpoint_blocks
+from parallel.groups import ParallelDims
+from parallel.sequence_parallel import SequenceParallelLM
 from train.compile import blocks_are_one_graph, compile_blocks, compile_enabled
 from train.config import RunConfig
-from train.distributed import Layout
 from train.schedule import scheduler_factory
 
 NEVER = 2**31 - 1
@@ -32,7 +33,7 @@ def use_bf16(cfg: RunConfig, device: torch.device) -> bool:
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
-def deepspeed_config(cfg: RunConfig, layout: Layout, bf16: bool) -> dict[str, Any]:
+def deepspeed_config(cfg: RunConfig, dims: ParallelDims, bf16: bool) -> dict[str, Any]:
     t, z = cfg.train, cfg.zero
     zero: dict[str, Any] = {
         "stage": z.stage,
@@ -47,7 +48,7 @@ def deepspeed_config(cfg: RunConfig, layout: Layout, bf16: bool) -> dict[str, An
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": t.micro_batch_size * t.grad_accum * layout.world,
+        "train_batch_size": t.micro_batch_size * t.grad_accum * dims.world,
         "gradient_clipping": t.grad_clip,
         "bf16": {"enabled": bf16, "check_grad_overflow": True},
         "zero_optimization": zero,
@@ -57,21 +58,17 @@ def deepspeed_config(cfg: RunConfig, layout: Layout, bf16: bool) -> dict[str, An
     }
 
 
-def build_model(cfg: RunConfig, layout: Layout) -> tuple[nn.Module, TTTLM]:
+def build_model(cfg: RunConfig, dims: ParallelDims) -> tuple[nn.Module, TTTLM]:
     """(what the engine wraps, the plain TTTLM inside it). Same seed on every rank: identical init."""
     torch.manual_seed(cfg.train.seed)
     model = TTTLM(cfg.model)
     if cfg.train.activation_checkpointing:
-        checkpoint_blocks(model, cfg.train.activation_checkpointing_policy)
-    if compile_enabled(cfg.train.compile, layout.device, cfg.train.activation_checkpointing):
-        compile_blocks(model, fullgraph=blocks_are_one_graph(cfg, layout.sp))
-    if layout.sp == 1:
+        checkpoint_blocks(model, selective=cfg.train.activation_checkpointing_policy == "selective")
+    if compile_enabled(cfg.train.compile, dims.device, cfg.train.activation_checkpointing):
+        compile_blocks(model, fullgraph=blocks_are_one_graph(cfg, dims.sp))
+    if dims.sp == 1:
         return model, model
-    try:
-        from parallel.sequence_parallel import SequenceParallelLM
-    except ImportError as error:
-        raise ConfigError(f"parallel.sp={layout.sp} needs parallel.sequence_parallel ({error}); run with parallel.sp=1") from error
-    return SequenceParallelLM(model, layout.groups), model
+    return SequenceParallelLM(model, dims), model
 
 
 def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -83,23 +80,23 @@ def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict[s
     ]
 
 
-def build_engine(cfg: RunConfig, layout: Layout) -> tuple[Any, TTTLM]:
+def build_engine(cfg: RunConfig, dims: ParallelDims) -> tuple[Any, TTTLM]:
     """(DeepSpeed engine, the TTTLM it trains)."""
-    bf16 = use_bf16(cfg, layout.device)
-    wrapped, lm = build_model(cfg, layout)
+    bf16 = use_bf16(cfg, dims.device)
+    wrapped, lm = build_model(cfg, dims)
     t = cfg.train
     optimizer = torch.optim.AdamW(
         optimizer_param_groups(wrapped, t.weight_decay),
         lr=t.lr,
         betas=(t.beta1, t.beta2),
         eps=t.eps,
-        fused=layout.device.type == "cuda",
+        fused=dims.device.type == "cuda",
     )
     engine, _, _, _ = deepspeed.initialize(
         model=wrapped,
         optimizer=optimizer,
         lr_scheduler=scheduler_factory(t),
-        config=deepspeed_config(cfg, layout, bf16),
+        config=deepspeed_config(cfg, dims, bf16),
         dist_init_required=False,
     )
     if cfg.zero.stage == 3:

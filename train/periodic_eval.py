@@ -19,9 +19,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
+from parallel.groups import ParallelDims, gather_sequence, slice_sequence
 from train.config import RunConfig
 from train.data import build_loader, input_doc_ids, split_inputs_targets
-from train.distributed import Layout, shard_sequence, unshard_sequence
 from train.eval import (
     accumulate_position_losses,
     per_token_cross_entropy,
@@ -33,16 +33,16 @@ from train.eval import (
 
 class PeriodicEvaluator:
     def __init__(
-        self, cfg: RunConfig, layout: Layout, model: nn.Module, writer: Optional[SummaryWriter], out_dir: Path
+        self, cfg: RunConfig, dims: ParallelDims, model: nn.Module, writer: Optional[SummaryWriter], out_dir: Path
     ) -> None:
         self.cfg = cfg
-        self.layout = layout
+        self.dims = dims
         self.model = model  # what the engine runs: the LM, or its sequence-parallel wrapper
         self.writer = writer
         self.out_dir = out_dir
         self.loader = None
         if cfg.eval.every > 0:
-            self.loader = build_loader(cfg.data, cfg.data.val_split, cfg.train.micro_batch_size, layout.sp, shuffle=False)
+            self.loader = build_loader(cfg.data, cfg.data.val_split, cfg.train.micro_batch_size, dims.sp, shuffle=False)
 
     def due(self, step: int) -> bool:
         every = self.cfg.eval.every
@@ -51,15 +51,15 @@ class PeriodicEvaluator:
     @torch.no_grad()
     def run(self, step: int) -> dict:
         """Evaluate, publish on rank 0, and return the bucketed result (the same on every rank)."""
-        layout = self.layout
+        dims = self.dims
         was_training = self.model.training
         self.model.eval()
 
         def losses_of(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            input_ids, targets = split_inputs_targets(batch["tokens"].to(layout.device))
-            doc_ids = input_doc_ids(batch, self.cfg.data, layout.device)
-            logits = self.model(shard_sequence(input_ids, layout), None, return_logits=True, doc_ids=doc_ids).logits
-            return unshard_sequence(per_token_cross_entropy(logits, shard_sequence(targets, layout)), layout)
+            input_ids, targets = split_inputs_targets(batch["tokens"].to(dims.device))
+            doc_ids = input_doc_ids(batch, self.cfg.data, dims.device)
+            logits = self.model(slice_sequence(input_ids, dims), None, return_logits=True, doc_ids=doc_ids).logits
+            return gather_sequence(per_token_cross_entropy(logits, slice_sequence(targets, dims)), dims)
 
         batches = islice(iter(self.loader), self.cfg.eval.batches)
         loss_sums, count = accumulate_position_losses(losses_of, batches)
@@ -67,9 +67,9 @@ class PeriodicEvaluator:
         totals = torch.cat([loss_sums, torch.tensor([float(count)], dtype=loss_sums.dtype, device=loss_sums.device)])
         if dist.is_initialized():
             dist.all_reduce(totals)
-            totals /= layout.sp  # the sp ranks of one sequence all hold its gathered losses
+            totals /= dims.sp  # the sp ranks of one sequence all hold its gathered losses
         result = summarize_position_losses(totals[:-1], round(totals[-1].item()), self.cfg.eval.bucket_size)
-        if layout.is_main:
+        if dims.is_main:
             figure = plot_perplexity_by_position({f"step {step}": result}, train_len=self.cfg.data.seq_len)
             publish(figure, result, f"ppl_by_position_step{step:08d}", self.out_dir, self.writer, step)
             if self.writer is not None:

@@ -22,8 +22,8 @@ import torch
 
 from model.config import load_model_config
 from model.lm import TTTLM
+from parallel.activation_checkpointing import checkpoint_blocks
 from tests.op_cases import SCAN_VARIANTS, op_cases
-from train.activation_checkpointing import checkpoint_blocks
 from train.compile import compile_blocks
 from train.generate import generate_batch
 

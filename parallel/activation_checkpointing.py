@@ -1,8 +1,9 @@
-"""Activation checkpointing per block, applied from outside the model.
+"""Activation checkpointing per block, applied from outside the model like the other wrappers of parallel/.
 
 Each `Block.forward` is replaced on the instance by a wrapper that runs it under
 torch.utils.checkpoint (the non-reentrant variant: it supports keyword arguments, non-tensor inputs
-such as a None fast-weight state, and ZeRO-3's parameter hooks during recomputation). Two policies:
+such as a None fast-weight state, and ZeRO-3's parameter hooks during recomputation). Two policies
+(`train.activation_checkpointing_policy`, whose values the run config checks):
 
 * `full`: the block's activations are dropped after the forward and the whole block is recomputed in
   the backward: ~1/3 more compute for memory that no longer grows with depth x length;
@@ -23,7 +24,6 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from model.baseline import BaselineBlock
 from model.lm import Block
-from train.config import CHECKPOINT_POLICIES
 
 
 def _expensive_ops() -> set:
@@ -49,13 +49,11 @@ def _selective_context() -> Callable[[], Any]:
     return functools.partial(create_selective_checkpoint_contexts, policy)
 
 
-def checkpoint_blocks(model: nn.Module, policy: str = "full") -> int:
+def checkpoint_blocks(model: nn.Module, selective: bool = False) -> int:
     """Wrap every block of `model` (a TTTLM's, or the baseline transformer's, so that both are measured
-    alike) in activation checkpointing with `policy` (`CHECKPOINT_POLICIES`); returns how many were wrapped."""
-    if policy not in CHECKPOINT_POLICIES:
-        raise ValueError(f"train.activation_checkpointing_policy={policy!r} must be one of {CHECKPOINT_POLICIES}")
+    alike) in activation checkpointing, `full` or `selective`; returns how many were wrapped."""
     options: dict[str, Any] = {"use_reentrant": False}
-    if policy == "selective":
+    if selective:
         options["context_fn"] = _selective_context()
     blocks = [module for module in model.modules() if isinstance(module, (Block, BaselineBlock))]
     for block in blocks:
