@@ -5,7 +5,6 @@ Times forward and forward+backward (triton.testing.do_bench medians, random inpu
                    at the layer shapes with the fused Triton SwiGLU features (kernels.features)
   tttla_torch_features  the same with the torch features (cuBLAS GEMM + compiled gate/product)
   eager            the reference parallel form (kernels.reference) in eager bf16 torch
-  recurrent        the compiled recurrent LaCT loop (kernels.recurrent_fast), bf16 operands, fp32 weights
   fla_simple_gla   fla.ops.simple_gla.chunk_simple_gla (per-head decay g_gamma), K = V = 128, core shape
   fla_linear_attn  fla.ops.linear_attn.chunk_linear_attn, likewise (equal heads = equal state size)
   sdpa             causal flash attention (torch SDPA), head dim 128, same model width
@@ -31,8 +30,7 @@ import torch.nn.functional as F
 
 from kernels import features as feature_kernels
 from kernels.features import compiled_swiglu_features, pack_swiglu_weights
-from kernels.recurrent_fast import lact_recurrent_fast
-from kernels.reference import FastWeights, swiglu_features, ttt_la_parallel_reference
+from kernels.reference import swiglu_features, ttt_la_parallel_reference
 from kernels.ttt_la import chunk_ttt_la
 
 TOKENS = 131072
@@ -46,8 +44,8 @@ SHAPES = {
 # fla autotunes per head count, minutes per shape on the device; it runs at the core shape, where
 # equal state size means equal heads (its cost scales linearly in heads at equal K = V).
 IMPLS = {
-    "layer": ("tttla", "tttla_torch_features", "eager", "recurrent", "sdpa"),
-    "lact": ("tttla", "tttla_torch_features", "eager", "recurrent", "sdpa"),
+    "layer": ("tttla", "tttla_torch_features", "eager", "sdpa"),
+    "lact": ("tttla", "tttla_torch_features", "eager", "sdpa"),
     "core": ("tttla", "fla_simple_gla", "fla_linear_attn", "sdpa"),
 }
 
@@ -73,8 +71,6 @@ def flops_per_token(impl: str, shape: dict, T: int) -> float:
         if shape["token_causal"]:
             per_head += C * (d + dh)  # the causal half of each C x C block: scores and values
         return H * per_head
-    if impl == "recurrent":
-        return H * 18 * d * dh  # LaCT's own count: key forward 4, backward 8, query forward 6
     if impl.startswith("fla"):
         heads = fla_heads(shape)
         return heads * (4 * FLA_DIM * FLA_DIM + 64 * 2 * FLA_DIM)  # fla's 64-token sub-chunks, causal half
@@ -136,18 +132,6 @@ def make_case(impl: str, shape: dict, T: int, device):
                     hq_, hk_ = hq, hk
                 return ttt_la_parallel_reference(hq_, hk_, v, e, state, C, token_causal=shape["token_causal"])[0]
         return fwd, leaves + [state]
-    if impl == "recurrent":
-        q, k, v = (randn(B, T, H, d, device=device) for _ in range(3))
-        etas = [eta() for _ in range(3)]
-        initial = FastWeights(
-            randn(B, H, dh, d, device=device, dtype=torch.float32, scale=d**-0.5),
-            randn(B, H, d, dh, device=device, dtype=torch.float32, scale=dh**-0.5),
-            randn(B, H, dh, d, device=device, dtype=torch.float32, scale=d**-0.5),
-        )
-
-        def fwd():
-            return lact_recurrent_fast(q, k, v, *etas, initial, C, weight_norm=True)[0]
-        return fwd, [q, k, v, *etas, initial.w0, initial.w1, initial.w2]
     if impl.startswith("fla"):
         heads = fla_heads(shape)
         q, k, v = (randn(B, T, heads, FLA_DIM, device=device) for _ in range(3))
@@ -178,7 +162,7 @@ def make_case(impl: str, shape: dict, T: int, device):
 def measure(impl: str, name: str, shape: dict, T: int, device, peak: float) -> dict:
     B = max(1, TOKENS // T)
     row = dict(impl=impl, op=name, device=torch.cuda.get_device_name(device), B=B, T=T, H=shape["H"],
-               d=shape["d"], dh=shape["dh"], C=shape["C"] if impl.startswith("tttla") or impl in ("eager", "recurrent") else None)
+               d=shape["d"], dh=shape["dh"], C=shape["C"] if impl.startswith("tttla") or impl == "eager" else None)
     try:
         fwd, leaves = make_case(impl, shape, T, device)
         with torch.no_grad():
@@ -355,7 +339,7 @@ def markdown(rows: list[dict], peak: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="T=16384 only, no eager/recurrent")
+    parser.add_argument("--quick", action="store_true", help="T=16384 only, no eager")
     parser.add_argument("--T", type=int, nargs="+", default=[4096, 16384, 65536], help="sequence lengths")
     parser.add_argument("--ops", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--impls", nargs="+", default=None, help="subset of impls to run")
@@ -396,7 +380,7 @@ def main() -> None:
             for impl in IMPLS[name]:
                 if args.impls and impl not in args.impls:
                     continue
-                if args.quick and impl in ("eager", "recurrent"):
+                if args.quick and impl == "eager":
                     continue
                 row = measure(impl, name, SHAPES[name], T, device, peak)
                 rows.append(row)

@@ -30,14 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-# Tests set this to fill every kernel-written buffer with NaN first, so an unwritten element shows.
-poison_outputs = False
-
-
-def new_buffer(shape, dtype, device) -> torch.Tensor:
-    if poison_outputs:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
+from kernels.triton_utils import dot_precision, new_buffer, tile
 
 
 @dataclass
@@ -105,15 +98,6 @@ def fuse_update_into_scan(chunk_size: int) -> bool:
     return chunk_size <= FUSED_SCAN_MAX_CHUNK
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 operands are multiplied exactly (the tests compare to float64), not in tf32.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _tile(dim: int, cap: int) -> int:
-    return max(16, min(cap, triton.next_power_of_2(dim)))
-
-
 # ----------------------------------------------------------------------------------------------
 # chunk outer products: out[c, h] = sum_{t in c} eta_t x_t y_t^T   [NC, H, DX, DY] fp32
 
@@ -156,12 +140,12 @@ def chunk_outer(x, y, eta, table: ChunkTable) -> torch.Tensor:
     dy = y.shape[-1]
     out = new_buffer((table.num_chunks, heads, dx, dy), torch.float32, x.device)
     tiles = OUTER_TILES
-    bx, by = _tile(dx, tiles["BX"]), _tile(dy, tiles["BY"])
+    bx, by = tile(dx, tiles["BX"]), tile(dy, tiles["BY"])
     grid = (table.num_chunks, triton.cdiv(dx, bx) * triton.cdiv(dy, by), heads)
     chunk_outer_kernel[grid](
         x, y, eta if eta is not None else x, out, table.starts, table.ends, heads,
         DX=dx, DY=dy, BT=tiles["BT"], BX=bx, BY=by, USE_ETA=eta is not None,
-        PRECISION=_dot_precision(x.dtype), num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
+        PRECISION=dot_precision(x.dtype), num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
     )
     return out
 
@@ -302,12 +286,12 @@ def state_scan_bwd_kernel(
 def _scan_launch(d1: int, d2: int, chunk_size: int, fused: bool, dtype, docs_x_heads: int) -> dict:
     """Tile shapes and the fused-update constants of one scan launch."""
     tiles = FUSED_SCAN_TILES if fused else SCAN_TILES
-    b1, b2 = _tile(d1, tiles["B1"]), _tile(d2, tiles["B2"])
+    b1, b2 = tile(d1, tiles["B1"]), tile(d2, tiles["B2"])
     while fused and b1 > 16 and docs_x_heads * triton.cdiv(d1, b1) * triton.cdiv(d2, b2) < MIN_SCAN_PROGRAMS:
         b1 //= 2
-    bt = min(tiles["BT"], _tile(chunk_size, tiles["BT"])) if fused else 16
+    bt = min(tiles["BT"], tile(chunk_size, tiles["BT"])) if fused else 16
     return dict(B1=b1, B2=b2, FUSED=fused, BT=bt, NSUB=triton.cdiv(chunk_size, bt) if fused else 1,
-                PRECISION=_dot_precision(dtype), num_warps=tiles["num_warps"],
+                PRECISION=dot_precision(dtype), num_warps=tiles["num_warps"],
                 num_stages=tiles["num_stages"])
 
 
@@ -511,7 +495,7 @@ def chunk_apply(
         x, y, z, w, eta if eta is not None else x, out, vdot if vdot is not None else x,
         deta_tiles if vdot is not None else out, table.starts, table.ends, heads, sign, stride_wm, stride_wn,
         DX=dx, DZ=dz, INTRA=intra, REVERSE=reverse, ETA_ROW=eta_row, ETA_COL=eta_col, ETA_DOT=vdot is not None,
-        PRECISION=_dot_precision(x.dtype), **launch,
+        PRECISION=dot_precision(x.dtype), **launch,
     )
     return out, (deta_tiles.sum(-1) if vdot is not None else None)
 
@@ -519,8 +503,8 @@ def chunk_apply(
 def _apply_launch(dx: int, dz: int, chunk_size: int, intra: bool, dtype: torch.dtype) -> dict:
     """Tile shapes of one `chunk_apply_kernel` launch."""
     tiles = APPLY_INTRA_TILES if intra else APPLY_TILES
-    bt = min(tiles["BT"], _tile(chunk_size, tiles["BT"]))
-    bm, bn = _tile(dx, tiles["BM"]), _tile(dz, tiles["BN"])
+    bt = min(tiles["BT"], tile(chunk_size, tiles["BT"]))
+    bm, bn = tile(dx, tiles["BM"]), tile(dz, tiles["BN"])
     if intra and bn < NARROW_INTRA_MIN_BN and dtype != torch.float32:
         bt = min(bt, NARROW_INTRA_MAX_BT)
     return dict(BT=bt, BM=bm, BN=bn, NSUB=triton.cdiv(chunk_size, bt),

@@ -1,7 +1,7 @@
 """The SwiGLU feature map h(x) = silu(W0 x) * (W2 x): a fused Triton kernel and the torch form.
 
-`swiglu_features(x, w0, w2)` is the public function: on CUDA (or `TTTLA_FORCE_TRITON=1`) it runs
-the fused kernels below (or the torch form when FUSED_FEATURES is off), elsewhere
+`swiglu_features(x, w0, w2)` is the public op: it runs the fused kernels below where
+`kernels.triton_utils.use_triton` says so (CUDA tensors by default), elsewhere
 `kernels.reference.swiglu_features`.
 
 Forward, one kernel (`swiglu_projection_kernel`): a program owns a [BM tokens, BN features] tile of
@@ -21,12 +21,11 @@ Forward and backward are registered as torch.library ops (`tttla::swiglu_feature
 torch.compile keeps them whole in a graph (no break) and fuses the elementwise work around them.
 
 The torch form (`swiglu_features_packed`: one cuBLAS GEMM over stacked weights, gate and product
-fused by torch.compile) is kept for comparison; docs/kernels.md measures both.
+fused by torch.compile) is kept for the benchmark's comparison; docs/kernels.md measures both.
 """
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 from typing import Optional
 
@@ -36,9 +35,8 @@ import triton
 import triton.language as tl
 
 from kernels import reference
+from kernels.triton_utils import SUPPORTED_DTYPES, absent, dot_precision, new_buffer, tile, use_triton
 
-# On CUDA, the fused kernels (True) or the torch form (False); docs/kernels.md measures both.
-FUSED_FEATURES = True
 # Tile shapes (measured at d = 384, dh = 768; `kernels.bench --variants` re-measures them).
 PROJECTION_TILES = dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
 MATMUL_TILES = dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
@@ -49,22 +47,6 @@ MATMUL_TILES = dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
 SAVE_PROJECTIONS = True
 # Enough programs to fill the GPU when the token axis is split for the weight gradient.
 WEIGHT_GRAD_PROGRAMS = 512
-# Tests set this to fill every kernel-written buffer with NaN first, so an unwritten element shows.
-poison_outputs = False
-
-
-def _new_buffer(shape, dtype, device) -> torch.Tensor:
-    if poison_outputs:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _tile(dim: int, cap: int) -> int:
-    return max(16, min(cap, triton.next_power_of_2(dim)))
 
 
 @triton.jit
@@ -155,12 +137,12 @@ def head_matmul_kernel(
 def _head_matmul(a, a_strides, b, b_strides, c, c_strides, M, N, K, heads, splits=1):
     """Launches `head_matmul_kernel`; strides as (h, m, k), (h, k, n) and (split, h, m, n)."""
     tiles = MATMUL_TILES
-    bm, bn, bk = _tile(M, tiles["BM"]), _tile(N, tiles["BN"]), _tile(K, tiles["BK"])
+    bm, bn, bk = tile(M, tiles["BM"]), tile(N, tiles["BN"]), tile(K, tiles["BK"])
     k_split = triton.cdiv(triton.cdiv(K, splits), bk) * bk
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn), heads, triton.cdiv(K, k_split))
     head_matmul_kernel[grid](
         a, b, c, M, N, K, k_split, *a_strides, *b_strides, *c_strides, BM=bm, BN=bn, BK=bk,
-        PRECISION=_dot_precision(a.dtype), num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
+        PRECISION=dot_precision(a.dtype), num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
     )
     return grid[2]
 
@@ -169,13 +151,13 @@ def _projection(x, w0, w2, out, ab, g, grad: bool, save_ab: bool, load_ab: bool)
     tt, heads, d = x.shape
     dh = w0.shape[1]
     tiles = PROJECTION_TILES
-    bm, bn, bk = _tile(tt, tiles["BM"]), _tile(dh, tiles["BN"]), _tile(d, tiles["BK"])
+    bm, bn, bk = tile(tt, tiles["BM"]), tile(dh, tiles["BN"]), tile(d, tiles["BK"])
     grid = (triton.cdiv(tt, bm), triton.cdiv(dh, bn), heads)
     any_ = out  # stands in for pointers a variant does not read
     swiglu_projection_kernel[grid](
         x, w0, w2, out, ab if ab is not None else any_, g if g is not None else any_, tt, heads,
         D=d, DH=dh, BM=bm, BN=bn, BK=bk, GRAD=grad, SAVE_AB=save_ab, LOAD_AB=load_ab,
-        PRECISION=_dot_precision(x.dtype), num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
+        PRECISION=dot_precision(x.dtype), num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
     )
 
 
@@ -184,8 +166,8 @@ def swiglu_features_fwd(x: torch.Tensor, w0: torch.Tensor, w2: torch.Tensor, sav
     `save_projections`, (a, b) as one [TT, H, 2 dh] tensor for the backward (else None)."""
     tt, heads, _ = x.shape
     dh = w0.shape[1]
-    out = _new_buffer((tt, heads, dh), x.dtype, x.device)
-    ab = _new_buffer((tt, heads, 2 * dh), x.dtype, x.device) if save_projections else None
+    out = new_buffer((tt, heads, dh), x.dtype, x.device)
+    ab = new_buffer((tt, heads, 2 * dh), x.dtype, x.device) if save_projections else None
     _projection(x, w0, w2, out, ab, None, grad=False, save_ab=save_projections, load_ab=False)
     return out, ab
 
@@ -197,19 +179,19 @@ def swiglu_features_bwd(grad_h, x, w0, w2, ab, x_grad: bool, weight_grad: bool):
     tt, heads, d = x.shape
     dh = w0.shape[1]
     g = grad_h.to(x.dtype).contiguous()
-    dab = _new_buffer((tt, heads, 2 * dh), x.dtype, x.device)  # [da, db] per token and head
+    dab = new_buffer((tt, heads, 2 * dh), x.dtype, x.device)  # [da, db] per token and head
     _projection(x, w0, w2, dab, ab, g, grad=True, save_ab=False, load_ab=ab is not None)
     dx = dw02 = None
     if x_grad:
         w02 = torch.cat([w0, w2], dim=1)  # [H, 2 dh, d]
-        dx = _new_buffer((tt, heads, d), x.dtype, x.device)
+        dx = new_buffer((tt, heads, d), x.dtype, x.device)
         _head_matmul(dab, (2 * dh, heads * 2 * dh, 1), w02, (2 * dh * d, d, 1), dx, (0, d, heads * d, 1),
                      M=tt, N=d, K=2 * dh, heads=heads)
     if weight_grad:
-        bm, bn = _tile(2 * dh, MATMUL_TILES["BM"]), _tile(d, MATMUL_TILES["BN"])
+        bm, bn = tile(2 * dh, MATMUL_TILES["BM"]), tile(d, MATMUL_TILES["BN"])
         base_programs = triton.cdiv(2 * dh, bm) * triton.cdiv(d, bn) * heads
         splits = max(1, min(triton.cdiv(tt, 1024), triton.cdiv(WEIGHT_GRAD_PROGRAMS, base_programs)))
-        partial = _new_buffer((splits, heads, 2 * dh, d), torch.float32, x.device)
+        partial = new_buffer((splits, heads, 2 * dh, d), torch.float32, x.device)
         used = _head_matmul(dab, (2 * dh, 1, heads * 2 * dh), x, (d, heads * d, 1), partial,
                             (heads * 2 * dh * d, 2 * dh * d, d, 1), M=2 * dh, N=d, K=tt, heads=heads, splits=splits)
         dw02 = partial[:used].sum(0)
@@ -223,10 +205,6 @@ def swiglu_features_bwd(grad_h, x, w0, w2, ab, x_grad: bool, weight_grad: bool):
 # return None.
 
 
-def _absent(like: torch.Tensor) -> torch.Tensor:
-    return like.new_empty(0)
-
-
 @torch.library.custom_op("tttla::swiglu_features", mutates_args=())
 def swiglu_features_op(
     x: torch.Tensor, w0: torch.Tensor, w2: torch.Tensor, save_projections: bool
@@ -235,14 +213,14 @@ def swiglu_features_op(
     dtype and the projections (a, b) [TT, H, 2 dh] when `save_projections` (else empty)."""
     out, ab = swiglu_features_fwd(x.contiguous(), w0.to(x.dtype).contiguous(), w2.to(x.dtype).contiguous(),
                                   save_projections)
-    return out, ab if ab is not None else _absent(x)
+    return out, ab if ab is not None else absent(x)
 
 
 @swiglu_features_op.register_fake
 def _(x, w0, w2, save_projections):
     tt, heads, _ = x.shape
     dh = w0.shape[1]
-    return x.new_empty(tt, heads, dh), x.new_empty(tt, heads, 2 * dh) if save_projections else _absent(x)
+    return x.new_empty(tt, heads, dh), x.new_empty(tt, heads, 2 * dh) if save_projections else absent(x)
 
 
 @torch.library.custom_op("tttla::swiglu_features_backward", mutates_args=())
@@ -254,13 +232,13 @@ def swiglu_features_backward_op(
     dtype (empty unless `weight_grad`); `projections` is what the forward saved (None: recompute them)."""
     dx, dw02 = swiglu_features_bwd(grad_h, x.contiguous(), w0.to(x.dtype).contiguous(),
                                    w2.to(x.dtype).contiguous(), projections, x_grad, weight_grad)
-    return dx if x_grad else _absent(x), dw02.to(w0.dtype) if weight_grad else _absent(w0)
+    return dx if x_grad else absent(x), dw02.to(w0.dtype) if weight_grad else absent(w0)
 
 
 @swiglu_features_backward_op.register_fake
 def _(grad_h, x, w0, w2, projections, x_grad, weight_grad):
     heads, dh, d = w0.shape
-    return torch.empty_like(x) if x_grad else _absent(x), w0.new_empty(heads, 2 * dh, d) if weight_grad else _absent(w0)
+    return torch.empty_like(x) if x_grad else absent(x), w0.new_empty(heads, 2 * dh, d) if weight_grad else absent(w0)
 
 
 def _setup_swiglu_context(ctx, inputs, output) -> None:
@@ -284,25 +262,20 @@ def _swiglu_backward(ctx, grad_h, _grad_projections):
 swiglu_features_op.register_autograd(_swiglu_backward, setup_context=_setup_swiglu_context)
 
 
-def use_triton(x: torch.Tensor) -> bool:
-    """Triton on CUDA tensors; `TTTLA_FORCE_TRITON=1` also on CPU (with TRITON_INTERPRET=1, for tests)."""
-    return x.is_cuda or os.environ.get("TTTLA_FORCE_TRITON", "0") == "1"
-
-
-def swiglu_features(x: torch.Tensor, w0: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """h(x) = silu(W0 x) * (W2 x), fused.
+def swiglu_features(x: torch.Tensor, w0: torch.Tensor, w2: torch.Tensor, *, allow_triton: bool = True) -> torch.Tensor:
+    """h(x) = silu(W0 x) * (W2 x): the fused kernels or the reference, chosen here.
 
     x: [B, T, H, d] (bf16/fp16/fp32 operands, fp32 accumulation); w0, w2: [H, dh, d] shared by the
     batch. Returns h(x) [B, T, H, dh] in x's dtype, contiguous, in the layout `chunk_ttt_la` reads.
-    Gradients flow to x, w0 and w2 (in their dtypes).
+    Gradients flow to x, w0 and w2 (in their dtypes). The kernels run where
+    `kernels.triton_utils.use_triton(x, allow_triton)` says so (the layer passes
+    `model.ttt.use_kernel`); other dtypes (float64) always take the reference.
     """
     if w0.dim() != 3 or w2.shape != w0.shape or x.shape[-1] != w0.shape[-1] or x.shape[-2] != w0.shape[0]:
         raise ValueError(f"swiglu_features needs x [B, T, H, d] and w0, w2 [H, dh, d]; got x {tuple(x.shape)}, "
                          f"w0 {tuple(w0.shape)}, w2 {tuple(w2.shape)}")
-    if not use_triton(x) or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if not use_triton(x, allow_triton) or x.dtype not in SUPPORTED_DTYPES:
         return reference.swiglu_features(x, w0, w2)
-    if not FUSED_FEATURES:
-        return compiled_swiglu_features()(x, pack_swiglu_weights(w0, w2))
     heads, dh, d = w0.shape
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or w0.requires_grad or w2.requires_grad)
     h, _ = swiglu_features_op(x.reshape(-1, heads, d), w0, w2, SAVE_PROJECTIONS and needs_grad)
@@ -323,5 +296,6 @@ def swiglu_features_packed(x: torch.Tensor, w02: torch.Tensor) -> torch.Tensor:
 
 @lru_cache(maxsize=None)
 def compiled_swiglu_features():
-    """`swiglu_features_packed` through torch.compile (the GEMM stays cuBLAS, the epilogue fuses)."""
+    """`swiglu_features_packed` through torch.compile (the GEMM stays cuBLAS, the epilogue fuses): the
+    benchmark's `tttla_torch_features`."""
     return torch.compile(swiglu_features_packed)

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, TypeVar
 
 import torch
 import torch.nn.functional as F
+
+from kernels.fast_weights import FastWeights
 
 # Muon's Newton-Schulz iteration x <- a x + (b G + c G^2) x, G = x x^T, one (a, b, c) per step.
 # "classic": the fixed quintic of Keller Jordan's Muon, five times. "lact": the five-step schedule of
@@ -105,16 +107,31 @@ def chunk_mean(per_token: torch.Tensor, chunk_size: int) -> torch.Tensor:
     return torch.stack([per_token[:, s:e].mean(dim=1) for s, e in chunk_bounds(per_token.shape[1], chunk_size)], 1)
 
 
-@dataclass
-class FastWeights:
-    """The state of the recurrent form for one batch of sequences; `m*` are momenta (None when off)."""
+Result = TypeVar("Result")
 
-    w0: torch.Tensor  # [B, H, dh, d]
-    w1: torch.Tensor  # [B, H, d, dh]
-    w2: torch.Tensor  # [B, H, dh, d]
-    m0: Optional[torch.Tensor] = None
-    m1: Optional[torch.Tensor] = None
-    m2: Optional[torch.Tensor] = None
+
+def scan_documents(
+    scan_document: Callable[[int, slice, Optional[torch.Tensor]], Result],
+    cu_seqlens: torch.Tensor,
+    chunk_size: int,
+    beta: Optional[torch.Tensor],
+) -> list[Result]:
+    """The one loop over documents packed on a row (fla's `cu_seqlens` layout), each scanned on its own.
+
+    Calls `scan_document(i, tokens, doc_beta)` for every document i, in order: tokens is the slice of
+    the row's T axis it covers, doc_beta its [1, n_i, H] rows of beta (None when beta is None).
+    cu_seqlens: [D + 1] token offsets (0 first, T last); beta: [1, NC, H] per-chunk momentum, the
+    chunks of every document counted from its own start. Returns the D results in document order.
+    The parallel reference runs its packed documents in it, and the layer its recurrent form.
+    """
+    bounds = [int(x) for x in cu_seqlens.tolist()]
+    results, chunk = [], 0
+    for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        n = num_chunks(end - start, chunk_size)
+        doc_beta = None if beta is None else beta[:, chunk : chunk + n]
+        results.append(scan_document(i, slice(start, end), doc_beta))
+        chunk += n
+    return results
 
 
 @dataclass
@@ -215,11 +232,7 @@ def lact_recurrent_reference(
     if fast_weights == "all" and features is not swiglu_features:
         raise ValueError("fast_weights='all' needs the SwiGLU feature map (its W0/W2 gradients are written for it)")
     muon = resolve_muon(muon)
-    w = FastWeights(initial.w0, initial.w1, initial.w2)
-    if beta is not None:
-        w.m0 = initial.m0 if initial.m0 is not None else torch.zeros_like(w.w0)
-        w.m1 = initial.m1 if initial.m1 is not None else torch.zeros_like(w.w1)
-        w.m2 = initial.m2 if initial.m2 is not None else torch.zeros_like(w.w2)
+    w = initial.with_momenta() if beta is not None else initial.weights()
     targets = row_norms if row_norms is not None else w
     row_norms = [x.norm(dim=-1, keepdim=True) for x in (targets.w0, targets.w1, targets.w2)]
     outputs = []
@@ -276,6 +289,7 @@ def ttt_la_parallel_reference(
     eta1: torch.Tensor,
     initial_state: torch.Tensor,
     chunk_size: int,
+    cu_seqlens: Optional[torch.Tensor] = None,
     *,
     beta: Optional[torch.Tensor] = None,
     initial_momentum: Optional[torch.Tensor] = None,
@@ -294,7 +308,14 @@ def ttt_la_parallel_reference(
       o_t   = S(c) h(q_t)  [+ sum_{s <= t, s in c} eta1_s (h(q_t) . h(k_s)) v_s  if token_causal]
 
     Returns o [B, T, H, d], the final state [B, H, d, dh] and the final momentum (None when off).
+    With `cu_seqlens` ([D + 1] offsets), D documents packed on one row (B = 1) are scanned each on its
+    own (`scan_documents`): initial_state and initial_momentum are then [D, H, d, dh], beta [1, NC, H]
+    with every document's chunks counted from its start, and the final state and momentum [D, H, d, dh].
     """
+    if cu_seqlens is not None:
+        options = dict(muon=muon, token_causal=token_causal, update_sign=update_sign)
+        return _parallel_reference_per_document(hq, hk, v, eta1, initial_state, chunk_size, cu_seqlens, beta,
+                                                initial_momentum, options)  # fmt: skip
     batch, seq_len, heads, _ = hq.shape
     updates = chunk_updates(hk, v, eta1, chunk_size)  # [B, N, H, d, dh]
     momentum = None
@@ -319,3 +340,21 @@ def ttt_la_parallel_reference(
             o_c = o_c + update_sign * torch.einsum("bhnm,bmhd->bnhd", scores, v[:, s:e] * eta1[:, s:e, :, None])
         outputs.append(o_c)
     return torch.cat(outputs, dim=1), inclusive[:, -1], momentum
+
+
+def _parallel_reference_per_document(hq, hk, v, eta1, initial_state, chunk_size, cu_seqlens, beta, initial_momentum,
+                                     options: dict) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """`ttt_la_parallel_reference` over packed documents (shapes there); the state resets at each document."""
+    if hq.shape[0] != 1:
+        raise ValueError(f"cu_seqlens needs batch size 1 (documents packed on one row), got B={hq.shape[0]}")
+
+    def scan_document(i: int, tokens: slice, doc_beta: Optional[torch.Tensor]):
+        return ttt_la_parallel_reference(
+            hq[:, tokens], hk[:, tokens], v[:, tokens], eta1[:, tokens], initial_state[i : i + 1], chunk_size,
+            beta=doc_beta, initial_momentum=None if initial_momentum is None else initial_momentum[i : i + 1],
+            **options,
+        )  # fmt: skip
+
+    outputs, finals, momenta = zip(*scan_documents(scan_document, cu_seqlens, chunk_size, beta))
+    final_momenta = torch.cat(momenta) if beta is not None else None
+    return torch.cat(outputs, dim=1), torch.cat(finals), final_momenta

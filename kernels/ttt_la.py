@@ -1,23 +1,20 @@
-"""Public entry point of the parallel TTT-as-linear-attention layer: Triton on CUDA, reference elsewhere."""
+"""Public op of the parallel TTT-as-linear-attention scan: it picks the Triton kernels or the reference.
+
+`chunk_ttt_la` is the one function the layer calls for the chunk scan, plain batches and packed
+documents alike; `kernels.triton_utils.use_triton` is the rule it decides by.
+"""
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
 from kernels import chunk as chunk_kernels
 from kernels.reference import num_chunks, ttt_la_parallel_reference
-from kernels.varlen_reference import ttt_la_parallel_varlen_reference
+from kernels.triton_utils import SUPPORTED_DTYPES, absent, use_triton
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MIN_HEAD_DIM, MAX_HEAD_DIM, HEAD_DIM_MULTIPLE = 16, 1024, 16
-
-
-def use_triton(x: torch.Tensor) -> bool:
-    """Triton on CUDA tensors; `TTTLA_FORCE_TRITON=1` also on CPU (with TRITON_INTERPRET=1, for tests)."""
-    return x.is_cuda or os.environ.get("TTTLA_FORCE_TRITON", "0") == "1"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -36,7 +33,12 @@ def _chunk_table(tokens: int, rows: int, cu_seqlens: Optional[torch.Tensor], chu
 
 
 def _absent(like: torch.Tensor) -> torch.Tensor:
-    return like.new_empty(0, dtype=torch.float32)
+    """An output the op does not produce: empty, fp32 like the momenta and gradients it stands for."""
+    return absent(like, torch.float32)
+
+
+def _contiguous(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return x.contiguous() if x is not None else None
 
 
 @torch.library.custom_op("tttla::chunk_scan", mutates_args=())
@@ -53,10 +55,9 @@ def chunk_scan_op(
     the momentum it read (fp32, empty without beta).
     """
     table = _chunk_table(hq.shape[0], rows, cu_seqlens, chunk_size, hq.device)
-    contiguous = lambda x: x.contiguous() if x is not None else None  # noqa: E731
     o, final, final_mom, states, momenta = chunk_kernels.ttt_la_fwd(
-        hq.contiguous(), hk.contiguous(), v.contiguous(), eta.contiguous(), contiguous(initial_state), table,
-        chunk_size, contiguous(beta), contiguous(initial_momentum), token_causal, update_sign)
+        hq.contiguous(), hk.contiguous(), v.contiguous(), eta.contiguous(), _contiguous(initial_state), table,
+        chunk_size, _contiguous(beta), _contiguous(initial_momentum), token_causal, update_sign)
     return o, final, final_mom if beta is not None else _absent(hq), states, momenta if beta is not None else _absent(hq)
 
 
@@ -90,11 +91,10 @@ def chunk_scan_backward_op(
     dinit [D, H, d, dh] fp32, and with beta dinit_momentum [D, H, d, dh] and dbeta [NC, H] fp32
     (empty without beta)."""
     table = _chunk_table(hq.shape[0], rows, cu_seqlens, chunk_size, hq.device)
-    contiguous = lambda x: x.contiguous() if x is not None else None  # noqa: E731
     dhq, dhk, dv, deta, dinit, dinit_mom, dbeta = chunk_kernels.ttt_la_bwd(
         do.to(hq.dtype).contiguous(), hq.contiguous(), hk.contiguous(), v.contiguous(), eta.contiguous(),
-        states.contiguous(), contiguous(momenta), contiguous(beta), table, chunk_size, contiguous(dfinal),
-        contiguous(dfinal_momentum), token_causal, update_sign)
+        states.contiguous(), _contiguous(momenta), _contiguous(beta), table, chunk_size, _contiguous(dfinal),
+        _contiguous(dfinal_momentum), token_causal, update_sign)
     if beta is None:
         dinit_mom, dbeta = _absent(hq), _absent(hq)
     return dhq, dhk, dv, deta, dinit, dinit_mom, dbeta
@@ -212,6 +212,7 @@ def chunk_ttt_la(
     token_causal: bool = False,
     update_sign: float = 1.0,
     cu_seqlens: Optional[torch.Tensor] = None,
+    allow_triton: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Block-causal linear attention with a chunk scan of fp32 states (W1-only TTT, no weight norm).
 
@@ -235,22 +236,22 @@ def chunk_ttt_la(
     the final momentum [D, H, d, dh] (None when beta is None).
 
     Gradients flow to hq, hk, v, eta1, initial_state, beta and initial_momentum. The Triton path runs
-    when the tensors are on CUDA (or `TTTLA_FORCE_TRITON=1`); otherwise the float-exact reference runs.
+    where `kernels.triton_utils.use_triton(hq, allow_triton)` says so (the layer passes
+    `model.ttt.use_kernel`); otherwise the float-exact reference runs (`ttt_la_parallel_reference`,
+    packed documents included).
     `muon=True` always runs the reference: Newton-Schulz acts on each chunk's whole momentum matrix, a
     non-linear map that does not distribute over the sum of chunk updates, so the scan cannot be fused.
     The kernel needs head dims that are multiples of 16 in [16, 1024].
     """
     _check_inputs(hq, hk, v, eta1, initial_state, chunk_size, beta, initial_momentum, cu_seqlens)
-    if muon or not use_triton(hq):
+    if muon or not use_triton(hq, allow_triton):
         kwargs = dict(beta=beta, initial_momentum=initial_momentum, muon=muon, token_causal=token_causal,
                       update_sign=update_sign)
         if initial_state is None:
             batch, _, heads, dh = hq.shape
             docs = batch if cu_seqlens is None else cu_seqlens.numel() - 1
             initial_state = hq.new_zeros(docs, heads, v.shape[-1], dh)
-        if cu_seqlens is not None:
-            return ttt_la_parallel_varlen_reference(hq, hk, v, eta1, initial_state, chunk_size, cu_seqlens, **kwargs)
-        return ttt_la_parallel_reference(hq, hk, v, eta1, initial_state, chunk_size, **kwargs)
+        return ttt_la_parallel_reference(hq, hk, v, eta1, initial_state, chunk_size, cu_seqlens, **kwargs)
     _check_kernel_inputs(hq, hk, v)
     return _chunk_scan(hq, hk, v, eta1, initial_state, beta, initial_momentum, chunk_size, token_causal,
                        float(update_sign), cu_seqlens)

@@ -79,7 +79,7 @@ class TTTConfig:
     token_causal: bool = False  # add the intra-chunk causal term (parallel mode)
     update_sign: float = 1.0  # +1: gradient descent on -<f(k), v>; -1: gradient ascent
     base_lr: float = 1e-3  # softplus(bias) at init for the per-token learning rates
-    use_kernel: bool = True  # Triton on CUDA where available; the reference elsewhere
+    use_kernel: bool = True  # allow the Triton kernels on CUDA (the public ops decide; TTTLA_KERNELS overrides)
     rope: bool = True
     ns_coefficients: str = "lact"
     output_scale: bool = True

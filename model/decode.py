@@ -25,7 +25,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from kernels.reference import FastWeights, chunk_updates
+from kernels.fast_weights import FastWeights
+from kernels.reference import chunk_updates
 from model.lm import TTTLM
 from model.ttt_layer import TTTInputs, TTTMixer
 
@@ -49,7 +50,7 @@ class LayerCache:
         return [t for t in own if t is not None]
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in vars(self.fast).values() if t is not None] + self.buffers()
+        return self.fast.tensors() + self.buffers()
 
 
 @dataclass
@@ -155,7 +156,7 @@ def _prefill_mixer(mixer: TTTMixer, h: torch.Tensor) -> tuple[torch.Tensor, Laye
     outputs = []
     if complete:
         out, fast = mixer.ttt_scan(_slice_inputs(inputs, 0, complete), fast)
-        fast = FastWeights(*(None if t is None else _own_storage(t) for t in vars(fast).values()))
+        fast = fast.map(_own_storage)
         outputs.append(out)
     cache = empty_cache(mixer, fast)
     if complete < prompt_len:
@@ -254,7 +255,7 @@ def random_state(model: TTTLM, batch: int, position: int, generator: Optional[to
     caches = []
     for block in model.blocks:
         initial = block.mixer.initial_state(batch)
-        fast = FastWeights(*(w + 0.01 * noise(w) for w in (initial.w0, initial.w1, initial.w2)))
+        fast = initial.map(lambda w: w + 0.01 * noise(w))
         if block.mixer.momentum_proj is not None:
             fast.m0, fast.m1, fast.m2 = (0.01 * noise(w) for w in (fast.w0, fast.w1, fast.w2))
         cache = empty_cache(block.mixer, fast)

@@ -13,7 +13,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from kernels.reference import FastWeights
+from kernels.fast_weights import FastWeights
 from model.config import LMConfig
 from model.layers import RMSNorm, SwiGLUMLP
 from model.loss import head_and_loss

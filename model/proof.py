@@ -18,8 +18,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from kernels.fast_weights import FastWeights
 from kernels.reference import (
-    FastWeights,
     RecurrentTrace,
     lact_chunk_gradients,
     lact_recurrent_reference,

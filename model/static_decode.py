@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from kernels.reference import FastWeights
+from kernels.fast_weights import FastWeights
 from model.decode import (
     DecodeState,
     LayerCache,
@@ -103,9 +103,8 @@ class StaticDecoder:
         completes = self.completes[:, None, None, None]
         for block, cache in zip(self.model.blocks, self.layers):
             updated = block.mixer.ttt_scan(pending_chunk(cache), cache.fast)[1]
-            for name, current in vars(cache.fast).items():
-                if current is not None:
-                    current.copy_(torch.where(completes, getattr(updated, name), current))
+            for name, current in cache.fast.named_tensors():
+                current.copy_(torch.where(completes, getattr(updated, name), current))
             if cache.intra is not None:
                 cache.intra.masked_fill_(completes, 0.0)
 
@@ -142,13 +141,7 @@ def _stack_layer(mixer: TTTMixer, caches: list[LayerCache], order: torch.Tensor)
     carry yet (no chunk completed) is zero, which is exactly how the update starts it.
     """
     produced = mixer.ttt_scan(pending_chunk(caches[0]), caches[0].fast)[1]
-    names = [name for name, t in vars(produced).items() if t is not None]
-
-    def weights(cache: LayerCache, name: str) -> torch.Tensor:
-        t = getattr(cache.fast, name)
-        return torch.zeros_like(getattr(cache.fast, f"w{name[1]}")) if t is None else t
-
-    fast = FastWeights(**{name: torch.cat([weights(c, name) for c in caches])[order] for name in names})
+    fast = FastWeights.concat([c.fast.aligned_to(produced) for c in caches]).select(order)
     buffers = {
         f.name: None if getattr(caches[0], f.name) is None else torch.cat([getattr(c, f.name) for c in caches])[order]
         for f in fields(LayerCache)

@@ -22,26 +22,24 @@ the layer knowing why.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import features as fast_features
+from kernels.fast_weights import FastWeights
+from kernels.features import swiglu_features as swiglu_features_op
 from kernels.reference import (
-    FastWeights,
     NewtonSchulz,
     chunk_mean,
     identity_features,
     lact_recurrent_reference,
-    num_chunks,
+    scan_documents,
     swiglu_features,
-    ttt_la_parallel_reference,
 )
 from kernels.ttt_la import chunk_ttt_la
-from kernels.varlen_reference import ttt_la_parallel_varlen_reference
 from model.config import LMConfig
 from model.layers import RMSNorm, apply_rotary, compute_dtype, rotary_tables
 from model.low_rank import LowRankFastWeight
@@ -78,20 +76,6 @@ def operand_dtype(x: torch.Tensor, state_dtype: torch.dtype) -> torch.dtype:
     if x.device.type == "cpu":
         return state_dtype
     return compute_dtype(x)
-
-
-def concat_states(states: list[FastWeights]) -> FastWeights:
-    """Per-sequence states stacked along the batch dimension (momenta only where present)."""
-    def stack(name: str) -> Optional[torch.Tensor]:
-        parts = [getattr(s, name) for s in states]
-        return None if parts[0] is None else torch.cat(parts)
-
-    return FastWeights(**{f.name: stack(f.name) for f in fields(FastWeights)})
-
-
-def select_states(state: FastWeights, index: torch.Tensor) -> FastWeights:
-    """The states of the sequences at `index` ([n] indices into the batch dimension)."""
-    return FastWeights(**{f.name: None if (t := getattr(state, f.name)) is None else t[index] for f in fields(FastWeights)})
 
 
 class TTTMixer(nn.Module):
@@ -249,28 +233,23 @@ class TTTMixer(nn.Module):
         ttt = self.cfg.ttt
         packed = TTTInputs(*(segments.pack(t) for t in (inputs.q, inputs.k, inputs.v, inputs.etas)),
                            None if inputs.momentum_gate is None else segments.pack(inputs.momentum_gate))  # fmt: skip
-        bounds = segments.bounds()
         beta = None
         if packed.momentum_gate is not None:  # [1, NC, H]: each document's chunks counted from its start
-            beta = torch.cat([chunk_mean(packed.momentum_gate[:, s:e], ttt.chunk_size) for s, e in bounds], dim=1)
+            beta = torch.cat([chunk_mean(packed.momentum_gate[:, s:e], ttt.chunk_size) for s, e in segments.bounds()],
+                             dim=1)  # fmt: skip
         eta0, eta1, eta2 = packed.etas.unbind(dim=2)
         entering = self.initial_state(segments.num_documents)
         if ttt.mode == "recurrent":
-            outputs, finals, chunk = [], [], 0
-            for i, (s, e) in enumerate(bounds):
-                n = num_chunks(e - s, ttt.chunk_size)
-                doc_state = FastWeights(entering.w0[i : i + 1], entering.w1[i : i + 1], entering.w2[i : i + 1])
-                out, final = self._recurrent(
-                    packed.q[:, s:e], packed.k[:, s:e], packed.v[:, s:e], eta0[:, s:e], eta1[:, s:e], eta2[:, s:e],
-                    None if beta is None else beta[:, chunk : chunk + n], doc_state,
-                )  # fmt: skip
-                outputs.append(out)
-                finals.append(final)
-                chunk += n
-            out, final = torch.cat(outputs, dim=1), concat_states(finals)
+            per_token = (packed.q, packed.k, packed.v, eta0, eta1, eta2)
+
+            def scan_document(i: int, tokens: slice, doc_beta: Optional[torch.Tensor]):
+                return self._recurrent(*(t[:, tokens] for t in per_token), doc_beta, entering.select(i))
+
+            outputs, finals = zip(*scan_documents(scan_document, segments.cu_seqlens, ttt.chunk_size, beta))
+            out, final = torch.cat(outputs, dim=1), FastWeights.concat(finals)
         else:
             out, final = self._parallel(packed.q, packed.k, packed.v, eta1, beta, entering, segments.cu_seqlens)
-        return segments.unpack(out), select_states(final, segments.last_document)
+        return segments.unpack(out), final.select(segments.last_document)
 
     def ttt_inputs(
         self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_offset: int = 0,
@@ -342,17 +321,15 @@ class TTTMixer(nn.Module):
         self, q, k, v, eta1, beta, entering: FastWeights, cu_seqlens: Optional[torch.Tensor] = None
     ) -> tuple[torch.Tensor, FastWeights]:
         """Features with the (frozen) W0/W2, then the chunk scan (over packed documents when
-        `cu_seqlens` is given). Momentum is kept in the recurrent form's sign convention (gradient
-        units) in the returned state so the two modes share states."""
+        `cu_seqlens` is given); each through its public op, which picks the Triton kernels or the
+        reference (`model.ttt.use_kernel` allows the kernels). Momentum is kept in the recurrent
+        form's sign convention (gradient units) in the returned state so the two modes share states."""
         ttt = self.cfg.ttt
         feature_dtype = operand_dtype(q, entering.w1.dtype)
         w0, w2 = (w.to(feature_dtype) for w in self.feature_weights())
-        features = self.features
-        if features is swiglu_features and self._use_kernels(q):
-            features = fast_features.swiglu_features
         with torch.autocast(device_type=q.device.type, enabled=False):
-            hq = features(q.to(feature_dtype), w0, w2)
-            hk = features(k.to(feature_dtype), w0, w2)
+            hq = self._parallel_features(q.to(feature_dtype), w0, w2)
+            hk = self._parallel_features(k.to(feature_dtype), w0, w2)
         initial_momentum = None if entering.m1 is None else -entering.m1
         options = dict(beta=beta, initial_momentum=initial_momentum, muon=self.newton_schulz(q, entering.w1.dtype),
                        token_causal=ttt.token_causal, update_sign=ttt.update_sign)  # fmt: skip
@@ -360,21 +337,24 @@ class TTTMixer(nn.Module):
         if cu_seqlens is None:
             out, final_w1, final_momentum = self.chunk_scan(*operands, **options)
         else:
-            scan = chunk_ttt_la if self._use_kernels(q) else ttt_la_parallel_varlen_reference
-            out, final_w1, final_momentum = scan(*operands, cu_seqlens=cu_seqlens, **options)
+            out, final_w1, final_momentum = chunk_ttt_la(*operands, cu_seqlens=cu_seqlens,
+                                                         allow_triton=ttt.use_kernel, **options)  # fmt: skip
         final = replace(entering, w1=final_w1, m1=None if final_momentum is None else -final_momentum)
         return out, final
 
+    def _parallel_features(self, x: torch.Tensor, w0: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+        """h(x) of the parallel form, [B, T, H, d] -> [B, T, H, dh] with the learned w0, w2 [H, dh, d]:
+        SwiGLU through its public op (`kernels.features.swiglu_features`), or the identity map."""
+        if self.features is swiglu_features:
+            return swiglu_features_op(x, w0, w2, allow_triton=self.cfg.ttt.use_kernel)
+        return self.features(x, w0, w2)
+
     def chunk_scan(self, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """The W1 chunk scan, with `ttt_la_parallel_reference`'s signature: Triton on CUDA when
-        `ttt.use_kernel`, the reference elsewhere.
+        """The W1 chunk scan, with `ttt_la_parallel_reference`'s signature, through its public op
+        `kernels.ttt_la.chunk_ttt_la` (Triton or the reference, decided there; `model.ttt.use_kernel`
+        allows the kernels).
 
         A method so that a caller running one sequence across ranks can wrap it on the instance (the
         state entering a slice enters the scan linearly); the layer itself never needs that.
         """
-        scan = chunk_ttt_la if self._use_kernels(args[0]) else ttt_la_parallel_reference
-        return scan(*args, **kwargs)
-
-    def _use_kernels(self, x: torch.Tensor) -> bool:
-        """Triton feature and scan kernels on CUDA unless `model.ttt.use_kernel=false`."""
-        return self.cfg.ttt.use_kernel and x.is_cuda
+        return chunk_ttt_la(*args, allow_triton=self.cfg.ttt.use_kernel, **kwargs)

@@ -12,17 +12,11 @@ momenta: up to 6 x [B, H, d, dh] values per layer, each way.
 
 from __future__ import annotations
 
-from dataclasses import fields
-
 import torch
 
-from kernels.reference import FastWeights
+from kernels.fast_weights import FastWeights
 from parallel.groups import ParallelDims
 from parallel.p2p import shift_rows
-
-
-def _present(state: FastWeights) -> list[tuple[str, torch.Tensor]]:
-    return [(f.name, getattr(state, f.name)) for f in fields(FastWeights) if getattr(state, f.name) is not None]
 
 
 def _template(initial: FastWeights, momentum: bool) -> FastWeights:
@@ -41,16 +35,10 @@ def receive_state(anchor: torch.Tensor, initial: FastWeights, momentum: bool, gr
     (zero) gradient: data-parallel reducers expect the same set of gradients on every rank.
     """
     template = _template(initial, momentum)
-    parts = _present(template)
-    total = sum(t.numel() for _, t in parts)
-    dtype = template.w1.dtype
-    nothing = anchor.reshape(-1)[:0].to(dtype).reshape(1, 0, total)
+    own = template.flatten()
+    nothing = anchor.reshape(-1)[:0].to(own.dtype).reshape(1, 0, own.numel())
     flat = shift_rows(nothing, 1, +1, groups).reshape(-1)
-    received, offset = {}, 0
-    for name, like in parts:
-        received[name] = flat[offset : offset + like.numel()].reshape(like.shape) + 0.0 * like
-        offset += like.numel()
-    return FastWeights(**received)
+    return template.unflatten(flat + 0.0 * own)
 
 
 def send_state(output: torch.Tensor, final: FastWeights, groups: ParallelDims) -> torch.Tensor:
@@ -59,13 +47,13 @@ def send_state(output: torch.Tensor, final: FastWeights, groups: ParallelDims) -
     Returns `output` unchanged in value; adding the (empty) result of the send ties the send into
     the graph, so its backward receives the state's gradient from rank r+1.
     """
-    flat = torch.cat([t.reshape(-1) for _, t in _present(final)])
+    flat = final.flatten()
     nothing = shift_rows(flat.reshape(1, 1, -1), 0, +1, groups)
     return output + nothing.sum().to(output.dtype)
 
 
 def state_bytes(initial: FastWeights, momentum: bool) -> int:
     """Bytes one ring message carries per layer (all fast weights and momenta of the batch)."""
-    return sum(t.numel() * t.element_size() for _, t in _present(_template(initial, momentum)))
+    return sum(t.numel() * t.element_size() for t in _template(initial, momentum).tensors())
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from kernels.reference import FastWeights
+from kernels.fast_weights import FastWeights
 from model.lm import LMOutput, TTTLM
 from parallel.groups import ParallelDims
 from parallel.layout import SliceLayout

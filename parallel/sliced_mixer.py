@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from kernels.reference import FastWeights
+from kernels.fast_weights import FastWeights
 from model.swa import sliding_window_attention
 from model.ttt_layer import TTTMixer
 from parallel.groups import ParallelDims

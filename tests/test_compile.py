@@ -16,7 +16,6 @@ import torch
 
 from model.config import ConfigError, LMConfig, TTTConfig
 from model.lm import Block, TTTLM
-from model.ttt_layer import TTTMixer
 from parallel.activation_checkpointing import checkpoint_blocks
 from tests.op_cases import SCAN_VARIANTS, op_cases
 from train.compile import compile_blocks, compile_enabled
@@ -77,8 +76,7 @@ def test_block_with_the_kernel_ops_is_one_graph(monkeypatch):
     """The Triton feature and scan kernels as tttla:: ops: no graph break, the ops in the graph, and
     compiled results equal to the eager kernel path. The model takes the kernel path on CUDA only,
     so it is forced here (the kernels run in the interpreter)."""
-    monkeypatch.setenv("TTTLA_FORCE_TRITON", "1")
-    monkeypatch.setattr(TTTMixer, "_use_kernels", lambda self, x: True)
+    monkeypatch.setenv("TTTLA_KERNELS", "triton")
     x = torch.randn(2, 40, 64, generator=torch.Generator().manual_seed(2))
     block = make_block()
     expected = run(block, x)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernels.fast_weights import FastWeights
 from kernels.reference import (
-    FastWeights,
     RecurrentTrace,
     lact_recurrent_reference,
     newton_schulz5,

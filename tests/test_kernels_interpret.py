@@ -12,9 +12,9 @@ import torch
 
 import kernels.chunk
 import kernels.features
+import kernels.triton_utils
 from kernels.reference import num_chunks, swiglu_features, ttt_la_parallel_reference
 from kernels.ttt_la import chunk_ttt_la
-from kernels.varlen_reference import ttt_la_parallel_varlen_reference
 
 # The kernels must have been imported in interpreter mode: tests/conftest.py sets TRITON_INTERPRET on a
 # host without CUDA before any kernel module is imported. Reloading the kernel modules here instead
@@ -29,14 +29,13 @@ REL_TOL = 1e-5
 @pytest.fixture(autouse=True)
 def force_triton(monkeypatch):
     """Dispatch to the Triton kernels on CPU for this module's tests only (other modules test the reference path)."""
-    monkeypatch.setenv("TTTLA_FORCE_TRITON", "1")
+    monkeypatch.setenv("TTTLA_KERNELS", "triton")
 
 
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
     """Every buffer a kernel writes starts as NaN: an element the kernel misses fails the comparison."""
-    monkeypatch.setattr(kernels.chunk, "poison_outputs", True)
-    monkeypatch.setattr(kernels.features, "poison_outputs", True)
+    monkeypatch.setattr(kernels.triton_utils, "poison_outputs", True)
 
 
 @pytest.fixture(params=["fused", "stored"])
@@ -86,8 +85,8 @@ def check_against_reference(inputs, chunk_size, token_causal=False, update_sign=
     if cu_seqlens is None:
         ref = ttt_la_parallel_reference(*[ref_inputs[k] for k in names], chunk_size, **extra(ref_inputs), **kwargs)
     else:
-        ref = ttt_la_parallel_varlen_reference(*[ref_inputs[k] for k in names], chunk_size, cu_seqlens,
-                                               **extra(ref_inputs), **kwargs)
+        ref = ttt_la_parallel_reference(*[ref_inputs[k] for k in names], chunk_size, cu_seqlens,
+                                        **extra(ref_inputs), **kwargs)
     got = chunk_ttt_la(*[kernel_inputs[k] for k in names], chunk_size, **extra(kernel_inputs), cu_seqlens=cu_seqlens,
                        **kwargs)
     cotangents = [torch.randn(r.shape, dtype=torch.float64, generator=generator) if r is not None else None
@@ -241,34 +240,3 @@ def test_features_wrong_weight_shape_is_a_clear_error():
     with pytest.raises(ValueError, match="w0, w2 \\[H, dh, d\\]"):
         kernels.features.swiglu_features(torch.randn(1, 4, 2, 16), torch.randn(3, 8, 16), torch.randn(3, 8, 16))
 
-
-# ----------------------------------------------------------------------------------------------
-# the recurrent fast path (kernels.recurrent_fast) against the recurrent reference, float64
-
-
-def _recurrent_inputs(generator, momentum):
-    from kernels.reference import FastWeights
-
-    randn = lambda *s: torch.randn(*s, dtype=torch.float64, generator=generator)  # noqa: E731
-    B, T, H, d, dh, C = 2, 40, 2, 8, 12, 16
-    q, k, v = randn(B, T, H, d), randn(B, T, H, d), randn(B, T, H, d)
-    etas = [torch.rand(B, T, H, dtype=torch.float64, generator=generator) * 0.1 for _ in range(3)]
-    initial = FastWeights(randn(B, H, dh, d) * 0.3, randn(B, H, d, dh) * 0.3, randn(B, H, dh, d) * 0.3)
-    beta = torch.rand(B, num_chunks(T, C), H, dtype=torch.float64, generator=generator) if momentum else None
-    return (q, k, v, *etas, initial, C), beta
-
-
-@pytest.mark.parametrize("muon, weight_norm, momentum, fast_weights",
-                         [(False, True, False, "all"), (True, True, True, "all"), (False, False, True, "w1")])
-def test_recurrent_fast_matches_reference_eager(muon, weight_norm, momentum, fast_weights):
-    from kernels.recurrent_fast import lact_recurrent_fast
-    from kernels.reference import lact_recurrent_reference
-
-    args, beta = _recurrent_inputs(torch.Generator().manual_seed(11 + muon), momentum)
-    kwargs = dict(beta=beta, muon=muon, weight_norm=weight_norm, fast_weights=fast_weights, update_sign=-1.0)
-    ref_o, ref_w = lact_recurrent_reference(*args, **kwargs)
-    o, w = lact_recurrent_fast(*args, **kwargs, compile=False)
-    assert torch.equal(ref_o, o)  # the same float64 operations in the same order
-    for name in ("w0", "w1", "w2", "m0", "m1", "m2"):
-        r, g = getattr(ref_w, name), getattr(w, name)
-        assert (r is None) == (g is None) and (r is None or torch.equal(r, g)), name

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.reference import FastWeights, lact_chunk_gradients
+from kernels.fast_weights import FastWeights
+from kernels.reference import lact_chunk_gradients
 from model.proof import inner_loss, make_layer_inputs, relative_error
 
 # float64 throughout: the manual and the autograd gradient are the same formula evaluated in a

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.reference import FastWeights
+from kernels.fast_weights import FastWeights
 from model.lm import TTTLM
 
 ETA_NAMES = ("eta0", "eta1", "eta2")

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from kernels import chunk, features
-from kernels.reference import (FastWeights, lact_recurrent_reference, num_chunks, swiglu_features,
-                               ttt_la_parallel_reference)
+from kernels.reference import num_chunks, swiglu_features, ttt_la_parallel_reference
 from kernels.ttt_la import chunk_ttt_la
 
 pytestmark = pytest.mark.gpu
@@ -103,22 +102,3 @@ def test_bf16_long_sequence_65536():
     inputs = random_layer_inputs(1, 65536, 4, 384, 768, 2048, momentum=True, seed=1)
     check_bf16_against_float64(inputs, 2048, token_causal=True)
 
-
-@requires_cuda
-@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
-def test_recurrent_fast_compiled_matches_reference(dtype, tol):
-    from kernels.recurrent_fast import lact_recurrent_fast
-
-    g = torch.Generator(device="cuda").manual_seed(2)
-    randn = lambda *s: torch.randn(*s, device="cuda", generator=g, dtype=torch.float64)  # noqa: E731
-    B, T, H, d, dh, C = 2, 1000, 2, 64, 64, 256
-    q, k, v = randn(B, T, H, d), randn(B, T, H, d), randn(B, T, H, d)
-    etas = [torch.rand(B, T, H, device="cuda", generator=g, dtype=torch.float64) * 0.05 for _ in range(3)]
-    initial = FastWeights(randn(B, H, dh, d) * d**-0.5, randn(B, H, d, dh) * dh**-0.5, randn(B, H, dh, d) * d**-0.5)
-    beta = torch.rand(B, num_chunks(T, C), H, device="cuda", generator=g, dtype=torch.float64)
-    ref_o, ref_w = lact_recurrent_reference(q, k, v, *etas, initial, C, beta=beta, weight_norm=True)
-    cast = lambda x: x.to(dtype)  # noqa: E731
-    o, w = lact_recurrent_fast(*map(cast, (q, k, v, *etas)), FastWeights(*map(cast, (initial.w0, initial.w1, initial.w2))),
-                               C, beta=cast(beta), weight_norm=True)
-    assert rel_err(ref_o, o) < tol
-    assert rel_err(ref_w.w0, w.w0) < tol and rel_err(ref_w.w1, w.w1) < tol

@@ -1,0 +1,63 @@
+"""What the Triton paths share: the one kernel-or-reference switch, output buffers, tiles and precision.
+
+Kernel or reference is decided here, once per call, by the public ops (`kernels.features.swiglu_features`,
+`kernels.ttt_la.chunk_ttt_la`); their callers never decide it again. The rule:
+
+* by default the Triton kernels run on CUDA tensors when the caller allows them (the layer passes
+  `model.ttt.use_kernel`), and the PyTorch reference runs everywhere else;
+* the environment variable TTTLA_KERNELS forces one side for every op: `triton` runs the kernels on
+  any device (on the CPU only under TRITON_INTERPRET=1, as the tests run them), `reference` runs the
+  reference on any device; `auto` (or unset) is the default rule.
+
+An op may still take the reference for inputs its kernel does not serve (Muon in the chunk scan,
+float64 features); those cases are stated in each op's docstring.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+
+KERNELS_ENV = "TTTLA_KERNELS"
+KERNELS_CHOICES = ("auto", "triton", "reference")
+# Operand dtypes the kernels take (fp32 accumulation for all of them).
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Tests set this to fill every kernel-written buffer with NaN first, so an unwritten element shows.
+poison_outputs = False
+
+
+def use_triton(x: torch.Tensor, allow: bool = True) -> bool:
+    """Whether an op on `x` runs its Triton kernels: TTTLA_KERNELS if set, else `allow` on CUDA tensors."""
+    choice = os.environ.get(KERNELS_ENV, "auto")
+    if choice not in KERNELS_CHOICES:
+        raise ValueError(f"{KERNELS_ENV}={choice!r} must be one of {', '.join(KERNELS_CHOICES)}")
+    if choice == "auto":
+        return allow and x.is_cuda
+    return choice == "triton"
+
+
+def new_buffer(shape, dtype, device) -> torch.Tensor:
+    """An output buffer a kernel writes in full (NaN-filled when `poison_outputs`)."""
+    if poison_outputs:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def absent(like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The empty tensor a torch.library op returns for an output it does not produce (op schemas
+    cannot return None); `like`'s device, and its dtype unless `dtype` is given."""
+    return like.new_empty(0, dtype=dtype)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """`tl.dot` input precision: fp32 operands are multiplied exactly (the tests compare to float64),
+    not in tf32; 16-bit operands take the tensor cores as they are."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def tile(dim: int, cap: int) -> int:
+    """A tile side for a dimension of `dim`: its next power of two, at least 16 (tl.dot's minimum), at most `cap`."""
+    return max(16, min(cap, triton.next_power_of_2(dim)))
