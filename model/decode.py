@@ -14,13 +14,17 @@ buffered chunk, so decoding and training share one update function (momentum, Mu
 
 `prefill` runs a prompt's complete chunks in the chunk form, answers the remainder as one short
 chunk and keeps it pending; `decode_step` then consumes one token per call. Both run without
-gradients and update the `DecodeState` in place.
+gradients and update the `DecodeState` in place, through the model's own blocks and layer loop
+(`TTTLM.hidden_states`) with each mixer's scan and window strategies set for the call
+(`decoding_logits`): `PrefillScan` / `PrefillWindow` fill a layer's cache from the prompt,
+`StepScan` / `StepWindow` answer one token from it and advance it.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Iterator, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +32,7 @@ import torch.nn.functional as F
 from kernels.fast_weights import FastWeights
 from kernels.reference import chunk_updates
 from model.lm import TTTLM
-from model.ttt_layer import TTTInputs, TTTMixer
+from model.ttt_layer import LocalScan, LocalWindow, RowPositions, TTTInputs, TTTMixer
 
 
 @dataclass
@@ -142,35 +146,55 @@ def store_window(cache: LayerCache, mixer: TTTMixer, q, k, v, positions: torch.T
     return q_rot.transpose(1, 2)
 
 
-def _prefill_mixer(mixer: TTTMixer, h: torch.Tensor) -> tuple[torch.Tensor, LayerCache]:
-    """The mixer over a whole prompt h [B, P, D] -> output [B, P, D] and the layer's decoding cache.
+@dataclass
+class PrefillScan(LocalScan):
+    """The scan over a whole prompt [B, P] from position 0, filling `cache`.
 
-    Complete chunks run in the chunk form (their final state is kept); the remainder is answered as one
-    short chunk from that state, and its inputs stay pending (its update is not applied yet).
+    Complete chunks run in the chunk form (their final state becomes the cache's fast weights); the
+    remainder is answered as one short chunk from that state, and its inputs stay pending (its update
+    is not applied yet).
     """
-    prompt_len = h.shape[1]
-    complete = prompt_len - prompt_len % mixer.cfg.ttt.chunk_size
-    q, k, v = mixer.qkv(h).chunk(3, dim=-1)
-    inputs = mixer.ttt_inputs(h, q, k, v)
-    fast = mixer.initial_state(h.shape[0])
-    outputs = []
-    if complete:
-        out, fast = mixer.ttt_scan(_slice_inputs(inputs, 0, complete), fast)
-        fast = fast.map(_own_storage)
-        outputs.append(out)
-    cache = empty_cache(mixer, fast)
-    if complete < prompt_len:
-        remainder = _slice_inputs(inputs, complete, prompt_len)
-        outputs.append(mixer.ttt_scan(remainder, fast)[0])
-        store_pending(cache, remainder, (slice(None), slice(0, prompt_len - complete)))
-        if cache.intra is not None:
-            cache.intra += _intra_update(mixer, remainder, fast)
-    attention = None
-    if mixer.attn_heads:
-        attention = mixer.attention_branch(q, k, v, 0)
-        positions = torch.arange(prompt_len, device=h.device).expand(h.shape[0], -1)
-        store_window(cache, mixer, q, k, v, positions)
-    return mixer.combine(torch.cat(outputs, dim=1), attention, h.dtype, inputs.output_scale), cache
+
+    cache: LayerCache  # built around the learned initial fast weights
+
+    def __call__(
+        self, mixer: TTTMixer, x: torch.Tensor, inputs: TTTInputs, state: Optional[FastWeights], rows: RowPositions
+    ) -> tuple[torch.Tensor, FastWeights]:
+        """x [B, P, D] and its inputs -> ([B, P, H, d] output, the fast weights after the complete chunks)."""
+        cache, prompt_len = self.cache, x.shape[1]
+        complete = prompt_len - prompt_len % mixer.cfg.ttt.chunk_size
+        outputs = []
+        if complete:
+            out, fast = mixer.ttt_scan(_slice_inputs(inputs, 0, complete), cache.fast)
+            cache.fast = fast.map(_own_storage)
+            outputs.append(out)
+        if complete < prompt_len:
+            remainder = _slice_inputs(inputs, complete, prompt_len)
+            outputs.append(mixer.ttt_scan(remainder, cache.fast)[0])
+            store_pending(cache, remainder, (slice(None), slice(0, prompt_len - complete)))
+            if cache.intra is not None:
+                cache.intra += _intra_update(mixer, remainder, cache.fast)
+        return torch.cat(outputs, dim=1), cache.fast
+
+
+@dataclass
+class PrefillWindow(LocalWindow):
+    """The window attention over a whole prompt (the local one), keeping its last rotated keys and
+    values in `cache`'s ring."""
+
+    reads_window_mask = False
+
+    cache: LayerCache
+
+    def __call__(
+        self, mixer: TTTMixer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: RowPositions, window_mask: Any
+    ) -> torch.Tensor:
+        """[B, P, D] projections of the prompt -> [B, P, D]."""
+        attention = mixer.attention_branch(q, k, v, rows.offset)
+        batch, prompt_len = q.shape[:2]
+        positions = torch.arange(rows.offset, rows.offset + prompt_len, device=q.device).expand(batch, -1)
+        store_window(self.cache, mixer, q, k, v, positions)
+        return attention
 
 
 def _own_storage(t: torch.Tensor) -> torch.Tensor:
@@ -184,34 +208,75 @@ def _slice_inputs(inputs: TTTInputs, start: int, end: int) -> TTTInputs:
     return TTTInputs(*(None if t is None else t[:, start:end] for t in (inputs.q, inputs.k, inputs.v, inputs.etas, gate)))
 
 
-def _step_mixer(mixer: TTTMixer, h: torch.Tensor, cache: LayerCache, position: int) -> torch.Tensor:
-    """The mixer for one token h [B, 1, D] at absolute `position` -> [B, 1, D]; advances the cache."""
-    slot = position % mixer.cfg.ttt.chunk_size
-    q, k, v = mixer.qkv(h).chunk(3, dim=-1)
-    inputs = mixer.ttt_inputs(h, q, k, v, position)
-    store_pending(cache, inputs, (slice(None), slice(slot, slot + 1)))
-    ttt_out = ttt_token_output(mixer, cache, inputs)
-    if slot == mixer.cfg.ttt.chunk_size - 1:  # the chunk is complete: apply its update with the chunk form's function
-        cache.fast = mixer.ttt_scan(pending_chunk(cache), cache.fast)[1]
-        if cache.intra is not None:
-            cache.intra.zero_()
-    attention = None
-    if mixer.attn_heads:
-        positions = torch.full((h.shape[0], 1), position, device=h.device)
+@dataclass
+class StepScan(LocalScan):
+    """The scan for one token per row, every row at the same int position, from `cache`: the token
+    joins the pending chunk and is answered by the fast weights before it; the chunk's update is
+    applied when its last token arrives, by the chunk form's own function."""
+
+    cache: LayerCache
+
+    def __call__(
+        self, mixer: TTTMixer, x: torch.Tensor, inputs: TTTInputs, state: Optional[FastWeights], rows: RowPositions
+    ) -> tuple[torch.Tensor, FastWeights]:
+        """x [B, 1, D] and its inputs at the int position `rows.offset` -> ([B, 1, H, d] output, the cache's
+        fast weights)."""
+        cache, chunk = self.cache, mixer.cfg.ttt.chunk_size
+        slot = rows.offset % chunk
+        store_pending(cache, inputs, (slice(None), slice(slot, slot + 1)))
+        ttt_out = ttt_token_output(mixer, cache, inputs)
+        if slot == chunk - 1:  # the chunk is complete: apply its update with the chunk form's function
+            cache.fast = mixer.ttt_scan(pending_chunk(cache), cache.fast)[1]
+            if cache.intra is not None:
+                cache.intra.zero_()
+        return ttt_out, cache.fast
+
+
+@dataclass
+class StepWindow(LocalWindow):
+    """The window attention of one token per row at one int position over `cache`'s ring, which it
+    joins first."""
+
+    reads_window_mask = False
+
+    cache: LayerCache
+
+    def __call__(
+        self, mixer: TTTMixer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: RowPositions, window_mask: Any
+    ) -> torch.Tensor:
+        """[B, 1, D] projections -> [B, 1, D]."""
+        cache = self.cache
+        positions = torch.full((q.shape[0], 1), rows.offset, device=q.device)
         q_rot = store_window(cache, mixer, q, k, v, positions)
-        filled = min(position + 1, mixer.cfg.window_size)
+        filled = min(rows.offset + 1, mixer.cfg.window_size)
         keys, values = cache.keys[:, :, :filled], cache.values[:, :, :filled]  # ring slots fill in order
-        attention = F.scaled_dot_product_attention(q_rot, keys, values).transpose(1, 2).reshape(h.shape)
-    return mixer.combine(ttt_out, attention, h.dtype, inputs.output_scale)
+        return F.scaled_dot_product_attention(q_rot, keys, values).transpose(1, 2).reshape(q.shape)
 
 
-def run_blocks(model: TTTLM, input_ids: torch.Tensor, mix: Callable[[int, TTTMixer, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """The LM's residual stack with the mixer call replaced by `mix(layer, mixer, normed x)`: ids [B, n] -> logits [B, n, V]."""
-    x = model.embed(input_ids)
-    for index, block in enumerate(model.blocks):
-        x = x + mix(index, block.mixer, block.mixer_norm(x))
-        x = x + block.mlp(block.mlp_norm(x))
-    return F.linear(model.final_norm(x), model.output_weight())
+@contextmanager
+def mixer_strategies(model: TTTLM, strategies: list[tuple[LocalScan, LocalWindow]]) -> Iterator[None]:
+    """Each layer's mixer runs with its (scan, window) pair inside the block; the previous ones come back after."""
+    mixers = [block.mixer for block in model.blocks]
+    previous = [(mixer.scan, mixer.window) for mixer in mixers]
+    try:
+        for mixer, (scan, window) in zip(mixers, strategies):
+            mixer.set_strategies(scan, window)
+        yield
+    finally:
+        for mixer, (scan, window) in zip(mixers, previous):
+            mixer.set_strategies(scan, window)
+
+
+def decoding_logits(
+    model: TTTLM, strategies: list[tuple[LocalScan, LocalWindow]], input_ids: torch.Tensor,
+    position_offset: Union[int, torch.Tensor],
+) -> torch.Tensor:
+    """The LM's logits [B, n, V] for ids [B, n] at `position_offset` (an int, or [B] per row), with each
+    layer's mixer running its (scan, window) pair: the model's own blocks, layer loop and head, called
+    eagerly (a compiled block would guard on the decoding state)."""
+    with mixer_strategies(model, strategies):
+        hidden, _ = model.hidden_states(input_ids, position_offset=position_offset, eager=True)
+    return F.linear(model.final_norm(hidden), model.output_weight())
 
 
 @torch.no_grad()
@@ -219,24 +284,16 @@ def prefill(model: TTTLM, input_ids: torch.Tensor) -> tuple[torch.Tensor, Decode
     """Run a batch of equal-length prompts [B, P] (P >= 1) -> (logits [B, P, V], state ready for position P)."""
     if input_ids.shape[1] < 1:
         raise ValueError("prefill needs at least one prompt token per sequence")
-    caches: list[LayerCache] = []
-
-    def mix(index: int, mixer: TTTMixer, h: torch.Tensor) -> torch.Tensor:
-        out, cache = _prefill_mixer(mixer, h)
-        caches.append(cache)
-        return out
-
-    logits = run_blocks(model, input_ids, mix)
+    caches = [empty_cache(block.mixer, block.mixer.initial_state(input_ids.shape[0])) for block in model.blocks]
+    logits = decoding_logits(model, [(PrefillScan(cache), PrefillWindow(cache)) for cache in caches], input_ids, 0)
     return logits, DecodeState(caches, input_ids.shape[1])
 
 
 @torch.no_grad()
 def decode_step(model: TTTLM, state: DecodeState, token_ids: torch.Tensor) -> torch.Tensor:
     """Consume one token per sequence (token_ids [B]) at `state.position` -> next-token logits [B, V]."""
-    position = state.position
-    logits = run_blocks(
-        model, token_ids[:, None], lambda index, mixer, h: _step_mixer(mixer, h, state.layers[index], position)
-    )
+    strategies = [(StepScan(cache), StepWindow(cache)) for cache in state.layers]
+    logits = decoding_logits(model, strategies, token_ids[:, None], state.position)
     state.position += 1
     return logits[:, 0]
 

@@ -2,13 +2,16 @@
 
 Read top to bottom: `Block` is one residual block, `TTTLM` stacks them. The model never knows how it is
 parallelised: it takes per-layer fast-weight states in and gives them out, and callers (decoding,
-sequence parallelism) decide what to carry.
+sequence parallelism) decide what to carry. What they change goes through named seams, not copies:
+each mixer's scan and window strategies (`TTTMixer.set_strategies`), and the LM's `rows` (`WholeRows`:
+which token rows run through the blocks, which the head reads). Training, sequence parallelism and
+decoding run the same `Block.forward` and the same layer loop (`TTTLM.hidden_states`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -31,6 +34,26 @@ class LMOutput:
     states: list[FastWeights]  # fast weights after the sequence, one per layer
 
 
+class WholeRows:
+    """The LM's row layout (`TTTLM.rows`): which token rows run through the blocks, and which of the
+    hidden rows the head and the loss read.
+
+    This one, the default, computes exactly the rows it is given and the head reads them all. With
+    a sequence split across sp ranks (parallel/sequence_parallel.py) a rank computes the chunks that
+    start in its slice, borrowing ids from the next rank, and hands those rows back before the head.
+    """
+
+    def computed_ids(
+        self, input_ids: torch.Tensor, position_offset: Union[int, torch.Tensor], doc_ids: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor, Union[int, torch.Tensor]]:
+        """The ids [B, T] a caller passed -> the ids [B, T'] this process runs, and their first position."""
+        return input_ids, position_offset
+
+    def head_rows(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden rows [B, T', D] after the last block -> the rows [B, T, D] of the caller's ids."""
+        return hidden
+
+
 class Block(nn.Module):
     def __init__(self, cfg: LMConfig) -> None:
         super().__init__()
@@ -40,9 +63,11 @@ class Block(nn.Module):
         self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.resolved_mlp_hidden_size())
 
     def forward(
-        self, x: torch.Tensor, state: Optional[FastWeights], position_offset: int,
+        self, x: torch.Tensor, state: Optional[FastWeights], position_offset: Union[int, torch.Tensor],
         segments: Optional[DocumentSegments] = None, window_mask: Optional[Any] = None,
     ) -> tuple[torch.Tensor, FastWeights]:
+        """x [B, T, D] -> (x [B, T, D], the mixer's state after the rows): the one residual block of
+        training, sequence parallelism and decoding (they differ in the mixer's strategies only)."""
         mixed, new_state = self.mixer(self.mixer_norm(x), state, position_offset, segments, window_mask)
         x = x + mixed
         return x + self.mlp(self.mlp_norm(x)), new_state
@@ -57,7 +82,13 @@ class TTTLM(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rows = WholeRows()
         self.reset_parameters()
+
+    def set_rows(self, rows: WholeRows) -> None:
+        """The row layout from the next call on (`WholeRows`); sequence parallelism sets it once when it
+        wraps the model. A plain attribute: the state dict is the same whichever is set."""
+        self.rows = rows
 
     def reset_parameters(self) -> None:
         for module in self.modules():
@@ -76,30 +107,51 @@ class TTTLM(nn.Module):
         input_ids: torch.Tensor,
         targets: Optional[torch.Tensor] = None,
         states: Optional[list[FastWeights]] = None,
-        position_offset: int = 0,
+        position_offset: Union[int, torch.Tensor] = 0,
         return_logits: bool = True,
         doc_ids: Optional[torch.Tensor] = None,
     ) -> LMOutput:
         """input_ids, targets: [B, T] (targets[t] is the token after input_ids[t]; IGNORE_INDEX masks).
 
+        position_offset: the absolute position of input_ids[:, 0], an int or [B] per row.
         doc_ids [B, T] (optional): the document of every token when documents are packed into rows;
         each document then starts from the learned initial fast weights and attends only to itself.
+        The blocks run the rows `self.rows` picks, and the head reads the rows it hands back.
+        """
+        input_ids, position_offset = self.rows.computed_ids(input_ids, position_offset, doc_ids)
+        hidden, new_states = self.hidden_states(input_ids, states, position_offset, doc_ids)
+        hidden = self.final_norm(self.rows.head_rows(hidden))
+        logits, loss_sum, num_targets = head_and_loss(hidden, self.output_weight(), targets, return_logits)
+        loss = None if loss_sum is None else loss_sum / num_targets.clamp(min=1)
+        return LMOutput(logits, loss, loss_sum, num_targets, new_states)
+
+    def hidden_states(
+        self, input_ids: torch.Tensor, states: Optional[list[FastWeights]] = None,
+        position_offset: Union[int, torch.Tensor] = 0, doc_ids: Optional[torch.Tensor] = None, eager: bool = False,
+    ) -> tuple[torch.Tensor, list[FastWeights]]:
+        """The embedding and the layer loop: ids [B, T] -> (hidden [B, T, D] before the final norm, each
+        layer's state after the rows). `states` are what each layer's scan strategy starts from.
+
+        `eager` calls each block's own forward, never a compiled call (`Module.compile`): decoding does,
+        because its strategies keep per-token state that a compiled block would guard on and recompile for.
         """
         segments = None if doc_ids is None else DocumentSegments.from_doc_ids(doc_ids)
         x = self.embed(input_ids)
         window_mask = self.window_mask(input_ids, doc_ids)
         new_states = []
         for i, block in enumerate(self.blocks):
-            x, state = block(x, None if states is None else states[i], position_offset, segments, window_mask)
+            run = block.forward if eager else block
+            x, state = run(x, None if states is None else states[i], position_offset, segments, window_mask)
             new_states.append(state)
-        logits, loss_sum, num_targets = head_and_loss(self.final_norm(x), self.output_weight(), targets, return_logits)
-        loss = None if loss_sum is None else loss_sum / num_targets.clamp(min=1)
-        return LMOutput(logits, loss, loss_sum, num_targets, new_states)
+        return x, new_states
 
     def window_mask(self, input_ids: torch.Tensor, doc_ids: Optional[torch.Tensor]) -> Optional[Any]:
         """The sliding-window block mask every layer shares, built once per forward where FlexAttention
-        runs (CUDA); None elsewhere (the blockwise path needs none)."""
+        runs (CUDA) and the mixers' window strategies read it; None elsewhere (the blockwise path needs
+        none; a halo exchange or a decoder attends over keys of its own)."""
         if self.cfg.window_size <= 0 or not input_ids.is_cuda or flex_attention is None:
+            return None
+        if not any(block.mixer.window.reads_window_mask for block in self.blocks):
             return None
         return window_block_mask(input_ids.shape[1], self.cfg.window_size, input_ids.device, doc_ids)
 

@@ -17,13 +17,14 @@ the same computation in the shape a CUDA graph can replay:
 A step is two launches: `forward_token` (every step) and `apply_chunk_updates` (only at steps where
 some row completes a chunk; the host knows which from its own count of the steps, without reading
 the device). Running the update only when due amortises it: the other C - 1 steps cost one token's
-work, not a chunk's.
+work, not a chunk's. `forward_token` runs the model's own blocks with each mixer's strategies set to
+`RowStepScan` / `RowStepWindow` (`model.decode.decoding_logits`), rows at their own positions.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,15 +33,53 @@ from kernels.fast_weights import FastWeights
 from model.decode import (
     DecodeState,
     LayerCache,
+    decoding_logits,
     store_pending,
     pending_chunk,
     prefill,
-    run_blocks,
     store_window,
     ttt_token_output,
 )
 from model.lm import TTTLM
-from model.ttt_layer import TTTMixer
+from model.ttt_layer import LocalScan, LocalWindow, RowPositions, TTTInputs, TTTMixer
+
+
+@dataclass
+class RowStepScan(LocalScan):
+    """The scan for one token per row, each row at its own position ([B] `rows.offset`): the
+    token joins its row's pending chunk and is answered from `cache`; the chunk updates wait for
+    `StaticDecoder.apply_chunk_updates`."""
+
+    cache: LayerCache
+
+    def __call__(
+        self, mixer: TTTMixer, x: torch.Tensor, inputs: TTTInputs, state: Optional[FastWeights], rows: RowPositions
+    ) -> tuple[torch.Tensor, FastWeights]:
+        """x [B, 1, D] and its inputs -> ([B, 1, H, d] output, the cache's fast weights)."""
+        positions = rows.offset[:, None]  # [B, 1]
+        batch_rows = torch.arange(x.shape[0], device=x.device)[:, None]
+        store_pending(self.cache, inputs, (batch_rows, positions % mixer.cfg.ttt.chunk_size))
+        return ttt_token_output(mixer, self.cache, inputs), self.cache.fast
+
+
+@dataclass
+class RowStepWindow(LocalWindow):
+    """The window attention of one token per row, each row at its own position, over `cache`'s whole
+    ring with a mask of the slots filled so far (fixed shapes)."""
+
+    reads_window_mask = False
+
+    cache: LayerCache
+
+    def __call__(
+        self, mixer: TTTMixer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: RowPositions, window_mask: Any
+    ) -> torch.Tensor:
+        """[B, 1, D] projections -> [B, 1, D]."""
+        positions = rows.offset[:, None]  # [B, 1]
+        q_rot = store_window(self.cache, mixer, q, k, v, positions)
+        filled = torch.arange(mixer.cfg.window_size, device=q.device) <= positions  # [B, W]: the ring fills in order
+        out = F.scaled_dot_product_attention(q_rot, self.cache.keys, self.cache.values, attn_mask=filled[:, None, None])
+        return out.transpose(1, 2).reshape(q.shape)
 
 
 @dataclass
@@ -89,7 +128,8 @@ class StaticDecoder:
         advances `positions`. Fixed shapes, no host read."""
         chunk = self.model.cfg.ttt.chunk_size
         self.completes.copy_(self.positions % chunk == chunk - 1)
-        logits = run_blocks(self.model, self.tokens[:, None], self._token_mixer)  # [B, 1, V]
+        strategies = [(RowStepScan(cache), RowStepWindow(cache)) for cache in self.layers]
+        logits = decoding_logits(self.model, strategies, self.tokens[:, None], self.positions)  # [B, 1, V]
         self.logits.copy_(logits[:, 0])
         self.positions += 1
 
@@ -115,23 +155,6 @@ class StaticDecoder:
 
     def advance_host(self) -> None:
         self.host_positions = [p + 1 for p in self.host_positions]
-
-    def _token_mixer(self, index: int, mixer: TTTMixer, h: torch.Tensor) -> torch.Tensor:
-        """The mixer for one token per row, h [B, 1, D] -> [B, 1, D], each row at its own position."""
-        cache = self.layers[index]
-        positions = self.positions[:, None]  # [B, 1]
-        rows = torch.arange(h.shape[0], device=h.device)[:, None]
-        q, k, v = mixer.qkv(h).chunk(3, dim=-1)
-        inputs = mixer.ttt_inputs(h, q, k, v, positions=positions)
-        store_pending(cache, inputs, (rows, positions % mixer.cfg.ttt.chunk_size))
-        ttt_out = ttt_token_output(mixer, cache, inputs)
-        attention = None
-        if mixer.attn_heads:
-            q_rot = store_window(cache, mixer, q, k, v, positions)
-            filled = torch.arange(mixer.cfg.window_size, device=h.device) <= positions  # [B, W]: the ring fills in order
-            out = F.scaled_dot_product_attention(q_rot, cache.keys, cache.values, attn_mask=filled[:, None, None])
-            attention = out.transpose(1, 2).reshape(h.shape)
-        return mixer.combine(ttt_out, attention, h.dtype, inputs.output_scale)
 
 
 def _stack_layer(mixer: TTTMixer, caches: list[LayerCache], order: torch.Tensor) -> LayerCache:

@@ -16,14 +16,19 @@ coefficient whose chunk mean is the momentum decay.
 
 The layer accepts the fast-weight state a sequence enters with and returns the state it leaves
 with, so a caller can continue a sequence (decoding, or a sequence split across ranks) without
-the layer knowing why.
+the layer knowing why. How it continues one is a pair of strategies (`TTTMixer.set_strategies`):
+the scan (`LocalScan`: how the fast-weight branch runs over the rows from the state they enter with)
+and the window attention (`LocalWindow`). The local ones are the default; sequence parallelism
+(parallel/sliced_mixer.py) plugs in a state exchange or a ring and a halo exchange, decoding
+(model/decode.py) a chunk kept pending token by token and a ring buffer of keys.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Optional
+from functools import partial
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +69,74 @@ class TTTInputs:
     output_scale: Optional[torch.Tensor] = None  # [B, T, H] silu(ttt_scale_proj(x)) (None: off)
 
 
+def token_positions(
+    position_offset: Union[int, torch.Tensor], seq_len: int, segments: Optional[DocumentSegments] = None
+) -> Optional[torch.Tensor]:
+    """The absolute positions [B, T] of the rows' tokens where rows differ: packed documents restart
+    theirs, and a [B] `position_offset` starts each row at its own position (static decoding). None
+    when every row runs from the same int position_offset (its tokens sit at position_offset + t)."""
+    if segments is not None:
+        return segments.positions
+    if isinstance(position_offset, torch.Tensor):
+        return position_offset[:, None] + torch.arange(seq_len, device=position_offset.device)
+    return None
+
+
+@dataclass
+class RowPositions:
+    """Where the rows of one mixer call sit in their sequences, as the strategies read it."""
+
+    offset: Union[int, torch.Tensor]  # absolute position of each row's first token: an int for all rows, or [B]
+    segments: Optional[DocumentSegments] = None  # packed documents: positions restart, nothing crosses a document
+
+
+ChunkScan = Callable[..., tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]
+
+
+class LocalScan:
+    """The scan strategy of a mixer: how its fast-weight branch runs over the rows it is given.
+
+    This one, the default, runs the mode's chunk form over the whole rows, from the state they enter
+    with. Others override one of its two methods: a ring across sp ranks or a token-by-token decoder
+    override `__call__`; the state exchange across sp ranks overrides `chunk_scan`, the parallel
+    form's W1 scan (the state entering a slice enters that scan linearly).
+    """
+
+    def __call__(
+        self, mixer: TTTMixer, x: torch.Tensor, inputs: TTTInputs, state: Optional[FastWeights], rows: RowPositions
+    ) -> tuple[torch.Tensor, FastWeights]:
+        """x [B, T, D] (the mixer's input) and its per-token `inputs` from `state` (None: the learned
+        initial fast weights; with packed documents, every document starts from those) ->
+        ([B, T, H, d] output, the state after the rows)."""
+        if rows.segments is not None:
+            return mixer._segmented_ttt_branch(inputs, rows.segments)
+        entering = state if state is not None else mixer.initial_state(x.shape[0])
+        return mixer.ttt_scan(inputs, entering)
+
+    def chunk_scan(self, local_scan: ChunkScan, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """The parallel form's W1 chunk scan, given the local one (`ttt_la_parallel_reference`'s
+        signature and results): here the local scan itself."""
+        return local_scan(*args, **kwargs)
+
+
+class LocalWindow:
+    """The window-attention strategy of a mixer: how its sliding-window branch attends.
+
+    This one, the default, attends within the rows it is given (`TTTMixer.attention_branch`), and
+    reads the block mask the LM builds once per forward for all layers (`reads_window_mask`).
+    Strategies that attend over other keys (a halo from the previous sp rank, a decoder's ring
+    buffer) set `reads_window_mask = False`, and the LM builds none for them.
+    """
+
+    reads_window_mask = True
+
+    def __call__(
+        self, mixer: TTTMixer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: RowPositions, window_mask: Any
+    ) -> torch.Tensor:
+        """[B, T, D] projections of the rows -> [B, T, D] attention output."""
+        return mixer.attention_branch(q, k, v, rows.offset, rows.segments, window_mask)
+
+
 def l2_normalise(x: torch.Tensor, eps: float) -> torch.Tensor:
     """x / (|x| + eps) over the last dim, as the released LaCT code normalises the fast q/k."""
     return x / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + eps)
@@ -79,7 +152,11 @@ def operand_dtype(x: torch.Tensor, state_dtype: torch.dtype) -> torch.dtype:
 
 
 class TTTMixer(nn.Module):
-    """x [B, T, D] -> y [B, T, D]: TTT-as-linear-attention branch + sliding-window attention branch."""
+    """x [B, T, D] -> y [B, T, D]: TTT-as-linear-attention branch + sliding-window attention branch.
+
+    `scan` and `window` are the two strategies (module docstring), plain attributes without
+    parameters: the state dict is the same whichever are set.
+    """
 
     def __init__(self, cfg: LMConfig) -> None:
         super().__init__()
@@ -111,7 +188,20 @@ class TTTMixer(nn.Module):
         self.ttt_norm = RMSNorm(self.head_dim, ttt.output_norm_eps)
         self.o_proj = nn.Linear(hidden, hidden, bias=False)
         self.attn_heads = cfg.num_attn_heads if cfg.window_size > 0 else 0
+        self.scan = LocalScan()
+        self.window = LocalWindow()
         self.reset_ttt_parameters()
+
+    def set_strategies(self, scan: Optional[LocalScan] = None, window: Optional[LocalWindow] = None) -> None:
+        """How the layer runs its fast-weight branch and attends from the next call on (None keeps the
+        current one). Sequence parallelism sets them once when it wraps a model, decoding for one prefill
+        or step. Set them between calls, never during one: a compiled layer guards on them and on the
+        Python values they read, so what a strategy reads must stay fixed across the calls one graph
+        serves (decoding's changes every token, so decoding calls the blocks eagerly)."""
+        if scan is not None:
+            self.scan = scan
+        if window is not None:
+            self.window = window
 
     def reset_ttt_parameters(self) -> None:
         """The fast weights' initial values and the learning-rate bias (softplus(bias) = base_lr); called
@@ -147,27 +237,25 @@ class TTTMixer(nn.Module):
         self,
         x: torch.Tensor,
         state: Optional[FastWeights] = None,
-        position_offset: int = 0,
+        position_offset: Union[int, torch.Tensor] = 0,
         segments: Optional[DocumentSegments] = None,
         window_mask: Optional[Any] = None,
     ) -> tuple[torch.Tensor, FastWeights]:
         """x [B, T, D] -> y [B, T, D] and the fast weights after each row.
 
-        `segments` marks packed documents: each starts from the learned initial state and attends
-        only within itself (a carried `state` cannot be combined with it). `window_mask` is the
-        attention branch's block mask when the caller built one for all layers (`model.swa`).
+        position_offset: the absolute position of the rows' first token, an int for all rows or [B]
+        per row. `segments` marks packed documents: each starts from the learned initial state and
+        attends only within itself (a carried `state` cannot be combined with it). `window_mask` is
+        the attention branch's block mask when the caller built one for all layers (`model.swa`).
+        The fast-weight branch runs through `self.scan`, the attention through `self.window`.
         """
-        q, k, v = self.qkv(x).chunk(3, dim=-1)
-        if segments is None:
-            inputs = self.ttt_inputs(x, q, k, v, position_offset)
-            entering = state if state is not None else self.initial_state(x.shape[0])
-            ttt_out, final_state = self.ttt_scan(inputs, entering)
-        elif state is not None:
+        if segments is not None and state is not None:
             raise ValueError("a carried fast-weight state and document segments exclude each other")
-        else:
-            inputs = self.ttt_inputs(x, q, k, v, positions=segments.positions)
-            ttt_out, final_state = self._segmented_ttt_branch(inputs, segments)
-        attention = self.attention_branch(q, k, v, position_offset, segments, window_mask) if self.attn_heads else None
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        inputs = self.ttt_inputs(x, q, k, v, position_offset, token_positions(position_offset, x.shape[1], segments))
+        rows = RowPositions(position_offset, segments)
+        ttt_out, final_state = self.scan(self, x, inputs, state, rows)
+        attention = self.window(self, q, k, v, rows, window_mask) if self.attn_heads else None
         return self.combine(ttt_out, attention, x.dtype, inputs.output_scale), final_state
 
     def combine(
@@ -175,10 +263,7 @@ class TTTMixer(nn.Module):
         output_scale: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """o_proj(norm(TTT output) [* output_scale] + attention output): [B, T, H, d], [B, T, D] (or
-        None) and [B, T, H] (or None) -> [B, T, D].
-
-        Public so that token-by-token decoding mixes its two branches exactly as `forward` does.
-        """
+        None) and [B, T, H] (or None) -> [B, T, D]."""
         batch, seq_len = ttt_out.shape[:2]
         normed = self.ttt_norm(ttt_out)
         if output_scale is not None:
@@ -214,14 +299,14 @@ class TTTMixer(nn.Module):
         return apply_rotary(q, cos, sin, layout), apply_rotary(k, cos, sin, layout)
 
     def attention_branch(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_offset: int,
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_offset: Union[int, torch.Tensor],
         segments: Optional[DocumentSegments] = None, window_mask: Optional[Any] = None,
     ) -> torch.Tensor:
-        """Sliding-window attention over [B, T, D] projections -> [B, T, D]; with packed documents,
-        positions restart and attention stays inside each document."""
+        """Sliding-window attention of the rows within themselves over [B, T, D] projections -> [B, T, D]
+        (the local window strategy); with packed documents, positions restart and attention stays
+        inside each document."""
         batch, seq_len, hidden = q.shape
-        positions = None if segments is None else segments.positions
-        heads = self.attention_heads(q, k, v, position_offset, positions)
+        heads = self.attention_heads(q, k, v, position_offset, token_positions(position_offset, seq_len, segments))
         doc_ids = None if segments is None else segments.doc_ids
         out = sliding_window_attention(*heads, self.cfg.window_size, doc_ids=doc_ids, block_mask=window_mask)
         return out.reshape(batch, seq_len, hidden)
@@ -258,8 +343,8 @@ class TTTMixer(nn.Module):
         """The per-token inputs of the fast-weight branch from x [B, T, D] and its q/k/v projections at
         positions position_offset + t (or `positions` [B, T], restarting per packed document).
 
-        Separate from the scan so that decoding can compute them one token at a time and keep the
-        pending partial chunk's inputs until the chunk is complete.
+        Separate from the scan: the scan strategy receives them, and a decoder keeps the partial
+        chunk's inputs pending until the chunk is complete.
         """
         ttt = self.cfg.ttt
         batch, seq_len, hidden = x.shape
@@ -352,9 +437,7 @@ class TTTMixer(nn.Module):
     def chunk_scan(self, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """The W1 chunk scan, with `ttt_la_parallel_reference`'s signature, through its public op
         `kernels.ttt_la.chunk_ttt_la` (Triton or the reference, decided there; `model.ttt.use_kernel`
-        allows the kernels).
-
-        A method so that a caller running one sequence across ranks can wrap it on the instance (the
-        state entering a slice enters the scan linearly); the layer itself never needs that.
-        """
-        return chunk_ttt_la(*args, allow_triton=self.cfg.ttt.use_kernel, **kwargs)
+        allows the kernels), run through the scan strategy's `chunk_scan` (across sp ranks, the state
+        exchange wraps it)."""
+        local_scan = partial(chunk_ttt_la, allow_triton=self.cfg.ttt.use_kernel)
+        return self.scan.chunk_scan(local_scan, *args, **kwargs)

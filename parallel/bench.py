@@ -45,7 +45,8 @@ from parallel.layout import SliceLayout
 from parallel.p2p import exchange_rows
 from parallel.ring import state_bytes
 from parallel.sequence_parallel import SequenceParallelLM
-from parallel.sliced_mixer import SliceContext, split_mixers
+from parallel.activation_checkpointing import checkpoint_blocks
+from parallel.sliced_mixer import SliceContext, slice_mixers
 
 PARALLEL_760M = ["ttt.mode=parallel", "ttt.fast_weights=w1", "ttt.weight_norm=false"]
 
@@ -119,7 +120,7 @@ def mixer_runner(
     position = 0
     if groups.sp > 1:
         context = SliceContext(groups, SliceLayout.build(tokens_per_rank, cfg, groups))
-        split_mixers(mixer, context)
+        slice_mixers(mixer, context)
         position = context.layout.start
     x = torch.randn(batch, tokens_per_rank, cfg.hidden_size, device=device, requires_grad=True)
     probe = torch.randn_like(x)

@@ -1,10 +1,11 @@
 """`SequenceParallelLM`: a TTTLM whose sequences are split across the sp ranks of a group.
 
 Each rank calls it with its slice [B, T/sp] (from `parallel.groups.slice_sequence`), exactly as it
-would call the TTTLM on whole sequences. Inside, ids of a chunk that straddles two slices are moved
-to the rank where the chunk starts (`parallel.layout`), every mixer exchanges its state and window
-halo with its neighbours (`parallel.sliced_mixer`), and the hidden rows of moved tokens come back
-before the head, so logits and per-token losses are those of this rank's own slice.
+would call the TTTLM on whole sequences. Wrapping sets the model's two seams: its row layout
+(`ChunkAlignedRows`, `TTTLM.set_rows`: ids of a chunk that straddles two slices are moved to the
+rank where the chunk starts (`parallel.layout`), and the hidden rows of moved tokens come back before
+the head, so logits and per-token losses are those of this rank's own slice) and every mixer's
+strategies (`parallel.sliced_mixer`: the state exchange or the ring, and the window halo).
 
 The loss, and why it is scaled. DeepSpeed (like DDP) averages gradients over all dp x sp ranks.
 The single-process objective is the mean over the dp groups of each group's token-mean loss, so
@@ -22,18 +23,18 @@ objective (value + (objective - objective.detach())), so `engine.backward(output
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional, Union
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from kernels.fast_weights import FastWeights
-from model.lm import LMOutput, TTTLM
+from model.config import LMConfig
+from model.lm import LMOutput, TTTLM, WholeRows
 from parallel.groups import ParallelDims
 from parallel.layout import SliceLayout
 from parallel.p2p import exchange_rows, shift_rows
-from parallel.sliced_mixer import SliceContext, split_mixers
+from parallel.sliced_mixer import SliceContext, slice_mixers
 from parallel.state_exchange import MUON_ERROR
 
 
@@ -42,11 +43,42 @@ class SequenceParallelOutput(LMOutput):
     reported_loss: Optional[torch.Tensor] = None  # detached mean over the sp group's full sequences
 
 
+class ChunkAlignedRows(WholeRows):
+    """`TTTLM.rows` on one sp rank: the blocks run the chunks that start in this rank's slice
+    (`parallel.layout`), and the head reads exactly the slice."""
+
+    def __init__(self, cfg: LMConfig, context: SliceContext) -> None:
+        self.cfg = cfg
+        self.context = context
+
+    def computed_ids(
+        self, input_ids: torch.Tensor, position_offset: Union[int, torch.Tensor], doc_ids: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor, Union[int, torch.Tensor]]:
+        """This rank's slice [B, T/sp] -> its ids [B, computed] without those lent to rank r-1, with those
+        borrowed from rank r+1; position_offset (where the full sequences start) -> the first computed
+        token's. Sets the layout of this forward for the mixers' strategies."""
+        if doc_ids is not None:
+            raise ValueError("data.reset_at_doc_boundaries needs parallel.sp=1: the state exchange carries one sequence across ranks")
+        groups = self.context.groups
+        layout = SliceLayout.build(input_ids.shape[1], self.cfg, groups)
+        self.context.layout = layout
+        borrowed = exchange_rows(input_ids[:, : layout.lent_to_previous], layout.borrowed_from_next, -1, groups)
+        return torch.cat([input_ids[:, layout.lent_to_previous :], borrowed], dim=1), position_offset + layout.start
+
+    def head_rows(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden rows [B, computed, D] -> this rank's slice [B, T/sp, D]: the rows of borrowed tokens go
+        back to rank r+1, those lent to rank r-1 come back from it (differentiable)."""
+        layout = self.context.layout
+        kept = hidden.shape[1] - layout.borrowed_from_next
+        returned = shift_rows(hidden[:, kept:], layout.lent_to_previous, +1, self.context.groups)
+        return torch.cat([returned, hidden[:, :kept]], dim=1)
+
+
 class SequenceParallelLM(nn.Module):
     """TTTLM's forward on this rank's slice; see the module docstring for the loss contract.
 
-    Wrapping binds `model` to `groups` (its mixers are rewired in place, as DDP owns its module);
-    the plain model is `self.model`, whose state_dict has the usual parameter names.
+    Wrapping binds `model` to `groups` (its row layout and mixer strategies are set in place, as DDP
+    owns its module); the plain model is `self.model`, whose state_dict has the usual parameter names.
     """
 
     def __init__(self, model: TTTLM, groups: ParallelDims) -> None:
@@ -56,34 +88,18 @@ class SequenceParallelLM(nn.Module):
             raise ValueError(MUON_ERROR)
         self.model = model
         self.groups = groups
-        self.context = SliceContext(groups)
         if groups.sp > 1:
-            split_mixers(model, self.context)
-            model.final_norm.register_forward_pre_hook(self._return_borrowed_rows)
+            context = SliceContext(groups)
+            model.set_rows(ChunkAlignedRows(model.cfg, context))
+            slice_mixers(model, context)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        targets: Optional[torch.Tensor] = None,
-        states: Optional[list[FastWeights]] = None,
-        position_offset: int = 0,
-        return_logits: bool = True,
-        doc_ids: Optional[torch.Tensor] = None,
-    ) -> SequenceParallelOutput:
-        """input_ids, targets: [B, T/sp], this rank's slice; position_offset: where the full sequences start.
-
-        Packed-document resets (`doc_ids`) are only defined for whole sequences (sp = 1); the run config
-        refuses data.reset_at_doc_boundaries with parallel.sp > 1."""
-        groups = self.groups
-        if groups.sp > 1:
-            layout = SliceLayout.build(input_ids.shape[1], self.model.cfg, groups)
-            self.context.layout = layout
-            borrowed = exchange_rows(input_ids[:, : layout.lent_to_previous], layout.borrowed_from_next, -1, groups)
-            input_ids = torch.cat([input_ids[:, layout.lent_to_previous :], borrowed], dim=1)
-            position_offset += layout.start
-        out = self.model(input_ids, targets, states, position_offset, return_logits, doc_ids)
+    def forward(self, *args: Any, **kwargs: Any) -> SequenceParallelOutput:
+        """`TTTLM.forward`'s arguments: input_ids, targets [B, T/sp] are this rank's slice, position_offset
+        is where the full sequences start; packed-document resets (`doc_ids`) need sp = 1."""
+        out = self.model(*args, **kwargs)
         if out.loss_sum is None:
             return SequenceParallelOutput(out.logits, None, None, None, out.states)
+        groups = self.groups
         totals = torch.stack([out.loss_sum.detach().double(), out.num_targets.double()])
         if groups.sp > 1:
             dist.all_reduce(totals, group=groups.sp_group)
@@ -92,14 +108,6 @@ class SequenceParallelLM(nn.Module):
         objective = groups.sp * out.loss_sum / group_targets.to(out.loss_sum.dtype)
         loss = reported + (objective - objective.detach())
         return SequenceParallelOutput(out.logits, loss, out.loss_sum, out.num_targets, out.states, reported)
-
-    def _return_borrowed_rows(self, module: nn.Module, args: tuple) -> tuple:
-        """Pre-hook of the final norm: hidden rows [B, computed, D] -> this rank's slice [B, T/sp, D]."""
-        (hidden,) = args
-        layout = self.context.layout
-        kept = hidden.shape[1] - layout.borrowed_from_next
-        returned = shift_rows(hidden[:, kept:], layout.lent_to_previous, +1, self.groups)
-        return (torch.cat([returned, hidden[:, :kept]], dim=1),)
 
 
 def average_gradients(module: nn.Module, groups: ParallelDims) -> None:

@@ -1,91 +1,108 @@
-"""A mixer's forward when its sequence is split across the sp ranks: the model code is not touched.
+"""The mixer's strategies when its sequence is split across the sp ranks: the model code is not touched.
 
-`split_mixers` replaces, on each `TTTMixer` instance, `forward` by `SlicedMixerForward` (built from the
-mixer's own public pieces: qkv, ttt_inputs, ttt_scan, attention_heads, combine) and, in the parallel
-form, `chunk_scan` by `StateExchangeScan`. Parameter names, and so checkpoints, stay those of the
-plain model. What changes across the slice boundary:
+`slice_mixers` sets, on each `TTTMixer`, the scan strategy (`StateExchangeScan` in the parallel form,
+`RingScan` in the recurrent form) and the window strategy (`HaloWindowAttention`) through
+`TTTMixer.set_strategies`; the mixer's own forward runs them. Parameter names, and so checkpoints,
+stay those of the plain model. What changes across the slice boundary:
 
 * the fast-weight branch: the state exchange (parallel form) or the ring (recurrent form);
 * the sliding-window attention: the previous rank's last `window - 1` rotated keys and values (the
   halo) are prepended, with zero queries in front of ours whose outputs are dropped, so the same
   attention function runs on [halo; slice]; RoPE positions are absolute, set by position_offset.
+
+Packed-document resets exist only without sequence parallelism: `parallel.sequence_parallel.ChunkAlignedRows`
+refuses document ids where a sliced forward enters, so no strategy here sees segments.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from kernels.fast_weights import FastWeights
 from model.swa import sliding_window_attention
-from model.ttt_layer import TTTMixer
+from model.ttt_layer import ChunkScan, LocalScan, LocalWindow, RowPositions, TTTInputs, TTTMixer
 from parallel.groups import ParallelDims
 from parallel.layout import SliceLayout
 from parallel.p2p import shift_rows
 from parallel.ring import receive_state, send_state
-from parallel.state_exchange import StateExchangeScan
+from parallel.state_exchange import state_exchange_scan
 
 
 @dataclass
 class SliceContext:
-    """Shared by the wrapped mixers of one model: the groups, and the layout of the current forward."""
+    """Shared by the strategies of one model: the groups, and the layout of the current forward."""
 
     groups: ParallelDims
     layout: Optional[SliceLayout] = None
 
 
-def halo_window_attention(
-    mixer: TTTMixer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_offset: int, context: SliceContext
-) -> torch.Tensor:
-    """The attention branch of `mixer` on this rank's tokens, reading the previous rank's halo: [B, T, D] -> [B, T, D]."""
-    batch, seq_len, hidden = q.shape
-    layout = context.layout
-    q, k, v = mixer.attention_heads(q, k, v, position_offset)  # [B, T, A, Dh], rotated to absolute positions
-    keys_values = torch.cat([k, v], dim=-1)
-    halo = shift_rows(keys_values[:, seq_len - layout.halo_to_next :], layout.halo_from_previous, +1, context.groups)
-    halo_k, halo_v = halo.chunk(2, dim=-1)
-    padded_q = torch.cat([q.new_zeros((batch, layout.halo_from_previous, *q.shape[2:])), q], dim=1)
-    out = sliding_window_attention(
-        padded_q, torch.cat([halo_k, k], dim=1), torch.cat([halo_v, v], dim=1), mixer.cfg.window_size
-    )
-    return out[:, layout.halo_from_previous :].reshape(batch, seq_len, hidden)
+@dataclass
+class StateExchangeScan(LocalScan):
+    """The parallel form on this rank's slice: the local scan's `__call__`, whose W1 chunk scan (the
+    mixer's own) runs from the zero state while the state maps of all ranks travel
+    (`parallel.state_exchange`)."""
+
+    groups: ParallelDims
+
+    def chunk_scan(self, local_scan: ChunkScan, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """`local_scan` on this rank's slice, inside the state exchange."""
+        return state_exchange_scan(local_scan, self.groups, *args, **kwargs)
 
 
-class SlicedMixerForward:
-    """Stands in for `TTTMixer.forward` on one instance: same signature, this rank's slice of the sequence."""
+@dataclass
+class RingScan(LocalScan):
+    """The recurrent form on this rank's slice (`parallel.ring`): the state rank r-1 leaves the layer
+    with enters, and the state this slice leaves with goes on to rank r+1."""
 
-    def __init__(self, mixer: TTTMixer, context: SliceContext) -> None:
-        self.mixer = mixer
-        self.context = context
+    groups: ParallelDims
 
     def __call__(
-        self, x: torch.Tensor, state: Optional[FastWeights] = None, position_offset: int = 0, segments: None = None,
-        window_mask: None = None,
+        self, mixer: TTTMixer, x: torch.Tensor, inputs: TTTInputs, state: Optional[FastWeights], rows: RowPositions
     ) -> tuple[torch.Tensor, FastWeights]:
-        """The mixer's forward on this rank's slice; packed-document segments exist only without sequence
-        parallelism, and the window attention runs over [halo; slice], so it builds its own mask."""
-        mixer, groups = self.mixer, self.context.groups
-        ring = mixer.cfg.ttt.mode == "recurrent"
-        if ring and groups.sp_rank > 0:
+        """x [B, T, D] is the receive's anchor in the autograd graph (its backward sends the state's gradient home)."""
+        groups = self.groups
+        if groups.sp_rank > 0:
             state = receive_state(x, mixer.initial_state(x.shape[0]), mixer.cfg.ttt.momentum, groups)
-        q, k, v = mixer.qkv(x).chunk(3, dim=-1)
-        entering = state if state is not None else mixer.initial_state(x.shape[0])
-        inputs = mixer.ttt_inputs(x, q, k, v, position_offset)
-        ttt_out, final = mixer.ttt_scan(inputs, entering)
-        if ring and groups.sp_rank < groups.sp - 1:  # before the halo: messages to a neighbour keep one order
+        ttt_out, final = super().__call__(mixer, x, inputs, state, rows)
+        if groups.sp_rank < groups.sp - 1:  # before the halo: messages to a neighbour keep one order
             ttt_out = send_state(ttt_out, final, groups)
-        attention = halo_window_attention(mixer, q, k, v, position_offset, self.context) if mixer.attn_heads else None
-        return mixer.combine(ttt_out, attention, x.dtype, inputs.output_scale), final
+        return ttt_out, final
 
 
-def split_mixers(model: nn.Module, context: SliceContext) -> int:
-    """Wrap every TTTMixer of `model` for sequence parallelism; returns how many were wrapped."""
+@dataclass
+class HaloWindowAttention(LocalWindow):
+    """The attention branch on this rank's tokens, reading the previous rank's halo; it builds its own
+    mask for [halo; slice], so it reads none from the LM."""
+
+    reads_window_mask = False
+
+    context: SliceContext
+
+    def __call__(
+        self, mixer: TTTMixer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: RowPositions, window_mask: Any
+    ) -> torch.Tensor:
+        """[B, T, D] projections -> [B, T, D]."""
+        batch, seq_len, hidden = q.shape
+        layout = self.context.layout
+        q, k, v = mixer.attention_heads(q, k, v, rows.offset)  # [B, T, A, Dh], rotated to absolute positions
+        keys_values = torch.cat([k, v], dim=-1)
+        halo = shift_rows(keys_values[:, seq_len - layout.halo_to_next :], layout.halo_from_previous, +1, self.context.groups)
+        halo_k, halo_v = halo.chunk(2, dim=-1)
+        padded_q = torch.cat([q.new_zeros((batch, layout.halo_from_previous, *q.shape[2:])), q], dim=1)
+        out = sliding_window_attention(
+            padded_q, torch.cat([halo_k, k], dim=1), torch.cat([halo_v, v], dim=1), mixer.cfg.window_size
+        )
+        return out[:, layout.halo_from_previous :].reshape(batch, seq_len, hidden)
+
+
+def slice_mixers(model: nn.Module, context: SliceContext) -> int:
+    """Set every TTTMixer of `model` to run on this rank's slice; returns how many were set."""
     mixers = [module for module in model.modules() if isinstance(module, TTTMixer)]
     for mixer in mixers:
-        if mixer.cfg.ttt.mode == "parallel":
-            mixer.chunk_scan = StateExchangeScan(mixer.chunk_scan, context.groups)
-        mixer.forward = SlicedMixerForward(mixer, context)
+        scan = StateExchangeScan(context.groups) if mixer.cfg.ttt.mode == "parallel" else RingScan(context.groups)
+        mixer.set_strategies(scan=scan, window=HaloWindowAttention(context))
     return len(mixers)

@@ -29,12 +29,13 @@ it, and a reduce-scatter sums, for every rank's map, the gradients all later ran
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from kernels.reference import chunk_bounds, decay_matrix
+from model.ttt_layer import ChunkScan
 from parallel.collectives import all_gather_flat, reduce_scatter_flat
 from parallel.groups import ParallelDims
 
@@ -225,50 +226,43 @@ class _FinishGather(torch.autograd.Function):
         return grad, None
 
 
-ChunkScan = Callable[..., tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]
-
-
-class StateExchangeScan:
-    """Stands in for `TTTMixer.chunk_scan` on one mixer: same signature, one slice of a sequence per rank.
+def state_exchange_scan(
+    local_scan: ChunkScan,
+    groups: ParallelDims,
+    hq: torch.Tensor,
+    hk: torch.Tensor,
+    v: torch.Tensor,
+    eta1: torch.Tensor,
+    initial_state: torch.Tensor,
+    chunk_size: int,
+    *,
+    beta: Optional[torch.Tensor] = None,
+    initial_momentum: Optional[torch.Tensor] = None,
+    muon: bool = False,
+    token_causal: bool = False,
+    update_sign: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """The W1 chunk scan of one slice of a sequence per rank, with `ttt_la_parallel_reference`'s
+    arguments after `local_scan` and `groups`, and what the single-process scan returns for this
+    slice: outputs [B, T, H, d], and the state and momentum leaving the slice.
 
     `local_scan` is the mixer's own scan (Triton on CUDA, the reference elsewhere); it runs from the
-    zero state while the maps travel. Returns what the single-process scan returns for this slice:
-    outputs, and the state and momentum leaving the slice. `muon` is off whenever this runs:
-    `SequenceParallelLM` refuses Muon in the parallel form (`MUON_ERROR`) before it wraps any scan.
+    zero state while the maps travel. `muon` is off whenever this runs: `SequenceParallelLM` refuses
+    Muon in the parallel form (`MUON_ERROR`) before it sets any scan.
     """
-
-    def __init__(self, local_scan: ChunkScan, groups: ParallelDims) -> None:
-        self.local_scan = local_scan
-        self.groups = groups
-
-    def __call__(
-        self,
-        hq: torch.Tensor,
-        hk: torch.Tensor,
-        v: torch.Tensor,
-        eta1: torch.Tensor,
-        initial_state: torch.Tensor,
-        chunk_size: int,
-        *,
-        beta: Optional[torch.Tensor] = None,
-        initial_momentum: Optional[torch.Tensor] = None,
-        muon: bool = False,
-        token_causal: bool = False,
-        update_sign: float = 1.0,
-    ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        local = local_state_map(hk, v, eta1, beta, chunk_size, update_sign, initial_state.dtype)
-        pending = PendingExchange(local, self.groups)
-        out, _, _ = self.local_scan(
-            hq, hk, v, eta1, torch.zeros_like(initial_state), chunk_size, beta=beta, token_causal=token_causal,
-            update_sign=update_sign,
-        )  # fmt: skip
-        earlier = pending.finish()
-        if beta is not None and initial_momentum is None:
-            initial_momentum = torch.zeros_like(initial_state)
-        state_in, momentum_in = earlier.apply(initial_state, initial_momentum if beta is not None else None)
-        out = out + entering_state_output(hq, state_in, momentum_in, beta, chunk_size, update_sign)
-        state_out, momentum_out = local.apply(state_in, momentum_in)
-        return out, state_out, momentum_out
+    local = local_state_map(hk, v, eta1, beta, chunk_size, update_sign, initial_state.dtype)
+    pending = PendingExchange(local, groups)
+    out, _, _ = local_scan(
+        hq, hk, v, eta1, torch.zeros_like(initial_state), chunk_size, beta=beta, token_causal=token_causal,
+        update_sign=update_sign,
+    )  # fmt: skip
+    earlier = pending.finish()
+    if beta is not None and initial_momentum is None:
+        initial_momentum = torch.zeros_like(initial_state)
+    state_in, momentum_in = earlier.apply(initial_state, initial_momentum if beta is not None else None)
+    out = out + entering_state_output(hq, state_in, momentum_in, beta, chunk_size, update_sign)
+    state_out, momentum_out = local.apply(state_in, momentum_in)
+    return out, state_out, momentum_out
 
 
 MUON_ERROR = (

@@ -63,7 +63,7 @@ MUTATIONS = [
     )),  # fmt: skip
     Mutation("fast q/k L2 norm removed", ((LAYER, "tq, tk = l2_normalise(tq, ttt.l2_eps), l2_normalise(tk, ttt.l2_eps)", "pass"),)),
     Mutation("fast q/k RoPE removed", ((LAYER, "if ttt.rope:  # the attention", "if False:  # the attention"),)),
-    Mutation("fast q/k RoPE at relative positions while decoding", ((DECODE, "mixer.ttt_inputs(h, q, k, v, position)", "mixer.ttt_inputs(h, q, k, v)"),)),
+    Mutation("decoded tokens placed at position 0", ((DECODE, "token_ids[:, None], state.position)", "token_ids[:, None], 0)"),)),
     Mutation("classic Newton-Schulz schedule instead of LaCT's", ((REFERENCE, "return NS_SCHEDULES[self.schedule]", 'return NS_SCHEDULES["classic"]'),)),
     Mutation("update before apply", ((REFERENCE, APPLY, ""), (REFERENCE, AFTER_UPDATE, AFTER_UPDATE.replace(
         "\n    return", '\n        outputs.append(torch.einsum("bhde,bnhe->bnhd", w.w1, features(q[:, s:e], w.w0, w.w2)))\n    return')))),

@@ -132,7 +132,7 @@ def test_whole_lm_traces_as_one_graph():
 
 
 def test_generation_is_unchanged_by_compiled_blocks():
-    """Decoding calls the mixer's pieces, not the compiled block, and must give the same tokens; the
+    """Decoding calls each block's own forward, not the compiled call, and must give the same tokens; the
     compiled forward over the generated text predicts each generated token (greedy), so the two
     paths agree with each other."""
     def model() -> TTTLM:

@@ -9,8 +9,8 @@ heads, residuals).
 
 Where a block cannot be one graph it is compiled with graph breaks (`fullgraph=False`): Dynamo
 compiles the pieces between the breaks and runs the breaking calls eagerly.
-* Sequence parallelism: the sliced mixer exchanges states and window halos with collectives
-  (`parallel.sliced_mixer`), which Dynamo does not trace.
+* Sequence parallelism: the mixers' slice strategies exchange states and window halos with
+  collectives (`parallel.sliced_mixer`), which Dynamo does not trace.
 * Packed-document resets: the document bounds are read on the host (`DocumentSegments.bounds`).
 * ZeRO-3: DeepSpeed gathers each module's parameters in forward hooks that call collectives.
 * Activation checkpointing with the trainer's learning-rate probe (`train.monitor`): on logging
@@ -21,8 +21,8 @@ With activation checkpointing, `train.compile=auto` leaves the blocks eager on C
 `compile_enabled`); `train.compile=true` still compiles them. Activation checkpointing composes: it replaces `Block.forward` on the instance, and the compiled
 call traces through it (Dynamo turns the non-reentrant checkpoint into a higher-order op, which
 must be free of side effects on outside objects).
-Decoding (`model.decode`) calls the mixer's pieces directly, not `Block.__call__`, so it runs the
-same eager code whether or not the blocks are compiled.
+Decoding (`model.decode`) calls each block's own forward (`TTTLM.hidden_states(eager=True)`), not
+`Block.__call__`, so it runs the same eager code whether or not the blocks are compiled.
 """
 
 from __future__ import annotations
