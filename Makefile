@@ -49,7 +49,7 @@ bench-ladder:
 # The whole model's training step against the same-size transformer (one GPU): tokens/s, peak memory,
 # MFU; writes docs/bench/train_step.json and .md.
 bench-train:
-	$(PYTHON) -m train.bench_step
+	$(PYTHON) -m train.benchmarks.step
 
 # Break the layer on purpose in copies of the tree and check that the tests catch every breakage.
 mutations:

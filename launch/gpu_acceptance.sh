@@ -24,17 +24,17 @@ run_train() {
   local common=(train.grad_accum=2 train.warmup_steps=10 logging.log_every=5 checkpoint.every=20 "logging.run_dir=$RUN")
   stage train launch/h100_125m_16k.sh "train.steps=$STEPS" "${common[@]}"
   stage resume launch/h100_125m_16k.sh "train.steps=$((STEPS + 10))" "${common[@]}" train.resume=auto
-  stage export "$PYTHON" -m train.export "$RUN/checkpoints" "$RUN/export"
-  stage generate "$PYTHON" -m train.generate --model "$RUN/export" --prompt "def main(" --max-new-tokens 64
+  stage export "$PYTHON" -m train.generation.export "$RUN/checkpoints" "$RUN/export"
+  stage generate "$PYTHON" -m train.generation.generate --model "$RUN/export" --prompt "def main(" --max-new-tokens 64
   cp -r "$RUN" "$RESULTS/run" && rm -rf "$RESULTS/run/checkpoints" "$RESULTS/run/export"
 }
 
 run_decode() {
-  stage bench_decode "$PYTHON" -m train.bench_decode --out "$RESULTS/decode"
+  stage bench_decode "$PYTHON" -m train.benchmarks.decode --out "$RESULTS/decode"
 }
 
 run_quality() {
-  stage quality "$PYTHON" -m train.quality --tokens "${QUALITY_TOKENS:-3e6}" --out "$RESULTS/quality"
+  stage quality "$PYTHON" -m train.evaluation.quality --tokens "${QUALITY_TOKENS:-3e6}" --out "$RESULTS/quality"
 }
 
 for what in "${@:-train decode}"; do

@@ -49,7 +49,7 @@ def run_both_layouts(data: Path, out: Path) -> None:
 
     from train.checkpoint import MARKER
     from train.config import load_run_config
-    from train.export import consolidated_state_dict
+    from train.generation.export import consolidated_state_dict
     from train.loop import train
 
     config = REPO / "configs/train/tiny_cpu.yaml"

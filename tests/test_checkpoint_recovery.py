@@ -55,7 +55,7 @@ def run_scenarios(data: Path, out: Path) -> None:
     import train.checkpoint as checkpoint_module
     from train.config import load_run_config
     from train.errors import RunError
-    from train.export import consolidated_state_dict
+    from train.generation.export import consolidated_state_dict
     from train.loop import train
 
     config = REPO / "configs/train/tiny_cpu.yaml"

@@ -46,7 +46,7 @@ def run_scenarios(data: Path, out: Path) -> None:
     import torch.distributed as dist
 
     from train.config import load_run_config
-    from train.export import consolidated_state_dict, export_checkpoint, load_model
+    from train.generation.export import consolidated_state_dict, export_checkpoint, load_model
     from train.loop import NonFiniteLossError, train
 
     config = REPO / "configs/train/tiny_cpu.yaml"

@@ -86,29 +86,29 @@ def test_prepare_names_a_corrupt_tokenizer(tmp_path: Path, capsys: pytest.Captur
 
 
 def test_generate_names_a_missing_export(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    finished = run_here(capsys, "train.generate", "--model", str(tmp_path / "export"), "--prompt", "x", monkeypatch=monkeypatch)
-    assert_one_line(finished, "train.generate", str(tmp_path / "export" / "model.safetensors"), "python -m train.export")
+    finished = run_here(capsys, "train.generation.generate", "--model", str(tmp_path / "export"), "--prompt", "x", monkeypatch=monkeypatch)
+    assert_one_line(finished, "train.generation.generate", str(tmp_path / "export" / "model.safetensors"), "python -m train.generation.export")
 
 
 def test_eval_names_a_missing_export(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    finished = run_here(capsys, "train.eval", "--model", str(tmp_path / "export"), "--data", str(tmp_path / "data"), monkeypatch=monkeypatch)
-    assert_one_line(finished, "train.eval", str(tmp_path / "export" / "model.safetensors"))
+    finished = run_here(capsys, "train.evaluation.eval", "--model", str(tmp_path / "export"), "--data", str(tmp_path / "data"), monkeypatch=monkeypatch)
+    assert_one_line(finished, "train.evaluation.eval", str(tmp_path / "export" / "model.safetensors"))
 
 
 def test_retrieval_refuses_a_too_short_length_before_loading_anything(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    finished = run_here(capsys, "train.retrieval", "--model", str(tmp_path / "export"), "--lengths", "4096", "200", monkeypatch=monkeypatch)
-    assert_one_line(finished, "train.retrieval", "--lengths 200 is too short", "passkey needs", "niah_multiquery needs")
+    finished = run_here(capsys, "train.evaluation.retrieval", "--model", str(tmp_path / "export"), "--lengths", "4096", "200", monkeypatch=monkeypatch)
+    assert_one_line(finished, "train.evaluation.retrieval", "--lengths 200 is too short", "passkey needs", "niah_multiquery needs")
 
 
 def test_export_names_a_missing_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    finished = run_here(capsys, "train.export", str(tmp_path / "checkpoints"), str(tmp_path / "out"), monkeypatch=monkeypatch)
-    assert_one_line(finished, "train.export", str(tmp_path / "checkpoints"), "complete.json")
+    finished = run_here(capsys, "train.generation.export", str(tmp_path / "checkpoints"), str(tmp_path / "out"), monkeypatch=monkeypatch)
+    assert_one_line(finished, "train.generation.export", str(tmp_path / "checkpoints"), "complete.json")
 
 
 def test_debug_shows_the_traceback(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sys, "argv", ["train.generate", "--model", str(tmp_path / "export"), "--prompt", "x", "--debug"])
+    monkeypatch.setattr(sys, "argv", ["train.generation.generate", "--model", str(tmp_path / "export"), "--prompt", "x", "--debug"])
     with pytest.raises(FileNotFoundError):  # raised through, so Python prints its traceback
-        runpy.run_module("train.generate", run_name="__main__", alter_sys=False)
+        runpy.run_module("train.generation.generate", run_name="__main__", alter_sys=False)
 
 
 def test_train_help_lists_the_config_sections_quickly() -> None:

@@ -20,7 +20,7 @@ from parallel.activation_checkpointing import checkpoint_blocks
 from tests.op_cases import SCAN_VARIANTS, op_cases
 from train.compile import compile_blocks, compile_enabled
 from train.config import RunConfig
-from train.generate import generate_batch
+from train.generation.generate import generate_batch
 
 REL_TOL = 1e-5
 interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",

@@ -1,4 +1,4 @@
-"""Specification of the evaluations: perplexity by position (train/eval.py) and synthetic retrieval (train/retrieval.py)."""
+"""Specification of the evaluations: perplexity by position (train/evaluation/eval.py) and synthetic retrieval (train/evaluation/retrieval.py)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from torch import nn
 
 from model.config import load_model_config
 from model.lm import TTTLM
-from train import eval as ppl_eval
-from train import retrieval
-from train.export import save_exported
+from train.evaluation import eval as ppl_eval
+from train.evaluation import retrieval
+from train.generation.export import save_exported
 from train.prepare import prepare
 from train.tokenizer import ByteTokenizer
 

@@ -1,4 +1,4 @@
-"""Specification of train/generate.py: sampling rules, batching by length, the command line."""
+"""Specification of train/generation/generate.py: sampling rules, batching by length, the command line."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import torch
 
 from model.config import load_model_config
 from model.lm import TTTLM
-from train.export import save_exported
-from train.generate import ByteTextStream, generate, main, sample_next
+from train.generation.export import save_exported
+from train.generation.generate import ByteTextStream, generate, main, sample_next
 
 
 def tiny_model(seed: int = 0) -> TTTLM:

@@ -1,10 +1,10 @@
-"""train.plot_run reads what the monitor writes: a run's TensorBoard scalars, across resumed event files."""
+"""train.evaluation.plot_run reads what the monitor writes: a run's TensorBoard scalars, across resumed event files."""
 
 from __future__ import annotations
 
 from torch.utils.tensorboard import SummaryWriter
 
-from train.plot_run import read_scalars
+from train.evaluation.plot_run import read_scalars
 
 
 def test_scalars_from_two_event_files_are_merged_in_step_order(tmp_path):

@@ -16,7 +16,7 @@ from train.checkpoint import RUN_CONFIG
 from train.config import DataConfig, load_run_config, to_yaml
 from train.config_changes import check_config_changes
 from train.data import check_split
-from train.export import WEIGHTS_FILE, save_exported
+from train.generation.export import WEIGHTS_FILE, save_exported
 from train.monitor import truncate_metrics
 from train.prepare import prepare
 from train.tokenizer import ByteTokenizer

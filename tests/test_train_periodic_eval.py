@@ -63,7 +63,7 @@ def test_sequence_parallel_evaluation_equals_single_process(results):
 
 
 def test_evaluation_reaches_tensorboard(results):
-    from train.plot_run import read_scalars
+    from train.evaluation.plot_run import read_scalars
 
     scalars = read_scalars(results[1])
     assert [step for step, _ in scalars["eval/loss"]] == [2, 4]

@@ -187,7 +187,7 @@ def load_checkpoint(engine: Any, folder: Path, dims: ParallelDims) -> tuple[dict
     if marker["world"] != dims.world:
         raise ConfigError(
             f"train.resume: {folder} was written by {marker['world']} processes but this run has {dims.world}; "
-            f"resume with the same number of processes (or export it with python -m train.export)"
+            f"resume with the same number of processes (or export it with python -m train.generation.export)"
         )
     written_sp = marker.get("sp", dims.sp)  # markers written before the layout was recorded carry no sp
     if written_sp != dims.sp:

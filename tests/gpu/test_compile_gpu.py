@@ -25,7 +25,7 @@ from model.lm import TTTLM
 from parallel.activation_checkpointing import checkpoint_blocks
 from tests.op_cases import SCAN_VARIANTS, op_cases
 from train.compile import compile_blocks
-from train.generate import generate_batch
+from train.generation.generate import generate_batch
 
 pytestmark = pytest.mark.gpu
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -1,4 +1,4 @@
-"""`python -m train.plot_run RUN_DIR --out plot.png [--tags train/loss ...]`: a run's TensorBoard scalars as one figure.
+"""`python -m train.evaluation.plot_run RUN_DIR --out plot.png [--tags train/loss ...]`: a run's TensorBoard scalars as one figure.
 
 Reads the event files under RUN_DIR/tensorboard (several files when the run was resumed) with
 TensorBoard's own reader, so the picture shows exactly what TensorBoard shows, for docs and

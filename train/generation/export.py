@@ -2,7 +2,7 @@
 
 `save_exported` writes the weights of one full (unsharded) model and its config; `load_model`
 rebuilds a TTTLM from such a folder. Training checkpoints are sharded per rank (ZeRO 1/2/3);
-`python -m train.export CHECKPOINT_DIR OUT_DIR` consolidates one into this format, which
+`python -m train.generation.export CHECKPOINT_DIR OUT_DIR` consolidates one into this format, which
 generation and evaluation read. CHECKPOINT_DIR is a `step_N` folder or a checkpoints root (its
 newest complete checkpoint); the model config comes from the checkpoint's run.yaml.
 """
@@ -52,7 +52,7 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", dtype: to
     for name in (WEIGHTS_FILE, CONFIG_FILE):
         if not (folder / name).is_file():
             raise FileNotFoundError(
-                errno.ENOENT, "no exported model here: export a checkpoint first (python -m train.export CHECKPOINT OUT)", str(folder / name)
+                errno.ENOENT, "no exported model here: export a checkpoint first (python -m train.generation.export CHECKPOINT OUT)", str(folder / name)
             )
     cfg = load_model_config(str(folder / CONFIG_FILE))
     model = TTTLM(cfg)
@@ -111,10 +111,10 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
 
 def main(argv: list[str]) -> None:
     if len(argv) != 2 or argv[0] in ("-h", "--help"):
-        raise SystemExit(f"usage: python -m train.export CHECKPOINT_DIR OUT_DIR  (a step_N folder or a checkpoints root); {DEBUG_HELP}")
+        raise SystemExit(f"usage: python -m train.generation.export CHECKPOINT_DIR OUT_DIR  (a step_N folder or a checkpoints root); {DEBUG_HELP}")
     folder = export_checkpoint(argv[0], argv[1])
     print(f"exported {resolve_checkpoint(argv[0])} -> {folder / WEIGHTS_FILE}")
 
 
 if __name__ == "__main__":
-    run_command("train.export", main, sys.argv[1:])
+    run_command("train.generation.export", main, sys.argv[1:])

@@ -1,7 +1,7 @@
 """Whole-model training step: tttla against the same-size transformer, one process, one GPU, bf16.
 
     make bench-train                      # every row below, results in docs/bench/train_step.{json,md}
-    python -m train.bench_step --configs 125m --seqs 16384x1 --impls tttla sdpa --checkpointing none
+    python -m train.benchmarks.step --configs 125m --seqs 16384x1 --impls tttla sdpa --checkpointing none
 
 Each row times forward + backward + AdamW step of one model (bf16 autocast over fp32 weights, fused
 AdamW) at one context and reports tokens/s, peak memory and MFU (`train.flops`' count of useful work,
@@ -168,7 +168,7 @@ def main() -> None:
     parser.add_argument("--out", default="docs/bench/train_step")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("train.bench_step: needs a CUDA device (it measures the GPU training step)")
+        raise SystemExit("train.benchmarks.step: needs a CUDA device (it measures the GPU training step)")
     name = torch.cuda.get_device_name()
     peaks = (matmul_peak_tflops(), next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), 989.0))
     rows = []
@@ -184,7 +184,7 @@ def main() -> None:
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     add_ratios(rows)
-    command = "python -m train.bench_step " + " ".join(
+    command = "python -m train.benchmarks.step " + " ".join(
         f"--{k} {' '.join(v) if isinstance(v, list) else v}" for k, v in vars(args).items() if k != "out")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.json").write_text(json.dumps(dict(device=name, peak_tflops=peaks, command=command, rows=rows), indent=1))

@@ -1,4 +1,4 @@
-"""`python -m train.retrieval --model FOLDER`: synthetic long-context retrieval over lengths x depths.
+"""`python -m train.evaluation.retrieval --model FOLDER`: synthetic long-context retrieval over lengths x depths.
 
 Three generated tasks (no download), byte-level text as the byte tokenizer reads it:
 * `passkey`: a 5-digit pass key hidden in repeated filler text (Mohtashami & Jaggi, 2023);
@@ -26,7 +26,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from train.cli import DEBUG_HELP, run_command
-from train.eval import LanguageModel, add_model_arguments, load_for_eval, publish
+from train.evaluation.eval import LanguageModel, add_model_arguments, load_for_eval, publish
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 TASKS = ("passkey", "niah_single", "niah_multiquery")
@@ -191,7 +191,7 @@ def plot_heatmap(result: dict) -> plt.Figure:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m train.retrieval", description=__doc__.split("\n\n")[0], epilog=DEBUG_HELP)
+    parser = argparse.ArgumentParser(prog="python -m train.evaluation.retrieval", description=__doc__.split("\n\n")[0], epilog=DEBUG_HELP)
     add_model_arguments(parser)
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     parser.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048, 4096, 8192])
@@ -222,4 +222,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    run_command("train.retrieval", main, sys.argv[1:])
+    run_command("train.evaluation.retrieval", main, sys.argv[1:])

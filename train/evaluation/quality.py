@@ -1,4 +1,4 @@
-"""`python -m train.quality [--quick]`: what does each sequence layer buy, at equal size and equal tokens?
+"""`python -m train.evaluation.quality [--quick]`: what does each sequence layer buy, at equal size and equal tokens?
 
 Trains three models of one config on the same batches of the offline stdlib corpus (Python standard
 library sources, byte tokenizer) with a small self-contained loop (AdamW, warmup + cosine, bf16
@@ -27,9 +27,9 @@ from streaming import StreamingDataset
 from model.baseline import BaselineLM
 from model.config import load_model_config
 from model.lm import TTTLM, count_parameters
-from train.eval import evaluate_perplexity_by_position, plot_perplexity_by_position
+from train.evaluation.eval import evaluate_perplexity_by_position, plot_perplexity_by_position
 from train.prepare import prepare, read_manifest, stdlib_files
-from train.retrieval import evaluate_retrieval
+from train.evaluation.retrieval import evaluate_retrieval
 from train.tokenizer import ByteTokenizer
 
 VARIANTS = {
@@ -107,7 +107,7 @@ def markdown(results: dict, args: argparse.Namespace) -> str:
     lines = [
         "# Quality at equal size and tokens: LaCT recurrent vs TTT-LA parallel vs SDPA transformer",
         "",
-        f"`python -m train.quality {' '.join(args.argv)}`: config `{args.config}` {' '.join(args.override)}, "
+        f"`python -m train.evaluation.quality {' '.join(args.argv)}`: config `{args.config}` {' '.join(args.override)}, "
         f"byte tokenizer on the stdlib corpus, {args.steps} steps x {args.batch} x {args.seq_len} = "
         f"{args.steps * args.batch * args.seq_len:,} tokens per model, lr {args.lr}, device {args.device_name}. "
         f"Held-out perplexity by position over {args.eval_samples} validation sequences; passkey accuracy "
@@ -129,7 +129,7 @@ def markdown(results: dict, args: argparse.Namespace) -> str:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m train.quality", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m train.evaluation.quality", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny config, short sequences, a few steps on CPU")
     parser.add_argument("--config", default="configs/model/125m.yaml")
     parser.add_argument("--override", nargs="*", default=["ttt.chunk_size=512", "window_size=512"],

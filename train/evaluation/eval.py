@@ -1,4 +1,4 @@
-"""`python -m train.eval --model FOLDER --data PATH`: perplexity by position on a held-out MDS split.
+"""`python -m train.evaluation.eval --model FOLDER --data PATH`: perplexity by position on a held-out MDS split.
 
 Does the model use long context? The loss of the token at position t, averaged per bucket of
 `bucket_size` positions (0-1K, 1K-2K, ...), falls with t when earlier tokens help, and stays flat
@@ -30,7 +30,7 @@ from model.lm import TTTLM
 from train.cli import DEBUG_HELP, run_command
 from train.config import DataConfig
 from train.data import build_loader, check_split, split_inputs_targets
-from train.export import load_model
+from train.generation.export import load_model
 
 LanguageModel = TTTLM | BaselineLM  # anything whose forward(input_ids) returns an LMOutput with logits
 LOSS_SLICE = 4096  # positions per cross-entropy slice: bounds the fp32 copy of [B, T, V] logits
@@ -143,7 +143,7 @@ def publish(figure: plt.Figure, payload: dict, name: str, out_dir: Path, writer:
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--model/--device/--dtype, shared by the evaluation command lines."""
-    parser.add_argument("--model", required=True, help="exported model folder (python -m train.export writes one)")
+    parser.add_argument("--model", required=True, help="exported model folder (python -m train.generation.export writes one)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
 
@@ -153,7 +153,7 @@ def load_for_eval(args: argparse.Namespace) -> TTTLM:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m train.eval", description=__doc__.split("\n\n")[0], epilog=DEBUG_HELP)
+    parser = argparse.ArgumentParser(prog="python -m train.evaluation.eval", description=__doc__.split("\n\n")[0], epilog=DEBUG_HELP)
     add_model_arguments(parser)
     parser.add_argument("--data", required=True, help="prepared dataset folder (python -m train.prepare writes one)")
     parser.add_argument("--split", default="val")
@@ -184,4 +184,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    run_command("train.eval", main, sys.argv[1:])
+    run_command("train.evaluation.eval", main, sys.argv[1:])

@@ -1,4 +1,4 @@
-"""`python -m train.generate --model FOLDER --prompt TEXT`: sample continuations with constant memory.
+"""`python -m train.generation.generate --model FOLDER --prompt TEXT`: sample continuations with constant memory.
 
 The prompt is prefilled in the chunk form, then tokens are decoded one at a time from the recurrent
 state of model/decode.py (fast weights + the pending partial chunk + the sliding-window ring), so
@@ -10,7 +10,7 @@ graphs. With one prompt and one sample the text streams as it is produced.
 Text is byte-level (train/tokenizer.py's byte tokenizer: ids < 256 are UTF-8 bytes, id 0 ends a
 document); other ids print as `<id>`. FOLDER is an exported model (`model.safetensors` +
 `model.yaml`); convert a sharded training checkpoint first with
-`python -m train.export CHECKPOINT_DIR OUT_DIR`.
+`python -m train.generation.export CHECKPOINT_DIR OUT_DIR`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from model.lm import TTTLM
 from model.sampling import sample_tokens
 from model.static_decode import prefill_rows
 from train.cli import DEBUG_HELP, run_command
-from train.export import load_model
+from train.generation.export import load_model
 from train.tokenizer import ByteTokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -135,8 +135,8 @@ def decode_bytes(tokens: list[int]) -> str:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m train.generate", description=__doc__.split("\n\n")[0], epilog=DEBUG_HELP)
-    parser.add_argument("--model", required=True, help="exported model folder (python -m train.export writes one)")
+    parser = argparse.ArgumentParser(prog="python -m train.generation.generate", description=__doc__.split("\n\n")[0], epilog=DEBUG_HELP)
+    parser.add_argument("--model", required=True, help="exported model folder (python -m train.generation.export writes one)")
     parser.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
     parser.add_argument("--max-new-tokens", type=int, default=200)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -184,4 +184,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    run_command("train.generate", main, sys.argv[1:])
+    run_command("train.generation.generate", main, sys.argv[1:])

@@ -1,0 +1,1 @@
+"""Benchmarks and profiling of the whole model: training-step throughput and memory, decoding, one profiled step."""
