@@ -53,9 +53,9 @@ def ladder_config(step: str, smoke: bool) -> LMConfig:
 
 
 def modes_of(cfg: LMConfig) -> list[str]:
-    """Recurrent always; parallel where the step is a prefix sum (W1 only, no weight norm)."""
+    """Recurrent always; linear attention where the step is a prefix sum (W1 only, no weight norm)."""
     parallel_ok = cfg.ttt.fast_weights == "w1" and not cfg.ttt.weight_norm
-    return ["recurrent", "parallel"] if parallel_ok else ["recurrent"]
+    return ["recurrent", "linear_attention"] if parallel_ok else ["recurrent"]
 
 
 def seconds(fn: Callable[[], None], device: torch.device) -> float:

@@ -86,7 +86,7 @@ def chunk_scan_backward_op(
     dfinal_momentum: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], rows: int, chunk_size: int,
     token_causal: bool, update_sign: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inputs as `chunk_scan` took and returned them, do = dL/do [TT, H, d], dfinal and dfinal_momentum
+    """Inputs as `tttla::chunk_scan` took and returned them, do = dL/do [TT, H, d], dfinal and dfinal_momentum
     [D, H, d, dh] (None: no gradient). Returns dhq, dhk, dv (input dtype), deta [TT, H] fp32,
     dinit [D, H, d, dh] fp32, and with beta dinit_momentum [D, H, d, dh] and dbeta [NC, H] fp32
     (empty without beta)."""

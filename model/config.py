@@ -8,12 +8,15 @@ time. Value checks that types cannot express live in `validate()`, and every err
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
 from omegaconf import OmegaConf
 
-TTT_MODES = ("recurrent", "parallel")
+TTT_MODES = ("recurrent", "linear_attention")
+# Earlier names of a mode, still read so that configs saved with checkpoints before the rename load.
+RENAMED_TTT_MODES = {"parallel": "linear_attention"}
 FAST_WEIGHT_SETS = ("all", "w1")
 FEATURE_MAPS = ("swiglu", "identity")
 NS_SCHEDULE_NAMES = ("lact", "classic")  # kernels.reference.NS_SCHEDULES
@@ -34,7 +37,7 @@ class TTTConfig:
     """The fast-weight (LaCT) sequence layer.
 
     `mode="recurrent"` is the faithful LaCT inner loop (any fast-weight set, weight norm allowed);
-    `mode="parallel"` is the chunk scan, exact only when W1 alone is fast and weight norm is off,
+    `mode="linear_attention"` is the chunk scan, exact only when W1 alone is fast and weight norm is off,
     which is why that combination is enforced here rather than silently ignored.
     A sequence whose length is not a multiple of `chunk_size` ends in a shorter final chunk.
 
@@ -68,7 +71,7 @@ class TTTConfig:
       the token, "V4".
     """
 
-    mode: str = "parallel"
+    mode: str = "linear_attention"
     num_heads: int = 2
     inter_multi: float = 1.0  # dh = inter_multi * d (fast-weight MLP hidden size)
     chunk_size: int = 64
@@ -76,7 +79,7 @@ class TTTConfig:
     momentum: bool = False
     muon: bool = False
     weight_norm: bool = False
-    token_causal: bool = False  # add the intra-chunk causal term (parallel mode)
+    token_causal: bool = False  # add the intra-chunk causal term (linear_attention mode)
     update_sign: float = 1.0  # +1: gradient descent on -<f(k), v>; -1: gradient ascent
     base_lr: float = 1e-3  # softplus(bias) at init for the per-token learning rates
     use_kernel: bool = True  # allow the Triton kernels on CUDA (the public ops decide; TTTLA_KERNELS overrides)
@@ -92,6 +95,14 @@ class TTTConfig:
     low_rank_init_gain: float = 0.5
     feature_map: str = "swiglu"
     per_token_lr: bool = True
+
+    def __post_init__(self) -> None:
+        """The earlier name `parallel` (which read like sequence parallelism, `parallel.sp`) becomes
+        `linear_attention` with a warning, so a checkpoint's saved config still builds its model."""
+        if self.mode in RENAMED_TTT_MODES:
+            renamed = RENAMED_TTT_MODES[self.mode]
+            warnings.warn(f"model.ttt.mode={self.mode} is now called model.ttt.mode={renamed}", stacklevel=2)
+            self.mode = renamed
 
     def resolved_head_dim(self, hidden_size: int) -> int:
         """d: the TTT heads split the shared q/k/v projections, so d = hidden_size / num_heads."""
@@ -154,19 +165,19 @@ class TTTConfig:
                 self.w02_rank,
                 f"must be 0 when {prefix}.feature_map='identity' (there is no W0/W2)",
             )
-        if self.mode == "parallel":
+        if self.mode == "linear_attention":
             _require(
                 self.fast_weights == "w1",
                 f"{prefix}.fast_weights",
                 self.fast_weights,
-                f"must be 'w1' when {prefix}.mode='parallel' (W0/W2 updates make the features "
+                f"must be 'w1' when {prefix}.mode='linear_attention' (W0/W2 updates make the features "
                 f"state-dependent; use {prefix}.mode=recurrent)",
             )
             _require(
                 not self.weight_norm,
                 f"{prefix}.weight_norm",
                 self.weight_norm,
-                f"must be false when {prefix}.mode='parallel' (weight norm breaks the prefix sum; "
+                f"must be false when {prefix}.mode='linear_attention' (weight norm breaks the prefix sum; "
                 f"use {prefix}.mode=recurrent)",
             )
         else:
@@ -174,7 +185,7 @@ class TTTConfig:
                 not self.token_causal,
                 f"{prefix}.token_causal",
                 self.token_causal,
-                f"is only defined for {prefix}.mode='parallel' (LaCT's recurrent form is block-causal)",
+                f"is only defined for {prefix}.mode='linear_attention' (LaCT's recurrent form is block-causal)",
             )
 
 
@@ -224,7 +235,7 @@ class LMConfig:
         if self.window_size == 0 and not self.ttt.token_causal:
             raise ConfigError(
                 f"{prefix}.window_size=0 with {prefix}.ttt.token_causal=false leaves tokens blind to their "
-                f"own chunk; set {prefix}.ttt.token_causal=true (parallel mode) or a positive window"
+                f"own chunk; set {prefix}.ttt.token_causal=true (linear_attention mode) or a positive window"
             )
         if self.mlp_hidden_size is not None:
             _require(self.mlp_hidden_size >= 1, f"{prefix}.mlp_hidden_size", self.mlp_hidden_size, "must be >= 1")

@@ -4,12 +4,12 @@ Per layer the decoder keeps
 * the fast weights (and momenta) left by the last *complete* chunk,
 * the pending partial chunk's per-token inputs (keys, values, learning rates, momentum gates):
   at most C tokens, in buffers allocated once,
-* in token-causal parallel mode, the running intra-chunk sum sum_s eta1_s v_s h(k_s)^T,
+* in token-causal linear_attention mode, the running intra-chunk sum sum_s eta1_s v_s h(k_s)^T,
 * the sliding-window attention's rotated keys and values in a ring buffer of `window` slots.
 
 The semantics are exactly the chunk form's (`TTTLM.forward`): a token of chunk c is answered by
 the fast weights after chunk c-1 (plus the intra-chunk term when token-causal), and chunk c's
-update is applied once its last token has been processed, by the mixer's own `ttt_scan` on the
+update is applied once its last token has been processed, by the mixer's own `fast_weight_scan` on the
 buffered chunk, so decoding and training share one update function (momentum, Muon, weight norm).
 
 `prefill` runs a prompt's complete chunks in the chunk form, answers the remainder as one short
@@ -110,8 +110,11 @@ def store_pending(cache: LayerCache, inputs: TTTInputs, slots: tuple) -> None:
 
 
 def pending_chunk(cache: LayerCache) -> TTTInputs:
-    """The buffered chunk as the scan's inputs (queries unused by the update: the keys stand in)."""
-    return TTTInputs(cache.pending_k, cache.pending_k, cache.pending_v, cache.pending_etas, cache.pending_gate)
+    """The buffered chunk as the scan's inputs, run only for the state it leaves (its outputs were
+    answered token by token). The queries are not kept, so the keys fill that slot: the update reads
+    keys, values and rates only, and the outputs computed from these stand-in queries are dropped."""
+    stand_in_queries = cache.pending_k
+    return TTTInputs(stand_in_queries, cache.pending_k, cache.pending_v, cache.pending_etas, cache.pending_gate)
 
 
 def ttt_token_output(mixer: TTTMixer, cache: LayerCache, inputs: TTTInputs) -> torch.Tensor:
@@ -165,12 +168,12 @@ class PrefillScan(LocalScan):
         complete = prompt_len - prompt_len % mixer.cfg.ttt.chunk_size
         outputs = []
         if complete:
-            out, fast = mixer.ttt_scan(_slice_inputs(inputs, 0, complete), cache.fast)
+            out, fast = mixer.fast_weight_scan(_slice_inputs(inputs, 0, complete), cache.fast)
             cache.fast = fast.map(_own_storage)
             outputs.append(out)
         if complete < prompt_len:
             remainder = _slice_inputs(inputs, complete, prompt_len)
-            outputs.append(mixer.ttt_scan(remainder, cache.fast)[0])
+            outputs.append(mixer.fast_weight_scan(remainder, cache.fast)[0])
             store_pending(cache, remainder, (slice(None), slice(0, prompt_len - complete)))
             if cache.intra is not None:
                 cache.intra += _intra_update(mixer, remainder, cache.fast)
@@ -226,7 +229,7 @@ class StepScan(LocalScan):
         store_pending(cache, inputs, (slice(None), slice(slot, slot + 1)))
         ttt_out = ttt_token_output(mixer, cache, inputs)
         if slot == chunk - 1:  # the chunk is complete: apply its update with the chunk form's function
-            cache.fast = mixer.ttt_scan(pending_chunk(cache), cache.fast)[1]
+            cache.fast = mixer.fast_weight_scan(pending_chunk(cache), cache.fast)[1]
             if cache.intra is not None:
                 cache.intra.zero_()
         return ttt_out, cache.fast

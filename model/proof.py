@@ -172,7 +172,7 @@ def main() -> None:
     for momentum, muon, wn in [(False, False, False), (True, False, True), (True, True, True)]:
         opts = f"all fast weights, momentum={'on' if momentum else 'off'}, Muon={'on' if muon else 'off'}, weight norm={'on' if wn else 'off'}"
         print(f"| 3. recurrent = unrolled linear attention | {opts} | {recurrent_vs_unrolled(momentum, muon, wn):.1e} |")
-    parallel = replace(TINY_RELEASED, mode="parallel", fast_weights="w1", weight_norm=False)
+    parallel = replace(TINY_RELEASED, mode="linear_attention", fast_weights="w1", weight_norm=False)
     for name, ttt in [("recurrent, released preset (W0, W1, W2 fast, weight norm)", TINY_RELEASED),
                       ("parallel (W1 only, no weight norm)", parallel)]:
         out, state, grads = mixer_vs_golden(ttt)

@@ -137,12 +137,12 @@ class StaticDecoder:
     def apply_chunk_updates(self) -> None:
         """Apply each layer's chunk update to the rows whose last token completed a chunk.
 
-        The update is the mixer's own `ttt_scan` over the whole pending buffer (the function the chunk
+        The update is the mixer's own `fast_weight_scan` over the whole pending buffer (the function the chunk
         form runs), computed for every row; rows without the flag keep their weights bit for bit.
         """
         completes = self.completes[:, None, None, None]
         for block, cache in zip(self.model.blocks, self.layers):
-            updated = block.mixer.ttt_scan(pending_chunk(cache), cache.fast)[1]
+            updated = block.mixer.fast_weight_scan(pending_chunk(cache), cache.fast)[1]
             for name, current in cache.fast.named_tensors():
                 current.copy_(torch.where(completes, getattr(updated, name), current))
             if cache.intra is not None:
@@ -163,7 +163,7 @@ def _stack_layer(mixer: TTTMixer, caches: list[LayerCache], order: torch.Tensor)
     The fast weights hold every field the layer's update produces: a momentum that a state does not
     carry yet (no chunk completed) is zero, which is exactly how the update starts it.
     """
-    produced = mixer.ttt_scan(pending_chunk(caches[0]), caches[0].fast)[1]
+    produced = mixer.fast_weight_scan(pending_chunk(caches[0]), caches[0].fast)[1]
     fast = FastWeights.concat([c.fast.aligned_to(produced) for c in caches]).select(order)
     buffers = {
         f.name: None if getattr(caches[0], f.name) is None else torch.cat([getattr(c, f.name) for c in caches])[order]

@@ -98,7 +98,7 @@ class LocalScan:
 
     This one, the default, runs the mode's chunk form over the whole rows, from the state they enter
     with. Others override one of its two methods: a ring across sp ranks or a token-by-token decoder
-    override `__call__`; the state exchange across sp ranks overrides `chunk_scan`, the parallel
+    override `__call__`; the state exchange across sp ranks overrides `w1_chunk_scan`, the parallel
     form's W1 scan (the state entering a slice enters that scan linearly).
     """
 
@@ -111,9 +111,9 @@ class LocalScan:
         if rows.segments is not None:
             return mixer._segmented_ttt_branch(inputs, rows.segments)
         entering = state if state is not None else mixer.initial_state(x.shape[0])
-        return mixer.ttt_scan(inputs, entering)
+        return mixer.fast_weight_scan(inputs, entering)
 
-    def chunk_scan(self, local_scan: ChunkScan, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    def w1_chunk_scan(self, local_scan: ChunkScan, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """The parallel form's W1 chunk scan, given the local one (`ttt_la_parallel_reference`'s
         signature and results): here the local scan itself."""
         return local_scan(*args, **kwargs)
@@ -328,12 +328,12 @@ class TTTMixer(nn.Module):
             per_token = (packed.q, packed.k, packed.v, eta0, eta1, eta2)
 
             def scan_document(i: int, tokens: slice, doc_beta: Optional[torch.Tensor]):
-                return self._recurrent(*(t[:, tokens] for t in per_token), doc_beta, entering.select(i))
+                return self._lact_scan(*(t[:, tokens] for t in per_token), doc_beta, entering.select(i))
 
             outputs, finals = zip(*scan_documents(scan_document, segments.cu_seqlens, ttt.chunk_size, beta))
             out, final = torch.cat(outputs, dim=1), FastWeights.concat(finals)
         else:
-            out, final = self._parallel(packed.q, packed.k, packed.v, eta1, beta, entering, segments.cu_seqlens)
+            out, final = self._linear_attention_scan(packed.q, packed.k, packed.v, eta1, beta, entering, segments.cu_seqlens)
         return segments.unpack(out), final.select(segments.last_document)
 
     def ttt_inputs(
@@ -372,7 +372,7 @@ class TTTMixer(nn.Module):
         scale = F.silu(self.ttt_scale_proj(x)) if self.ttt_scale_proj is not None else None
         return TTTInputs(tq, tk, tv, etas, gate, scale)
 
-    def ttt_scan(self, inputs: TTTInputs, entering: FastWeights) -> tuple[torch.Tensor, FastWeights]:
+    def fast_weight_scan(self, inputs: TTTInputs, entering: FastWeights) -> tuple[torch.Tensor, FastWeights]:
         """The mode's chunk form over `inputs` from the state `entering`: ([B, T, H, d] output, final state).
 
         Decoding calls it on one completed chunk to apply that chunk's update, so the update is the
@@ -382,10 +382,10 @@ class TTTMixer(nn.Module):
         eta0, eta1, eta2 = inputs.etas.unbind(dim=2)  # [B, T, H] each
         beta = None if inputs.momentum_gate is None else chunk_mean(inputs.momentum_gate, ttt.chunk_size)  # [B, N, H]
         if ttt.mode == "recurrent":
-            return self._recurrent(inputs.q, inputs.k, inputs.v, eta0, eta1, eta2, beta, entering)
-        return self._parallel(inputs.q, inputs.k, inputs.v, eta1, beta, entering)
+            return self._lact_scan(inputs.q, inputs.k, inputs.v, eta0, eta1, eta2, beta, entering)
+        return self._linear_attention_scan(inputs.q, inputs.k, inputs.v, eta1, beta, entering)
 
-    def _recurrent(self, q, k, v, eta0, eta1, eta2, beta, entering: FastWeights) -> tuple[torch.Tensor, FastWeights]:
+    def _lact_scan(self, q, k, v, eta0, eta1, eta2, beta, entering: FastWeights) -> tuple[torch.Tensor, FastWeights]:
         ttt = self.cfg.ttt
         dtype = entering.w1.dtype
         muon = self.newton_schulz(q, dtype)
@@ -402,7 +402,7 @@ class TTTMixer(nn.Module):
         ttt = self.cfg.ttt
         return NewtonSchulz(ttt.ns_coefficients, operand_dtype(x, state_dtype)) if ttt.muon else None
 
-    def _parallel(
+    def _linear_attention_scan(
         self, q, k, v, eta1, beta, entering: FastWeights, cu_seqlens: Optional[torch.Tensor] = None
     ) -> tuple[torch.Tensor, FastWeights]:
         """Features with the (frozen) W0/W2, then the chunk scan (over packed documents when
@@ -420,7 +420,7 @@ class TTTMixer(nn.Module):
                        token_causal=ttt.token_causal, update_sign=ttt.update_sign)  # fmt: skip
         operands = (hq, hk, v.to(feature_dtype), eta1.to(feature_dtype), entering.w1, ttt.chunk_size)
         if cu_seqlens is None:
-            out, final_w1, final_momentum = self.chunk_scan(*operands, **options)
+            out, final_w1, final_momentum = self.w1_chunk_scan(*operands, **options)
         else:
             out, final_w1, final_momentum = chunk_ttt_la(*operands, cu_seqlens=cu_seqlens,
                                                          allow_triton=ttt.use_kernel, **options)  # fmt: skip
@@ -434,10 +434,10 @@ class TTTMixer(nn.Module):
             return swiglu_features_op(x, w0, w2, allow_triton=self.cfg.ttt.use_kernel)
         return self.features(x, w0, w2)
 
-    def chunk_scan(self, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    def w1_chunk_scan(self, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """The W1 chunk scan, with `ttt_la_parallel_reference`'s signature, through its public op
         `kernels.ttt_la.chunk_ttt_la` (Triton or the reference, decided there; `model.ttt.use_kernel`
-        allows the kernels), run through the scan strategy's `chunk_scan` (across sp ranks, the state
+        allows the kernels), run through the scan strategy's `w1_chunk_scan` (across sp ranks, the state
         exchange wraps it)."""
         local_scan = partial(chunk_ttt_la, allow_triton=self.cfg.ttt.use_kernel)
-        return self.scan.chunk_scan(local_scan, *args, **kwargs)
+        return self.scan.w1_chunk_scan(local_scan, *args, **kwargs)

@@ -16,7 +16,7 @@ Writes sp.json and sp.md under --out (default docs/bench), one row per measureme
 With sp = 1 every rank runs whole sequences (dp = world); --sp picks the degrees (default 1 and the
 world size; `--sp 1,4,8` on 8 GPUs adds the dp = 2 x sp = 4 layout). Timings are rank 0's, medians
 of --iters.
-On GPUs it runs NCCL in bf16 at the 760M shape (configs/model/760m.yaml with model.ttt.mode=parallel
+On GPUs it runs NCCL in bf16 at the 760M shape (configs/model/760m.yaml with model.ttt.mode=linear_attention
 fast_weights=w1 weight_norm=false); `--quick` runs a tiny shape on CPU with gloo as a smoke test.
 Keep NCCL_NVLS_ENABLE=0 in the environment on NVLink hosts.
 """
@@ -48,7 +48,7 @@ from parallel.sequence_parallel import SequenceParallelLM
 from parallel.activation_checkpointing import checkpoint_blocks
 from parallel.sliced_mixer import SliceContext, slice_mixers
 
-PARALLEL_760M = ["ttt.mode=parallel", "ttt.fast_weights=w1", "ttt.weight_norm=false"]
+PARALLEL_760M = ["ttt.mode=linear_attention", "ttt.fast_weights=w1", "ttt.weight_norm=false"]
 
 
 @dataclass

@@ -84,7 +84,7 @@ class SequenceParallelLM(nn.Module):
     def __init__(self, model: TTTLM, groups: ParallelDims) -> None:
         super().__init__()
         ttt = model.cfg.ttt
-        if groups.sp > 1 and ttt.mode == "parallel" and ttt.muon:
+        if groups.sp > 1 and ttt.mode == "linear_attention" and ttt.muon:
             raise ValueError(MUON_ERROR)
         self.model = model
         self.groups = groups

@@ -48,7 +48,7 @@ class StateExchangeScan(LocalScan):
 
     groups: ParallelDims
 
-    def chunk_scan(self, local_scan: ChunkScan, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    def w1_chunk_scan(self, local_scan: ChunkScan, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """`local_scan` on this rank's slice, inside the state exchange."""
         return state_exchange_scan(local_scan, self.groups, *args, **kwargs)
 
@@ -103,6 +103,6 @@ def slice_mixers(model: nn.Module, context: SliceContext) -> int:
     """Set every TTTMixer of `model` to run on this rank's slice; returns how many were set."""
     mixers = [module for module in model.modules() if isinstance(module, TTTMixer)]
     for mixer in mixers:
-        scan = StateExchangeScan(context.groups) if mixer.cfg.ttt.mode == "parallel" else RingScan(context.groups)
+        scan = StateExchangeScan(context.groups) if mixer.cfg.ttt.mode == "linear_attention" else RingScan(context.groups)
         mixer.set_strategies(scan=scan, window=HaloWindowAttention(context))
     return len(mixers)

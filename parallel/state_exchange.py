@@ -266,7 +266,7 @@ def state_exchange_scan(
 
 
 MUON_ERROR = (
-    "model.ttt.muon=true cannot run with parallel.sp > 1 in model.ttt.mode=parallel: Newton-Schulz of the "
+    "model.ttt.muon=true cannot run with parallel.sp > 1 in model.ttt.mode=linear_attention: Newton-Schulz of the "
     "momentum carried into a slice is not a linear function of it, so slices cannot start before the "
     "previous slice has finished; set model.ttt.muon=false, or model.ttt.mode=recurrent (the serial ring), "
     "or parallel.sp=1"

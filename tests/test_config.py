@@ -16,8 +16,8 @@ from model.lm import TTTLM, count_parameters
         (dict(ttt=TTTConfig(chunk_size=0)), "model.ttt.chunk_size"),
         (dict(ttt=TTTConfig(mode="sideways")), "model.ttt.mode"),
         (dict(ttt=TTTConfig(num_heads=3)), "model.ttt.num_heads"),
-        (dict(ttt=TTTConfig(mode="parallel", fast_weights="all")), "model.ttt.fast_weights"),
-        (dict(ttt=TTTConfig(mode="parallel", weight_norm=True)), "model.ttt.weight_norm"),
+        (dict(ttt=TTTConfig(mode="linear_attention", fast_weights="all")), "model.ttt.fast_weights"),
+        (dict(ttt=TTTConfig(mode="linear_attention", weight_norm=True)), "model.ttt.weight_norm"),
         (dict(ttt=TTTConfig(mode="recurrent", token_causal=True)), "model.ttt.token_causal"),
         (dict(ttt=TTTConfig(ns_coefficients="quintic")), "model.ttt.ns_coefficients"),
         (dict(ttt=TTTConfig(w02_rank=-1)), "model.ttt.w02_rank"),
@@ -78,3 +78,11 @@ def test_released_presets_have_the_released_parameter_count(path: str, released:
     with torch.device("meta"):
         model = TTTLM(load_model_config(path))
     assert count_parameters(model) == released
+
+
+def test_the_earlier_mode_name_still_loads_with_a_warning():
+    """Configs saved with checkpoints before the rename say mode=parallel; they build the same model."""
+    with pytest.warns(UserWarning, match="model.ttt.mode=parallel is now called model.ttt.mode=linear_attention"):
+        assert TTTConfig(mode="parallel").mode == "linear_attention"
+    with pytest.warns(UserWarning):
+        assert load_model_config("configs/model/tiny.yaml", ["ttt.mode=parallel"]).ttt.mode == "linear_attention"

@@ -18,8 +18,8 @@ from model.segments import DocumentSegments
 TOLERANCE = 1e-10  # float64; the packed and the separate runs sum in the same order up to rounding
 
 MODES = {
-    "parallel": TTTConfig(mode="parallel", chunk_size=8, momentum=True),
-    "parallel-token-causal": TTTConfig(mode="parallel", chunk_size=8, momentum=True, token_causal=True),
+    "parallel": TTTConfig(mode="linear_attention", chunk_size=8, momentum=True),
+    "parallel-token-causal": TTTConfig(mode="linear_attention", chunk_size=8, momentum=True, token_causal=True),
     "recurrent": TTTConfig(mode="recurrent", chunk_size=8, fast_weights="all", momentum=True, weight_norm=True),
 }
 # Two rows of 30 tokens: documents of 11 + 19 tokens, and 5 + 3 + 22 (shorter than a chunk, odd lengths).

@@ -22,9 +22,9 @@ SEQ_LEN = 37
 TOLERANCE = 1e-9
 
 MODES = {
-    "parallel": TTTConfig(mode="parallel", fast_weights="w1"),
+    "parallel": TTTConfig(mode="linear_attention", fast_weights="w1"),
     "parallel-token-causal-momentum-muon": TTTConfig(
-        mode="parallel", fast_weights="w1", token_causal=True, momentum=True, muon=True
+        mode="linear_attention", fast_weights="w1", token_causal=True, momentum=True, muon=True
     ),
     "recurrent-all-momentum-weightnorm": TTTConfig(
         mode="recurrent", fast_weights="all", momentum=True, weight_norm=True
@@ -33,7 +33,7 @@ MODES = {
     "recurrent-released": TTTConfig(
         mode="recurrent", fast_weights="all", momentum=True, muon=True, weight_norm=True, w02_rank=2
     ),
-    "parallel-identity-per-head-lr": TTTConfig(mode="parallel", feature_map="identity", per_token_lr=False, momentum=True),
+    "parallel-identity-per-head-lr": TTTConfig(mode="linear_attention", feature_map="identity", per_token_lr=False, momentum=True),
 }
 
 

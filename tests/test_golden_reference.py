@@ -20,7 +20,7 @@ from model.proof import GOLDEN_INPUT_SHAPE, TINY_RELEASED as OFFICIAL, tiny_mixe
 
 TOLERANCE = 1e-10
 
-PARALLEL = replace(OFFICIAL, mode="parallel", fast_weights="w1", weight_norm=False)
+PARALLEL = replace(OFFICIAL, mode="linear_attention", fast_weights="w1", weight_norm=False)
 
 CASES = {
     "official": OFFICIAL,

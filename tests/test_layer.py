@@ -21,7 +21,7 @@ def twin_models(momentum: bool, muon: bool, window: int = 8):
     base = dict(num_heads=2, chunk_size=8, fast_weights="w1", momentum=momentum, muon=muon)
     cfg = dict(vocab_size=50, hidden_size=24, num_layers=2, num_attn_heads=2, window_size=window)
     recurrent = TTTLM(LMConfig(**cfg, ttt=TTTConfig(mode="recurrent", **base))).double()
-    parallel = TTTLM(LMConfig(**cfg, ttt=TTTConfig(mode="parallel", **base))).double()
+    parallel = TTTLM(LMConfig(**cfg, ttt=TTTConfig(mode="linear_attention", **base))).double()
     parallel.load_state_dict(recurrent.state_dict())
     for p in recurrent.parameters():  # make the learning rates and momenta non-trivial
         p.data.add_(0.05 * torch.randn_like(p))

@@ -50,9 +50,9 @@ def train_losses(ttt: TTTConfig) -> list[float]:
 @pytest.mark.parametrize(
     "ttt",
     [
-        TTTConfig(mode="parallel", chunk_size=32, momentum=True),
+        TTTConfig(mode="linear_attention", chunk_size=32, momentum=True),
         TTTConfig(mode="recurrent", chunk_size=32, fast_weights="all", momentum=True, weight_norm=True),
-        TTTConfig(mode="parallel", chunk_size=32, update_sign=-1.0),  # proof 4: ascent still trains
+        TTTConfig(mode="linear_attention", chunk_size=32, update_sign=-1.0),  # proof 4: ascent still trains
     ],
     ids=["parallel", "recurrent", "parallel-ascent"],
 )

@@ -33,7 +33,7 @@ from parallel.activation_checkpointing import checkpoint_blocks
 from train.config import CHECKPOINT_POLICIES
 from train.flops import PEAK_BF16_TFLOPS, TRAINING_MULTIPLIER, baseline_forward_flops_per_token, training_flops_per_token
 
-PARALLEL_FORM = ["ttt.mode=parallel", "ttt.fast_weights=w1", "ttt.weight_norm=false"]
+PARALLEL_FORM = ["ttt.mode=linear_attention", "ttt.fast_weights=w1", "ttt.weight_norm=false"]
 CONFIG_DIR = Path("configs/model")
 
 

@@ -34,7 +34,7 @@ from train.tokenizer import ByteTokenizer
 
 VARIANTS = {
     "lact-recurrent": ["ttt.mode=recurrent", "ttt.fast_weights=all", "ttt.weight_norm=true", "ttt.momentum=true"],
-    "ttt-la-parallel": ["ttt.mode=parallel", "ttt.fast_weights=w1", "ttt.weight_norm=false"],
+    "ttt-la-parallel": ["ttt.mode=linear_attention", "ttt.fast_weights=w1", "ttt.weight_norm=false"],
     "sdpa-transformer": [],
 }
 DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
