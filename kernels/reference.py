@@ -1,4 +1,4 @@
-"""Pure-PyTorch references for the TTT layer: the obvious computations every fast path is checked against.
+"""Pure-PyTorch references for the TTT layer: the obvious computations every kernel is checked against.
 
 Two forms, per (batch, head), all tensors in the layout `[B, T, H, *]`:
 

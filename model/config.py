@@ -46,7 +46,7 @@ class TTTConfig:
     `configs/model/lact_760m.yaml`. The fields after `use_kernel` reproduce the layer as released (a1600012888/LaCT, `lact_llm`:
     `ttt_operation.py` and `layer_lact_swiglu.py`) and default to what it does; each can be switched
     off to study it. They act on the per-token inputs and the output, so both modes offer them:
-    * `rope`: RoPE on the fast q/k after their L2 norm (released configs: `ttt_nope=False`), with
+    * `rope`: RoPE on the TTT q/k after their L2 norm (released configs: `ttt_nope=False`), with
       the attention branch's tables (`model.rope_theta`, blocks of the attention head dim,
       positions absolute or restarting per packed document);
     * `ns_coefficients`: Muon's Newton-Schulz schedule, "lact" (five different (a, b, c), as
@@ -54,10 +54,10 @@ class TTTConfig:
       under autocast, as released) after a Frobenius normalisation + 1e-7;
     * `output_scale`: the per-head gate silu(ttt_scale_proj(x)) on the normed TTT output
       (`learnable_ttt_scale=True` in every released config);
-    * `qk_affine`: learnable per-channel scale and offset on q/k before the fast branch's SiLU;
+    * `qk_affine`: learnable per-channel scale and offset on q/k before the TTT branch's SiLU;
     * `w02_rank`: r > 0 makes the learned initial W0, W2 low-rank plus 0.5 I (W_left W_right + 0.5 I,
       rank 32 in the released configs); 0 keeps them full matrices (the released class default);
-    * `l2_eps`, `weight_norm_eps`, `output_norm_eps`: x / (|x| + 1e-5) for the fast q/k, weight
+    * `l2_eps`, `weight_norm_eps`, `output_norm_eps`: x / (|x| + 1e-5) for the TTT q/k, weight
       norm W / (|W|_row + 1e-5) |W(0)|_row, and the per-head RMSNorm's 1e-5, as released;
     * `init_gain` 1.0 and `low_rank_init_gain` 0.5: std gain / sqrt(fan_in) of the full-rank fast
       weights and of the low-rank factors (std gain / sqrt(rank) and gain / sqrt(d)), as released.
@@ -199,7 +199,7 @@ class LMConfig:
     mlp_hidden_size: Optional[int] = None  # defaults to the SwiGLU 8/3 rule, rounded up to 64
     num_attn_heads: int = 4
     window_size: int = 64  # sliding-window attention; 0 turns the attention branch off
-    rope_theta: float = 1e6  # the released LaCT configs' theta, shared by the attention branch and the fast q/k
+    rope_theta: float = 1e6  # the released LaCT configs' theta, shared by the attention branch and the TTT q/k
     rope_layout: str = "half"  # pairs (i, i + D/2) as fla's RotaryEmbedding in the released code; "interleaved": (2i, 2i+1)
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
@@ -230,7 +230,7 @@ class LMConfig:
                 f"{prefix}.num_attn_heads",
                 self.num_attn_heads,
                 f"must leave an even attention head dim for RoPE ({prefix}.hidden_size={self.hidden_size}; "
-                f"the fast q/k use the same RoPE blocks when {prefix}.ttt.rope=true)",
+                f"the TTT q/k use the same RoPE blocks when {prefix}.ttt.rope=true)",
             )
         if self.window_size == 0 and not self.ttt.token_causal:
             raise ConfigError(

@@ -39,7 +39,7 @@ from model.ttt_layer import LocalScan, LocalWindow, RowPositions, TTTInputs, TTT
 class LayerCache:
     """One layer's decoding state; every tensor has a size fixed by the config, not the context."""
 
-    fast: FastWeights  # after the last complete chunk, [B, H, *, *] (fp32; fp64 in the tests)
+    fast_weights: FastWeights  # after the last complete chunk, [B, H, *, *] (fp32; fp64 in the tests)
     pending_k: torch.Tensor  # [B, C, H, d] keys of the partial chunk (slots < position % C are valid)
     pending_v: torch.Tensor  # [B, C, H, d]
     pending_etas: torch.Tensor  # [B, C, 3, H] learning rates
@@ -54,7 +54,7 @@ class LayerCache:
         return [t for t in own if t is not None]
 
     def tensors(self) -> list[torch.Tensor]:
-        return self.fast.tensors() + self.buffers()
+        return self.fast_weights.tensors() + self.buffers()
 
 
 @dataclass
@@ -87,7 +87,7 @@ def empty_cache(mixer: TTTMixer, fast: FastWeights) -> LayerCache:
         head_dim = cfg.hidden_size // mixer.attn_heads
         keys, values = (zeros(batch, mixer.attn_heads, cfg.window_size, head_dim) for _ in range(2))
     return LayerCache(
-        fast=fast,
+        fast_weights=fast,
         pending_k=zeros(batch, chunk, heads, d),
         pending_v=zeros(batch, chunk, heads, d),
         pending_etas=zeros(batch, chunk, 3, heads, dtype=state_dtype),
@@ -120,7 +120,7 @@ def pending_chunk(cache: LayerCache) -> TTTInputs:
 def ttt_token_output(mixer: TTTMixer, cache: LayerCache, inputs: TTTInputs) -> torch.Tensor:
     """The fast-weight branch for one token per row -> [B, 1, H, d]: W1 after the last complete chunk,
     plus (token-causal) the partial chunk's running sum, which this token's inputs join first."""
-    fast = cache.fast
+    fast = cache.fast_weights
     read = fast.w1  # [B, H, d, dh]: the weights left by the previous chunk
     if cache.intra is not None:
         cache.intra += _intra_update(mixer, inputs, fast)
@@ -168,16 +168,16 @@ class PrefillScan(LocalScan):
         complete = prompt_len - prompt_len % mixer.cfg.ttt.chunk_size
         outputs = []
         if complete:
-            out, fast = mixer.fast_weight_scan(_slice_inputs(inputs, 0, complete), cache.fast)
-            cache.fast = fast.map(_own_storage)
+            out, fast = mixer.fast_weight_scan(_slice_inputs(inputs, 0, complete), cache.fast_weights)
+            cache.fast_weights = fast.map(_own_storage)
             outputs.append(out)
         if complete < prompt_len:
             remainder = _slice_inputs(inputs, complete, prompt_len)
-            outputs.append(mixer.fast_weight_scan(remainder, cache.fast)[0])
+            outputs.append(mixer.fast_weight_scan(remainder, cache.fast_weights)[0])
             store_pending(cache, remainder, (slice(None), slice(0, prompt_len - complete)))
             if cache.intra is not None:
-                cache.intra += _intra_update(mixer, remainder, cache.fast)
-        return torch.cat(outputs, dim=1), cache.fast
+                cache.intra += _intra_update(mixer, remainder, cache.fast_weights)
+        return torch.cat(outputs, dim=1), cache.fast_weights
 
 
 @dataclass
@@ -229,10 +229,10 @@ class StepScan(LocalScan):
         store_pending(cache, inputs, (slice(None), slice(slot, slot + 1)))
         ttt_out = ttt_token_output(mixer, cache, inputs)
         if slot == chunk - 1:  # the chunk is complete: apply its update with the chunk form's function
-            cache.fast = mixer.fast_weight_scan(pending_chunk(cache), cache.fast)[1]
+            cache.fast_weights = mixer.fast_weight_scan(pending_chunk(cache), cache.fast_weights)[1]
             if cache.intra is not None:
                 cache.intra.zero_()
-        return ttt_out, cache.fast
+        return ttt_out, cache.fast_weights
 
 
 @dataclass

@@ -8,8 +8,8 @@ from `kernels/` or `model/` (the config type aside), so a mistake in the project
 repeated here. Meant for float64 on tiny sizes: it is slow on purpose.
 
 What it computes (the released `lact_llm` layer, block-causal, apply-then-update):
-  q, k, v = x Wqkv;  fast q/k = silu(q * s + o) (affine optional), L2-normalised (|.| + eps),
-  RoPE over blocks of the attention head dim (optional); fast v = silu(v)
+  q, k, v = x Wqkv;  TTT q/k = silu(q * s + o) (affine optional), L2-normalised (|.| + eps),
+  RoPE over blocks of the attention head dim (optional); TTT v = silu(v)
   per chunk c: o_t = f_W(q_t) for t in c;  then, for each fast weight W_i,
       G_i = d/dW_i sum_{t in c} eta_i,t * (-<f_W(k_t), v_t>)
       M_i = beta_c M_i + G_i (momentum: beta_c = mean of sigmoid gates over c) ;  U_i = NS(M_i) (Muon)

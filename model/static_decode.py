@@ -59,7 +59,7 @@ class RowStepScan(LocalScan):
         positions = rows.offset[:, None]  # [B, 1]
         batch_rows = torch.arange(x.shape[0], device=x.device)[:, None]
         store_pending(self.cache, inputs, (batch_rows, positions % mixer.cfg.ttt.chunk_size))
-        return ttt_token_output(mixer, self.cache, inputs), self.cache.fast
+        return ttt_token_output(mixer, self.cache, inputs), self.cache.fast_weights
 
 
 @dataclass
@@ -142,8 +142,8 @@ class StaticDecoder:
         """
         completes = self.completes[:, None, None, None]
         for block, cache in zip(self.model.blocks, self.layers):
-            updated = block.mixer.fast_weight_scan(pending_chunk(cache), cache.fast)[1]
-            for name, current in cache.fast.named_tensors():
+            updated = block.mixer.fast_weight_scan(pending_chunk(cache), cache.fast_weights)[1]
+            for name, current in cache.fast_weights.named_tensors():
                 current.copy_(torch.where(completes, getattr(updated, name), current))
             if cache.intra is not None:
                 cache.intra.masked_fill_(completes, 0.0)
@@ -163,14 +163,14 @@ def _stack_layer(mixer: TTTMixer, caches: list[LayerCache], order: torch.Tensor)
     The fast weights hold every field the layer's update produces: a momentum that a state does not
     carry yet (no chunk completed) is zero, which is exactly how the update starts it.
     """
-    produced = mixer.fast_weight_scan(pending_chunk(caches[0]), caches[0].fast)[1]
-    fast = FastWeights.concat([c.fast.aligned_to(produced) for c in caches]).select(order)
+    produced = mixer.fast_weight_scan(pending_chunk(caches[0]), caches[0].fast_weights)[1]
+    fast = FastWeights.concat([c.fast_weights.aligned_to(produced) for c in caches]).select(order)
     buffers = {
         f.name: None if getattr(caches[0], f.name) is None else torch.cat([getattr(c, f.name) for c in caches])[order]
         for f in fields(LayerCache)
-        if f.name != "fast"
+        if f.name != "fast_weights"
     }
-    return LayerCache(fast=fast, **buffers)
+    return LayerCache(fast_weights=fast, **buffers)
 
 
 @torch.no_grad()

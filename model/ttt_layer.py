@@ -3,7 +3,7 @@
 Both branches read one shared q/k/v projection, as in LaCT: the attention branch splits it into
 `num_attn_heads` RoPE heads; the TTT branch into `ttt.num_heads` heads of d = hidden / heads, with
 (optionally) a per-channel affine map on q/k, SiLU on q/k/v, L2-normalised q/k and (optionally) the
-attention branch's RoPE on the fast q/k; its per-head normed output is (optionally) gated by
+attention branch's RoPE on the TTT q/k; its per-head normed output is (optionally) gated by
 silu(ttt_scale_proj(x)). `model.config.TTTConfig` says which option is the released layer's. Per head the TTT branch holds the fast-weight MLP
 f(x) = W1 (silu(W0 x) * (W2 x)) whose initial weights are learned parameters, and per token it
 predicts three learning rates (softplus, "mamba" parameterisation) and, with momentum, a
@@ -138,7 +138,7 @@ class LocalWindow:
 
 
 def l2_normalise(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / (|x| + eps) over the last dim, as the released LaCT code normalises the fast q/k."""
+    """x / (|x| + eps) over the last dim, as the released LaCT code normalises the TTT q/k."""
     return x / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + eps)
 
 

@@ -120,7 +120,7 @@ def unrolled_lact_output(
     """Output of the recurrent layer recomputed as linear attention (see the module docstring).
 
     q, k, v: [B, T, H, d]; eta1: [B, T, H]; w1_initial: [B, H, d, dh]; beta: [B, N, H] or None.
-    Deliberately O(N^3) in the number of chunks: it is a proof, not a fast path.
+    Deliberately O(N^3) in the number of chunks: it is a proof, not an optimised path.
     """
     bounds = chunk_bounds(q.shape[1], chunk_size)
     n_chunks = len(bounds)

@@ -61,8 +61,8 @@ MUTATIONS = [
     Mutation("learning-rate rows read head-major as weight-major", (
         (LAYER, ".reshape(batch, seq_len, self.num_heads, 3)", ".reshape(batch, seq_len, 3, self.num_heads).transpose(2, 3)"),
     )),  # fmt: skip
-    Mutation("fast q/k L2 norm removed", ((LAYER, "tq, tk = l2_normalise(tq, ttt.l2_eps), l2_normalise(tk, ttt.l2_eps)", "pass"),)),
-    Mutation("fast q/k RoPE removed", ((LAYER, "if ttt.rope:  # the attention", "if False:  # the attention"),)),
+    Mutation("TTT q/k L2 norm removed", ((LAYER, "tq, tk = l2_normalise(tq, ttt.l2_eps), l2_normalise(tk, ttt.l2_eps)", "pass"),)),
+    Mutation("TTT q/k RoPE removed", ((LAYER, "if ttt.rope:  # the attention", "if False:  # the attention"),)),
     Mutation("decoded tokens placed at position 0", ((DECODE, "token_ids[:, None], state.position)", "token_ids[:, None], 0)"),)),
     Mutation("classic Newton-Schulz schedule instead of LaCT's", ((REFERENCE, "return NS_SCHEDULES[self.schedule]", 'return NS_SCHEDULES["classic"]'),)),
     Mutation("update before apply", ((REFERENCE, APPLY, ""), (REFERENCE, AFTER_UPDATE, AFTER_UPDATE.replace(

@@ -63,10 +63,10 @@ def test_rows_without_a_completed_chunk_keep_their_fast_weights() -> None:
     """The update runs for every row but lands only where the device flag is set."""
     model = make_model(MODES["recurrent-all-momentum-weightnorm"])
     _, decoder = prefill_rows(model, [[1] * (CHUNK - 1), [2] * 3])  # row 0 completes its chunk next, row 1 does not
-    before = [layer.fast.w1.clone() for layer in decoder.layers]
+    before = [layer.fast_weights.w1.clone() for layer in decoder.layers]
     DecodeRunner(decoder, partial(sample_tokens, temperature=0.0, top_p=1.0), graphs=False).step()
     for layer, w1 in zip(decoder.layers, before):
-        assert not torch.equal(layer.fast.w1[0], w1[0]) and torch.equal(layer.fast.w1[1], w1[1])
+        assert not torch.equal(layer.fast_weights.w1[0], w1[0]) and torch.equal(layer.fast_weights.w1[1], w1[1])
 
 
 class HostReads(TorchDispatchMode):

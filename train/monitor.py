@@ -51,12 +51,12 @@ class LearningRateProbe:
         }
 
 
-def state_norms(states: list[FastWeights], fast: tuple[str, ...]) -> dict[str, float]:
-    """Frobenius norm of each fast weight per layer, averaged over batch and heads."""
+def state_norms(states: list[FastWeights], names: tuple[str, ...]) -> dict[str, float]:
+    """Frobenius norm of each fast weight named in `names` (w0, w1, ...) per layer, averaged over batch and heads."""
     return {
         f"ttt_state_norm/{name}/layer{index:02d}": torch.linalg.vector_norm(getattr(state, name).float(), dim=(-2, -1)).mean().item()
         for index, state in enumerate(states)
-        for name in fast
+        for name in names
     }
 
 
