@@ -44,7 +44,7 @@ bench-kernels:
 # The simplification ladder V0..V6 (arXiv 2602.21204, Table 2): one 760M layer per step, recurrent and
 # parallel tokens/s beside the paper's; writes docs/bench/ladder.json and ladder.md (CUDA).
 bench-ladder:
-	$(PYTHON) -m kernels.bench --ladder
+	$(PYTHON) -m train.benchmarks.ladder
 
 # The whole model's training step against the same-size transformer (one GPU): tokens/s, peak memory,
 # MFU; writes docs/bench/train_step.json and .md.

@@ -15,7 +15,6 @@ at three shapes (B * T = 131072 tokens each):
 FLOP model (per token per head, forward; backward counted as 2x forward) in docs/kernels.md.
 Writes kernels.json and kernels.md under --out; also measures the bf16 matmul peak (8192^3).
 `--variants` instead times the design choices and tile shapes docs/kernels.md reports (variants.json).
-`--ladder` instead times the simplification ladder's layers (kernels/ladder.py; `--smoke`: tiny, on CPU).
 """
 
 from __future__ import annotations
@@ -96,59 +95,10 @@ def randn(*shape, device, dtype=torch.bfloat16, scale=1.0, grad=True):
 def make_case(impl: str, shape: dict, T: int, device):
     """Returns (forward closure returning the tensor to backprop, leaf tensors)."""
     B = max(1, TOKENS // T)
-    H, d, dh, C = shape["H"], shape["d"], shape["dh"], shape["C"]
-    eta = lambda: (torch.rand(B, T, H, device=device) * 0.1 + 0.01).to(torch.bfloat16).requires_grad_()  # noqa: E731
     if impl.startswith("tttla") or impl == "eager":
-        v, e = randn(B, T, H, d, device=device), eta()
-        if shape["features"]:
-            xq, xk = randn(B, T, H, d, device=device), randn(B, T, H, d, device=device)
-            w0 = randn(H, dh, d, device=device, scale=d**-0.5)
-            w2 = randn(H, dh, d, device=device, scale=d**-0.5)
-            leaves = [xq, xk, v, e, w0, w2]
-        else:
-            hq = randn(B, T, H, dh, device=device, scale=dh**-0.5)
-            hk = randn(B, T, H, dh, device=device, scale=dh**-0.5)
-            leaves = [hq, hk, v, e]
-        if impl.startswith("tttla"):
-            state = randn(B, H, d, dh, device=device, dtype=torch.float32, scale=0.02)
-            compiled = compiled_swiglu_features()
-
-            def fwd():
-                if shape["features"] and impl == "tttla_torch_features":
-                    w02 = pack_swiglu_weights(w0, w2)
-                    hq_, hk_ = compiled(xq, w02), compiled(xk, w02)
-                elif shape["features"]:
-                    hq_, hk_ = feature_kernels.swiglu_features(xq, w0, w2), feature_kernels.swiglu_features(xk, w0, w2)
-                else:
-                    hq_, hk_ = hq, hk
-                return chunk_ttt_la(hq_, hk_, v, e, state, C, token_causal=shape["token_causal"])[0]
-        else:
-            state = randn(B, H, d, dh, device=device, scale=0.02)
-
-            def fwd():
-                if shape["features"]:
-                    hq_, hk_ = swiglu_features(xq, w0, w2), swiglu_features(xk, w0, w2)
-                else:
-                    hq_, hk_ = hq, hk
-                return ttt_la_parallel_reference(hq_, hk_, v, e, state, C, token_causal=shape["token_causal"])[0]
-        return fwd, leaves + [state]
+        return _ttt_case(impl, shape, B, T, device)
     if impl.startswith("fla"):
-        heads = fla_heads(shape)
-        q, k, v = (randn(B, T, heads, FLA_DIM, device=device) for _ in range(3))
-        if impl == "fla_simple_gla":
-            from fla.ops.simple_gla import chunk_simple_gla
-
-            # per-head constant decay (g_gamma): fla refuses the per-token-gated backward on Triton < 3.7.1 on Hopper
-            g_gamma = F.logsigmoid(torch.randn(heads, device=device) + 4)
-
-            def fwd():
-                return chunk_simple_gla(q, k, v, g_gamma=g_gamma, scale=FLA_DIM**-0.5)[0]
-            return fwd, [q, k, v]
-        from fla.ops.linear_attn import chunk_linear_attn
-
-        def fwd():
-            return chunk_linear_attn(q, k, v, scale=FLA_DIM**-0.5, normalize=False)[0]
-        return fwd, [q, k, v]
+        return _fla_case(impl, shape, B, T, device)
     if impl == "sdpa":
         heads = sdpa_heads(shape)
         q, k, v = (randn(B, heads, T, SDPA_HEAD_DIM, device=device) for _ in range(3))
@@ -157,6 +107,66 @@ def make_case(impl: str, shape: dict, T: int, device):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return fwd, [q, k, v]
     raise ValueError(impl)
+
+
+def _ttt_case(impl: str, shape: dict, B: int, T: int, device):
+    """Our layer: the Triton ops (`tttla`, `tttla_torch_features`: compiled torch features) or the
+    eager reference (`eager`), with or without the SwiGLU features in the timed region."""
+    H, d, dh, C = shape["H"], shape["d"], shape["dh"], shape["C"]
+    v = randn(B, T, H, d, device=device)
+    e = (torch.rand(B, T, H, device=device) * 0.1 + 0.01).to(torch.bfloat16).requires_grad_()
+    if shape["features"]:
+        xq, xk = randn(B, T, H, d, device=device), randn(B, T, H, d, device=device)
+        w0 = randn(H, dh, d, device=device, scale=d**-0.5)
+        w2 = randn(H, dh, d, device=device, scale=d**-0.5)
+        leaves = [xq, xk, v, e, w0, w2]
+    else:
+        hq = randn(B, T, H, dh, device=device, scale=dh**-0.5)
+        hk = randn(B, T, H, dh, device=device, scale=dh**-0.5)
+        leaves = [hq, hk, v, e]
+    if impl.startswith("tttla"):
+        state = randn(B, H, d, dh, device=device, dtype=torch.float32, scale=0.02)
+        compiled = compiled_swiglu_features()
+
+        def fwd():
+            if shape["features"] and impl == "tttla_torch_features":
+                w02 = pack_swiglu_weights(w0, w2)
+                hq_, hk_ = compiled(xq, w02), compiled(xk, w02)
+            elif shape["features"]:
+                hq_, hk_ = feature_kernels.swiglu_features(xq, w0, w2), feature_kernels.swiglu_features(xk, w0, w2)
+            else:
+                hq_, hk_ = hq, hk
+            return chunk_ttt_la(hq_, hk_, v, e, state, C, token_causal=shape["token_causal"])[0]
+    else:
+        state = randn(B, H, d, dh, device=device, scale=0.02)
+
+        def fwd():
+            if shape["features"]:
+                hq_, hk_ = swiglu_features(xq, w0, w2), swiglu_features(xk, w0, w2)
+            else:
+                hq_, hk_ = hq, hk
+            return ttt_la_parallel_reference(hq_, hk_, v, e, state, C, token_causal=shape["token_causal"])[0]
+    return fwd, leaves + [state]
+
+
+def _fla_case(impl: str, shape: dict, B: int, T: int, device):
+    """flash-linear-attention's chunk kernels at our layer's state size (`fla_heads`)."""
+    heads = fla_heads(shape)
+    q, k, v = (randn(B, T, heads, FLA_DIM, device=device) for _ in range(3))
+    if impl == "fla_simple_gla":
+        from fla.ops.simple_gla import chunk_simple_gla
+
+        # per-head constant decay (g_gamma): fla refuses the per-token-gated backward on Triton < 3.7.1 on Hopper
+        g_gamma = F.logsigmoid(torch.randn(heads, device=device) + 4)
+
+        def fwd():
+            return chunk_simple_gla(q, k, v, g_gamma=g_gamma, scale=FLA_DIM**-0.5)[0]
+        return fwd, [q, k, v]
+    from fla.ops.linear_attn import chunk_linear_attn
+
+    def fwd():
+        return chunk_linear_attn(q, k, v, scale=FLA_DIM**-0.5, normalize=False)[0]
+    return fwd, [q, k, v]
 
 
 def measure(impl: str, name: str, shape: dict, T: int, device, peak: float) -> dict:
@@ -242,15 +252,13 @@ def time_fwd_fwdbwd(fwd, leaves) -> tuple[float, float]:
     return fwd_ms, do_bench(lambda: fwd().backward(grad_out), grads=leaves)
 
 
-def variants(device) -> list[dict]:
-    """Times the design choices of docs/kernels.md: fused vs torch features (and the fused backward's
-    recompute vs saved projections, tile shapes), the update fused into the scan vs stored updates
-    (and scan / apply tiles) at the core and layer shapes. T = 16384 unless named."""
-    from kernels import chunk
+class VariantTimer:
+    """Times one design variant with module attributes set for it only, and collects the rows."""
 
-    results = []
+    def __init__(self) -> None:
+        self.results: list[dict] = []
 
-    def record(name, make, settings=None):
+    def record(self, name, make, settings=None) -> None:
         """settings: {(module, attribute): value} set for this variant only."""
         settings = settings or {}
         saved = {key: getattr(*key) for key in settings}
@@ -265,9 +273,21 @@ def variants(device) -> list[dict]:
             for (module, k), value in saved.items():
                 setattr(module, k, value)
             torch.cuda.empty_cache()
-        results.append(dict(variant=name, fwd_ms=fwd_ms, fwdbwd_ms=fwdbwd_ms))
+        self.results.append(dict(variant=name, fwd_ms=fwd_ms, fwdbwd_ms=fwdbwd_ms))
         print(f"variant {name:60s} fwd {fwd_ms:8.3f} ms  fwd+bwd {fwdbwd_ms:8.3f} ms", flush=True)
 
+
+def variants(device) -> list[dict]:
+    """Times the design choices of docs/kernels.md: fused vs torch features (and the fused backward's
+    recompute vs saved projections, tile shapes), the update fused into the scan vs stored updates
+    (and scan / apply tiles) at the core and layer shapes. T = 16384 unless named."""
+    timer = VariantTimer()
+    _feature_variants(timer, device)
+    _scan_variants(timer, device)
+    return timer.results
+
+
+def _feature_variants(timer: VariantTimer, device) -> None:
     def features_case(shape, torch_form):
         def make():
             B, T, H, d, dh = TOKENS // 16384, 16384, shape["H"], shape["d"], shape["dh"]
@@ -280,7 +300,7 @@ def variants(device) -> list[dict]:
             return (lambda: feature_kernels.swiglu_features(x, w0, w2)), [x, w0, w2]
         return make
 
-    F_ = feature_kernels
+    record, F_ = timer.record, feature_kernels
     for name in ("layer", "lact"):
         shape = SHAPES[name]
         record(f"{name} features torch (cuBLAS + compiled)", features_case(shape, True))
@@ -295,9 +315,14 @@ def variants(device) -> list[dict]:
         record(f"layer features fused, matmul {tiles}", features_case(SHAPES["layer"], False),
                {(F_, "MATMUL_TILES"): tiles})
 
+
+def _scan_variants(timer: VariantTimer, device) -> None:
+    from kernels import chunk
+
     def chunk_case(name, T=16384):
         return lambda: make_case("tttla", SHAPES[name], T, device)
 
+    record = timer.record
     for T in (16384, 65536):
         record(f"core T={T} stored updates", chunk_case("core", T), {(chunk, "FUSED_SCAN_MAX_CHUNK"): 0})
         record(f"core T={T} fused scan", chunk_case("core", T))
@@ -315,7 +340,6 @@ def variants(device) -> list[dict]:
     record("layer fused scan 128x128", chunk_case("layer"), {(chunk, "FUSED_SCAN_MAX_CHUNK"): 1 << 30,
            (chunk, "FUSED_SCAN_TILES"): dict(B1=128, B2=128, BT=64, num_warps=8, num_stages=2)})
     record("layer torch features", lambda: make_case("tttla_torch_features", SHAPES["layer"], 16384, device))
-    return results
 
 
 def markdown(rows: list[dict], peak: float) -> str:
@@ -347,14 +371,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print tttla's per-kernel times (layer, T=16384)")
     parser.add_argument("--sweep", action="store_true", help="pick tttla's tile shapes by a short sweep first")
     parser.add_argument("--variants", action="store_true", help="time the design variants only (variants.json)")
-    parser.add_argument("--ladder", action="store_true", help="time the ladder V0..V6 layers only (ladder.json, ladder.md)")
-    parser.add_argument("--smoke", action="store_true", help="with --ladder: a tiny width on the CPU")
     args = parser.parse_args()
-    if args.ladder:
-        from kernels import ladder
-
-        ladder.main(args.smoke, args.out)
-        return
     args.out = args.out or "docs/bench"
     if not torch.cuda.is_available():
         raise SystemExit("kernels.bench needs a CUDA device")

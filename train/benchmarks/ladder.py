@@ -1,4 +1,4 @@
-"""The simplification ladder benchmark: `python -m kernels.bench --ladder` (`make bench-ladder`).
+"""The simplification ladder benchmark: `python -m train.benchmarks.ladder [--smoke] [--out DIR]` (`make bench-ladder`).
 
 Times one sequence-mixer layer (`model.ttt_layer.TTTMixer`: q/k/v projection, the TTT branch, the
 sliding-window attention, o_proj) of every step of arXiv 2602.21204's Table 2
@@ -14,6 +14,8 @@ keeps it working; nothing is written unless --out is given.
 
 from __future__ import annotations
 
+import argparse
+
 import json
 import time
 from dataclasses import replace
@@ -25,7 +27,7 @@ import torch
 from model.config import LMConfig, load_model_config
 from model.ttt_layer import TTTMixer
 
-LADDER_DIR = Path(__file__).resolve().parents[1] / "configs" / "model" / "ladder"
+LADDER_DIR = Path(__file__).resolve().parents[2] / "configs" / "model" / "ladder"
 STEPS = ("v0", "v1", "v2", "v3", "v4", "v5", "v6")
 DESCRIPTIONS = {
     "v0": "LaCT-LLM (all fast weights, momentum, Muon, weight norm)",
@@ -50,6 +52,10 @@ def ladder_config(step: str, smoke: bool) -> LMConfig:
         return cfg
     ttt = replace(cfg.ttt, chunk_size=16, w02_rank=min(cfg.ttt.w02_rank, 4))
     return replace(cfg, hidden_size=64, num_attn_heads=4, window_size=16, ttt=ttt).validate()
+
+
+# The paper's names of the two forms label the rows: `model.ttt.mode` -> row-key prefix.
+FORM_OF_MODE = {"recurrent": "recurrent", "linear_attention": "parallel"}
 
 
 def modes_of(cfg: LMConfig) -> list[str]:
@@ -104,7 +110,7 @@ def run_ladder(smoke: bool, device: torch.device) -> list[dict]:
                "paper_book3_ppl": PAPER_PPL[step]}  # fmt: skip
         for mode in modes_of(cfg):
             for key, value in time_layer(cfg, mode, batch, seq_len, device).items():
-                row[f"{mode}_{key}"] = value
+                row[f"{FORM_OF_MODE[mode]}_{key}"] = value
         print(summary_line(row), flush=True)
         rows.append(row)
     return rows
@@ -130,7 +136,7 @@ def markdown(rows: list[dict], device_name: str) -> str:
     lines = [
         f"# Simplification ladder (arXiv 2602.21204, Table 2), one 760M mixer layer on {device_name}",
         "",
-        f"`make bench-ladder` (`python -m kernels.bench --ladder`): B = {rows[0]['batch']}, T = {rows[0]['seq_len']}, "
+        f"`make bench-ladder` (`python -m train.benchmarks.ladder`): B = {rows[0]['batch']}, T = {rows[0]['seq_len']}, "
         "bf16 autocast, tokens/s of the forward and of forward + backward; the paper's GPU and shapes are not "
         "stated, so compare ratios.",
         "",
@@ -154,6 +160,7 @@ def markdown(rows: list[dict], device_name: str) -> str:
 
 
 def main(smoke: bool, out: Optional[str]) -> None:
+    """Times the ladder and writes ladder.json and ladder.md to `out` (docs/bench on CUDA by default)."""
     device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
     rows = run_ladder(smoke, device)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke)"
@@ -165,3 +172,11 @@ def main(smoke: bool, out: Optional[str]) -> None:
         (folder / "ladder.json").write_text(json.dumps({"device": device_name, "rows": rows}, indent=1) + "\n")
         (folder / "ladder.md").write_text(markdown(rows, device_name))
         print(f"wrote {folder / 'ladder.json'} and {folder / 'ladder.md'}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="a tiny width on the CPU")
+    parser.add_argument("--out", default=None, help="folder for the results (default docs/bench on CUDA; --smoke: none)")
+    arguments = parser.parse_args()
+    main(arguments.smoke, arguments.out)
