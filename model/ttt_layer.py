@@ -413,8 +413,8 @@ class TTTMixer(nn.Module):
         feature_dtype = operand_dtype(q, entering.w1.dtype)
         w0, w2 = (w.to(feature_dtype) for w in self.feature_weights())
         with torch.autocast(device_type=q.device.type, enabled=False):
-            hq = self._parallel_features(q.to(feature_dtype), w0, w2)
-            hk = self._parallel_features(k.to(feature_dtype), w0, w2)
+            hq = self._linear_attention_features(q.to(feature_dtype), w0, w2)
+            hk = self._linear_attention_features(k.to(feature_dtype), w0, w2)
         initial_momentum = None if entering.m1 is None else -entering.m1
         options = dict(beta=beta, initial_momentum=initial_momentum, muon=self.newton_schulz(q, entering.w1.dtype),
                        token_causal=ttt.token_causal, update_sign=ttt.update_sign)  # fmt: skip
@@ -427,7 +427,7 @@ class TTTMixer(nn.Module):
         final = replace(entering, w1=final_w1, m1=None if final_momentum is None else -final_momentum)
         return out, final
 
-    def _parallel_features(self, x: torch.Tensor, w0: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    def _linear_attention_features(self, x: torch.Tensor, w0: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
         """h(x) of the parallel form, [B, T, H, d] -> [B, T, H, dh] with the learned w0, w2 [H, dh, d]:
         SwiGLU through its public op (`kernels.features.swiglu_features`), or the identity map."""
         if self.features is swiglu_features:
