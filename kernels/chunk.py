@@ -155,6 +155,23 @@ def chunk_outer(x, y, eta, table: ChunkTable) -> torch.Tensor:
 
 
 @triton.jit
+def _state_tile(H, D1: tl.constexpr, D2: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr):
+    """This program's [B1, B2] tile of one document's and head's [D1, D2] state, as both state scans
+    lay out their grid (tile, document, head): the tile, document and head indices, the row and
+    column offsets, the flat offsets and bounds mask within the state, and where that state starts."""
+    i_tile = tl.program_id(0)
+    i_doc = tl.program_id(1)
+    i_h = tl.program_id(2)
+    N2: tl.constexpr = (D2 + B2 - 1) // B2
+    offs_1 = (i_tile // N2) * B1 + tl.arange(0, B1)
+    offs_2 = (i_tile % N2) * B2 + tl.arange(0, B2)
+    offs = offs_1[:, None] * D2 + offs_2[None, :]
+    mask = (offs_1[:, None] < D1) & (offs_2[None, :] < D2)
+    doc_base = (i_doc * H + i_h) * D1 * D2
+    return i_tile, i_doc, i_h, offs_1, offs_2, offs, mask, doc_base
+
+
+@triton.jit
 def _chunk_outer_tile(x_ptr, y_ptr, eta_ptr, start, end, i_h, H, offs_1, offs_2,
                       D1: tl.constexpr, D2: tl.constexpr, BT: tl.constexpr, NSUB: tl.constexpr,
                       USE_ETA: tl.constexpr, PRECISION: tl.constexpr):
@@ -185,15 +202,7 @@ def state_scan_fwd_kernel(
 ):
     """FUSED: the chunk update A(c) = sum_t eta_t x_t y_t^T is computed here, from x = v [TT, H, D1]
     and y = h(k) [TT, H, D2], and never leaves registers; otherwise it is read from upd_ptr."""
-    i_tile = tl.program_id(0)
-    i_doc = tl.program_id(1)
-    i_h = tl.program_id(2)
-    N2: tl.constexpr = (D2 + B2 - 1) // B2
-    offs_1 = (i_tile // N2) * B1 + tl.arange(0, B1)
-    offs_2 = (i_tile % N2) * B2 + tl.arange(0, B2)
-    offs = offs_1[:, None] * D2 + offs_2[None, :]
-    mask = (offs_1[:, None] < D1) & (offs_2[None, :] < D2)
-    doc_base = (i_doc * H + i_h) * D1 * D2
+    i_tile, i_doc, i_h, offs_1, offs_2, offs, mask, doc_base = _state_tile(H, D1, D2, B1, B2)
     state = tl.zeros([B1, B2], dtype=tl.float32)
     if HAS_INIT:
         state = tl.load(init_ptr + doc_base + offs, mask=mask, other=0.0).to(tl.float32)
@@ -237,15 +246,7 @@ def state_scan_bwd_kernel(
 ):
     """FUSED: dL/dS(c) = sum_t x_t y_t^T is computed here from x = dO [TT, H, D1] and y = h(q) [TT, H, D2];
     otherwise it is read from dstate_ptr."""
-    i_tile = tl.program_id(0)
-    i_doc = tl.program_id(1)
-    i_h = tl.program_id(2)
-    N2: tl.constexpr = (D2 + B2 - 1) // B2
-    offs_1 = (i_tile // N2) * B1 + tl.arange(0, B1)
-    offs_2 = (i_tile % N2) * B2 + tl.arange(0, B2)
-    offs = offs_1[:, None] * D2 + offs_2[None, :]
-    mask = (offs_1[:, None] < D1) & (offs_2[None, :] < D2)
-    doc_base = (i_doc * H + i_h) * D1 * D2
+    i_tile, i_doc, i_h, offs_1, offs_2, offs, mask, doc_base = _state_tile(H, D1, D2, B1, B2)
     # suffix: dL/dU(c) = dS_final + sum_{c' > c} dS(c')
     suffix = tl.zeros([B1, B2], dtype=tl.float32)
     if HAS_DFINAL:
