@@ -112,14 +112,14 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 def mixer_runner(
-    cfg: LMConfig, groups: ParallelDims, tokens_per_rank: int, batch: int, device: torch.device
+    cfg: LMConfig, dims: ParallelDims, tokens_per_rank: int, batch: int, device: torch.device
 ) -> Callable[[], None]:
     """One mixer's forward + backward on this rank's slice (split across the sp group when sp > 1)."""
     torch.manual_seed(0)
     mixer = TTTMixer(cfg).to(device)
     position = 0
-    if groups.sp > 1:
-        context = SliceContext(groups, SliceLayout.build(tokens_per_rank, cfg, groups))
+    if dims.sp > 1:
+        context = SliceContext(dims, SliceLayout.build(tokens_per_rank, cfg, dims))
         slice_mixers(mixer, context)
         position = context.layout.start
     x = torch.randn(batch, tokens_per_rank, cfg.hidden_size, device=device, requires_grad=True)
@@ -133,42 +133,42 @@ def mixer_runner(
     return run
 
 
-def comm_runner(cfg: LMConfig, groups: ParallelDims, batch: int, device: torch.device) -> Callable[[], None]:
+def comm_runner(cfg: LMConfig, dims: ParallelDims, batch: int, device: torch.device) -> Callable[[], None]:
     """The communication of one split mixer, forward and backward, without the compute around it."""
-    flat = torch.zeros(gathered_bytes(cfg, groups, batch) // (4 * groups.sp), device=device)
-    gathered = flat.new_empty(groups.sp * flat.numel())
+    flat = torch.zeros(gathered_bytes(cfg, dims, batch) // (4 * dims.sp), device=device)
+    gathered = flat.new_empty(dims.sp * flat.numel())
     halo_rows = cfg.window_size - 1
     attn_dim = cfg.hidden_size // cfg.num_attn_heads
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     halo = torch.zeros(batch, halo_rows, cfg.num_attn_heads, 2 * attn_dim, device=device, dtype=dtype)
 
     def run() -> None:
-        all_gather_flat(gathered, flat, group=groups.sp_group)
-        reduce_scatter_flat(flat, gathered, group=groups.sp_group)
-        exchange_rows(halo, halo_rows, +1, groups)
-        exchange_rows(halo, halo_rows, -1, groups)
+        all_gather_flat(gathered, flat, group=dims.sp_group)
+        reduce_scatter_flat(flat, gathered, group=dims.sp_group)
+        exchange_rows(halo, halo_rows, +1, dims)
+        exchange_rows(halo, halo_rows, -1, dims)
 
     return run
 
 
-def gathered_bytes(cfg: LMConfig, groups: ParallelDims, batch: int) -> int:
+def gathered_bytes(cfg: LMConfig, dims: ParallelDims, batch: int) -> int:
     """Bytes of the all-gathered state maps of one layer: sp x B x H x d x dh x 4 (x2 with momentum)."""
     heads, d, dh = cfg.ttt.num_heads, cfg.ttt.resolved_head_dim(cfg.hidden_size), cfg.ttt.resolved_inner_dim(cfg.hidden_size)
     per_rank = batch * heads * d * dh * (2 if cfg.ttt.momentum else 1) + (2 * batch * heads if cfg.ttt.momentum else 0)
-    return groups.sp * per_rank * 4
+    return dims.sp * per_rank * 4
 
 
 def step_runner(
-    cfg: LMConfig, groups: ParallelDims, total: int, batch: int, device: torch.device, optimizer_step: bool
+    cfg: LMConfig, dims: ParallelDims, total: int, batch: int, device: torch.device, optimizer_step: bool
 ) -> Callable[[], None]:
     """One training step of the whole model on this rank's slice, with activation checkpointing."""
     torch.manual_seed(0)
     model = TTTLM(cfg).to(device)
     checkpoint_blocks(model)
-    wrapped = SequenceParallelLM(model, groups)
+    wrapped = SequenceParallelLM(model, dims)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4) if optimizer_step else None
     tokens = torch.randint(0, cfg.vocab_size, (batch, total + 1), device=device)
-    inputs, targets = (slice_sequence(t, groups) for t in (tokens[:, :-1], tokens[:, 1:]))
+    inputs, targets = (slice_sequence(t, dims) for t in (tokens[:, :-1], tokens[:, 1:]))
 
     def run() -> None:
         with autocast(device):
@@ -189,13 +189,13 @@ def peak_memory_bytes(run: Callable[[], None], device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device)
 
 
-def max_context(setting: Setting, groups: ParallelDims, device: torch.device) -> int:
+def max_context(setting: Setting, dims: ParallelDims, device: torch.device) -> int:
     """Longest total length one training step fits: an affine fit of peak memory over two lengths,
     rounded down to whole chunks per rank (the worst rank counts)."""
     short, long = setting.memory_probe_total
     peaks = []
     for total in (short, long):
-        run = step_runner(setting.cfg, groups, total, setting.batch, device, optimizer_step=True)
+        run = step_runner(setting.cfg, dims, total, setting.batch, device, optimizer_step=True)
         run()  # optimizer state exists from the second step on
         peaks.append(peak_memory_bytes(run, device))
         del run
@@ -204,14 +204,14 @@ def max_context(setting: Setting, groups: ParallelDims, device: torch.device) ->
     per_token = (worst[1] - worst[0]).item() / (long - short)
     budget = 0.95 * torch.cuda.get_device_properties(device).total_memory
     fitting = short + (budget - worst[0].item()) / per_token
-    granule = groups.sp * setting.cfg.ttt.chunk_size
+    granule = dims.sp * setting.cfg.ttt.chunk_size
     return int(fitting // granule * granule)
 
 
-def row(impl: str, groups: ParallelDims, total: int, device_name: str, **values) -> dict:
+def row(impl: str, dims: ParallelDims, total: int, device_name: str, **values) -> dict:
     fields = dict(layer_fwdbwd_ms=None, step_ms=None, comm_ms=None, comm_frac=None, bytes_per_layer=None, max_context=None)
     fields.update(values)
-    return dict(impl=impl, sp=groups.sp, dp=groups.dp, T_total=total, T_per_rank=total // groups.sp, **fields, device=device_name)
+    return dict(impl=impl, sp=dims.sp, dp=dims.dp, T_total=total, T_per_rank=total // dims.sp, **fields, device=device_name)
 
 
 def scaling_rows(setting: Setting, grids: dict[int, ParallelDims], timer: Timer, device: torch.device, name: str) -> list[dict]:
@@ -220,14 +220,14 @@ def scaling_rows(setting: Setting, grids: dict[int, ParallelDims], timer: Timer,
     cases += [(sp, total) for total in setting.strong_total for sp in grids]
     rows = []
     for sp, total in cases:
-        groups = grids[sp]
-        layer_ms = timer.median_ms(mixer_runner(cfg, groups, total // sp, batch, device))
-        step_ms = timer.median_ms(step_runner(cfg, groups, total, batch, device, optimizer_step=False))
+        dims = grids[sp]
+        layer_ms = timer.median_ms(mixer_runner(cfg, dims, total // sp, batch, device))
+        step_ms = timer.median_ms(step_runner(cfg, dims, total, batch, device, optimizer_step=False))
         comm_ms = bytes_moved = comm_frac = None
         if sp > 1:
-            comm_ms = timer.median_ms(comm_runner(cfg, groups, batch, device), groups.sp_group)
-            bytes_moved, comm_frac = gathered_bytes(cfg, groups, batch), comm_ms / layer_ms
-        rows.append(row("parallel", groups, total, name, layer_fwdbwd_ms=layer_ms, step_ms=step_ms,
+            comm_ms = timer.median_ms(comm_runner(cfg, dims, batch, device), dims.sp_group)
+            bytes_moved, comm_frac = gathered_bytes(cfg, dims, batch), comm_ms / layer_ms
+        rows.append(row("parallel", dims, total, name, layer_fwdbwd_ms=layer_ms, step_ms=step_ms,
                         comm_ms=comm_ms, comm_frac=comm_frac, bytes_per_layer=bytes_moved))  # fmt: skip
     return rows
 
@@ -235,14 +235,14 @@ def scaling_rows(setting: Setting, grids: dict[int, ParallelDims], timer: Timer,
 def ring_rows(setting: Setting, grids: dict[int, ParallelDims], timer: Timer, device: torch.device, name: str) -> list[dict]:
     recurrent = ring_config(setting.cfg)
     total, batch, rows = setting.ring_total, setting.batch, []
-    for sp, groups in grids.items():
+    for sp, dims in grids.items():
         for impl, cfg in (("parallel", setting.cfg), ("recurrent_ring" if sp > 1 else "recurrent", recurrent)):
-            layer_ms = timer.median_ms(mixer_runner(cfg, groups, total // sp, batch, device))
+            layer_ms = timer.median_ms(mixer_runner(cfg, dims, total // sp, batch, device))
             moved = None
             if sp > 1:
                 template = TTTMixer(cfg).initial_state(batch)
-                moved = state_bytes(template, cfg.ttt.momentum) if impl == "recurrent_ring" else gathered_bytes(cfg, groups, batch)
-            rows.append(row(impl, groups, total, name, layer_fwdbwd_ms=layer_ms, bytes_per_layer=moved))
+                moved = state_bytes(template, cfg.ttt.momentum) if impl == "recurrent_ring" else gathered_bytes(cfg, dims, batch)
+            rows.append(row(impl, dims, total, name, layer_fwdbwd_ms=layer_ms, bytes_per_layer=moved))
     return rows
 
 
@@ -275,9 +275,9 @@ def main() -> None:
     timer = Timer(device, args.iters)
     rows = scaling_rows(setting, grids, timer, device, name) + ring_rows(setting, grids, timer, device, name)
     if cuda:
-        for groups in grids.values():
-            longest = max_context(setting, groups, device)
-            rows.append(row("parallel", groups, longest, name, max_context=longest))
+        for dims in grids.values():
+            longest = max_context(setting, dims, device)
+            rows.append(row("parallel", dims, longest, name, max_context=longest))
     if dist.get_rank() == 0:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "sp.json"), "w") as handle:

@@ -45,9 +45,9 @@ class SliceLayout:
         return self.slice_len - self.lent_to_previous + self.borrowed_from_next
 
     @staticmethod
-    def build(slice_len: int, cfg: LMConfig, groups: ParallelDims) -> "SliceLayout":
+    def build(slice_len: int, cfg: LMConfig, dims: ParallelDims) -> "SliceLayout":
         """The layout of this rank; raises when the slices are too short for a chunk or a window."""
-        sp, chunk = groups.sp, cfg.ttt.chunk_size
+        sp, chunk = dims.sp, cfg.ttt.chunk_size
         total = slice_len * sp
         starts = [0] + [_chunk_start_at_or_after(r * slice_len, chunk) for r in range(1, sp)] + [total]
         lent = [starts[r] - r * slice_len for r in range(sp)] + [0]
@@ -67,5 +67,5 @@ class SliceLayout:
                     f"tokens rank {r - 1} computes (seq_len {total} / parallel.sp={sp}); use a window of at most "
                     f"{min(computed) + 1} or a smaller parallel.sp"
                 )
-        r = groups.sp_rank
+        r = dims.sp_rank
         return SliceLayout(slice_len, starts[r], lent[r], lent[r + 1], halo[r], halo[r + 1])

@@ -26,7 +26,7 @@ def _template(initial: FastWeights, momentum: bool) -> FastWeights:
     return FastWeights(initial.w0, initial.w1, initial.w2, initial.w0, initial.w1, initial.w2)
 
 
-def receive_state(anchor: torch.Tensor, initial: FastWeights, momentum: bool, groups: ParallelDims) -> FastWeights:
+def receive_state(anchor: torch.Tensor, initial: FastWeights, momentum: bool, dims: ParallelDims) -> FastWeights:
     """The FastWeights rank r-1 leaves a layer with (call on ranks r > 0).
 
     `anchor` is any tensor of the graph that needs gradients (the layer input): an empty slice of it
@@ -37,18 +37,18 @@ def receive_state(anchor: torch.Tensor, initial: FastWeights, momentum: bool, gr
     template = _template(initial, momentum)
     own = template.flatten()
     nothing = anchor.reshape(-1)[:0].to(own.dtype).reshape(1, 0, own.numel())
-    flat = shift_rows(nothing, 1, +1, groups).reshape(-1)
+    flat = shift_rows(nothing, 1, +1, dims).reshape(-1)
     return template.unflatten(flat + 0.0 * own)
 
 
-def send_state(output: torch.Tensor, final: FastWeights, groups: ParallelDims) -> torch.Tensor:
+def send_state(output: torch.Tensor, final: FastWeights, dims: ParallelDims) -> torch.Tensor:
     """Send this rank's final FastWeights of a layer to rank r+1 (call on ranks r < sp - 1).
 
     Returns `output` unchanged in value; adding the (empty) result of the send ties the send into
     the graph, so its backward receives the state's gradient from rank r+1.
     """
     flat = final.flatten()
-    nothing = shift_rows(flat.reshape(1, 1, -1), 0, +1, groups)
+    nothing = shift_rows(flat.reshape(1, 1, -1), 0, +1, dims)
     return output + nothing.sum().to(output.dtype)
 
 

@@ -59,10 +59,10 @@ class ChunkAlignedRows(WholeRows):
         token's. Sets the layout of this forward for the mixers' strategies."""
         if doc_ids is not None:
             raise ValueError("data.reset_at_doc_boundaries needs parallel.sp=1: the state exchange carries one sequence across ranks")
-        groups = self.context.groups
-        layout = SliceLayout.build(input_ids.shape[1], self.cfg, groups)
+        dims = self.context.dims
+        layout = SliceLayout.build(input_ids.shape[1], self.cfg, dims)
         self.context.layout = layout
-        borrowed = exchange_rows(input_ids[:, : layout.lent_to_previous], layout.borrowed_from_next, -1, groups)
+        borrowed = exchange_rows(input_ids[:, : layout.lent_to_previous], layout.borrowed_from_next, -1, dims)
         return torch.cat([input_ids[:, layout.lent_to_previous :], borrowed], dim=1), position_offset + layout.start
 
     def head_rows(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -70,26 +70,26 @@ class ChunkAlignedRows(WholeRows):
         back to rank r+1, those lent to rank r-1 come back from it (differentiable)."""
         layout = self.context.layout
         kept = hidden.shape[1] - layout.borrowed_from_next
-        returned = shift_rows(hidden[:, kept:], layout.lent_to_previous, +1, self.context.groups)
+        returned = shift_rows(hidden[:, kept:], layout.lent_to_previous, +1, self.context.dims)
         return torch.cat([returned, hidden[:, :kept]], dim=1)
 
 
 class SequenceParallelLM(nn.Module):
     """TTTLM's forward on this rank's slice; see the module docstring for the loss contract.
 
-    Wrapping binds `model` to `groups` (its row layout and mixer strategies are set in place, as DDP
+    Wrapping binds `model` to `dims` (its row layout and mixer strategies are set in place, as DDP
     owns its module); the plain model is `self.model`, whose state_dict has the usual parameter names.
     """
 
-    def __init__(self, model: TTTLM, groups: ParallelDims) -> None:
+    def __init__(self, model: TTTLM, dims: ParallelDims) -> None:
         super().__init__()
         ttt = model.cfg.ttt
-        if groups.sp > 1 and ttt.mode == "linear_attention" and ttt.muon:
+        if dims.sp > 1 and ttt.mode == "linear_attention" and ttt.muon:
             raise ValueError(MUON_ERROR)
         self.model = model
-        self.groups = groups
-        if groups.sp > 1:
-            context = SliceContext(groups)
+        self.dims = dims
+        if dims.sp > 1:
+            context = SliceContext(dims)
             model.set_rows(ChunkAlignedRows(model.cfg, context))
             slice_mixers(model, context)
 
@@ -99,28 +99,28 @@ class SequenceParallelLM(nn.Module):
         out = self.model(*args, **kwargs)
         if out.loss_sum is None:
             return SequenceParallelOutput(out.logits, None, None, None, out.states)
-        groups = self.groups
+        dims = self.dims
         totals = torch.stack([out.loss_sum.detach().double(), out.num_targets.double()])
-        if groups.sp > 1:
-            dist.all_reduce(totals, group=groups.sp_group)
+        if dims.sp > 1:
+            dist.all_reduce(totals, group=dims.sp_group)
         group_targets = totals[1].clamp(min=1)
         reported = (totals[0] / group_targets).to(out.loss_sum.dtype)
-        objective = groups.sp * out.loss_sum / group_targets.to(out.loss_sum.dtype)
+        objective = dims.sp * out.loss_sum / group_targets.to(out.loss_sum.dtype)
         loss = reported + (objective - objective.detach())
         return SequenceParallelOutput(out.logits, loss, out.loss_sum, out.num_targets, out.states, reported)
 
 
-def average_gradients(module: nn.Module, groups: ParallelDims) -> None:
+def average_gradients(module: nn.Module, dims: ParallelDims) -> None:
     """What DeepSpeed/DDP do to gradients, for runs without them: the mean over all dp x sp ranks.
 
     A parameter without a gradient on this rank counts as zero: in the ring, the last slice's final
     chunk updates only the final state, so its learning-rate heads may see no gradient there.
     """
-    if groups.world == 1:
+    if dims.world == 1:
         return
     for parameter in module.parameters():
         if parameter.requires_grad:
             if parameter.grad is None:
                 parameter.grad = torch.zeros_like(parameter)
             dist.all_reduce(parameter.grad)
-            parameter.grad /= groups.world
+            parameter.grad /= dims.world

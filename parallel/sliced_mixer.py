@@ -34,9 +34,9 @@ from parallel.state_exchange import state_exchange_scan
 
 @dataclass
 class SliceContext:
-    """Shared by the strategies of one model: the groups, and the layout of the current forward."""
+    """Shared by the strategies of one model: the process layout (`dims`), and the layout of the current forward."""
 
-    groups: ParallelDims
+    dims: ParallelDims
     layout: Optional[SliceLayout] = None
 
 
@@ -46,11 +46,11 @@ class StateExchangeScan(LocalScan):
     mixer's own) runs from the zero state while the state maps of all ranks travel
     (`parallel.state_exchange`)."""
 
-    groups: ParallelDims
+    dims: ParallelDims
 
     def w1_chunk_scan(self, local_scan: ChunkScan, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """`local_scan` on this rank's slice, inside the state exchange."""
-        return state_exchange_scan(local_scan, self.groups, *args, **kwargs)
+        return state_exchange_scan(local_scan, self.dims, *args, **kwargs)
 
 
 @dataclass
@@ -58,18 +58,18 @@ class RingScan(LocalScan):
     """The recurrent form on this rank's slice (`parallel.ring`): the state rank r-1 leaves the layer
     with enters, and the state this slice leaves with goes on to rank r+1."""
 
-    groups: ParallelDims
+    dims: ParallelDims
 
     def __call__(
         self, mixer: TTTMixer, x: torch.Tensor, inputs: TTTInputs, state: Optional[FastWeights], rows: RowPositions
     ) -> tuple[torch.Tensor, FastWeights]:
         """x [B, T, D] is the receive's anchor in the autograd graph (its backward sends the state's gradient home)."""
-        groups = self.groups
-        if groups.sp_rank > 0:
-            state = receive_state(x, mixer.initial_state(x.shape[0]), mixer.cfg.ttt.momentum, groups)
+        dims = self.dims
+        if dims.sp_rank > 0:
+            state = receive_state(x, mixer.initial_state(x.shape[0]), mixer.cfg.ttt.momentum, dims)
         ttt_out, final = super().__call__(mixer, x, inputs, state, rows)
-        if groups.sp_rank < groups.sp - 1:  # before the halo: messages to a neighbour keep one order
-            ttt_out = send_state(ttt_out, final, groups)
+        if dims.sp_rank < dims.sp - 1:  # before the halo: messages to a neighbour keep one order
+            ttt_out = send_state(ttt_out, final, dims)
         return ttt_out, final
 
 
@@ -90,7 +90,7 @@ class HaloWindowAttention(LocalWindow):
         layout = self.context.layout
         q, k, v = mixer.attention_heads(q, k, v, rows.offset)  # [B, T, A, Dh], rotated to absolute positions
         keys_values = torch.cat([k, v], dim=-1)
-        halo = shift_rows(keys_values[:, seq_len - layout.halo_to_next :], layout.halo_from_previous, +1, self.context.groups)
+        halo = shift_rows(keys_values[:, seq_len - layout.halo_to_next :], layout.halo_from_previous, +1, self.context.dims)
         halo_k, halo_v = halo.chunk(2, dim=-1)
         padded_q = torch.cat([q.new_zeros((batch, layout.halo_from_previous, *q.shape[2:])), q], dim=1)
         out = sliding_window_attention(
@@ -103,6 +103,6 @@ def slice_mixers(model: nn.Module, context: SliceContext) -> int:
     """Set every TTTMixer of `model` to run on this rank's slice; returns how many were set."""
     mixers = [module for module in model.modules() if isinstance(module, TTTMixer)]
     for mixer in mixers:
-        scan = StateExchangeScan(context.groups) if mixer.cfg.ttt.mode == "linear_attention" else RingScan(context.groups)
+        scan = StateExchangeScan(context.dims) if mixer.cfg.ttt.mode == "linear_attention" else RingScan(context.dims)
         mixer.set_strategies(scan=scan, window=HaloWindowAttention(context))
     return len(mixers)

@@ -172,9 +172,9 @@ def compose_prefix(gathered: torch.Tensor, rank: int, like: StateMap) -> torch.T
 class PendingExchange:
     """An all-gather in flight; `finish()` waits for it and returns the map of the earlier ranks."""
 
-    def __init__(self, local: StateMap, groups: ParallelDims) -> None:
+    def __init__(self, local: StateMap, dims: ParallelDims) -> None:
         self.like = local
-        self.groups = groups
+        self.dims = dims
         self.handle: Optional[dist.Work] = None
         self.sent: Optional[torch.Tensor] = None
         self.gathered = _StartGather.apply(local.flatten(), self)
@@ -188,19 +188,19 @@ class _StartGather(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, flat: torch.Tensor, pending: PendingExchange) -> torch.Tensor:
-        groups = pending.groups
+        dims = pending.dims
         flat = flat.contiguous()
-        gathered = flat.new_empty((groups.sp, flat.numel()))
-        pending.handle = all_gather_flat(gathered.view(-1), flat, group=groups.sp_group, async_op=True)
+        gathered = flat.new_empty((dims.sp, flat.numel()))
+        pending.handle = all_gather_flat(gathered.view(-1), flat, group=dims.sp_group, async_op=True)
         pending.sent = flat  # the collective reads it until finish()
-        ctx.groups = groups
+        ctx.dims = dims
         return gathered
 
     @staticmethod
     def backward(ctx, grad_gathered: torch.Tensor):
-        groups = ctx.groups
+        dims = ctx.dims
         grad_flat = grad_gathered.new_empty(grad_gathered.shape[1:])
-        reduce_scatter_flat(grad_flat, grad_gathered.contiguous().view(-1), group=groups.sp_group)
+        reduce_scatter_flat(grad_flat, grad_gathered.contiguous().view(-1), group=dims.sp_group)
         return grad_flat, None
 
 
@@ -211,7 +211,7 @@ class _FinishGather(torch.autograd.Function):
     def forward(ctx, gathered: torch.Tensor, pending: PendingExchange) -> torch.Tensor:
         pending.handle.wait()
         ctx.save_for_backward(gathered)
-        ctx.like, ctx.rank = pending.like, pending.groups.sp_rank
+        ctx.like, ctx.rank = pending.like, pending.dims.sp_rank
         return compose_prefix(gathered, ctx.rank, ctx.like)
 
     @staticmethod
@@ -228,7 +228,7 @@ class _FinishGather(torch.autograd.Function):
 
 def state_exchange_scan(
     local_scan: ChunkScan,
-    groups: ParallelDims,
+    dims: ParallelDims,
     hq: torch.Tensor,
     hk: torch.Tensor,
     v: torch.Tensor,
@@ -243,7 +243,7 @@ def state_exchange_scan(
     update_sign: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """The W1 chunk scan of one slice of a sequence per rank, with `ttt_la_parallel_reference`'s
-    arguments after `local_scan` and `groups`, and what the single-process scan returns for this
+    arguments after `local_scan` and `dims`, and what the single-process scan returns for this
     slice: outputs [B, T, H, d], and the state and momentum leaving the slice.
 
     `local_scan` is the mixer's own scan (Triton on CUDA, the reference elsewhere); it runs from the
@@ -251,7 +251,7 @@ def state_exchange_scan(
     Muon in the parallel form (`MUON_ERROR`) before it sets any scan.
     """
     local = local_state_map(hk, v, eta1, beta, chunk_size, update_sign, initial_state.dtype)
-    pending = PendingExchange(local, groups)
+    pending = PendingExchange(local, dims)
     out, _, _ = local_scan(
         hq, hk, v, eta1, torch.zeros_like(initial_state), chunk_size, beta=beta, token_causal=token_causal,
         update_sign=update_sign,

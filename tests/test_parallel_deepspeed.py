@@ -67,12 +67,12 @@ def split_losses() -> list[float]:
 
     skip_deepspeed_shm_allreduce()
     deepspeed.init_distributed(dist_backend="gloo")
-    groups = ParallelDims.build(2)
-    model = SequenceParallelLM(tiny_model(), groups)
+    dims = ParallelDims.build(2)
+    model = SequenceParallelLM(tiny_model(), dims)
     config = {
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": 1,
-        "train_batch_size": 2 * groups.world,
+        "train_batch_size": 2 * dims.world,
         "zero_optimization": {"stage": 2, "contiguous_gradients": True, "overlap_comm": False},
         "gradient_clipping": CLIP,  # clipping reads the global gradient norm: its scale is checked too
         "zero_allow_untested_optimizer": True,
@@ -82,7 +82,7 @@ def split_losses() -> list[float]:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     losses = []
     for tokens in batches():
-        inputs, targets = (slice_sequence(t, groups) for t in (tokens[:, :-1], tokens[:, 1:]))
+        inputs, targets = (slice_sequence(t, dims) for t in (tokens[:, :-1], tokens[:, 1:]))
         out = engine(inputs, targets, return_logits=False)
         engine.backward(out.loss)
         engine.step()

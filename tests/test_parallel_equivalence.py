@@ -93,28 +93,28 @@ def relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def run_case(case: Case, world: int) -> dict[str, float]:
     """Errors of the split run against the reference, as maxima over ranks."""
-    groups = ParallelDims.build(case.sp)
+    dims = ParallelDims.build(case.sp)
     dp = world // case.sp
     gen = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, 64, (dp * case.batch_per_group, case.seq_len + 1), generator=gen)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
 
     reference = tiny_model(case)
-    split = SequenceParallelLM(copy.deepcopy(tiny_model(case)), groups)
+    split = SequenceParallelLM(copy.deepcopy(tiny_model(case)), dims)
     if case.compiled:  # Dynamo over the sliced blocks, breaking its graphs at the exchanges (train.compile)
         compile_blocks(split.model, fullgraph=False, backend="eager")
     expected = reference(inputs, targets)
     expected.loss.backward()
 
-    rows = slice(groups.dp_rank * case.batch_per_group, (groups.dp_rank + 1) * case.batch_per_group)
-    local_inputs, local_targets = (slice_sequence(t[rows], groups) for t in (inputs, targets))
+    rows = slice(dims.dp_rank * case.batch_per_group, (dims.dp_rank + 1) * case.batch_per_group)
+    local_inputs, local_targets = (slice_sequence(t[rows], dims) for t in (inputs, targets))
     actual = split(local_inputs, local_targets)
     actual.loss.backward()
-    average_gradients(split, groups)
+    average_gradients(split, dims)
 
     group_loss = reference(inputs[rows], targets[rows], return_logits=False).loss.item()  # this dp group's mean
     errors = {
-        "logits": relative(actual.logits, slice_sequence(expected.logits[rows], groups)),
+        "logits": relative(actual.logits, slice_sequence(expected.logits[rows], dims)),
         "loss": abs(actual.loss.item() - group_loss) / group_loss,
         "reported_loss": abs(actual.reported_loss.item() - group_loss) / group_loss,
         "gradients": max(
@@ -122,7 +122,7 @@ def run_case(case: Case, world: int) -> dict[str, float]:
         ),
         "states": 0.0,
     }
-    if groups.sp_rank == case.sp - 1:  # the last slice leaves with the sequence's final states
+    if dims.sp_rank == case.sp - 1:  # the last slice leaves with the sequence's final states
         errors["states"] = max(
             relative(getattr(a, name)[: case.batch_per_group], getattr(e, name)[rows])
             for a, e in zip(actual.states, expected.states)
