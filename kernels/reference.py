@@ -4,7 +4,10 @@ Two forms, per (batch, head), all tensors in the layout `[B, T, H, *]`:
 
 * `lact_recurrent_reference`: the faithful LaCT inner loop. Fast weights W0, W2 `[B, H, dh, d]`,
   W1 `[B, H, d, dh]`; each chunk is first answered with the weights left by earlier chunks, then
-  takes one (optionally momentum / Muon / weight-normed) gradient step on `-<f(k), v>`.
+  takes one (optionally momentum / Muon / weight-normed) gradient step on `-<f(k), v>`. The step is
+  two functions: `chunk_gradients` (a sum of per-token terms at the chunk's entering weights, so it
+  can equally be summed token by token, as decoding does) and `apply_chunk_gradients` (momentum,
+  Muon, the signed step and weight norm, from that sum alone).
 * `ttt_la_parallel_reference`: the same layer when only W1 is fast and weight norm is off, written
   as linear attention: all chunk updates at once, an exclusive prefix sum of states, one apply.
 
@@ -17,13 +20,13 @@ float32 when the layer runs them).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional, TypeVar
 
 import torch
 import torch.nn.functional as F
 
-from kernels.fast_weights import FastWeights
+from kernels.fast_weights import ChunkGradients, FastWeights
 
 # Muon's Newton-Schulz iteration x <- a x + (b G + c G^2) x, G = x x^T, one (a, b, c) per step.
 # "classic": the fixed quintic of Keller Jordan's Muon, five times. "lact": the five-step schedule of
@@ -134,15 +137,6 @@ def scan_documents(
     return results
 
 
-@dataclass
-class ChunkGradients:
-    """Per-token-learning-rate-weighted gradients of sum_t eta_t * l_t, l_t = -<f(k_t), v_t>."""
-
-    g0: Optional[torch.Tensor]  # [B, H, dh, d] (None when W0 is frozen)
-    g1: torch.Tensor  # [B, H, d, dh]
-    g2: Optional[torch.Tensor]  # [B, H, dh, d] (None when W2 is frozen)
-
-
 def lact_chunk_gradients(
     k: torch.Tensor,
     v: torch.Tensor,
@@ -169,6 +163,44 @@ def lact_chunk_gradients(
     return ChunkGradients(g0=g0, g1=g1, g2=g2)
 
 
+def chunk_gradients(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    eta0: torch.Tensor,
+    eta1: torch.Tensor,
+    eta2: torch.Tensor,
+    weights: FastWeights,
+    fast_weights: str = "all",
+    features: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = swiglu_features,
+) -> ChunkGradients:
+    """G_i = sum over the given tokens of eta_i,t * grad_{W_i} l_t(weights), for the fast weights only.
+
+    k, v: [B, n, H, d]; eta*: [B, n, H]; returns [B, H, *, *] gradients. The weights are fixed (those
+    entering the chunk), so G_i is a plain sum of per-token terms: the chunk's gradient is the sum of
+    this function over any split of its tokens, down to one token at a time. `fast_weights="w1"` gives
+    G1 = -sum_t eta1_t v_t h(k_t)^T alone, for any feature map h = `features`.
+    """
+    if fast_weights == "all":
+        return lact_chunk_gradients(k, v, eta0, eta1, eta2, weights)
+    hk = features(k, weights.w0, weights.w2)
+    return ChunkGradients(g1=-chunk_updates(hk, v, eta1, k.shape[1])[:, 0])
+
+
+@dataclass(frozen=True)
+class ChunkStep:
+    """How a chunk's gradient becomes its step, besides the gradient and the momentum decay."""
+
+    muon: Optional[NewtonSchulz] = None  # Newton-Schulz on the update (None: off)
+    update_sign: float = 1.0  # +1 descends the inner loss, -1 ascends it
+    row_norms: Optional[FastWeights] = None  # weight norm's target norm of every row, [B or 1, H, rows, 1] (None: off)
+    weight_norm_eps: float = 0.0
+
+
+def row_norms_of(weights: FastWeights) -> FastWeights:
+    """The norm of every row of W0, W1, W2 ([..., rows, 1] each): the targets weight norm restores."""
+    return weights.weights().map(lambda x: x.norm(dim=-1, keepdim=True))
+
+
 def _row_normalise(w: torch.Tensor, row_norm: torch.Tensor, eps: float) -> torch.Tensor:
     """Weight norm: rescale every row of w ([..., rows, cols]) to the given norms ([..., rows, 1]),
     dividing by (norm + eps) as the released LaCT code does (eps = 1e-5 there)."""
@@ -183,6 +215,30 @@ def _momentum_update(
         return grad, None
     new_momentum = beta_c[:, :, None, None] * momentum + grad
     return new_momentum, new_momentum
+
+
+def apply_chunk_gradients(
+    w: FastWeights, grads: ChunkGradients, beta_c: Optional[torch.Tensor], step: ChunkStep
+) -> FastWeights:
+    """The fast weights after one chunk's step, from its gradients alone (`chunk_gradients`).
+
+    Per weight with a gradient: M = beta_c M + G (when momentum is on), U = NS5(M) (Muon),
+    W <- W - update_sign * U, rows renormalised (weight norm). w: [B, H, *, *], with the momenta of
+    the fast weights when beta_c ([B, H]) is given; grads: [B, H, *, *]. Returns a new state (w is
+    left as it is); weights without a gradient are carried over. No token is read here: this is all
+    that remains of a chunk's update once its gradient has been summed.
+    """
+    updated = replace(w)
+    for name, grad in grads.named_tensors():
+        index = name[1]  # g0, g1, g2 step w0, w1, w2
+        direction, new_momentum = _momentum_update(getattr(w, f"m{index}"), grad, beta_c)
+        setattr(updated, f"m{index}", new_momentum)
+        update = newton_schulz5(direction, step.muon) if step.muon is not None else direction
+        weight = getattr(w, f"w{index}") - step.update_sign * update
+        if step.row_norms is not None:
+            weight = _row_normalise(weight, getattr(step.row_norms, f"w{index}"), step.weight_norm_eps)
+        setattr(updated, f"w{index}", weight)
+    return updated
 
 
 @dataclass
@@ -231,10 +287,9 @@ def lact_recurrent_reference(
         raise ValueError(f"fast_weights={fast_weights!r} must be 'all' or 'w1'")
     if fast_weights == "all" and features is not swiglu_features:
         raise ValueError("fast_weights='all' needs the SwiGLU feature map (its W0/W2 gradients are written for it)")
-    muon = resolve_muon(muon)
     w = initial.with_momenta() if beta is not None else initial.weights()
     targets = row_norms if row_norms is not None else w
-    row_norms = [x.norm(dim=-1, keepdim=True) for x in (targets.w0, targets.w1, targets.w2)]
+    step = ChunkStep(resolve_muon(muon), update_sign, row_norms_of(targets) if weight_norm else None, weight_norm_eps)
     outputs = []
     for c, (s, e) in enumerate(chunk_bounds(q.shape[1], chunk_size)):
         if trace is not None:
@@ -243,22 +298,8 @@ def lact_recurrent_reference(
             trace.w2.append(w.w2)
         hq = features(q[:, s:e], w.w0, w.w2)
         outputs.append(torch.einsum("bhde,bnhe->bnhd", w.w1, hq))
-        if fast_weights == "all":
-            grads = lact_chunk_gradients(k[:, s:e], v[:, s:e], eta0[:, s:e], eta1[:, s:e], eta2[:, s:e], w)
-        else:  # dl/dW1 = -v h(k)^T for any feature map
-            hk = features(k[:, s:e], w.w0, w.w2)
-            grads = ChunkGradients(None, -chunk_updates(hk, v[:, s:e], eta1[:, s:e], e - s)[:, 0], None)
-        beta_c = None if beta is None else beta[:, c]
-        names = ("w0", "w1", "w2") if fast_weights == "all" else ("w1",)
-        for name in names:
-            index = int(name[1])
-            direction, new_momentum = _momentum_update(getattr(w, f"m{index}"), getattr(grads, f"g{index}"), beta_c)
-            setattr(w, f"m{index}", new_momentum)
-            step = newton_schulz5(direction, muon) if muon is not None else direction
-            updated = getattr(w, name) - update_sign * step
-            if weight_norm:
-                updated = _row_normalise(updated, row_norms[index], weight_norm_eps)
-            setattr(w, name, updated)
+        grads = chunk_gradients(k[:, s:e], v[:, s:e], eta0[:, s:e], eta1[:, s:e], eta2[:, s:e], w, fast_weights, features)
+        w = apply_chunk_gradients(w, grads, None if beta is None else beta[:, c], step)
     return torch.cat(outputs, dim=1), w
 
 

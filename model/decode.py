@@ -2,20 +2,25 @@
 
 Per layer the decoder keeps
 * the fast weights (and momenta) left by the last *complete* chunk,
-* the pending partial chunk's per-token inputs (keys, values, learning rates, momentum gates):
-  at most C tokens, in buffers allocated once,
-* in token-causal linear_attention mode, the running intra-chunk sum sum_s eta1_s v_s h(k_s)^T,
+* the pending partial chunk's running sums: its gradient so far, sum over its tokens of
+  eta_i,t * grad_{W_i} l_t at those fast weights (`ChunkGradients`, one [B, H, *, *] tensor per fast
+  weight), and with momentum the sum of its momentum gates [B, H],
 * the sliding-window attention's rotated keys and values in a ring buffer of `window` slots.
 
 The semantics are exactly the chunk form's (`TTTLM.forward`): a token of chunk c is answered by
-the fast weights after chunk c-1 (plus the intra-chunk term when token-causal), and chunk c's
-update is applied once its last token has been processed, by the mixer's own `fast_weight_scan` on the
-buffered chunk, so decoding and training share one update function (momentum, Muon, weight norm).
+the fast weights after chunk c-1 (plus, token-causal, chunk c's W1 step so far), and chunk c's
+update is applied once its last token has been processed. That update costs no more than a token:
+its gradient is a sum of per-token terms at the weights entering the chunk, so every token adds its
+own term as it arrives (`kernels.reference.chunk_gradients`, the function the recurrent form sums a
+chunk with), and the last token only applies momentum (decay = the mean gate), Muon, the signed step
+and weight norm to that sum (`kernels.reference.apply_chunk_gradients`, the recurrent form's step).
+In linear_attention mode the gradient is G1 = -sum_t eta1_t v_t h(k_t)^T, the chunk scan's update
+in gradient units, which is also what token-causal queries add to W1.
 
 `prefill` runs a prompt's complete chunks in the chunk form, answers the remainder as one short
-chunk and keeps it pending; `decode_step` then consumes one token per call. Both run without
-gradients and update the `DecodeState` in place, through the model's own blocks and layer loop
-(`TTTLM.hidden_states`) with each mixer's scan and window strategies set for the call
+chunk and adds its tokens to the running sums; `decode_step` then consumes one token per call. Both
+run without gradients and update the `DecodeState` in place, through the model's own blocks and
+layer loop (`TTTLM.hidden_states`) with each mixer's scan and window strategies set for the call
 (`decoding_logits`): `PrefillScan` / `PrefillWindow` fill a layer's cache from the prompt,
 `StepScan` / `StepWindow` answer one token from it and advance it.
 """
@@ -29,8 +34,8 @@ from typing import Any, Iterator, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from kernels.fast_weights import FastWeights
-from kernels.reference import chunk_updates
+from kernels.fast_weights import FAST_WEIGHT_NAMES, ChunkGradients, FastWeights
+from kernels.reference import apply_chunk_gradients, chunk_gradients
 from model.lm import TTTLM
 from model.ttt_layer import LocalScan, LocalWindow, RowPositions, TTTInputs, TTTMixer
 
@@ -40,18 +45,18 @@ class LayerCache:
     """One layer's decoding state; every tensor has a size fixed by the config, not the context."""
 
     fast_weights: FastWeights  # after the last complete chunk, [B, H, *, *] (fp32; fp64 in the tests)
-    pending_k: torch.Tensor  # [B, C, H, d] keys of the partial chunk (slots < position % C are valid)
-    pending_v: torch.Tensor  # [B, C, H, d]
-    pending_etas: torch.Tensor  # [B, C, 3, H] learning rates
-    pending_gate: Optional[torch.Tensor]  # [B, C, H] momentum gates (None: momentum off)
-    intra: Optional[torch.Tensor]  # [B, H, d, dh] sum over the partial chunk of eta1 v h(k)^T (token-causal only)
+    chunk_gradients: ChunkGradients  # the partial chunk's gradient so far at fast_weights, [B, H, *, *] per fast weight
+    gate_sum: Optional[torch.Tensor]  # [B, H] sum of the partial chunk's momentum gates (None: momentum off)
     keys: Optional[torch.Tensor]  # [B, A, W, Dh] rotated keys, ring buffer indexed by position % W (None: no window)
     values: Optional[torch.Tensor]  # [B, A, W, Dh]
 
+    def chunk_sums(self) -> list[torch.Tensor]:
+        """The partial chunk's running sums, which restart from zero when its update is applied."""
+        return self.chunk_gradients.tensors() + ([self.gate_sum] if self.gate_sum is not None else [])
+
     def buffers(self) -> list[torch.Tensor]:
         """The preallocated tensors (everything but the fast weights), updated in place while decoding."""
-        own = (self.pending_k, self.pending_v, self.pending_etas, self.pending_gate, self.intra, self.keys, self.values)
-        return [t for t in own if t is not None]
+        return self.chunk_sums() + [t for t in (self.keys, self.values) if t is not None]
 
     def tensors(self) -> list[torch.Tensor]:
         return self.fast_weights.tensors() + self.buffers()
@@ -72,68 +77,80 @@ class DecodeState:
         return sum(seen.values())
 
 
+def decoding_weights(mixer: TTTMixer, fast: FastWeights) -> FastWeights:
+    """`fast` with the fields the decoder's chunk update reads and writes, and only those: the weights
+    and, with momentum, the momentum of every fast weight (zero until a first update, which is how
+    that update starts it). The fields never change from the first token on, so the state keeps its
+    size and states taken at any position stack."""
+    if mixer.momentum_proj is None:
+        return fast.weights()
+    return fast.with_momenta(FAST_WEIGHT_NAMES[mixer.cfg.ttt.fast_weights])
+
+
 def empty_cache(mixer: TTTMixer, fast: FastWeights) -> LayerCache:
     """A cache with zeroed buffers around the given fast weights (batch, device and state dtype from them)."""
     cfg = mixer.cfg
+    fast = decoding_weights(mixer, fast)
     batch, device, state_dtype = fast.w1.shape[0], fast.w1.device, fast.w1.dtype
-    model_dtype = mixer.qkv.weight.dtype
-    chunk, heads, d, dh = cfg.ttt.chunk_size, mixer.num_heads, mixer.head_dim, mixer.inner_dim
 
-    def zeros(*shape: int, dtype: torch.dtype = model_dtype) -> torch.Tensor:
+    def zeros(*shape: int, dtype: torch.dtype = state_dtype) -> torch.Tensor:
         return torch.zeros(*shape, dtype=dtype, device=device)
 
     keys = values = None
     if mixer.attn_heads:
         head_dim = cfg.hidden_size // mixer.attn_heads
-        keys, values = (zeros(batch, mixer.attn_heads, cfg.window_size, head_dim) for _ in range(2))
+        model_dtype = mixer.qkv.weight.dtype
+        keys, values = (zeros(batch, mixer.attn_heads, cfg.window_size, head_dim, dtype=model_dtype) for _ in range(2))
     return LayerCache(
         fast_weights=fast,
-        pending_k=zeros(batch, chunk, heads, d),
-        pending_v=zeros(batch, chunk, heads, d),
-        pending_etas=zeros(batch, chunk, 3, heads, dtype=state_dtype),
-        pending_gate=zeros(batch, chunk, heads, dtype=state_dtype) if mixer.momentum_proj is not None else None,
-        intra=zeros(batch, heads, d, dh, dtype=state_dtype) if cfg.ttt.token_causal else None,
+        chunk_gradients=ChunkGradients.zeros(fast, FAST_WEIGHT_NAMES[cfg.ttt.fast_weights]),
+        gate_sum=zeros(batch, mixer.num_heads) if mixer.momentum_proj is not None else None,
         keys=keys,
         values=values,
     )
 
 
-def store_pending(cache: LayerCache, inputs: TTTInputs, slots: tuple) -> None:
-    """Copy the per-token inputs [B, n, ...] into the partial-chunk slots `slots`, an index of the
-    buffers' first two dims that selects [B, n]: (slice(None), slice(start, end)) for a batch at one
-    position, or (rows [B, 1], slot [B, 1]) when every row sits at its own position."""
-    cache.pending_k[slots] = inputs.k
-    cache.pending_v[slots] = inputs.v
-    cache.pending_etas[slots] = inputs.etas
-    if cache.pending_gate is not None:
-        cache.pending_gate[slots] = inputs.momentum_gate
-
-
-def pending_chunk(cache: LayerCache) -> TTTInputs:
-    """The buffered chunk as the scan's inputs, run only for the state it leaves (its outputs were
-    answered token by token). The queries are not kept, so the keys fill that slot: the update reads
-    keys, values and rates only, and the outputs computed from these stand-in queries are dropped."""
-    stand_in_queries = cache.pending_k
-    return TTTInputs(stand_in_queries, cache.pending_k, cache.pending_v, cache.pending_etas, cache.pending_gate)
+def absorb_tokens(mixer: TTTMixer, cache: LayerCache, inputs: TTTInputs) -> None:
+    """Add the tokens' ([B, n]) terms of their chunk's gradient, at the weights entering the chunk, and
+    their momentum gates to the partial chunk's running sums, in place (state dtype)."""
+    fast, dtype = cache.fast_weights, cache.fast_weights.w1.dtype
+    eta0, eta1, eta2 = inputs.etas.to(dtype).unbind(dim=2)  # [B, n, H] each
+    k, v, ttt = inputs.k.to(dtype), inputs.v.to(dtype), mixer.cfg.ttt
+    cache.chunk_gradients.add_(chunk_gradients(k, v, eta0, eta1, eta2, fast, ttt.fast_weights, mixer.features))
+    if cache.gate_sum is not None:
+        cache.gate_sum += inputs.momentum_gate.sum(dim=1).to(dtype)
 
 
 def ttt_token_output(mixer: TTTMixer, cache: LayerCache, inputs: TTTInputs) -> torch.Tensor:
-    """The fast-weight branch for one token per row -> [B, 1, H, d]: W1 after the last complete chunk,
-    plus (token-causal) the partial chunk's running sum, which this token's inputs join first."""
+    """The fast-weight branch for one token per row -> [B, 1, H, d]. The token joins its chunk's running
+    sums first; then W1 after the last complete chunk answers it, plus (token-causal) the partial
+    chunk's W1 step so far, -update_sign * G1 (the chunk form's intra-chunk term)."""
+    absorb_tokens(mixer, cache, inputs)
     fast = cache.fast_weights
     read = fast.w1  # [B, H, d, dh]: the weights left by the previous chunk
-    if cache.intra is not None:
-        cache.intra += _intra_update(mixer, inputs, fast)
-        read = read + mixer.cfg.ttt.update_sign * cache.intra
+    if mixer.cfg.ttt.token_causal:
+        read = read - mixer.cfg.ttt.update_sign * cache.chunk_gradients.g1
     hq = mixer.features(inputs.q.to(read.dtype), fast.w0, fast.w2)  # [B, 1, H, dh]
     return torch.einsum("bhde,bnhe->bnhd", read, hq)
 
 
-def _intra_update(mixer: TTTMixer, inputs: TTTInputs, fast: FastWeights) -> torch.Tensor:
-    """sum over the given tokens of eta1 v h(k)^T, [B, H, d, dh]: what token-causal queries add to W1."""
-    dtype = fast.w1.dtype
-    hk = mixer.features(inputs.k.to(dtype), fast.w0, fast.w2)
-    return chunk_updates(hk, inputs.v.to(dtype), inputs.etas[:, :, 1].to(dtype), hk.shape[1])[:, 0]
+def chunk_update(mixer: TTTMixer, cache: LayerCache) -> FastWeights:
+    """The fast weights after the partial chunk's update, made from its running sums alone, for every
+    row [B, H, *, *] (rows whose chunk is not complete discard it): momentum decay = the mean of the
+    chunk's C gates, then momentum, Muon, the signed step and weight norm. No token is revisited."""
+    beta = None if cache.gate_sum is None else cache.gate_sum / mixer.cfg.ttt.chunk_size  # [B, H]
+    step = mixer.chunk_step(cache.fast_weights.w1.dtype)
+    return apply_chunk_gradients(cache.fast_weights, cache.chunk_gradients, beta, step)
+
+
+def restart_chunk_sums(cache: LayerCache, rows: Optional[torch.Tensor] = None) -> None:
+    """Zero the running sums in place, of the rows where `rows` ([B] bool, on the device) is set, or
+    of every row (None): their chunk's update has been applied and the next chunk starts empty."""
+    for total in cache.chunk_sums():
+        if rows is None:
+            total.zero_()
+        else:
+            total.masked_fill_(rows.view(-1, *[1] * (total.dim() - 1)), 0.0)
 
 
 def store_window(cache: LayerCache, mixer: TTTMixer, q, k, v, positions: torch.Tensor) -> torch.Tensor:
@@ -154,8 +171,8 @@ class PrefillScan(LocalScan):
     """The scan over a whole prompt [B, P] from position 0, filling `cache`.
 
     Complete chunks run in the chunk form (their final state becomes the cache's fast weights); the
-    remainder is answered as one short chunk from that state, and its inputs stay pending (its update
-    is not applied yet).
+    remainder is answered as one short chunk from that state, and its tokens join the running sums
+    (its update waits for the chunk's last token).
     """
 
     cache: LayerCache  # built around the learned initial fast weights
@@ -169,14 +186,12 @@ class PrefillScan(LocalScan):
         outputs = []
         if complete:
             out, fast = mixer.fast_weight_scan(_slice_inputs(inputs, 0, complete), cache.fast_weights)
-            cache.fast_weights = fast.map(_own_storage)
+            cache.fast_weights = decoding_weights(mixer, fast.map(_own_storage))
             outputs.append(out)
         if complete < prompt_len:
             remainder = _slice_inputs(inputs, complete, prompt_len)
             outputs.append(mixer.fast_weight_scan(remainder, cache.fast_weights)[0])
-            store_pending(cache, remainder, (slice(None), slice(0, prompt_len - complete)))
-            if cache.intra is not None:
-                cache.intra += _intra_update(mixer, remainder, cache.fast_weights)
+            absorb_tokens(mixer, cache, remainder)
         return torch.cat(outputs, dim=1), cache.fast_weights
 
 
@@ -214,8 +229,8 @@ def _slice_inputs(inputs: TTTInputs, start: int, end: int) -> TTTInputs:
 @dataclass
 class StepScan(LocalScan):
     """The scan for one token per row, every row at the same int position, from `cache`: the token
-    joins the pending chunk and is answered by the fast weights before it; the chunk's update is
-    applied when its last token arrives, by the chunk form's own function."""
+    joins the partial chunk's running sums and is answered by the fast weights before it; the chunk's
+    update is applied from those sums when its last token arrives."""
 
     cache: LayerCache
 
@@ -225,13 +240,10 @@ class StepScan(LocalScan):
         """x [B, 1, D] and its inputs at the int position `rows.offset` -> ([B, 1, H, d] output, the cache's
         fast weights)."""
         cache, chunk = self.cache, mixer.cfg.ttt.chunk_size
-        slot = rows.offset % chunk
-        store_pending(cache, inputs, (slice(None), slice(slot, slot + 1)))
         ttt_out = ttt_token_output(mixer, cache, inputs)
-        if slot == chunk - 1:  # the chunk is complete: apply its update with the chunk form's function
-            cache.fast_weights = mixer.fast_weight_scan(pending_chunk(cache), cache.fast_weights)[1]
-            if cache.intra is not None:
-                cache.intra.zero_()
+        if rows.offset % chunk == chunk - 1:  # the chunk is complete: apply its update
+            cache.fast_weights = chunk_update(mixer, cache)
+            restart_chunk_sums(cache)
         return ttt_out, cache.fast_weights
 
 
@@ -314,10 +326,7 @@ def random_state(model: TTTLM, batch: int, position: int, generator: Optional[to
 
     caches = []
     for block in model.blocks:
-        initial = block.mixer.initial_state(batch)
-        fast = initial.map(lambda w: w + 0.01 * noise(w))
-        if block.mixer.momentum_proj is not None:
-            fast.m0, fast.m1, fast.m2 = (0.01 * noise(w) for w in (fast.w0, fast.w1, fast.w2))
+        fast = decoding_weights(block.mixer, block.mixer.initial_state(batch)).map(lambda w: w + 0.01 * noise(w))
         cache = empty_cache(block.mixer, fast)
         for buffer in cache.buffers():
             buffer.copy_(noise(buffer))

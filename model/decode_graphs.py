@@ -3,14 +3,17 @@
 A static decoder (`StaticDecoder` for the TTT model, `StaticKVDecoder` for the transformer) offers
 `forward_token()` (consume `tokens`, write `logits`), `apply_chunk_updates()` (fixed-shape, gated on
 the device), `chunk_due()` / `advance_host()` (the host's own count of positions, which decides only
-*whether to launch* the update, never what it computes) and `buffers()`. Every step here is
+*which graph to launch*, never what it computes) and `buffers()`. Every step is one of two graphs:
 
-    token graph:   forward_token(); tokens <- sample(logits)      (every step)
-    update graph:  apply_chunk_updates()                           (steps where some row completes a chunk)
+    token graph:     forward_token(); tokens <- sample(logits)                          (other steps)
+    boundary graph:  forward_token(); tokens <- sample(logits); apply_chunk_updates()   (some row completes a chunk)
 
 Captured once with `torch.cuda.CUDAGraph`; a replay relaunches the recorded kernels on the same
-buffers, so a step costs one or two launches from the host. On CPU (and with `graphs=False`) the
-same two functions run eagerly: that is the path the CPU tests prove equal to `model/decode.py`.
+buffers, so every step, the chunk update included, is one launch from the host with no Python
+between its kernels. The TTT decoder's update reads only running sums the token steps keep, so the
+boundary graph does about one token's work more than the token graph. On CPU (and with
+`graphs=False`) the same functions run eagerly: that is the path the CPU tests prove equal to
+`model/decode.py`.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ class DecodeRunner:
             raise ValueError(f"CUDA graphs need the model on a CUDA device, not {decoder.tokens.device}: pass graphs=False")
         self.decoder, self.sample = decoder, sample
         self.token_graph: Optional[torch.cuda.CUDAGraph] = None
-        self.update_graph: Optional[torch.cuda.CUDAGraph] = None
+        self.boundary_graph: Optional[torch.cuda.CUDAGraph] = None
         if graphs:
             self._capture(generator)
 
@@ -57,39 +60,41 @@ class DecodeRunner:
         self.decoder.forward_token()
         self.decoder.tokens.copy_(self.sample(self.decoder.logits))
 
+    def boundary_step(self) -> None:
+        """The token step, then the chunk updates of the rows it completed."""
+        self.token_step()
+        self.decoder.apply_chunk_updates()
+
     def step(self) -> None:
         """Consume `decoder.tokens`, leave the logits in `decoder.logits` and the sampled next tokens in `decoder.tokens`."""
         due = self.decoder.chunk_due()
         if self.token_graph is None:
-            self.token_step()
-            if due:
-                self.decoder.apply_chunk_updates()
+            self.boundary_step() if due else self.token_step()
         else:
-            self.token_graph.replay()
-            if due:
-                self.update_graph.replay()
+            (self.boundary_graph if due else self.token_graph).replay()
         self.decoder.advance_host()
 
     def _capture(self, generator: Optional[torch.Generator]) -> None:
         """Warm up on a side stream, capture both graphs into one memory pool, and restore the state
-        the warm-up advanced (capture itself records kernels without running them)."""
+        the warm-up advanced (capture itself records kernels without running them). The graphs share
+        the pool safely: neither leaves a tensor of its own alive (every result is copied into the
+        decoder's buffers), and a generator registered with both advances by whichever replays."""
         saved = [t.clone() for t in self.decoder.buffers()]
         generator_state = None if generator is None else generator.get_state()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(WARMUP_STEPS):
-                self.token_step()
-                self.decoder.apply_chunk_updates()
+                self.boundary_step()
         torch.cuda.current_stream().wait_stream(side)
         pool = torch.cuda.graph_pool_handle()
-        self.token_graph, self.update_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        if generator is not None:
-            self.token_graph.register_generator_state(generator)
+        self.token_graph, self.boundary_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        for graph in (self.token_graph, self.boundary_graph) if generator is not None else ():
+            graph.register_generator_state(generator)
         with torch.cuda.graph(self.token_graph, pool=pool):
             self.token_step()
-        with torch.cuda.graph(self.update_graph, pool=pool):
-            self.decoder.apply_chunk_updates()
+        with torch.cuda.graph(self.boundary_graph, pool=pool):
+            self.boundary_step()
         for buffer, value in zip(self.decoder.buffers(), saved):
             buffer.copy_(value)
         if generator is not None:  # the first replay draws what the first eager step would have drawn

@@ -2,41 +2,43 @@
 
 `model/decode.py` defines the semantics (and is proven equal to the chunk form); this module runs
 the same computation in the shape a CUDA graph can replay:
-* the state lives in static tensors: the fast weights, the pending partial chunk, the window ring,
-  each row's absolute position [B] on the device; a step writes into them and allocates nothing
-  that outlives it;
+* the state lives in static tensors: the fast weights, the partial chunk's running sums, the window
+  ring, each row's absolute position [B] on the device; a step writes into them and allocates
+  nothing that outlives it;
 * rows sit at their own positions, so prompts of different lengths decode together: each prompt is
   prefilled on its own (or with prompts of its length) and the constant-size states are stacked.
   Left-padding would be wrong here: pad tokens would enter the fast weights and shift every later
   chunk boundary. Per-row positions keep every row's chunk boundaries where its own sequence has them;
 * no value is read back to the host: where a row completes a chunk is a device flag
-  (position % C == C - 1), and the chunk update is a fixed-shape computation over the whole pending
-  buffer whose result is kept only where the flag is set (`torch.where`), so rows at other phases
-  are untouched.
+  (position % C == C - 1), and the chunk update is a fixed-shape computation from every row's
+  running sums whose result is kept only where the flag is set (`torch.where`), so rows at other
+  phases are untouched.
 
-A step is two launches: `forward_token` (every step) and `apply_chunk_updates` (only at steps where
-some row completes a chunk; the host knows which from its own count of the steps, without reading
-the device). Running the update only when due amortises it: the other C - 1 steps cost one token's
-work, not a chunk's. `forward_token` runs the model's own blocks with each mixer's strategies set to
-`RowStepScan` / `RowStepWindow` (`model.decode.decoding_logits`), rows at their own positions.
+Every token adds its terms of its chunk's gradient to the running sums inside `forward_token`, so
+the chunk update `apply_chunk_updates` reads no token: momentum, Muon, the signed step and weight
+norm on [B, H, d, dh]-sized sums, the work of about one token (`model/decode.py`). It runs at the
+steps where some row completes a chunk, which the host knows from its own count of the steps
+without reading the device (`model.decode_graphs` launches it with the token step as one graph).
+`forward_token` runs the model's own blocks with each mixer's strategies set to `RowStepScan` /
+`RowStepWindow` (`model.decode.decoding_logits`), rows at their own positions.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
-from kernels.fast_weights import FastWeights
+from kernels.fast_weights import FastWeights, PerSequenceTensors
 from model.decode import (
     DecodeState,
     LayerCache,
+    chunk_update,
     decoding_logits,
-    store_pending,
-    pending_chunk,
     prefill,
+    restart_chunk_sums,
     store_window,
     ttt_token_output,
 )
@@ -47,7 +49,7 @@ from model.ttt_layer import LocalScan, LocalWindow, RowPositions, TTTInputs, TTT
 @dataclass
 class RowStepScan(LocalScan):
     """The scan for one token per row, each row at its own position ([B] `rows.offset`): the
-    token joins its row's pending chunk and is answered from `cache`; the chunk updates wait for
+    token joins its row's running sums and is answered from `cache`; the chunk updates wait for
     `StaticDecoder.apply_chunk_updates`."""
 
     cache: LayerCache
@@ -56,9 +58,6 @@ class RowStepScan(LocalScan):
         self, mixer: TTTMixer, x: torch.Tensor, inputs: TTTInputs, state: Optional[FastWeights], rows: RowPositions
     ) -> tuple[torch.Tensor, FastWeights]:
         """x [B, 1, D] and its inputs -> ([B, 1, H, d] output, the cache's fast weights)."""
-        positions = rows.offset[:, None]  # [B, 1]
-        batch_rows = torch.arange(x.shape[0], device=x.device)[:, None]
-        store_pending(self.cache, inputs, (batch_rows, positions % mixer.cfg.ttt.chunk_size))
         return ttt_token_output(mixer, self.cache, inputs), self.cache.fast_weights
 
 
@@ -98,11 +97,11 @@ class StaticDecoder:
     def from_states(cls, model: TTTLM, states: list[DecodeState], order: Optional[torch.Tensor] = None) -> "StaticDecoder":
         """Stack the rows of prefilled states (any positions) into static buffers; `order` [B] picks
         and orders the stacked rows (default: as given)."""
-        positions = torch.tensor([s.position for s in states for _ in range(s.layers[0].pending_k.shape[0])])
+        positions = torch.tensor([s.position for s in states for _ in range(s.layers[0].fast_weights.w1.shape[0])])
         order = torch.arange(len(positions)) if order is None else order.cpu()
         positions = positions[order]
         device = model.embed.weight.device
-        layers = [_stack_layer(block.mixer, [s.layers[i] for s in states], order.to(device)) for i, block in enumerate(model.blocks)]
+        layers = [_stack_layer([s.layers[i] for s in states], order.to(device)) for i in range(len(model.blocks))]
         batch = len(positions)
         return cls(
             model=model,
@@ -124,7 +123,7 @@ class StaticDecoder:
 
     @torch.no_grad()
     def forward_token(self) -> None:
-        """Consume `tokens` at `positions`: writes `logits`, the pending slot, the ring, `completes`;
+        """Consume `tokens` at `positions`: writes `logits`, the running sums, the ring, `completes`;
         advances `positions`. Fixed shapes, no host read."""
         chunk = self.model.cfg.ttt.chunk_size
         self.completes.copy_(self.positions % chunk == chunk - 1)
@@ -135,18 +134,20 @@ class StaticDecoder:
 
     @torch.no_grad()
     def apply_chunk_updates(self) -> None:
-        """Apply each layer's chunk update to the rows whose last token completed a chunk.
+        """Apply each layer's chunk update to the rows whose last token completed a chunk, and restart
+        their running sums.
 
-        The update is the mixer's own `fast_weight_scan` over the whole pending buffer (the function the chunk
-        form runs), computed for every row; rows without the flag keep their weights bit for bit.
+        The update (`model.decode.chunk_update`, from the running sums alone) is computed for every
+        row; rows without the flag keep their weights and sums bit for bit. A weight the update carries
+        over (a frozen one) is the same tensor and is not copied.
         """
         completes = self.completes[:, None, None, None]
         for block, cache in zip(self.model.blocks, self.layers):
-            updated = block.mixer.fast_weight_scan(pending_chunk(cache), cache.fast_weights)[1]
+            updated = chunk_update(block.mixer, cache)
             for name, current in cache.fast_weights.named_tensors():
-                current.copy_(torch.where(completes, getattr(updated, name), current))
-            if cache.intra is not None:
-                cache.intra.masked_fill_(completes, 0.0)
+                if getattr(updated, name) is not current:
+                    current.copy_(torch.where(completes, getattr(updated, name), current))
+            restart_chunk_sums(cache, self.completes)
 
     def chunk_due(self) -> bool:
         """Whether the next token completes some row's chunk (from the host's count of the steps)."""
@@ -157,20 +158,18 @@ class StaticDecoder:
         self.host_positions = [p + 1 for p in self.host_positions]
 
 
-def _stack_layer(mixer: TTTMixer, caches: list[LayerCache], order: torch.Tensor) -> LayerCache:
-    """One layer's caches concatenated along the batch and indexed by `order` (fresh, contiguous storage).
+def _stack_layer(caches: list[LayerCache], order: torch.Tensor) -> LayerCache:
+    """One layer's caches concatenated along the batch and indexed by `order` (fresh, contiguous
+    storage). Every cache holds the same fields (`model.decode.decoding_weights`)."""
 
-    The fast weights hold every field the layer's update produces: a momentum that a state does not
-    carry yet (no chunk completed) is zero, which is exactly how the update starts it.
-    """
-    produced = mixer.fast_weight_scan(pending_chunk(caches[0]), caches[0].fast_weights)[1]
-    fast = FastWeights.concat([c.fast_weights.aligned_to(produced) for c in caches]).select(order)
-    buffers = {
-        f.name: None if getattr(caches[0], f.name) is None else torch.cat([getattr(c, f.name) for c in caches])[order]
-        for f in fields(LayerCache)
-        if f.name != "fast_weights"
-    }
-    return LayerCache(fast_weights=fast, **buffers)
+    def stacked(parts: list) -> Union[PerSequenceTensors, torch.Tensor, None]:
+        if parts[0] is None:
+            return None
+        if isinstance(parts[0], torch.Tensor):
+            return torch.cat(parts)[order]
+        return type(parts[0]).concat(parts).select(order)
+
+    return LayerCache(**{f.name: stacked([getattr(c, f.name) for c in caches]) for f in fields(LayerCache)})
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ the layer knowing why. How it continues one is a pair of strategies (`TTTMixer.s
 the scan (`LocalScan`: how the fast-weight branch runs over the rows from the state they enter with)
 and the window attention (`LocalWindow`). The local ones are the default; sequence parallelism
 (parallel/sliced_mixer.py) plugs in a state exchange or a ring and a halo exchange, decoding
-(model/decode.py) a chunk kept pending token by token and a ring buffer of keys.
+(model/decode.py) a chunk's gradient summed token by token and a ring buffer of keys.
 """
 
 from __future__ import annotations
@@ -37,10 +37,12 @@ from torch import nn
 from kernels.fast_weights import FastWeights
 from kernels.features import swiglu_features as swiglu_features_op
 from kernels.reference import (
+    ChunkStep,
     NewtonSchulz,
     chunk_mean,
     identity_features,
     lact_recurrent_reference,
+    row_norms_of,
     scan_documents,
     swiglu_features,
 )
@@ -343,8 +345,8 @@ class TTTMixer(nn.Module):
         """The per-token inputs of the fast-weight branch from x [B, T, D] and its q/k/v projections at
         positions position_offset + t (or `positions` [B, T], restarting per packed document).
 
-        Separate from the scan: the scan strategy receives them, and a decoder keeps the partial
-        chunk's inputs pending until the chunk is complete.
+        Separate from the scan: the scan strategy receives them, and a decoder adds each token's
+        inputs to its partial chunk's running sums as they arrive.
         """
         ttt = self.cfg.ttt
         batch, seq_len, hidden = x.shape
@@ -375,8 +377,7 @@ class TTTMixer(nn.Module):
     def fast_weight_scan(self, inputs: TTTInputs, entering: FastWeights) -> tuple[torch.Tensor, FastWeights]:
         """The mode's chunk form over `inputs` from the state `entering`: ([B, T, H, d] output, final state).
 
-        Decoding calls it on one completed chunk to apply that chunk's update, so the update is the
-        very function the chunk form runs.
+        Decoding's prefill runs it over a prompt's complete chunks and answers the remainder with it.
         """
         ttt = self.cfg.ttt
         eta0, eta1, eta2 = inputs.etas.unbind(dim=2)  # [B, T, H] each
@@ -401,6 +402,16 @@ class TTTMixer(nn.Module):
         """Muon's map (None when off): the configured schedule, iterating in the operand dtype."""
         ttt = self.cfg.ttt
         return NewtonSchulz(ttt.ns_coefficients, operand_dtype(x, state_dtype)) if ttt.muon else None
+
+    def chunk_step(self, state_dtype: torch.dtype) -> ChunkStep:
+        """How a chunk's summed gradient becomes its step (`kernels.reference.apply_chunk_gradients`), with
+        the options the chunk form runs: Muon iterating in the operand dtype of the model's activations,
+        the update sign, weight norm toward the learned initial weights' rows. For a caller that sums
+        the gradient itself, token by token (decoding)."""
+        ttt = self.cfg.ttt
+        row_norms = row_norms_of(self.initial_state(1)) if ttt.weight_norm else None
+        muon = self.newton_schulz(self.qkv.weight, state_dtype)
+        return ChunkStep(muon, ttt.update_sign, row_norms, ttt.weight_norm_eps)
 
     def _linear_attention_scan(
         self, q, k, v, eta1, beta, entering: FastWeights, cu_seqlens: Optional[torch.Tensor] = None

@@ -39,24 +39,24 @@ class Mutation:
     patches: tuple[tuple[str, str, str], ...]  # (file, text to find exactly once, replacement)
 
 
-NAMES_ALL = 'names = ("w0", "w1", "w2") if fast_weights == "all"'
+GRADS_ALL = "return ChunkGradients(g0=g0, g1=g1, g2=g2)"
 APPLY = '        hq = features(q[:, s:e], w.w0, w.w2)\n        outputs.append(torch.einsum("bhde,bnhe->bnhd", w.w1, hq))\n'
-AFTER_UPDATE = "            setattr(w, name, updated)\n    return torch.cat(outputs, dim=1), w"
+AFTER_UPDATE = "        w = apply_chunk_gradients(w, grads, None if beta is None else beta[:, c], step)\n    return torch.cat(outputs, dim=1), w"
 MUTATIONS = [
-    Mutation("W0 never updated", ((REFERENCE, NAMES_ALL, 'names = ("w1", "w2") if fast_weights == "all"'),)),
-    Mutation("W1 never updated", ((REFERENCE, NAMES_ALL, 'names = ("w0", "w2") if fast_weights == "all"'),)),
-    Mutation("W2 never updated", ((REFERENCE, NAMES_ALL, 'names = ("w0", "w1") if fast_weights == "all"'),)),
+    Mutation("W0 never updated", ((REFERENCE, GRADS_ALL, "return ChunkGradients(g1=g1, g2=g2)"),)),
+    Mutation("W1 never updated", ((REFERENCE, GRADS_ALL, "return ChunkGradients(g0=g0, g2=g2)"),)),
+    Mutation("W2 never updated", ((REFERENCE, GRADS_ALL, "return ChunkGradients(g0=g0, g1=g1)"),)),
     Mutation("weight norm over the output axis (columns)", (
         (REFERENCE, "return w / (w.norm(dim=-1, keepdim=True) + eps) * row_norm",
          "return w / (w.norm(dim=-2, keepdim=True) + eps) * row_norm"),
-        (REFERENCE, "row_norms = [x.norm(dim=-1, keepdim=True) for x in", "row_norms = [x.norm(dim=-2, keepdim=True) for x in"),
+        (REFERENCE, "map(lambda x: x.norm(dim=-1, keepdim=True))", "map(lambda x: x.norm(dim=-2, keepdim=True))"),
     )),  # fmt: skip
     Mutation("weight norm without its eps", ((REFERENCE, "(w.norm(dim=-1, keepdim=True) + eps)", "w.norm(dim=-1, keepdim=True)"),)),
     Mutation("W0's step uses eta1 and W1's eta0", (
-        (REFERENCE, "eta0[:, s:e], eta1[:, s:e], eta2[:, s:e], w)", "eta1[:, s:e], eta0[:, s:e], eta2[:, s:e], w)"),
+        (REFERENCE, "eta0[:, s:e], eta1[:, s:e], eta2[:, s:e], w,", "eta1[:, s:e], eta0[:, s:e], eta2[:, s:e], w,"),
     )),  # fmt: skip
     Mutation("W1 and W2 learning rates swapped", (
-        (REFERENCE, "eta0[:, s:e], eta1[:, s:e], eta2[:, s:e], w)", "eta0[:, s:e], eta2[:, s:e], eta1[:, s:e], w)"),
+        (REFERENCE, "eta0[:, s:e], eta1[:, s:e], eta2[:, s:e], w,", "eta0[:, s:e], eta2[:, s:e], eta1[:, s:e], w,"),
     )),  # fmt: skip
     Mutation("learning-rate rows read head-major as weight-major", (
         (LAYER, ".reshape(batch, seq_len, self.num_heads, 3)", ".reshape(batch, seq_len, 3, self.num_heads).transpose(2, 3)"),
@@ -64,6 +64,8 @@ MUTATIONS = [
     Mutation("TTT q/k L2 norm removed", ((LAYER, "tq, tk = l2_normalise(tq, ttt.l2_eps), l2_normalise(tk, ttt.l2_eps)", "pass"),)),
     Mutation("TTT q/k RoPE removed", ((LAYER, "if ttt.rope:  # the attention", "if False:  # the attention"),)),
     Mutation("decoded tokens placed at position 0", ((DECODE, "token_ids[:, None], state.position)", "token_ids[:, None], 0)"),)),
+    Mutation("decoder's chunk update without its momentum decay", ((DECODE, "cache.gate_sum / mixer.cfg.ttt.chunk_size", "0 * cache.gate_sum"),)),
+    Mutation("decoder's running sums never restarted", ((DECODE, "            total.zero_()", "            pass"),)),
     Mutation("classic Newton-Schulz schedule instead of LaCT's", ((REFERENCE, "return NS_SCHEDULES[self.schedule]", 'return NS_SCHEDULES["classic"]'),)),
     Mutation("update before apply", ((REFERENCE, APPLY, ""), (REFERENCE, AFTER_UPDATE, AFTER_UPDATE.replace(
         "\n    return", '\n        outputs.append(torch.einsum("bhde,bnhe->bnhd", w.w1, features(q[:, s:e], w.w0, w.w2)))\n    return')))),

@@ -8,11 +8,13 @@ applies the chunk update through `torch.where`; both compute the same terms, so 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 from model.decode import decode_step, prefill
 from model.decode_graphs import DecodeRunner
@@ -57,6 +59,35 @@ def test_static_rows_of_mixed_lengths_equal_the_decoder_one_prompt_at_a_time(mod
     batched = static_logits(model, prompts, continuations)
     for row, prompt in enumerate(prompts):
         assert relative_error(batched[row], reference_logits(model, prompt, continuations[row])) < TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "mode", ["parallel-identity-per-head-lr", "parallel-token-causal-momentum-muon", "recurrent-released"]
+)
+def test_rows_completing_chunks_together_beside_rows_mid_chunk(mode: str) -> None:
+    """Prompt lengths C - 1, C, 2C - 1 and 1: rows 0 and 2 complete a chunk at the same step while rows
+    1 and 3 are mid-chunk, so one update call restarts some rows' running sums and leaves the others'.
+    The modes cover both kinds of sums (G1 alone, and G0, G1, G2) with momentum gates."""
+    model = make_model(MODES[mode])
+    prompts = [t.tolist() for t in forced_tokens(model, 4, seed=3)[:, : 2 * CHUNK - 1]]
+    prompts = [prompts[0][: CHUNK - 1], prompts[1][:CHUNK], prompts[2], prompts[3][:1]]
+    continuations = forced_tokens(model, 4, seed=4)
+    batched = static_logits(model, prompts, continuations)
+    for row, prompt in enumerate(prompts):
+        assert relative_error(batched[row], reference_logits(model, prompt, continuations[row])) < TOLERANCE
+
+
+def test_the_chunk_update_costs_the_same_at_any_chunk_size() -> None:
+    """`apply_chunk_updates` reads only the running sums: its matmul FLOPs (Muon's) do not grow with
+    the chunk, where re-running the chunk's C buffered tokens would."""
+    flops = []
+    for chunk in (CHUNK, 4 * CHUNK):
+        model = make_model(replace(MODES["recurrent-released"]), chunk=chunk)
+        _, decoder = prefill_rows(model, [[1] * (chunk - 1), [2] * 3])
+        with FlopCounterMode(display=False) as counter:
+            decoder.apply_chunk_updates()
+        flops.append(counter.get_total_flops())
+    assert flops[0] == flops[1] > 0
 
 
 def test_rows_without_a_completed_chunk_keep_their_fast_weights() -> None:

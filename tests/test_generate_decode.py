@@ -9,8 +9,11 @@ different order, which costs ~1e-14 relative, hence the 1e-9 bound.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from model.config import LMConfig, TTTConfig
 from model.decode import decode_step, prefill
@@ -37,9 +40,9 @@ MODES = {
 }
 
 
-def make_model(ttt: TTTConfig, seed: int = 0) -> TTTLM:
+def make_model(ttt: TTTConfig, seed: int = 0, chunk: int = CHUNK) -> TTTLM:
     """A small float64 model whose fast-weight updates are large enough to matter in the logits."""
-    ttt.chunk_size, ttt.num_heads, ttt.base_lr = CHUNK, 2, 0.3
+    ttt.chunk_size, ttt.num_heads, ttt.base_lr = chunk, 2, 0.3
     cfg = LMConfig(vocab_size=50, hidden_size=32, num_layers=2, num_attn_heads=2, window_size=WINDOW, ttt=ttt)
     torch.manual_seed(seed)
     model = TTTLM(cfg).double().eval()
@@ -65,6 +68,32 @@ def test_decoding_matches_one_forward_pass(mode: str, prompt_len: int) -> None:
     tokens = torch.randint(0, model.cfg.vocab_size, (2, SEQ_LEN), generator=torch.Generator().manual_seed(1))
     expected = model(tokens).logits
     assert relative_error(decoded_logits(model, tokens, prompt_len), expected) < TOLERANCE
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("prompt_len", [CHUNK - 1, 2 * CHUNK - 1])
+def test_decoding_from_a_prompt_one_token_short_of_a_boundary(mode: str, prompt_len: int) -> None:
+    """The first decoded token completes a chunk whose other tokens all came from the prompt: its
+    update is made from the prefill's sums (C - 1 tokens at once) plus the token's own term."""
+    model = make_model(MODES[mode])
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 3 * CHUNK), generator=torch.Generator().manual_seed(4))
+    assert relative_error(decoded_logits(model, tokens, prompt_len), model(tokens).logits) < TOLERANCE
+
+
+@pytest.mark.parametrize("mode", ["parallel-token-causal-momentum-muon", "recurrent-released"])
+def test_the_step_that_completes_a_chunk_costs_the_same_at_any_chunk_size(mode: str) -> None:
+    """The update is made from sums kept token by token, so the boundary step's work (matmul FLOPs,
+    Muon included) does not grow with the chunk; re-running the chunk's C tokens would. Position 31
+    completes a chunk of 8 and one of 32, with the window ring full in both."""
+    tokens = torch.randint(0, 50, (1, 32), generator=torch.Generator().manual_seed(5))
+    flops = []
+    for chunk in (CHUNK, 4 * CHUNK):
+        model = make_model(replace(MODES[mode]), chunk=chunk)
+        _, state = prefill(model, tokens[:, :31])
+        with FlopCounterMode(display=False) as counter:
+            decode_step(model, state, tokens[:, 31])
+        flops.append(counter.get_total_flops())
+    assert flops[0] == flops[1] > 0
 
 
 def test_updates_reach_the_logits() -> None:

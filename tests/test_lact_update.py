@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.fast_weights import FastWeights
-from kernels.reference import lact_chunk_gradients
+from kernels.fast_weights import ChunkGradients, FastWeights
+from kernels.reference import chunk_gradients, lact_chunk_gradients
 from model.proof import inner_loss, make_layer_inputs, relative_error
 
 # float64 throughout: the manual and the autograd gradient are the same formula evaluated in a
@@ -33,3 +33,19 @@ def test_descent_step_lowers_the_inner_loss():
     before = inner_loss(x.k, x.v, x.eta1, w.w0, w.w1, w.w2)
     after = inner_loss(x.k, x.v, x.eta1, w.w0, w.w1 - 1e-3 * grads.g1, w.w2)
     assert after < before
+
+
+@pytest.mark.parametrize("fast_weights", ["all", "w1"])
+def test_a_chunk_gradient_is_the_sum_of_its_tokens_gradients(fast_weights: str):
+    """At the weights entering the chunk, the gradient splits into per-token terms: decoding sums them
+    as the tokens arrive and applies the chunk's step from that sum. Float64, same terms summed in a
+    different order, hence the same 1e-12."""
+    x = make_layer_inputs(2, 13, 2, 6, 10, chunk=13)
+    per_token = (x.k, x.v, x.eta0, x.eta1, x.eta2)
+    whole = chunk_gradients(*per_token, x.weights, fast_weights)
+    running = ChunkGradients(**{name: torch.zeros_like(g) for name, g in whole.named_tensors()})
+    for t in range(13):
+        running.add_(chunk_gradients(*(u[:, t : t + 1] for u in per_token), x.weights, fast_weights))
+    assert [name for name, _ in running.named_tensors()] == (["g0", "g1", "g2"] if fast_weights == "all" else ["g1"])
+    for (name, total), (_, expected) in zip(running.named_tensors(), whole.named_tensors()):
+        assert relative_error(total, expected) < TOLERANCE, name

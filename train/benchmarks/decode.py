@@ -4,8 +4,8 @@ For each context length (default 4K, 64K, 1M tokens) it times `--steps` single-t
 at batch 1 (latency: median and max ms) and at `--throughput-batch` (tokens/s), through the static
 decoders and `model.decode_graphs.DecodeRunner` (CUDA graphs on CUDA), and one batch-1 prefill of
 the context (tokens/s, peak memory), of
-* the TTT model (model/static_decode.py) in each `--variants` mode: its state (fast weights, one partial
-  chunk, the window ring) has the same size at every context. Contexts up to `--prefill-up-to` are
+* the TTT model (model/static_decode.py) in each `--variants` mode: its state (fast weights, the partial
+  chunk's running sums, the window ring) has the same size at every context. Contexts up to `--prefill-up-to` are
   really prefilled; longer ones start from `random_state`, a state of the right shapes with random
   contents, which is legitimate only because neither the state's size nor a step's work depends on
   the context (the JSON records which was used);

@@ -1,7 +1,7 @@
 """`python -m train.generation.generate --model FOLDER --prompt TEXT`: sample continuations with constant memory.
 
 The prompt is prefilled in the chunk form, then tokens are decoded one at a time from the recurrent
-state of model/decode.py (fast weights + the pending partial chunk + the sliding-window ring), so
+state of model/decode.py (fast weights + the partial chunk's running gradient + the sliding-window ring), so
 memory does not grow with the context. Greedy (`--temperature 0`), temperature and top-p sampling,
 on the device. Several `--prompt`s (and `--num-samples` continuations of each) decode as one batch,
 every row at its own position (model/static_decode.py); on CUDA the step is replayed from CUDA
