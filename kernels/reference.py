@@ -66,6 +66,7 @@ def resolve_muon(muon: "bool | NewtonSchulz | None") -> Optional[NewtonSchulz]:
         return muon
     return NewtonSchulz() if muon else None
 
+
 def swiglu_features(x: torch.Tensor, w0: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """h(x) = silu(W0 x) * (W2 x).
 
@@ -95,6 +96,7 @@ def newton_schulz5(update: torch.Tensor, muon: NewtonSchulz = NewtonSchulz()) ->
         x = a * x + (b * gram + c * gram @ gram) @ x
     x = x.to(update.dtype)
     return x.transpose(-1, -2) if transposed else x
+
 
 def chunk_bounds(seq_len: int, chunk_size: int) -> list[tuple[int, int]]:
     """[(start, end)] of each chunk; the last one is shorter when chunk_size does not divide seq_len."""

@@ -68,8 +68,10 @@ class DecodeRunner:
     def step(self) -> None:
         """Consume `decoder.tokens`, leave the logits in `decoder.logits` and the sampled next tokens in `decoder.tokens`."""
         due = self.decoder.chunk_due()
-        if self.token_graph is None:
-            self.boundary_step() if due else self.token_step()
+        if self.token_graph is None and due:
+            self.boundary_step()
+        elif self.token_graph is None:
+            self.token_step()
         else:
             (self.boundary_graph if due else self.token_graph).replay()
         self.decoder.advance_host()

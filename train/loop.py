@@ -29,6 +29,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from kernels.fast_weights import FAST_WEIGHT_NAMES
 from model.config import ConfigError
 from model.lm import TTTLM
 from parallel.groups import ParallelDims, slice_sequence
@@ -188,7 +189,7 @@ class Trainer:
         self.preempted = False
         self.monitor = Monitor(run_dir, dims.is_main, cfg.logging.tensorboard, cfg.train.steps, config_yaml, state.step)
         self.probe = LearningRateProbe(lm)
-        self.fast_weights = ("w0", "w1", "w2") if cfg.model.ttt.fast_weights == "all" else ("w1",)
+        self.fast_weights = FAST_WEIGHT_NAMES[cfg.model.ttt.fast_weights]
         self.flops_per_token = training_flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak_flops = peak_flops_per_device(cfg.logging.peak_tflops, dims.device)
         self.tokens_per_step = state.sequences_per_step * cfg.data.seq_len
