@@ -9,7 +9,7 @@ SEQ_LEN ?= 512
 RUNS ?= runs
 DS_ACCELERATOR ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
 
-.PHONY: install test test-gpu train prepare-data tensorboard bench-kernels bench-ladder bench-train bench-sp mutations clean
+.PHONY: install test test-gpu test-gpu-slow train prepare-data tensorboard bench-kernels bench-ladder bench-train bench-sp mutations clean
 
 install:
 	python3 -m venv .venv
@@ -20,8 +20,12 @@ install:
 test:
 	$(PYTHON) -m pytest -q -x --timeout=900
 
+# The GPU suite (one H100: under 5 minutes); its long cases run apart with test-gpu-slow.
 test-gpu:
-	$(PYTHON) -m pytest -q -m gpu tests/gpu
+	$(PYTHON) -m pytest -q -m "gpu and not gpu_slow" tests/gpu
+
+test-gpu-slow:
+	$(PYTHON) -m pytest -q -m gpu_slow tests/gpu
 
 # One node, NPROC processes: `make train CONFIG=configs/train/125m_16k.yaml NPROC=1 ARGS="train.steps=100"`.
 # The default config reads data/stdlib, which is built here when missing (unless ARGS sets data.path).

@@ -2,7 +2,9 @@
 # GPU acceptance run on one H100/H200: the 125M model at 16K context trains (loss, tokens/s, MFU),
 # resumes from its sharded checkpoint, exports, then generation and decoding are benchmarked.
 # Every stage logs to $RESULTS/<stage>.log and a failing stage does not stop the others.
-#   launch/gpu_acceptance.sh [train] [decode] [quality]      (default: train decode)
+#   launch/gpu_acceptance.sh [train] [decode] [quality] [entry] [speed] [suite]   (default: train decode)
+# entry: the trainer-through-the-launcher GPU test; speed: the 125M/16K run through launch/ with the
+# blocks compiled beside the benchmark's row of the same shape; suite: the GPU suite with test durations.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHON=${PYTHON:-python3} PYTHONUNBUFFERED=1
@@ -35,6 +37,24 @@ run_decode() {
 
 run_quality() {
   stage quality "$PYTHON" -m train.evaluation.quality --tokens "${QUALITY_TOKENS:-3e6}" --out "$RESULTS/quality"
+}
+
+run_entry() {
+  stage entry "$PYTHON" -m pytest -q -x -m gpu tests/gpu/test_train_entry_gpu.py -k zero2 --durations=0
+}
+
+run_speed() {
+  local run=runs/125m_16k_speed
+  rm -rf "$run"
+  stage trainer_speed launch/h100_125m_16k.sh "train.steps=${SPEED_STEPS:-30}" train.activation_checkpointing=false \
+    train.compile=true logging.log_every=10 eval.every=0 checkpoint.every=100000 "logging.run_dir=$run"
+  grep -E "^step " "$RESULTS/trainer_speed.log" | tail -n 3
+  stage bench_speed "$PYTHON" -m train.benchmarks.step --configs 125m --seqs 16384x1 --impls tttla sdpa \
+    --checkpointing none --compile on --out "$RESULTS/train_step_125m_16k"
+}
+
+run_suite() {
+  stage suite "$PYTHON" -m pytest -q -m "gpu and not gpu_slow" tests/gpu --durations=0 --timeout=${SUITE_TIMEOUT:-300}
 }
 
 for what in "${@:-train decode}"; do

@@ -192,6 +192,12 @@ class TTTMixer(nn.Module):
         self.attn_heads = cfg.num_attn_heads if cfg.window_size > 0 else 0
         self.scan = LocalScan()
         self.window = LocalWindow()
+        # The mean per-token learning rates (eta0, eta1, eta2) of the last forward, written only while
+        # `records_learning_rates` is set (the trainer's probe, `train.monitor`). A buffer, not a Python
+        # attribute, so a compiled block writes it inside its one graph (every layer shares the graph and
+        # the flag's value, so nothing recompiles per layer); not persistent: the state dict is unchanged.
+        self.records_learning_rates = False
+        self.register_buffer("mean_learning_rates", torch.zeros(3), persistent=False)
         self.reset_ttt_parameters()
 
     def set_strategies(self, scan: Optional[LocalScan] = None, window: Optional[LocalWindow] = None) -> None:
@@ -368,6 +374,9 @@ class TTTMixer(nn.Module):
         # [B, T, 3, H]; softplus runs on a contiguous tensor: on a transposed view its backward's output
         # strides differ between traced and eager runs, which breaks the compiled backward (a view error).
         etas = F.softplus(logits.transpose(2, 3).contiguous())
+        if self.records_learning_rates:
+            with torch.no_grad():
+                self.mean_learning_rates.copy_(etas.detach().mean(dim=(0, 1, 3)))
         gate = None
         if self.momentum_proj is not None:
             gate = torch.sigmoid(self.momentum_proj(x).to(state_dtype))

@@ -39,17 +39,42 @@ def test_checkpointed_blocks_give_the_same_loss_and_gradients() -> None:
 
 def test_learning_rate_probe_reports_softplus_of_the_lr_heads() -> None:
     model = tiny_model()
-    probe = LearningRateProbe(model)
     inputs, _ = batch()
     model(inputs)
-    assert probe.means == {}  # inactive: nothing captured
-    probe.active = True
+    assert not model.blocks[0].mixer.mean_learning_rates.any()  # no probe attached: nothing recorded
+    probe = LearningRateProbe(model)
     model(inputs)
     x = model.blocks[0].mixer_norm(model.embed(inputs))
     expected = F.softplus(model.blocks[0].mixer.lr_proj(x)).reshape(2, 32, -1, 3).mean(dim=(0, 1, 2))
-    torch.testing.assert_close(probe.means[0], expected.float())
+    scalars = probe.scalars()
+    assert sorted(scalars) == sorted(f"ttt_lr/eta{i}/layer{layer:02d}" for i in range(3) for layer in range(2))
+    actual = torch.tensor([scalars[f"ttt_lr/eta{i}/layer00"] for i in range(3)], dtype=torch.float64)
+    torch.testing.assert_close(actual, expected.detach())
     # untrained heads (bias inv_softplus(base_lr), weights normal(0, 0.02) as released) stay near base_lr
-    torch.testing.assert_close(probe.means[1], torch.full((3,), model.cfg.ttt.base_lr), rtol=0.05, atol=0)
+    layer1 = torch.tensor([scalars[f"ttt_lr/eta{i}/layer01"] for i in range(3)])
+    torch.testing.assert_close(layer1, torch.full((3,), model.cfg.ttt.base_lr), rtol=0.05, atol=0)
+    probe.detach()
+    model(inputs[:, :5])
+    torch.testing.assert_close(probe.scalars(), scalars)  # detached: the buffers keep the last recorded values
+
+
+def test_learning_rate_probe_in_a_compiled_block_neither_breaks_nor_recompiles_per_layer() -> None:
+    """The probe's values come out of the compiled graph (fullgraph, one graph for every layer), equal
+    to the eager ones: the trainer compiles its blocks and logs the probe on its logging steps."""
+    import torch._dynamo
+
+    from train.compile import compile_blocks
+
+    torch._dynamo.reset()
+    eager, compiled = tiny_model(), tiny_model()
+    probes = LearningRateProbe(eager), LearningRateProbe(compiled)
+    compile_blocks(compiled, fullgraph=True, backend="aot_eager")
+    inputs, _ = batch()
+    with torch._dynamo.config.patch(recompile_limit=1, error_on_recompile=True):
+        eager(inputs)
+        compiled(inputs)
+    assert probes[1].scalars() == pytest.approx(probes[0].scalars(), rel=1e-12)
+    torch._dynamo.reset()
 
 
 def test_state_norms_name_each_layer_and_fast_weight() -> None:

@@ -44,7 +44,13 @@ def deepspeed_config(cfg: RunConfig, dims: ParallelDims, bf16: bool) -> dict[str
     if z.stage == 3:
         zero.update(stage3_prefetch_bucket_size=z.bucket_size, stage3_gather_16bit_weights_on_model_save=True)
     else:
-        zero.update(allgather_bucket_size=z.bucket_size)
+        # ZeRO-1/2 make every parameter a view into one flat buffer per group; packed end to end, a
+        # parameter after one of odd size (the 4- and 12-element learning-rate and momentum biases)
+        # starts off a 16-byte boundary. A compiled block's Triton code assumes the alignment it saw
+        # at compile time for parameters (Inductor never re-checks them at run time), and the one graph
+        # all layers share was compiled on the first layer: a later layer's unaligned norm weight was a
+        # misaligned vector load. Padding each parameter to 16 bytes costs a few bytes per parameter.
+        zero.update(allgather_bucket_size=z.bucket_size, parameter_alignment=True)
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,
@@ -103,4 +109,38 @@ def build_engine(cfg: RunConfig, dims: ParallelDims) -> tuple[Any, TTTLM]:
         # The output head reads embed/head weights outside those modules' own forward; ZeRO-3
         # must gather them for TTTLM.forward as well.
         deepspeed.zero.register_external_parameter(lm, lm.output_weight())
+    else:
+        check_parameter_alignment(wrapped)
+        read_unpadded_checkpoints(engine.optimizer)
     return engine, lm
+
+
+ALIGNMENT_BYTES = 16
+
+
+def check_parameter_alignment(model: nn.Module) -> None:
+    """Every parameter starts on a 16-byte boundary (see `deepspeed_config`): compiled blocks rely on it,
+    and a misaligned one would fail far from its cause, inside a fused kernel."""
+    misaligned = [name for name, p in model.named_parameters() if p.data_ptr() % ALIGNMENT_BYTES]
+    if misaligned:
+        raise RuntimeError(f"parameters not {ALIGNMENT_BYTES}-byte aligned after DeepSpeed set-up: {misaligned[:4]}")
+
+
+def read_unpadded_checkpoints(optimizer: Any) -> None:
+    """Let a ZeRO-1/2 optimizer resume from checkpoints written before its parameters were padded.
+
+    DeepSpeed converts a checkpoint without a padding record into the padded layout, but refuses one
+    whose record says "no padding" (all zeros), which is what runs saved before `deepspeed_config`
+    asked for padding hold. Dropping an all-zero record sends those through the same conversion."""
+    from deepspeed.checkpoint.constants import PARAM_ALIGNMENT_PADDINGS
+
+    load = optimizer.load_state_dict
+
+    def load_state_dict(state_dict_list: list[dict[str, Any]], *args: Any, **kwargs: Any) -> Any:
+        for rank_state in state_dict_list:
+            paddings = rank_state.get(PARAM_ALIGNMENT_PADDINGS)
+            if paddings is not None and not any(any(group) for group in paddings):
+                del rank_state[PARAM_ALIGNMENT_PADDINGS]
+        return load(state_dict_list, *args, **kwargs)
+
+    optimizer.load_state_dict = load_state_dict

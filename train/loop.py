@@ -205,7 +205,6 @@ class Trainer:
         cfg, state, engine = self.cfg, self.state, self.engine
         state.step += 1
         log_now = self.logging_due(state.step)
-        self.probe.active = log_now
         lr = engine.get_lr()[0]
         step_loss = torch.zeros((), dtype=torch.float64, device=self.dims.device)
         norms: dict[str, float] = {}
@@ -307,5 +306,5 @@ class Trainer:
 
     def close(self) -> None:
         self.stop.restore()
-        self.probe.active = False
+        self.probe.detach()
         self.monitor.close()

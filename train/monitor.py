@@ -1,9 +1,9 @@
 """What a run reports: TensorBoard scalars, a metrics.jsonl line per step, a progress line.
 
 Rank 0 writes; every rank runs the TTT probes so the collectives stay symmetric. The probes read
-the model from outside: forward hooks on each mixer's `lr_proj` capture the per-token learning
-rates (softplus of its output, as the mixer computes them), and the fast-weight states that
-LMOutput returns give the per-layer state norms.
+what the model computes: each mixer's mean per-token learning rates of its last forward (a buffer it
+writes while the probe is attached), and the fast-weight states that LMOutput returns give the
+per-layer state norms.
 """
 
 from __future__ import annotations
@@ -12,11 +12,9 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from kernels.fast_weights import FastWeights
 from model.lm import TTTLM
@@ -25,30 +23,26 @@ ETA_NAMES = ("eta0", "eta1", "eta2")
 
 
 class LearningRateProbe:
-    """Mean per-token TTT learning rates per layer, captured while `active`."""
+    """Mean per-token TTT learning rates per layer: each mixer writes those of its last forward into
+    its `mean_learning_rates` buffer while the probe is attached, and `scalars` reads them (on logging
+    steps only: reading waits for the GPU). Nothing per layer runs in Python inside a compiled block."""
 
     def __init__(self, model: TTTLM) -> None:
-        self.active = False
-        self.means: dict[int, torch.Tensor] = {}  # layer -> [3] (eta0, eta1, eta2)
-        for index, block in enumerate(model.blocks):
-            if block.mixer.lr_proj is not None:  # per-head learning rates (no projection) are parameters
-                block.mixer.lr_proj.register_forward_hook(self._hook(index, block.mixer.num_heads))
-
-    def _hook(self, layer: int, heads: int):
-        def capture(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-            if self.active:
-                with torch.no_grad():
-                    etas = F.softplus(output.detach().float()).reshape(*output.shape[:-1], heads, 3)  # [B, T, H, 3]
-                    self.means[layer] = etas.mean(dim=(0, 1, 2))
-
-        return capture
+        self.mixers = [block.mixer for block in model.blocks]
+        for mixer in self.mixers:
+            mixer.records_learning_rates = True
 
     def scalars(self) -> dict[str, float]:
         return {
             f"ttt_lr/{name}/layer{layer:02d}": value
-            for layer, means in sorted(self.means.items())
-            for name, value in zip(ETA_NAMES, means.tolist())
+            for layer, mixer in enumerate(self.mixers)
+            for name, value in zip(ETA_NAMES, mixer.mean_learning_rates.float().tolist())
         }
+
+    def detach(self) -> None:
+        """Stop recording (the mixers skip the reduction again)."""
+        for mixer in self.mixers:
+            mixer.records_learning_rates = False
 
 
 def state_norms(states: list[FastWeights], names: tuple[str, ...]) -> dict[str, float]:
