@@ -51,9 +51,11 @@ bench-ladder:
 	$(PYTHON) -m train.benchmarks.ladder
 
 # The whole model's training step against the same-size transformer (one GPU): tokens/s, peak memory,
-# MFU; writes docs/bench/train_step.json and .md.
+# MFU and the ceiling the mixer allows; each preset fits in about 8 minutes and merges its rows into
+# docs/bench/train_step.json and .md (`make bench-train PRESETS=760m` runs one).
+PRESETS ?= 125m 760m long
 bench-train:
-	$(PYTHON) -m train.benchmarks.step
+	for preset in $(PRESETS); do $(PYTHON) -m train.benchmarks.step --preset $$preset || exit 1; done
 
 # Break the layer on purpose in copies of the tree and check that the tests catch every breakage.
 mutations:

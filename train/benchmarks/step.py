@@ -123,30 +123,61 @@ def compile_function() -> Callable[[nn.Module], int]:
     return compile_blocks
 
 
+def row_key(row: dict) -> tuple:
+    return row["config"], row["T"], row["B"], row["checkpointing"], row["compile"]
+
+
 def add_ratios(rows: list[dict]) -> None:
     """tok/s and memory of each tttla row over the transformer's row of the same size, context and settings."""
-    baseline = {(r["config"], r["T"], r["B"], r["checkpointing"], r["compile"]): r for r in rows if r["impl"] == "sdpa"}
+    baseline = {row_key(r): r for r in rows if r["impl"] == "sdpa"}
     for row in rows:
-        other = baseline.get((row["config"], row["T"], row["B"], row["checkpointing"], row["compile"]))
+        other = baseline.get(row_key(row))
         if row["impl"] != "sdpa" and other and row["tok_s"] and other["tok_s"]:
             row["speedup_vs_sdpa"] = round(row["tok_s"] / other["tok_s"], 2)
             row["memory_vs_sdpa"] = round(row["peak_gib"] / other["peak_gib"], 2)
 
 
-def markdown(rows: list[dict], peaks: tuple[float, float], command: str) -> str:
-    lines = [f"# Training step, one {torch.cuda.get_device_name()}",
-             "",
-             f"`{command}`; bf16 matmul peak measured in the same run: {peaks[0]:.0f} TFLOP/s (spec sheet {peaks[1]:.0f}).",
-             "Forward + backward + fused AdamW step, bf16 autocast, median of the timed steps.",
-             "",
-             "| impl | config | T x B | checkpointing | compile | tok/s | step ms | peak GiB | MFU (measured / spec peak) | vs sdpa (speed, memory) |",
-             "|---|---|---|---|---|---:|---:|---:|---:|---|"]
+def add_ceilings(rows: list[dict]) -> None:
+    """For each tttla row without recomputation that has a transformer row beside it: the mixer's parts
+    timed alone at its shapes (`components`), the speed-up they allow (`ceiling`) and the share of it
+    reached (`of_ceiling`)."""
+    from train.benchmarks.components import ceiling, mixer_parts_ms
+
+    parts_by_shape: dict[tuple, dict[str, float]] = {}
+    baseline = {row_key(r): r for r in rows if r["impl"] == "sdpa"}
+    for row in rows:
+        other = baseline.get(row_key(row))
+        if row["impl"] == "sdpa" or row["checkpointing"] != "none" or "speedup_vs_sdpa" not in row:
+            continue
+        shape = (row["impl"], row["config"], row["T"], row["B"])
+        if shape not in parts_by_shape:
+            parts_by_shape[shape] = mixer_parts_ms(model_config(row["impl"], row["config"]), row["B"], row["T"])
+        row.update(parts_by_shape[shape])
+        row["ceiling"] = round(ceiling(other["step_ms"], parts_by_shape[shape]), 2)
+        row["of_ceiling"] = round(row["speedup_vs_sdpa"] / row["ceiling"], 3)
+
+
+def markdown(rows: list[dict], peaks: tuple[float, float], commands: list[str], device: str) -> str:
+    lines = [f"# Training step, one {device}", ""]
+    lines += [f"`{command}`" for command in commands]
+    lines += ["", f"bf16 matmul peak measured in the last run: {peaks[0]:.0f} TFLOP/s (spec sheet {peaks[1]:.0f}).",
+              "Forward + backward + fused AdamW step, bf16 autocast, median of the timed steps. `ceiling`: the",
+              "speed-up over the transformer that tttla would reach if only the mixer differed (full attention",
+              "replaced by the window and the TTT branch, each timed alone: `train/benchmarks/components.py`);",
+              "`of ceiling`: the share of it reached.",
+              "",
+              "| impl | config | T x B | checkpointing | compile | tok/s | step ms | peak GiB | MFU (measured / spec peak) "
+              "| vs sdpa (speed, memory) | attention / window / TTT branch ms | ceiling | of ceiling |",
+              "|---|---|---|---|---|---:|---:|---:|---:|---|---|---:|---:|"]  # fmt: skip
     for r in rows:
         if r["tok_s"] is None:
-            cells = f"{r.get('error')} | | | |"
+            cells = f"{r.get('error')} | | | | | | |"
         else:
             ratio = f"{r['speedup_vs_sdpa']}x, {r['memory_vs_sdpa']}x" if "speedup_vs_sdpa" in r else ""
-            cells = f"{r['tok_s']:,} | {r['step_ms']} | {r['peak_gib']} | {r['mfu']:.1%} / {r['mfu_spec']:.1%} | {ratio}"
+            parts = f"{r['attention_ms']} / {r['window_ms']} / {r['ttt_branch_ms']}" if "ceiling" in r else ""
+            ceiling_cells = f"{r['ceiling']}x | {r['of_ceiling']:.0%}" if "ceiling" in r else " | "
+            cells = (f"{r['tok_s']:,} | {r['step_ms']} | {r['peak_gib']} | {r['mfu']:.1%} / {r['mfu_spec']:.1%} | {ratio} "
+                     f"| {parts} | {ceiling_cells}")  # fmt: skip
         lines.append(f"| {r['impl']} | {r['config']} | {r['T']} x {r['B']} | {r['checkpointing']} | {r['compile']} | {cells} |")
     return "\n".join(lines) + "\n"
 
@@ -156,8 +187,19 @@ def parse_seq(text: str) -> tuple[int, int]:
     return int(seq_len), int(batch or 1)
 
 
-def main() -> None:
+# Each preset fits in about 8 minutes on one H100 and is merged into the same results file.
+PRESETS = {
+    "125m": dict(configs=["125m"], seqs=["16384x1", "65536x1"], impls=["tttla", "sdpa"], checkpointing=["none"]),
+    "760m": dict(configs=["760m"], seqs=["16384x1"], impls=["tttla", "tttla_recurrent", "sdpa"], checkpointing=["none"]),
+    "long": dict(configs=["125m"], seqs=["131072x1"], impls=["tttla", "sdpa"], checkpointing=["none"]),
+    "selective": dict(configs=["125m"], seqs=["16384x1", "65536x1"], impls=["tttla", "sdpa"],
+                      checkpointing=["none", "selective"]),
+}
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="a set of rows (overrides the four lists below)")
     parser.add_argument("--configs", nargs="+", default=["125m", "350m", "760m"])
     parser.add_argument("--seqs", nargs="+", default=["4096x4", "16384x1", "65536x1"], help="T x B")
     parser.add_argument("--impls", nargs="+", default=["tttla", "tttla_recurrent", "sdpa"])
@@ -165,12 +207,15 @@ def main() -> None:
     parser.add_argument("--compile", choices=["on", "off"], default="on")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--out", default="docs/bench/train_step")
+    parser.add_argument("--no-ceiling", action="store_true", help="skip timing the mixer's parts alone")
+    parser.add_argument("--out", default="docs/bench/train_step", help="results file stem; rows merge into it")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("train.benchmarks.step: needs a CUDA device (it measures the GPU training step)")
-    name = torch.cuda.get_device_name()
-    peaks = (matmul_peak_tflops(), next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), 989.0))
+    if args.preset:
+        vars(args).update(PRESETS[args.preset])
+    return args
+
+
+def measure_all(args: argparse.Namespace, peaks: tuple[float, float]) -> list[dict]:
     rows = []
     for size in args.configs:
         for text in args.seqs:
@@ -180,16 +225,42 @@ def main() -> None:
                     if impl == "tttla_recurrent" and not (CONFIG_DIR / f"lact_{size}.yaml").exists():
                         continue
                     row = measure_row(impl, size, seq_len, batch, checkpointing, args.compile == "on", peaks,
-                                      args.warmup, args.steps)
+                                      args.warmup, args.steps)  # fmt: skip
                     rows.append(row)
                     print(json.dumps(row), flush=True)
+    return rows
+
+
+def merge_results(path: Path, rows: list[dict], command: str) -> tuple[list[dict], list[str]]:
+    """This run's rows over those already in `path` (a row of the same impl, size, context and settings is
+    replaced), and the commands that produced them."""
+    earlier = json.loads(path.read_text()) if path.is_file() else {"rows": [], "commands": []}
+    fresh = {(r["impl"], *row_key(r)) for r in rows}
+    kept = [r for r in earlier["rows"] if (r["impl"], *row_key(r)) not in fresh]
+    commands = [c for c in earlier.get("commands", []) if c != command] + [command]
+    return kept + rows, commands
+
+
+def main() -> None:
+    args = parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("train.benchmarks.step: needs a CUDA device (it measures the GPU training step)")
+    name = torch.cuda.get_device_name()
+    peaks = (matmul_peak_tflops(), next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), 989.0))
+    rows = measure_all(args, peaks)
     add_ratios(rows)
-    command = "python -m train.benchmarks.step " + " ".join(
-        f"--{k} {' '.join(v) if isinstance(v, list) else v}" for k, v in vars(args).items() if k != "out")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{args.out}.json").write_text(json.dumps(dict(device=name, peak_tflops=peaks, command=command, rows=rows), indent=1))
-    Path(f"{args.out}.md").write_text(markdown(rows, peaks, command))
-    print(markdown(rows, peaks, command))
+    if not args.no_ceiling:
+        add_ceilings(rows)
+    command = "python -m train.benchmarks.step " + (f"--preset {args.preset}" if args.preset else " ".join(
+        f"--{k} {' '.join(v) if isinstance(v, list) else v}" for k, v in vars(args).items()
+        if k not in ("out", "preset", "no_ceiling")))  # fmt: skip
+    path = Path(f"{args.out}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows, commands = merge_results(path, rows, command)
+    path.write_text(json.dumps(dict(device=name, peak_tflops=peaks, commands=commands, rows=rows), indent=1))
+    table = markdown(rows, peaks, commands, name)
+    Path(f"{args.out}.md").write_text(table)
+    print(table)
 
 
 if __name__ == "__main__":

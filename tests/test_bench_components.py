@@ -1,0 +1,49 @@
+"""The training-step benchmark's ceiling columns (`train.benchmarks.components`, `step.add_ceilings`).
+
+The timings need a GPU; what the CPU can check is that the branch timed alone is the mixer's own
+TTT branch, and that the ceiling is the formula the benchmark states.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.config import LMConfig, TTTConfig
+from model.ttt_layer import TTTMixer
+from train.benchmarks import step
+from train.benchmarks.components import ceiling, ttt_branch
+
+
+def test_ttt_branch_is_what_the_mixer_adds_before_its_output_projection():
+    """Mixer output = o_proj(branch + window attention): with the window removed, o_proj(branch) alone."""
+    torch.manual_seed(0)
+    cfg = LMConfig(hidden_size=32, num_layers=1, num_attn_heads=2, window_size=0, ttt=TTTConfig(num_heads=2, chunk_size=8))
+    mixer = TTTMixer(cfg).double()
+    x = torch.randn(2, 19, 32, dtype=torch.float64)
+    q, k, v = mixer.qkv(x).chunk(3, dim=-1)
+    branch = ttt_branch(mixer, x, q, k, v)
+    expected, _ = mixer(x)
+    torch.testing.assert_close(mixer.o_proj(branch.reshape(2, 19, 32)), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_ceiling_replaces_attention_by_the_window_and_the_branch():
+    assert ceiling(100.0, {"attention_ms": 40.0, "window_ms": 10.0, "ttt_branch_ms": 20.0}) == pytest.approx(100 / 90)
+
+
+def test_ceiling_columns_go_on_the_tttla_rows_without_recomputation(monkeypatch):
+    parts = {"attention_ms": 50.0, "window_ms": 5.0, "ttt_branch_ms": 15.0}
+    monkeypatch.setattr("train.benchmarks.components.mixer_parts_ms", lambda cfg, batch, seq_len: parts)
+    common = dict(config="125m", T=16384, B=1, compile=True, peak_gib=1.0, mfu=0.1, mfu_spec=0.08)
+    rows = [dict(impl="tttla", checkpointing="none", tok_s=150, step_ms=10.0, **common),
+            dict(impl="sdpa", checkpointing="none", tok_s=100, step_ms=100.0, **common),
+            dict(impl="tttla", checkpointing="full", tok_s=120, step_ms=12.0, **common),
+            dict(impl="sdpa", checkpointing="full", tok_s=90, step_ms=110.0, **common)]  # fmt: skip
+    step.add_ratios(rows)
+    step.add_ceilings(rows)
+    assert rows[0]["ceiling"] == pytest.approx(100 / 70, abs=0.01)
+    assert rows[0]["of_ceiling"] == pytest.approx(1.5 / 1.43, abs=0.01)
+    assert "ceiling" not in rows[1] and "ceiling" not in rows[2]
+    table = step.markdown(rows, (700.0, 989.0), ["cmd"], "GPU")
+    tttla_line = next(line for line in table.splitlines() if line.startswith("| tttla | 125m | 16384 x 1 | none"))
+    assert tttla_line.endswith("| 50.0 / 5.0 / 15.0 | 1.43x | 105% |"), tttla_line
