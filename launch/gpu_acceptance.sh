@@ -2,9 +2,10 @@
 # GPU acceptance run on one H100/H200: the 125M model at 16K context trains (loss, tokens/s, MFU),
 # resumes from its sharded checkpoint, exports, then generation and decoding are benchmarked.
 # Every stage logs to $RESULTS/<stage>.log and a failing stage does not stop the others.
-#   launch/gpu_acceptance.sh [train] [decode] [quality] [entry] [speed] [suite]   (default: train decode)
+#   launch/gpu_acceptance.sh [train] [decode] [quality] [entry] [speed] [memory] [suite]   (default: train decode)
 # entry: the trainer-through-the-launcher GPU test; speed: the 125M/16K run through launch/ with the
-# blocks compiled beside the benchmark's row of the same shape; suite: the GPU suite with test durations.
+# blocks compiled beside the benchmark's row of the same shape; memory: what one block saves for
+# backward, tttla beside the transformer; suite: the GPU suite with test durations.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHON=${PYTHON:-python3} PYTHONUNBUFFERED=1
@@ -51,6 +52,11 @@ run_speed() {
   grep -E "^step " "$RESULTS/trainer_speed.log" | tail -n 3
   stage bench_speed "$PYTHON" -m train.benchmarks.step --configs 125m --seqs 16384x1 --impls tttla sdpa \
     --checkpointing none --compile on --out "$RESULTS/train_step_125m_16k"
+}
+
+run_memory() {
+  stage saved_tensors "$PYTHON" -m train.benchmarks.saved_tensors --config 125m --seq-len 16384 \
+    --out "$RESULTS/saved_tensors_125m_16k.json"
 }
 
 run_suite() {
