@@ -8,7 +8,7 @@ fp32 on CPU. A step whose global gradient norm is non-finite is skipped by the Z
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import deepspeed
 import torch
@@ -136,9 +136,9 @@ def read_unpadded_checkpoints(optimizer: Any) -> None:
 
     load = optimizer.load_state_dict
 
-    def load_state_dict(state_dict_list: list[dict[str, Any]], *args: Any, **kwargs: Any) -> Any:
+    def load_state_dict(state_dict_list: list[Optional[dict[str, Any]]], *args: Any, **kwargs: Any) -> Any:
         for rank_state in state_dict_list:
-            paddings = rank_state.get(PARAM_ALIGNMENT_PADDINGS)
+            paddings = None if rank_state is None else rank_state.get(PARAM_ALIGNMENT_PADDINGS)
             if paddings is not None and not any(any(group) for group in paddings):
                 del rank_state[PARAM_ALIGNMENT_PADDINGS]
         return load(state_dict_list, *args, **kwargs)

@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--out", help="write the lists as JSON here")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    blocks = block_pair(args.config, device, args.compile == "on" and device.type == "cuda")
+    blocks = block_pair(args.config, device, args.compile == "on")
     hidden = blocks["tttla"].mlp_norm.weight.numel()
     report = {}
     for name, block in blocks.items():
