@@ -63,8 +63,15 @@ def test_train_names_a_deleted_shard(corpus: Path, tmp_path: Path) -> None:
         (damaged / split).mkdir()
         (damaged / split / "index.json").write_bytes((corpus / split / "index.json").read_bytes())
     (damaged / "val/shard.00000.mds").write_bytes((corpus / "val/shard.00000.mds").read_bytes())
-    finished = run("train", f"data.path={damaged}", "data.seq_len=64", f"logging.run_dir={tmp_path / 'run'}")
+    finished = run("train", f"data.path={damaged}", "data.seq_len=64", f"logging.run_dir={tmp_path / 'runs/new'}")
     assert_one_line(finished, "train", f"{damaged}/train/shard.00000.mds is missing", "prepare the data again")
+    assert not (tmp_path / "runs").exists()  # the run directory it created is not left behind
+
+
+@pytest.mark.slow
+def test_train_says_sp_must_divide_the_processes(tmp_path: Path) -> None:
+    finished = run("train", "parallel.sp=3", f"logging.run_dir={tmp_path / 'run'}")
+    assert_one_line(finished, "train", "parallel.sp=3 must divide the number of processes (1)")
 
 
 def test_train_names_the_line_of_a_yaml_syntax_error(tmp_path: Path) -> None:
