@@ -52,3 +52,25 @@ def wait_until_training(run_dir: Path, launcher: subprocess.Popen, timeout: floa
     while not (run_dir / "metrics.jsonl").is_file() or not (run_dir / "metrics.jsonl").read_text():
         assert launcher.poll() is None and time.monotonic() < deadline, "the job did not start training"
         time.sleep(0.5)
+
+
+def end_distributed(*engines: object) -> None:
+    """A torchrun worker script's last act: end its part of the job in order, while the interpreter is whole.
+
+    Left to interpreter exit, a gloo worker thread may still hold the last reference to a finished
+    collective's tensors while Python tears itself down, and the process aborts now and then
+    ("terminate called without an active exception", SIGABRT) after its work is done. So: each
+    DeepSpeed engine lets go of its hooks and buffers, garbage is collected, every rank reaches the
+    same point (none is still in a collective with another), and destroying the process group joins
+    gloo's threads.
+    """
+    import gc
+
+    import torch.distributed as dist
+
+    for engine in engines:
+        engine.destroy()
+    gc.collect()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -27,7 +27,7 @@ from typing import Callable
 
 import pytest
 
-from tests.multiprocess import REPO, run_torchrun, small_corpus
+from tests.multiprocess import REPO, end_distributed, run_torchrun, small_corpus
 
 STEPS = 8
 
@@ -113,7 +113,7 @@ def run_scenarios(data: Path, out: Path) -> None:
         results["all_damaged"]["logged_steps"] = [s for s, _ in logged(full)]
         results["all_damaged"]["folders"] = sorted(p.name for p in (full / "checkpoints").glob("step_*"))
         (out / "results.json").write_text(json.dumps(results, indent=1))
-    dist.barrier()
+    end_distributed()
 
 
 def refusal(start: Callable[[], object]) -> str | None:
