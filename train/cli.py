@@ -12,6 +12,13 @@ Under torchrun every failing rank also leaves its line in the error file torchru
 sets TTTLA_LAUNCHER=1, the ranks print nothing themselves: the launcher prints each distinct line
 once, after torchrun has stopped every worker, so that a rank stopped by torchrun before it could
 print cannot lose the message.
+
+A rank whose collective failed because another rank's process is gone (killed, crashed) is not the
+cause: it ends with one line saying so, not with the collective's traceback, and marks its error
+file `lost_peer`, so that train.launch names the rank that ended instead.
+
+Exit status: 0 when the command finished, 1 for an expected failure, 128 + N for a run that signal N
+stopped after saving (SIGTERM: 143, SIGINT: 130), and 130 for one interrupted without saving.
 """
 
 from __future__ import annotations
