@@ -87,7 +87,7 @@ def debug_requested(argv: list[str]) -> bool:
     return DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "0") not in ("", "0")
 
 
-def lost_peer(error: BaseException) -> bool:
+def is_lost_peer(error: BaseException) -> bool:
     """Whether `error` is a collective's failure because another rank's process is gone."""
     names = {cls.__name__ for cls in type(error).__mro__}
     return bool(names & set(LOST_PEER_ERRORS)) or (
@@ -144,7 +144,7 @@ def run_command(name: str, main: Callable[[list[str]], object], argv: list[str])
         report_failure(name, error)
         sys.exit(1)
     except RuntimeError as error:
-        if debug or not lost_peer(error):
+        if debug or not is_lost_peer(error):
             raise
         report_lost_peer(name, error)
         sys.exit(1)

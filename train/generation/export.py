@@ -3,8 +3,8 @@
 `save_exported` writes the weights of one full (unsharded) model, its config and the weights' size
 and SHA-256 (`checksums.json`); `load_model` rebuilds a TTTLM from such a folder, checking the
 weights against that record first (folders exported before it existed are read unchecked), and
-names the file when one is missing, damaged or unreadable. Training checkpoints are sharded per rank (ZeRO 1/2/3);
-`python -m train.generation.export CHECKPOINT_DIR OUT_DIR` consolidates one into this format, which
+names the file when one is missing, damaged or unreadable. Training checkpoints are sharded per
+rank (ZeRO 1/2/3); `python -m train.generation.export CHECKPOINT_DIR OUT_DIR` consolidates one into this format, which
 generation and evaluation read. CHECKPOINT_DIR is a `step_N` folder or a checkpoints root (its
 newest complete checkpoint); the model config comes from the checkpoint's run.yaml.
 """
