@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.multiprocess import REPO, run_torchrun, small_corpus
+from tests.multiprocess import REPO, end_distributed, run_torchrun, small_corpus
 
 STEPS, RESUME_AT = 4, 2
 # Float32 summation order alone: observed ~5e-8 (step 3) and ~1e-7 (step 4, after one AdamW step)
@@ -68,7 +68,7 @@ def run_both_layouts(data: Path, out: Path) -> None:
             "max_weight_diff": max((a[k] - b[k]).abs().max().item() for k in a),
         }
         (out / "results.json").write_text(json.dumps(results, indent=1))
-    dist.barrier()
+    end_distributed()
 
 
 @pytest.fixture(scope="module")

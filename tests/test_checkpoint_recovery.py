@@ -10,6 +10,10 @@ aside, resume from step 2 and repeat steps 3-8 bit for bit, logging each step on
 
 `disk_full`: the save at step 4 fails with ENOSPC on rank 1 only (simulated). Both ranks must stop
 with one message naming the path, and a later resume must load step 2.
+
+`all_damaged`: then every checkpoint of that run is damaged. `train.resume=auto` must set them all
+aside and stop, naming them and how to start afresh on purpose, rather than train from step 0 over
+the run's metrics; a second attempt, finding only checkpoints set aside, must stop the same way.
 """
 
 from __future__ import annotations
@@ -19,10 +23,11 @@ import gc
 import json
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
-from tests.multiprocess import REPO, run_torchrun, small_corpus
+from tests.multiprocess import REPO, end_distributed, run_torchrun, small_corpus
 
 STEPS = 8
 
@@ -100,8 +105,26 @@ def run_scenarios(data: Path, out: Path) -> None:
     after = run(full, "train.resume=auto", steps=4)
     if dist.get_rank() == 0:
         results["disk_full"] = {"error": save_error, "resumed_to": after.step, "logged_steps": [s for s, _ in logged(full)]}
-        (out / "results.json").write_text(json.dumps(results, indent=1))
+        for folder in (full / "checkpoints").glob("step_*"):
+            (folder / "complete.json").write_text("")
     dist.barrier()
+    results["all_damaged"] = {"refusals": [refusal(lambda: run(full, "train.resume=auto", steps=6)) for _ in range(2)]}
+    if dist.get_rank() == 0:
+        results["all_damaged"]["logged_steps"] = [s for s, _ in logged(full)]
+        results["all_damaged"]["folders"] = sorted(p.name for p in (full / "checkpoints").glob("step_*"))
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+    end_distributed()
+
+
+def refusal(start: Callable[[], object]) -> str | None:
+    """The message of the RunError `start()` raises, None if it runs."""
+    from train.errors import RunError
+
+    try:
+        start()
+    except RunError as error:
+        return str(error)
+    return None
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +174,19 @@ def test_a_failed_save_names_the_path_and_keeps_the_previous_checkpoint(launched
     assert f"{root}/disk_full/checkpoints/step_00000002 is intact" in r["error"]
     assert not (root / "disk_full/checkpoints/.staging-step_00000004").exists()
     assert r["resumed_to"] == 4 and r["logged_steps"] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_with_every_checkpoint_damaged_resume_stops_instead_of_starting_over(launched: tuple[dict, str, Path]) -> None:
+    results, _, root = launched
+    r = results["all_damaged"]
+    for refusal in r["refusals"]:
+        assert refusal is not None, "train.resume=auto started from step 0"
+        assert f"no usable checkpoint in {root}/disk_full/checkpoints" in refusal
+        assert "step_00000002.damaged, step_00000004.damaged" in refusal and "train.resume=none" in refusal
+    assert r["logged_steps"] == [1, 2, 3, 4]  # the run's history is kept
+    assert r["folders"] == ["step_00000002.damaged", "step_00000004.damaged"]
 
 
 if __name__ == "__main__":

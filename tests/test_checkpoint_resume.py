@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.multiprocess import REPO, run_torchrun, small_corpus
+from tests.multiprocess import REPO, end_distributed, run_torchrun, small_corpus
 
 STEPS, KILL_AT = 6, 3
 STAGES = (1, 2, 3)
@@ -92,7 +92,7 @@ def run_scenarios(data: Path, out: Path) -> None:
             "checkpoints": sorted(p.name for p in (streak_dir / "checkpoints").glob("step_*")),
         }
         (out / "results.json").write_text(json.dumps(results, indent=1))
-    dist.barrier()
+    end_distributed()
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,8 @@
 The launch is `make train`'s own command (`make -n train`), run by the shell with 2 gloo workers on
 a run whose training shard was deleted; make's own `Error 1` line, printed after any failing recipe,
 is left out by running the command without make. The failure report itself is checked on
-hand-made failures: a worker's recorded line, and a worker that died without one.
+hand-made failures: a worker's recorded line, a worker that died without one, a worker that only
+lost its peer, and workers that stopped on a signal.
 """
 
 from __future__ import annotations
@@ -80,3 +81,16 @@ def test_the_status_is_that_of_a_rank_that_exited_by_itself(tmp_path: Path) -> N
 def test_a_worker_without_a_message_is_named_with_its_exit(tmp_path: Path) -> None:
     error = ChildFailedError("train", {1: failure(tmp_path, 1, -signal.SIGABRT, None)})
     assert failure_report(error) == (["train: rank 1 failed with signal SIGABRT; its output is above"], 128 + signal.SIGABRT)
+
+
+def test_a_rank_that_lost_its_peer_does_not_hide_the_peer_that_ended(tmp_path: Path) -> None:
+    lost = "train (rank 0): another rank of the job is gone (Connection closed by peer [127.0.0.1]:51112); its own output says why"
+    (tmp_path / "error_0.json").write_text(json.dumps({"message": lost, "timestamp": 0, "lost_peer": True}))
+    rank_0 = ProcessFailure(local_rank=0, pid=1000, exitcode=1, error_file=str(tmp_path / "error_0.json"))
+    error = ChildFailedError("train", {0: rank_0, 1: failure(tmp_path, 1, -signal.SIGKILL, None)})
+    assert failure_report(error) == (["train: rank 1 failed with signal SIGKILL; its output is above"], 128 + signal.SIGKILL)
+
+
+def test_workers_that_stopped_on_a_signal_get_no_line_and_keep_their_status(tmp_path: Path) -> None:
+    error = ChildFailedError("train", {0: failure(tmp_path, 0, 128 + signal.SIGTERM, None), 1: failure(tmp_path, 1, -signal.SIGTERM, None)})
+    assert failure_report(error) == ([], 128 + signal.SIGTERM)

@@ -8,6 +8,10 @@ the gradient's scale (a wrong loss scaling would pass) and turns float32 noise i
 gradients into full-size steps of either sign. The two runs differ only in float32 summation order
 (split scans, the loss sum over ranks, the gradient all-reduce), about 1e-7 relative per step, so
 2e-6 relative per step is the bound; a wrong scale or a missing state term is orders larger.
+
+Both ranks end in order (tests/multiprocess.py `end_distributed`): once, rank 1 left while rank 0
+still computed and aborted at interpreter exit with a gloo thread still holding a collective's
+tensors.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch
 
 from model.config import LMConfig, TTTConfig
 from model.lm import TTTLM
-from tests.multiprocess import run_torchrun
+from tests.multiprocess import end_distributed, run_torchrun
 
 STEPS = 4
 LR = 0.5
@@ -87,6 +91,7 @@ def split_losses() -> list[float]:
         engine.backward(out.loss)
         engine.step()
         losses.append(out.reported_loss.item())
+    engine.destroy()
     return losses
 
 
@@ -104,3 +109,4 @@ if __name__ == "__main__":
     split = split_losses()
     if int(os.environ["RANK"]) == 0:
         Path(sys.argv[1]).write_text(json.dumps({"split": split, "single": single_process_losses()}))
+    end_distributed()  # rank 1 waits for rank 0 here instead of exiting under its feet

@@ -20,27 +20,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.multiprocess import REPO, small_corpus, worker_environment
+from tests.multiprocess import REPO, long_run_overrides, small_corpus, wait_until_training, worker_environment
 
 LOCK_FILE = "run.lock"
 
 WORKERS_GONE_WITHIN_S = 20.0  # watchdog poll (0.5 s) + finishing the step + saving the tiny model
-
-
-def run_overrides(data: Path, run_dir: Path) -> list[str]:
-    return [
-        f"data.path={data}", "data.seq_len=64", "train.micro_batch_size=2", "train.steps=100000",
-        "logging.log_every=1000", "logging.tensorboard=false", "eval.every=0", "checkpoint.every=100000",
-        f"logging.run_dir={run_dir}", "model.hidden_size=64", "model.num_attn_heads=2", "model.window_size=16",
-        "model.ttt.chunk_size=16",
-    ]  # fmt: skip
-
-
-def wait_until_training(run_dir: Path, launcher: subprocess.Popen, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not (run_dir / "metrics.jsonl").is_file() or not (run_dir / "metrics.jsonl").read_text():
-        assert launcher.poll() is None and time.monotonic() < deadline, "the first job did not start training"
-        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +32,7 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("supervision")
     data = small_corpus(root / "data", 64, val_fraction=0.1)
     run_dir = root / "run"
-    overrides = run_overrides(data, run_dir)
+    overrides = long_run_overrides(data, run_dir)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train"]
     with open(root / "first.log", "w") as log:
         launcher = subprocess.Popen(
@@ -101,6 +85,17 @@ def test_workers_stop_when_the_launcher_is_killed(job: dict) -> None:
     assert job["alive"] == []
     assert job["checkpoints"], "the workers save before they stop"
     assert not job["lock_left"]
+
+
+def test_releasing_the_lock_removes_the_run_directory_it_created_if_empty(tmp_path: Path) -> None:
+    from train.supervision import acquire_run_lock
+
+    acquire_run_lock(tmp_path / "runs/first").release()
+    assert not (tmp_path / "runs").exists()
+    lock = acquire_run_lock(tmp_path / "runs/second")
+    (tmp_path / "runs/second/config.yaml").write_text("")
+    lock.release()
+    assert (tmp_path / "runs/second/config.yaml").exists()
 
 
 def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

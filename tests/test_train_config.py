@@ -50,7 +50,6 @@ def test_nested_includes_resolve_relative_to_their_file(tmp_path: Path) -> None:
         ("train.steps=many", "train.steps"),  # wrong type
         ("zero.stage=4", "zero.stage"),
         ("train.schedule=linear", "train.schedule"),
-        ("parallel.sp=3", "parallel.sp"),  # does not divide data.seq_len=512
         ("model.ttt.chunk_size=0", "model.ttt.chunk_size"),
         ("eval.every=-1", "eval.every"),
     ],
@@ -58,6 +57,24 @@ def test_nested_includes_resolve_relative_to_their_file(tmp_path: Path) -> None:
 def test_bad_values_name_their_key(override: str, key: str) -> None:
     with pytest.raises(ConfigError, match=key):
         load_run_config(REPO / "configs/train/tiny_cpu.yaml", [override])
+
+
+def test_an_override_error_names_the_override_not_the_file() -> None:
+    with pytest.raises(ConfigError, match=r"^override train.steps=many: Value 'many' .* \(key train.steps\)"):
+        load_run_config(REPO / "configs/train/tiny_cpu.yaml", ["train.steps=many"])
+
+
+def test_an_override_without_a_value_says_so() -> None:
+    with pytest.raises(ConfigError, match=r"^override 'train.steps' has no '=': write it as section.key=value"):
+        load_run_config(REPO / "configs/train/tiny_cpu.yaml", ["train.lr=1e-3", "train.steps"])
+
+
+def test_sp_is_checked_against_the_processes_before_the_sequence_length() -> None:
+    cfg = load_run_config(REPO / "configs/train/tiny_cpu.yaml", ["parallel.sp=3"])  # the processes are not known yet
+    with pytest.raises(ConfigError, match=r"parallel.sp=3 must divide the number of processes \(2\)"):
+        ParallelDims(world=2, rank=0, sp=3)
+    with pytest.raises(ConfigError, match="parallel.sp=3 must divide data.seq_len=512"):
+        cfg.resolve_layout(ParallelDims(world=3, rank=0, sp=3))
 
 
 def test_document_resets_refuse_sequence_parallelism() -> None:

@@ -11,7 +11,7 @@ import dataclasses
 import sys
 import textwrap
 
-from train.cli import DEBUG_HELP, run_command
+from train.cli import DEBUG_HELP, StoppedBySignal, run_command
 from train.config import RunConfig, load_run_config
 
 DEFAULT_CONFIG = "configs/train/tiny_cpu.yaml"
@@ -65,13 +65,15 @@ def main(argv: list[str]) -> None:
     from train.loop import train  # imports DeepSpeed: only once there is something to train
 
     try:
-        train(cfg)
+        result = train(cfg)
     finally:
         # The job is over in this process. Left to interpreter exit, the process group's teardown
         # aborted a failing rank now and then ("terminate called without an active exception"),
         # adding a line and a signal to its exit. (Not in `train` itself: a process may train twice.)
         if dist.is_initialized():
             dist.destroy_process_group()
+    if result.stop_signal is not None:
+        raise StoppedBySignal(result.stop_signal)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ be on a filesystem all ranks share (as DeepSpeed requires).
 
 Resume (`train.resume=auto`) takes the newest checkpoint that every rank verifies: the ranks check
 it (sizes everywhere, checksums shared out) and agree in one collective; a damaged one is set aside
-with a warning naming it and why, and the next older one is tried.
+with a warning naming it and why, and the next older one is tried. When none is left but some were
+set aside, the run stops rather than start again from step 0 over the run's history.
 
 Resume needs the same world size, but may change the dp x sp split of it. DeepSpeed is given no
 `mpu`, so ZeRO shards model and optimizer over the whole world in every layout: the shards, the
@@ -43,7 +44,9 @@ import torch
 
 from model.config import ConfigError
 from parallel.groups import ParallelDims
-from train.checkpoint_integrity import MARKER, checkpoint_files, file_records, read_marker, set_aside, verify
+from train.checkpoint_integrity import (
+    DAMAGED_SUFFIX, MARKER, checkpoint_files, damaged_checkpoints, file_records, read_marker, set_aside, verify,
+)  # fmt: skip
 from train.cli import warn
 from train.distributed import agree_on_failure, all_gather_objects
 from train.errors import RunError, describe_os_error, free_space
@@ -77,7 +80,8 @@ def select_checkpoint(resume: str, root: Path, dims: ParallelDims) -> Optional[P
     """The checkpoint to resume from, the same on every rank; every rank calls it.
 
     `none` -> None; a folder -> that folder, refused if damaged; `auto` -> the newest checkpoint
-    every rank verifies (None if there is none), setting damaged newer ones aside with a warning.
+    every rank verifies, setting damaged newer ones aside with a warning; None if there never was
+    one, RunError if every one was damaged (now or by an earlier run).
     """
     if resume == "none":
         return None
@@ -89,12 +93,20 @@ def select_checkpoint(resume: str, root: Path, dims: ParallelDims) -> Optional[P
         if reason:
             raise RunError(f"train.resume={resume!r} is damaged: {reason}; pick another step_* folder or train.resume=auto")
         return folder
+    damaged = [folder.name for folder in damaged_checkpoints(root)]  # read before rank 0 sets more aside
     for folder in reversed(complete_checkpoints(root)):
         reason = _verified_everywhere(folder, dims)
         if reason is None:
             return folder
         aside = set_aside(folder) if dims.is_main else folder
         warn(f"train.resume=auto: {folder} is damaged ({reason}); moved it to {aside} and trying the previous checkpoint")
+        damaged.append(f"{folder.name}{DAMAGED_SUFFIX}")
+    if damaged:
+        raise RunError(
+            f"train.resume=auto: no usable checkpoint in {root}: every one is damaged and set aside "
+            f"({', '.join(sorted(damaged))}); to start afresh on purpose, run with train.resume=none "
+            f"(it replaces the run's metrics and TensorBoard history) or with another logging.run_dir"
+        )
     return None
 
 

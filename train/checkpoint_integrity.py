@@ -75,6 +75,11 @@ def verify(folder: Path, rank: int, world: int) -> Optional[str]:
     return None
 
 
+def damaged_checkpoints(root: Path) -> list[Path]:
+    """The checkpoints under `root` that were set aside as damaged, in name order."""
+    return sorted(root.glob(f"step_*{DAMAGED_SUFFIX}*")) if root.is_dir() else []
+
+
 def set_aside(folder: Path) -> Path:
     """Rename a damaged checkpoint out of the way (never delete it); returns its new path."""
     target = folder.with_name(folder.name + DAMAGED_SUFFIX)

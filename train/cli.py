@@ -12,6 +12,13 @@ Under torchrun every failing rank also leaves its line in the error file torchru
 sets TTTLA_LAUNCHER=1, the ranks print nothing themselves: the launcher prints each distinct line
 once, after torchrun has stopped every worker, so that a rank stopped by torchrun before it could
 print cannot lose the message.
+
+A rank whose collective failed because another rank's process is gone (killed, crashed) is not the
+cause: it ends with one line saying so, not with the collective's traceback, and marks its error
+file `lost_peer`, so that train.launch names the rank that ended instead.
+
+Exit status: 0 when the command finished, 1 for an expected failure, 128 + N for a run that signal N
+stopped after saving (SIGTERM: 143, SIGINT: 130), and 130 for one interrupted without saving.
 """
 
 from __future__ import annotations
@@ -34,6 +41,24 @@ DEBUG_HELP = f"{DEBUG_FLAG} (or {DEBUG_ENV}=1) shows the traceback of a failure"
 EXPECTED_FAILURES = (ConfigError, RunError, OSError, ValueError)
 SHARED_FAILURES = (ConfigError, RunError)  # raised alike on every rank
 INTERRUPTED_STATUS = 128 + signal.SIGINT
+LOST_PEER_KEY = "lost_peer"  # in a worker's error file: its failure is another rank's end, not its own
+# What a collective raises where the process of another rank is gone: gloo's TCP pairs ("Connection
+# closed by peer"), torch's own store and backend errors.
+LOST_PEER_TEXTS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+LOST_PEER_ERRORS = ("DistNetworkError", "DistBackendError")
+
+
+def stopped_status(signum: int) -> int:
+    """The exit status of a run stopped by signal `signum`, as a shell reports a process that signal ended."""
+    return 128 + signum
+
+
+class StoppedBySignal(Exception):
+    """The run stopped early, as asked by signal `signum`, after saving; the command exits with 128 + signum."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
 
 
 def rank() -> int:
@@ -62,7 +87,15 @@ def debug_requested(argv: list[str]) -> bool:
     return DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "0") not in ("", "0")
 
 
-def record_failure(line: str) -> None:
+def is_lost_peer(error: BaseException) -> bool:
+    """Whether `error` is a collective's failure because another rank's process is gone."""
+    names = {cls.__name__ for cls in type(error).__mro__}
+    return bool(names & set(LOST_PEER_ERRORS)) or (
+        isinstance(error, RuntimeError) and any(text in str(error) for text in LOST_PEER_TEXTS)
+    )
+
+
+def record_failure(line: str, lost_peer: bool = False) -> None:
     """Leave `line` in this worker's torchrun error file, in the form torchrun reads back.
 
     Written aside and renamed: torchrun's agent fails outright on a half-written file.
@@ -72,7 +105,7 @@ def record_failure(line: str) -> None:
         return
     try:
         with open(f"{path}.partial", "w") as file:
-            json.dump({"message": line, "timestamp": int(time.time())}, file)
+            json.dump({"message": line, "timestamp": int(time.time()), LOST_PEER_KEY: lost_peer}, file)
         os.replace(f"{path}.partial", path)
     except OSError:  # the launcher then names the rank and its exit code instead
         pass
@@ -88,16 +121,32 @@ def report_failure(name: str, error: BaseException) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
+def report_lost_peer(name: str, error: BaseException) -> None:
+    """One line for a rank whose collective failed because another rank ended; the launcher prefers that rank's report."""
+    reason = str(error).split(". ")[0].split("] ")[-1]
+    line = f"{name} (rank {rank()}): another rank of the job is gone ({reason}); its own output says why"
+    record_failure(line, lost_peer=True)
+    if os.environ.get(REPORTED_BY_LAUNCHER_ENV) != "1":
+        print(line, file=sys.stderr, flush=True)
+
+
 def run_command(name: str, main: Callable[[list[str]], object], argv: list[str]) -> None:
-    """Run `main(argv)`; an expected failure prints one line and exits with status 1."""
+    """Run `main(argv)`; an expected failure prints one line and exits with status 1 (see the module's docstring)."""
     debug = debug_requested(argv)
     argv = [argument for argument in argv if argument != DEBUG_FLAG]
     try:
         main(argv)
+    except StoppedBySignal as stop:
+        sys.exit(stopped_status(stop.signum))
     except EXPECTED_FAILURES as error:
         if debug:
             raise
         report_failure(name, error)
+        sys.exit(1)
+    except RuntimeError as error:
+        if debug or not is_lost_peer(error):
+            raise
+        report_lost_peer(name, error)
         sys.exit(1)
     except KeyboardInterrupt:
         if debug:

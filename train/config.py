@@ -180,12 +180,6 @@ class RunConfig:
         _require(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", t.max_nonfinite_steps, "must be >= 1")
         _require(self.parallel.sp >= 1, "parallel.sp", self.parallel.sp, "must be >= 1")
         _require(
-            self.data.seq_len % self.parallel.sp == 0,
-            "parallel.sp",
-            self.parallel.sp,
-            f"must divide data.seq_len={self.data.seq_len}",
-        )
-        _require(
             not (self.data.reset_at_doc_boundaries and self.parallel.sp > 1),
             "data.reset_at_doc_boundaries",
             self.data.reset_at_doc_boundaries,
@@ -205,8 +199,15 @@ class RunConfig:
         return self
 
     def resolve_layout(self, dims: ParallelDims) -> "RunConfig":
-        """Record the launched layout's `parallel.dp` (the resolved config shows it); a user-given value
-        must agree with it."""
+        """Check the config against the launched layout and record its `parallel.dp` (the resolved config
+        shows it); a user-given value must agree with it.
+
+        Run after `ParallelDims` has checked that `parallel.sp` divides the number of processes, so that
+        this is the first complaint about an sp that fits neither.
+        """
+        _require(
+            self.data.seq_len % dims.sp == 0, "parallel.sp", dims.sp, f"must divide data.seq_len={self.data.seq_len}"
+        )
         if self.parallel.dp is not None:
             _require(
                 self.parallel.dp == dims.dp, "parallel.dp", self.parallel.dp,
@@ -247,19 +248,33 @@ def _load_include(entry: Any, parent: Path, seen: tuple[Path, ...]) -> DictConfi
     raise ConfigError(f"{parent}: include entry {entry!r} must be a path or a one-key mapping `section: path`")
 
 
+def _config_error(source: str, error: OmegaConfBaseException) -> ConfigError:
+    """The merge's error as one line naming where the value came from (a file or an override) and the key."""
+    key = getattr(error, "full_key", None)
+    where = f" (key {key})" if key else ""
+    return ConfigError(f"{source}: {str(error).splitlines()[0]}{where}; `python -m train --help` lists the sections and keys")
+
+
 def load_run_config(path: str | Path, overrides: Optional[list[str]] = None) -> RunConfig:
-    """The run config: schema defaults <- the YAML (with includes) <- dotlist overrides, validated."""
+    """The run config: schema defaults <- the YAML (with includes) <- dotlist overrides, validated.
+
+    An error names its source: the file for the file's keys, the override for a command-line one.
+    """
     try:
-        merged = OmegaConf.merge(
-            OmegaConf.structured(RunConfig), _load_with_includes(Path(path)), OmegaConf.from_dotlist(overrides or [])
-        )
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), _load_with_includes(Path(path)))
+    except OmegaConfBaseException as error:
+        raise _config_error(str(path), error) from error
+    for override in overrides or []:
+        if "=" not in override:
+            raise ConfigError(f"override {override!r} has no '=': write it as section.key=value (e.g. train.steps=100)")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([override]))
+        except OmegaConfBaseException as error:
+            raise _config_error(f"override {override}", error) from error
+    try:
         cfg: RunConfig = OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
-        key = getattr(error, "full_key", None)
-        where = f" (key {key})" if key else ""
-        raise ConfigError(
-            f"{path}: {str(error).splitlines()[0]}{where}; `python -m train --help` lists the sections and keys"
-        ) from error
+        raise _config_error(str(path), error) from error
     return cfg.validate()
 
 

@@ -10,6 +10,10 @@ this process just as it is torchrun's. What changes is the report of a failure:
   (TORCHELASTIC_ERROR_FILE) instead of printing it; the launcher prints each distinct message once;
 - a worker that left no message (a bug with its traceback above, a crash, a kill) is reported as
   `<entry point>: rank R failed with exit code C; its output is above`;
+- a worker whose collective failed only because another worker was gone (its error file says
+  `lost_peer`) is not reported while another worker's failure is: that one is the cause;
+- workers that saved and stopped on a signal (exit status 128 + N, train/cli.py) need no report:
+  their own lines said so, and the launcher exits with their status;
 - the agent's lines about stopping and failed workers, and torchrun's summary, are not shown;
 - the exit status is the failed worker's (128 + N for a worker ended by signal N).
 
@@ -22,16 +26,18 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 
 from torch.distributed import run as torchrun
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
-from train.cli import INTERRUPTED_STATUS, REPORTED_BY_LAUNCHER_ENV, debug_requested
+from train.cli import INTERRUPTED_STATUS, LOST_PEER_KEY, REPORTED_BY_LAUNCHER_ENV, debug_requested, stopped_status
 
 # The agent's records of worker start, stop and failure: the launcher's own line replaces them.
 WORKER_LIFECYCLE_LOGGERS = ("torch.distributed.elastic.multiprocessing", "torch.distributed.elastic.agent")
+STOPPED_STATUSES = (stopped_status(signal.SIGTERM), stopped_status(signal.SIGINT))
 
 
 class _HideWorkerLifecycle(logging.Filter):
@@ -56,23 +62,35 @@ def recorded_message(failure: ProcessFailure) -> str | None:
     return message if isinstance(message, str) and "\n" not in message else None
 
 
+def lost_its_peer(failure: ProcessFailure) -> bool:
+    """Whether the worker recorded that it failed only because another worker was gone (train/cli.py)."""
+    return os.path.isfile(failure.error_file) and bool(failure.error_file_data.get(LOST_PEER_KEY))
+
+
 def failure_report(error: ChildFailedError) -> tuple[list[str], int]:
     """(lines to print, exit status) for the failed workers of one node.
 
-    Every distinct message the workers left is printed once, in rank order: ranks that failed alike
-    leave the same line. Without one, the first failure is named with its rank and exit code.
+    Only the workers that failed by themselves count while there are any: not those whose collective
+    broke because another worker was gone. Every distinct message they left is printed once, in rank
+    order: ranks that failed alike leave the same line. Workers that stopped on a signal after saving
+    get no line. Otherwise the first failure is named with its rank and exit code.
     """
-    first_rank, first = error.get_first_failure()
+    failures = [(rank, error.failures[rank]) for rank in sorted(error.failures)]
+    causes = [(rank, failure) for rank, failure in failures if not lost_its_peer(failure)] or failures
     lines: list[str] = []
     reporting = []  # the failures that left a message, in rank order
-    for rank in sorted(error.failures):
-        message = recorded_message(error.failures[rank])
+    for _, failure in causes:
+        message = recorded_message(failure)
         if message is not None:
-            reporting.append(error.failures[rank])
+            reporting.append(failure)
             if message not in lines:
                 lines.append(message)
+    stopped = [failure for _, failure in causes if failure.exitcode in STOPPED_STATUSES]
+    if not lines and stopped:
+        return [], stopped[0].exitcode
     # A rank that left its message may still have been stopped by torchrun (SIGTERM) before it
     # exited on its own: the status is that of a rank that exited by itself where there is one.
+    first_rank, first = min(causes, key=lambda item: (item[1].timestamp, item[0]))
     exited = [f for f in reporting if f.exitcode > 0]
     status = exit_status((exited or reporting or [first])[0])
     if not lines:

@@ -9,7 +9,8 @@ the resolved config is written only once those checks passed and the checkpoint 
     after_step()   metrics and progress, periodic evaluation, the non-finite check, checkpoints
 
 After every step all ranks agree (one all-reduce) on the mean loss and on whether any rank was
-asked to stop (SIGTERM/SIGINT); a stop saves a checkpoint and returns. A step whose gradients are
+asked to stop (SIGTERM/SIGINT); a stop saves a checkpoint and returns, with the signal in the result
+(the command line exits with 128 + its number). A step whose gradients are
 non-finite is skipped by the ZeRO optimizer and counted; `train.max_nonfinite_steps` of them in a
 row end the run with NonFiniteLossError, leaving the last good checkpoint as it was (no periodic
 checkpoint is written while a streak of skipped steps is running).
@@ -38,7 +39,7 @@ from train.cli import warn
 from train.config import RunConfig, to_yaml
 from train.config_changes import check_config_changes
 from train.data import build_loader, check_dataset, endless, input_doc_ids, split_inputs_targets
-from train.distributed import agree_on_failure, all_reduce_sum, init_distributed
+from train.distributed import agree_on_failure, all_gather_objects, all_reduce_sum, init_distributed
 from train.engine import build_engine
 from train.errors import RunError
 from train.flops import peak_flops_per_device, training_flops_per_token
@@ -49,6 +50,8 @@ from train.state import TrainState
 from train.supervision import RunLock, acquire_run_lock
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# A stop signal this soon after the first is the same request delivered twice (see StopRequest).
+REPEAT_WINDOW_S = 5.0
 
 
 class NonFiniteLossError(RunError):
@@ -60,6 +63,7 @@ class RunResult:
     step: int  # the last completed step
     checkpoint: Optional[Path]  # the newest checkpoint this run wrote or resumed from
     preempted: bool  # stopped early by SIGTERM/SIGINT (after saving)
+    stop_signal: Optional[int] = None  # the signal that stopped it (the lowest rank's that received one)
 
 
 @dataclass
@@ -75,16 +79,35 @@ class StepResult:
 
 
 class StopRequest:
-    """SIGTERM/SIGINT set a flag the loop polls between steps; a second signal interrupts at once."""
+    """SIGTERM/SIGINT set a flag the loop polls between steps; a signal well after the first interrupts at once.
 
-    def __init__(self) -> None:
-        self.requested = False
+    One request often reaches a worker twice: stopping the whole job (`kill` of its process group,
+    systemd, a scheduler's cancel) signals the launcher and the workers at once, and the launcher
+    forwards the signal to its workers again. A stop signal within `repeat_window_s` of the first is
+    that same request and counts once; a later one raises KeyboardInterrupt.
+    """
+
+    def __init__(self, repeat_window_s: float = REPEAT_WINDOW_S) -> None:
+        self.signum: Optional[int] = None  # the first stop signal received
+        self.received_at = 0.0
+        self.repeat_window_s = repeat_window_s
         self.previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
 
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
-        if self.requested:
+        now = time.monotonic()
+        if self.signum is None:
+            self.signum, self.received_at = signum, now
+        elif now - self.received_at > self.repeat_window_s:
             raise KeyboardInterrupt(f"second signal {signal.Signals(signum).name}")
-        self.requested = True
+
+    def agreed_signal(self) -> int:
+        """The stop signal of the lowest rank that received one, the same on every rank: one collective."""
+        received = [signum for signum in all_gather_objects(self.signum) if signum is not None]
+        return received[0] if received else signal.SIGTERM
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():
@@ -173,7 +196,7 @@ def train_holding_lock(cfg: RunConfig, dims: ParallelDims) -> RunResult:
             trainer.after_step(trainer.train_step())
     finally:
         trainer.close()
-    return RunResult(state.step, trainer.checkpoint, trainer.preempted)
+    return RunResult(state.step, trainer.checkpoint, trainer.preempted, trainer.stop_signal)
 
 
 class Trainer:
@@ -187,6 +210,7 @@ class Trainer:
         self.cfg, self.dims, self.engine, self.state, self.config_yaml = cfg, dims, engine, state, config_yaml
         self.checkpoint = checkpoint  # the newest checkpoint written or resumed from
         self.preempted = False
+        self.stop_signal: Optional[int] = None  # set with `preempted`
         self.monitor = Monitor(run_dir, dims.is_main, cfg.logging.tensorboard, cfg.train.steps, config_yaml, state.step)
         self.probe = LearningRateProbe(lm)
         self.fast_weights = FAST_WEIGHT_NAMES[cfg.model.ttt.fast_weights]
@@ -251,11 +275,14 @@ class Trainer:
             self.evaluator.run(step)
         self.check_nonfinite_streak()
         self.preempted = result.stop_requested
+        if self.preempted:
+            self.stop_signal = self.stop.agreed_signal()
         due = step % self.cfg.checkpoint.every == 0 or step == self.cfg.train.steps
         if self.preempted or (due and self.state.nonfinite_streak == 0):
             self.checkpoint = self.save()
         if self.preempted and self.dims.is_main:
-            print(f"stopped by signal after step {step}; resume with train.resume=auto", flush=True)
+            name = signal.Signals(self.stop_signal).name
+            print(f"stopped by {name} after step {step}; resume with train.resume=auto", flush=True)
 
     def record(self, result: StepResult) -> None:
         """metrics.jsonl every step; TensorBoard scalars and a progress line on logging steps."""

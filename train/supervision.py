@@ -9,7 +9,8 @@ that not end the process within `LAUNCHER_GONE_GRACE_S` (a rank blocked in a col
 is gone, or the signal arriving before the loop runs), the worker exits outright.
 
 Rank 0 holds `<run_dir>/run.lock` for the whole run: a JSON record of its PID, host and start time,
-created exclusively. A second job on the same run directory is refused at once, naming that PID. A
+created exclusively. A run directory the lock created is removed with it when the run left nothing
+else there (it failed its start-up checks). A second job on the same run directory is refused at once, naming that PID. A
 lock whose PID no longer runs on this host is stale (its job was killed) and is taken over with a
 warning; a lock from another host cannot be checked from here and is refused with its path, to be
 deleted by hand once that job is known to be gone.
@@ -24,7 +25,7 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -86,17 +87,34 @@ class RunLock:
     """`<run_dir>/run.lock`, held by this process until `release()`."""
 
     path: Path
+    created: list[Path] = field(default_factory=list)  # the folders taking the lock created, innermost first
 
     def release(self) -> None:
+        """Remove the lock, and the folders its taking created if they are empty."""
         try:
             if json.loads(self.path.read_text()).get("pid") == os.getpid():
                 self.path.unlink()
         except (OSError, ValueError):
             pass
+        for folder in self.created:
+            try:
+                folder.rmdir()
+            except OSError:  # the run wrote something there (or another job did)
+                return
+
+
+def missing_folders(path: Path) -> list[Path]:
+    """`path` and those of its parents that do not exist yet, innermost first."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
 
 
 def acquire_run_lock(run_dir: Path) -> RunLock:
     """Create `run_dir` and take its lock; raises RunError naming the job that holds it."""
+    created = missing_folders(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -113,7 +131,7 @@ def acquire_run_lock(run_dir: Path) -> RunLock:
             raise RunError(f"logging.run_dir={str(run_dir)!r} is not writable: {describe_os_error(error)}") from error
         with os.fdopen(descriptor, "w") as file:
             file.write(json.dumps(record) + "\n")
-        return RunLock(path)
+        return RunLock(path, created)
     raise RunError(f"logging.run_dir={str(run_dir)!r}: another job took {path} while this one started; stop it first")
 
 

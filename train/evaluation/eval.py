@@ -172,7 +172,11 @@ def main(argv: list[str]) -> None:
     args = parse_args(argv)
     model = load_for_eval(args)
     data = DataConfig(path=args.data)
-    check_split(data, args.split)
+    if check_split(data, args.split) == 0:
+        raise ValueError(
+            f"--split {args.split}: {Path(args.data) / args.split} holds no samples; prepare the data with a larger "
+            f"--val-fraction (python -m train.prepare ... --val-fraction 0.01) or evaluate another --split"
+        )
     loader = build_loader(data, args.split, args.batch_size, sp=1, shuffle=False)
     result = evaluate_perplexity_by_position(model, islice(loader, args.max_batches), args.bucket_size, args.eval_len)
     writer = SummaryWriter(str(args.tensorboard or args.out))

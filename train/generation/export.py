@@ -1,8 +1,10 @@
 """A consolidated, framework-free model file for inference: `model.safetensors` + `model.yaml`.
 
-`save_exported` writes the weights of one full (unsharded) model and its config; `load_model`
-rebuilds a TTTLM from such a folder. Training checkpoints are sharded per rank (ZeRO 1/2/3);
-`python -m train.generation.export CHECKPOINT_DIR OUT_DIR` consolidates one into this format, which
+`save_exported` writes the weights of one full (unsharded) model, its config and the weights' size
+and SHA-256 (`checksums.json`); `load_model` rebuilds a TTTLM from such a folder, checking the
+weights against that record first (folders exported before it existed are read unchecked), and
+names the file when one is missing, damaged or unreadable. Training checkpoints are sharded per
+rank (ZeRO 1/2/3); `python -m train.generation.export CHECKPOINT_DIR OUT_DIR` consolidates one into this format, which
 generation and evaluation read. CHECKPOINT_DIR is a `step_N` folder or a checkpoints root (its
 newest complete checkpoint); the model config comes from the checkpoint's run.yaml.
 """
@@ -10,22 +12,28 @@ newest complete checkpoint); the model config comes from the checkpoint's run.ya
 from __future__ import annotations
 
 import errno
+import json
 import os
 import sys
 from pathlib import Path
 
 import torch
+import yaml
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from model.config import LMConfig, load_model_config
+from model.config import ConfigError, LMConfig, load_model_config
 from model.lm import TTTLM
 from train.checkpoint import MARKER, RUN_CONFIG, complete_checkpoints
-from train.checkpoint_integrity import verify
+from train.checkpoint_integrity import file_records, file_sha256, verify
 from train.cli import DEBUG_HELP, run_command
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model.yaml"
+CHECKSUMS_FILE = "checksums.json"  # {WEIGHTS_FILE: {"size", "sha256"}}, written last
+EXPORT_HINT = "export the checkpoint again (python -m train.generation.export CHECKPOINT OUT)"
 DEFAULT_FILE_MODE = 0o666  # what open() would create, before the umask
 
 
@@ -36,27 +44,65 @@ def current_umask() -> int:
 
 
 def save_exported(model: TTTLM, folder: str | Path) -> Path:
-    """Write the model's weights (tied weights once) and its config into `folder`."""
+    """Write the model's weights (tied weights once), its config and the weights' checksum into `folder`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
     save_file(state, str(folder / WEIGHTS_FILE))
     os.chmod(folder / WEIGHTS_FILE, DEFAULT_FILE_MODE & ~current_umask())  # safetensors creates it 0600
     OmegaConf.save(OmegaConf.structured(model.cfg), folder / CONFIG_FILE)
+    (folder / CHECKSUMS_FILE).write_text(json.dumps(file_records(folder, [WEIGHTS_FILE], 0, 1), indent=1) + "\n")
     return folder
 
 
+def check_weights(folder: Path) -> None:
+    """The weights against the size and SHA-256 recorded at export; ValueError naming the file if they differ."""
+    record_path, weights = folder / CHECKSUMS_FILE, folder / WEIGHTS_FILE
+    if not record_path.is_file():
+        return  # exported before checksums were recorded
+    try:
+        record = json.loads(record_path.read_text())[WEIGHTS_FILE]
+        size, sha256 = int(record["size"]), str(record["sha256"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{record_path} is damaged ({type(error).__name__}: {error}); {EXPORT_HINT}") from error
+    if weights.stat().st_size != size:
+        raise ValueError(f"{weights} is {weights.stat().st_size} bytes, {CHECKSUMS_FILE} records {size}: it is damaged; {EXPORT_HINT}")
+    if file_sha256(weights) != sha256:
+        raise ValueError(f"{weights} does not match the checksum in {CHECKSUMS_FILE}: it is damaged; {EXPORT_HINT}")
+
+
+def read_exported_config(path: Path) -> LMConfig:
+    """The model config of an export; ValueError naming the file when it cannot be read as one."""
+    try:
+        return load_model_config(str(path))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        raise ValueError(f"{path} is not valid YAML{where} ({getattr(error, 'problem', None) or error}); {EXPORT_HINT}") from error
+    except (OmegaConfBaseException, ConfigError) as error:
+        raise ValueError(f"{path} is not a valid model config ({str(error).splitlines()[0]}); {EXPORT_HINT}") from error
+
+
 def load_model(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> tuple[TTTLM, LMConfig]:
-    """Rebuild the model saved by `save_exported`; a clear error names what is missing."""
+    """Rebuild the model saved by `save_exported`; a missing, damaged or unreadable file is named in a
+    FileNotFoundError or ValueError."""
     folder = Path(folder)
     for name in (WEIGHTS_FILE, CONFIG_FILE):
         if not (folder / name).is_file():
             raise FileNotFoundError(
                 errno.ENOENT, "no exported model here: export a checkpoint first (python -m train.generation.export CHECKPOINT OUT)", str(folder / name)
             )
-    cfg = load_model_config(str(folder / CONFIG_FILE))
+    check_weights(folder)
+    cfg = read_exported_config(folder / CONFIG_FILE)
     model = TTTLM(cfg)
-    model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+    weights = folder / WEIGHTS_FILE
+    try:
+        model.load_state_dict(load_file(str(weights)))
+    except SafetensorError as error:
+        raise ValueError(f"{weights} is not a readable safetensors file ({error}); {EXPORT_HINT}") from error
+    except RuntimeError as error:  # names or shapes that are not those of the model in CONFIG_FILE
+        reason = " ".join(str(error).split())[:300]
+        raise ValueError(f"{weights} does not hold the model {CONFIG_FILE} describes ({reason}); {EXPORT_HINT}") from error
     return model.to(device=device, dtype=dtype).eval(), cfg
 
 
