@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.multiprocess import REPO, run_torchrun
+from tests.multiprocess import REPO, end_distributed, run_torchrun
 
 TINY = REPO / "configs/train/tiny_cpu.yaml"
 STEPS_BEFORE, STEPS_AFTER = 2, 2
@@ -101,3 +101,4 @@ if __name__ == "__main__":
     results = {"offsets": {str(stage): offsets(engine_for(stage)) for stage in (1, 2)}}
     results["resume_difference"] = resume_across_the_padding(out.parent / "checkpoint")
     out.write_text(json.dumps(results))
+    end_distributed()
