@@ -58,7 +58,7 @@ def test_validation_split_is_an_evenly_spaced_disjoint_share_of_documents(tmp_pa
     assert [i for i in range(40) if is_validation(i, 0.1)] == [9, 19, 29, 39]
     assert report.splits["val"].documents == 4 and report.splits["train"].documents == 36
     manifest = read_manifest(tmp_path / "out")
-    assert manifest["seq_len"] == 7 and manifest["tokenizer"] == {"name": "bytes", "vocab_size": 256, "eos_id": 0}
+    assert manifest["seq_len"] == 7 and manifest["tokenizer"] == {"name": "bytes", "vocab_size": 256, "eos_id": 0, "eos_token": None}
     assert (tmp_path / "out/val/index.json").is_file()
 
 

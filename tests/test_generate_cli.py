@@ -7,7 +7,8 @@ import torch
 from model.config import load_model_config
 from model.lm import TTTLM
 from train.generation.export import save_exported
-from train.generation.generate import ByteTextStream, generate, main, sample_next
+from train.generation.generate import generate, main, sample_next
+from train.tokenizer import ByteTextStream
 
 
 def tiny_model(seed: int = 0) -> TTTLM:
