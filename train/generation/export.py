@@ -88,14 +88,19 @@ def load_exported_tokenizer(folder: str | Path) -> Tokenizer:
     return JsonTokenizer(folder / TOKENIZER_FILE, eos_token)
 
 
+def check_exported(folder: str | Path) -> None:
+    """Raise, naming the file, where `folder` lacks a file `load_model` reads."""
+    for name in (WEIGHTS_FILE, CONFIG_FILE):
+        if not (Path(folder) / name).is_file():
+            raise FileNotFoundError(
+                errno.ENOENT, "no exported model here: export a checkpoint first (python -m train.generation.export CHECKPOINT OUT)", str(Path(folder) / name)
+            )
+
+
 def load_model(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> tuple[TTTLM, LMConfig]:
     """Rebuild the model saved by `save_exported`; a clear error names what is missing."""
     folder = Path(folder)
-    for name in (WEIGHTS_FILE, CONFIG_FILE):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(
-                errno.ENOENT, "no exported model here: export a checkpoint first (python -m train.generation.export CHECKPOINT OUT)", str(folder / name)
-            )
+    check_exported(folder)
     cfg = load_model_config(str(folder / CONFIG_FILE))
     model = TTTLM(cfg)
     model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))

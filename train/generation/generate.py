@@ -111,10 +111,12 @@ def generate(
     seed: int = 0,
     on_token: Optional[TokenCallback] = None,
     graphs: Optional[bool] = None,
+    row_done: Optional[RowDone] = None,
 ) -> list[list[int]]:
-    """Continuations of prompts of any lengths (each >= 1 token), all decoded as one batch; `on_token(prompt index, token)`."""
+    """Continuations of prompts of any lengths (each >= 1 token), all decoded as one batch; `on_token(prompt
+    index, token)`, `row_done(prompt index, its new tokens)` as in `generate_batch`."""
     generator = torch.Generator(device=model.embed.weight.device).manual_seed(seed)
-    return generate_batch(model, prompts, max_new_tokens, temperature, top_p, stop_id, generator, on_token, graphs)
+    return generate_batch(model, prompts, max_new_tokens, temperature, top_p, stop_id, generator, on_token, graphs, row_done)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
