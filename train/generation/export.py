@@ -49,16 +49,16 @@ def current_umask() -> int:
     return mask
 
 
-def save_exported(model: TTTLM, folder: str | Path, tokenizer: Tokenizer = ByteTokenizer()) -> Path:
+def save_exported(model: TTTLM, folder: str | Path, tokenizer: Optional[Tokenizer] = None) -> Path:
     """Write the model's weights (tied weights once), its config and the transformers files
-    (config.json, and `tokenizer`'s files when it is a tokenizer.json) into `folder`."""
+    (config.json, and `tokenizer`'s files when it is a tokenizer.json; default: bytes) into `folder`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
     save_file(state, str(folder / WEIGHTS_FILE))
     os.chmod(folder / WEIGHTS_FILE, DEFAULT_FILE_MODE & ~current_umask())  # safetensors creates it 0600
     OmegaConf.save(OmegaConf.structured(model.cfg), folder / CONFIG_FILE)
-    save_transformers_files(model.cfg, tokenizer, folder)
+    save_transformers_files(model.cfg, tokenizer or ByteTokenizer(), folder)
     return folder
 
 

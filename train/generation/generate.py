@@ -93,8 +93,11 @@ def _all_stopped(produced: list[torch.Tensor], stop_id: Optional[int], row_done:
     """Whether every row has produced `stop_id` or satisfies `row_done`, read from the device only every `every` steps."""
     if (stop_id is None and row_done is None) or len(produced) % every:
         return False
-    rows = torch.stack(produced, dim=1).tolist()
-    return all(stop_id in tokens or (row_done is not None and row_done(row, tokens)) for row, tokens in enumerate(rows))
+    rows = torch.stack(produced, dim=1)  # [B, steps]
+    stopped = (rows == stop_id).any(dim=1) if stop_id is not None else torch.zeros(rows.shape[0], dtype=torch.bool)
+    if row_done is None:
+        return bool(stopped.all())  # one value read back, not the tokens
+    return all(done or row_done(row, tokens) for row, (done, tokens) in enumerate(zip(stopped.tolist(), rows.tolist())))
 
 
 def _until_stop(tokens: list[int], stop_id: Optional[int]) -> list[int]:
