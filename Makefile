@@ -15,7 +15,7 @@ install:
 	python3 -m venv .venv
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[dev,eval]'
 
 test:
 	$(PYTHON) -m pytest -q -x --timeout=900

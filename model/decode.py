@@ -284,23 +284,28 @@ def mixer_strategies(model: TTTLM, strategies: list[tuple[LocalScan, LocalWindow
 
 def decoding_logits(
     model: TTTLM, strategies: list[tuple[LocalScan, LocalWindow]], input_ids: torch.Tensor,
-    position_offset: Union[int, torch.Tensor],
+    position_offset: Union[int, torch.Tensor], keep_last: Optional[int] = None,
 ) -> torch.Tensor:
     """The LM's logits [B, n, V] for ids [B, n] at `position_offset` (an int, or [B] per row), with each
     layer's mixer running its (scan, window) pair: the model's own blocks, layer loop and head, called
-    eagerly (a compiled block would guard on the decoding state)."""
+    eagerly (a compiled block would guard on the decoding state). `keep_last` k: the head reads only
+    the last k rows, [B, min(k, n), V] (a long prompt's [P, V] logits are never formed)."""
     with mixer_strategies(model, strategies):
         hidden, _ = model.hidden_states(input_ids, position_offset=position_offset, eager=True)
+    if keep_last is not None:
+        hidden = hidden[:, -keep_last:]
     return F.linear(model.final_norm(hidden), model.output_weight())
 
 
 @torch.no_grad()
-def prefill(model: TTTLM, input_ids: torch.Tensor) -> tuple[torch.Tensor, DecodeState]:
-    """Run a batch of equal-length prompts [B, P] (P >= 1) -> (logits [B, P, V], state ready for position P)."""
+def prefill(model: TTTLM, input_ids: torch.Tensor, keep_last: Optional[int] = None) -> tuple[torch.Tensor, DecodeState]:
+    """Run a batch of equal-length prompts [B, P] (P >= 1) -> (logits [B, P, V], or of the last
+    `keep_last` positions, and the state ready for position P)."""
     if input_ids.shape[1] < 1:
         raise ValueError("prefill needs at least one prompt token per sequence")
     caches = [empty_cache(block.mixer, block.mixer.initial_state(input_ids.shape[0])) for block in model.blocks]
-    logits = decoding_logits(model, [(PrefillScan(cache), PrefillWindow(cache)) for cache in caches], input_ids, 0)
+    strategies = [(PrefillScan(cache), PrefillWindow(cache)) for cache in caches]
+    logits = decoding_logits(model, strategies, input_ids, 0, keep_last)
     return logits, DecodeState(caches, input_ids.shape[1])
 
 

@@ -25,7 +25,7 @@ without reading the device (`model.decode_graphs` launches it with the token ste
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Optional, Union
 
 import torch
@@ -149,6 +149,28 @@ class StaticDecoder:
                     current.copy_(torch.where(completes, getattr(updated, name), current))
             restart_chunk_sums(cache, self.completes)
 
+    @torch.no_grad()
+    def consume(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Consume one token per row (tokens [B]) eagerly, chunk updates included -> its logits [B, V]
+        (a copy): a step driven from outside, as `transformers`' generate drives a model."""
+        due = self.chunk_due()
+        self.tokens.copy_(tokens)
+        self.forward_token()
+        if due:
+            self.apply_chunk_updates()
+        self.advance_host()
+        return self.logits.clone()
+
+    def select(self, rows: torch.Tensor) -> "StaticDecoder":
+        """A decoder of the rows at `rows` [B'] (any order, repeats allowed), in fresh buffers."""
+        host = rows.tolist()
+        return replace(
+            self,
+            layers=[_stack_layer([layer], rows) for layer in self.layers],
+            **{name: getattr(self, name)[rows] for name in ("positions", "tokens", "logits", "completes")},
+            host_positions=[self.host_positions[row] for row in host],
+        )
+
     def chunk_due(self) -> bool:
         """Whether the next token completes some row's chunk (from the host's count of the steps)."""
         chunk = self.model.cfg.ttt.chunk_size
@@ -173,8 +195,11 @@ def _stack_layer(caches: list[LayerCache], order: torch.Tensor) -> LayerCache:
 
 
 @torch.no_grad()
-def prefill_rows(model: TTTLM, prompts: list[list[int]]) -> tuple[torch.Tensor, StaticDecoder]:
-    """Prefill prompts of any lengths (each >= 1 token) -> (last-token logits [B, V], their decoder).
+def prefill_prompts(
+    model: TTTLM, prompts: list[list[int]], keep_last: Optional[int] = None
+) -> tuple[list[torch.Tensor], StaticDecoder]:
+    """Prefill prompts of any lengths (each >= 1 token) -> (per prompt its logits [P_i, V], or of its
+    last `keep_last` positions, and the prompts' decoder, rows in the prompts' order).
 
     Prompts of one length are prefilled together in the chunk form (rows never interact, so this is
     exact); the states are then stacked in the prompts' order, each row at its own position.
@@ -185,11 +210,18 @@ def prefill_rows(model: TTTLM, prompts: list[list[int]]) -> tuple[torch.Tensor, 
         if not prompt:
             raise ValueError(f"prompt {index} is empty: decoding needs at least one prompt token")
         by_length.setdefault(len(prompt), []).append(index)
-    states, last_logits, stacked_rows = [], [], []
+    states, logits = [], [torch.empty(0)] * len(prompts)
     for indices in by_length.values():
-        logits, state = prefill(model, torch.tensor([prompts[i] for i in indices], device=device))
+        group_logits, state = prefill(model, torch.tensor([prompts[i] for i in indices], device=device), keep_last)
         states.append(state)
-        last_logits.append(logits[:, -1])
-        stacked_rows += indices
+        for row, index in enumerate(indices):
+            logits[index] = group_logits[row]
+    stacked_rows = [index for indices in by_length.values() for index in indices]
     order = torch.argsort(torch.tensor(stacked_rows))  # stacked row of each prompt, in the prompts' order
-    return torch.cat(last_logits)[order.to(device)], StaticDecoder.from_states(model, states, order)
+    return logits, StaticDecoder.from_states(model, states, order)
+
+
+def prefill_rows(model: TTTLM, prompts: list[list[int]]) -> tuple[torch.Tensor, StaticDecoder]:
+    """Prefill prompts of any lengths (each >= 1 token) -> (last-token logits [B, V], their decoder)."""
+    logits, decoder = prefill_prompts(model, prompts, keep_last=1)
+    return torch.stack([row[-1] for row in logits]), decoder

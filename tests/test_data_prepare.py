@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from streaming import LocalDataset
 
-from train.prepare import BadInput, is_validation, prepare, read_manifest
-from train.tokenizer import BYTE_EOS_ID, ByteTokenizer, load_tokenizer
+from train.prepare import BadInput, dataset_tokenizer, is_validation, prepare, read_manifest
+from train.tokenizer import BYTE_EOS_ID, TOKENIZER_FILE, ByteTokenizer, load_tokenizer
 
 SEQ_LEN = 15
 
@@ -58,7 +58,7 @@ def test_validation_split_is_an_evenly_spaced_disjoint_share_of_documents(tmp_pa
     assert [i for i in range(40) if is_validation(i, 0.1)] == [9, 19, 29, 39]
     assert report.splits["val"].documents == 4 and report.splits["train"].documents == 36
     manifest = read_manifest(tmp_path / "out")
-    assert manifest["seq_len"] == 7 and manifest["tokenizer"] == {"name": "bytes", "vocab_size": 256, "eos_id": 0}
+    assert manifest["seq_len"] == 7 and manifest["tokenizer"] == {"name": "bytes", "vocab_size": 256, "eos_id": 0, "eos_token": None}
     assert (tmp_path / "out/val/index.json").is_file()
 
 
@@ -94,17 +94,41 @@ def test_byte_tokenizer_drops_nul_so_eos_stays_unambiguous() -> None:
     assert encoded.ids.tolist() == [97, 98] and encoded.dropped == 1
 
 
-def test_tokenizer_json_with_its_end_token(tmp_path: Path) -> None:
+def write_word_tokenizer(path: Path) -> Path:
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import Whitespace
 
-    tokenizer = Tokenizer(WordLevel({"<unk>": 0, "</s>": 1, "hello": 2, "world": 3}, unk_token="<unk>"))
+    tokenizer = Tokenizer(WordLevel({"<unk>": 0, "</s>": 1, "hello": 2, "world": 3, "<end>": 4}, unk_token="<unk>"))
     tokenizer.pre_tokenizer = Whitespace()
-    tokenizer.save(str(tmp_path / "tokenizer.json"))
-    loaded = load_tokenizer(str(tmp_path / "tokenizer.json"))
-    assert loaded.eos_id == 1 and loaded.vocab_size == 4
+    tokenizer.save(str(path))
+    return path
+
+
+def test_tokenizer_json_with_its_end_token(tmp_path: Path) -> None:
+    loaded = load_tokenizer(str(write_word_tokenizer(tmp_path / "tokenizer.json")))
+    assert loaded.eos_id == 1 and loaded.vocab_size == 5
     assert loaded.encode("hello world").ids.tolist() == [2, 3]
+    assert loaded.decode([2, 3]) == "hello world"
+
+
+def test_a_dataset_keeps_its_tokenizer_and_end_token(tmp_path: Path) -> None:
+    """An export reads the run's tokenizer from its data: the copy beside the shards outlives the
+    original file, and an end token chosen with --eos-token stays the end token."""
+    original = write_word_tokenizer(tmp_path / "tokenizer.json")
+    (tmp_path / "doc.txt").write_text("hello world " * 20)
+    prepare([tmp_path / "doc.txt"], tmp_path / "out", 4, load_tokenizer(str(original), "<end>"), val_fraction=0.0, show_progress=False)
+    original.unlink()
+    kept = dataset_tokenizer(tmp_path / "out")
+    assert (kept.path, kept.eos_id, kept.eos_token) == (tmp_path / "out" / TOKENIZER_FILE, 4, "<end>")
+
+
+def test_a_byte_dataset_reads_as_bytes_and_a_folder_without_a_manifest_says_what_to_pass(tmp_path: Path) -> None:
+    write_corpus(tmp_path / "in", documents=3)
+    prepare(sorted((tmp_path / "in").iterdir()), tmp_path / "out", 4, ByteTokenizer(), val_fraction=0.0, show_progress=False)
+    assert isinstance(dataset_tokenizer(tmp_path / "out"), ByteTokenizer)
+    with pytest.raises(FileNotFoundError, match="pass --tokenizer bytes or a tokenizer.json"):
+        dataset_tokenizer(tmp_path / "in")
 
 
 def test_skip_bad_packs_nothing_of_a_bad_file(tmp_path: Path) -> None:

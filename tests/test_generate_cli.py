@@ -7,7 +7,8 @@ import torch
 from model.config import load_model_config
 from model.lm import TTTLM
 from train.generation.export import save_exported
-from train.generation.generate import ByteTextStream, generate, main, sample_next
+from train.generation.generate import STOP_CHECK_EVERY, generate, main, sample_next
+from train.tokenizer import ByteTextStream
 
 
 def tiny_model(seed: int = 0) -> TTTLM:
@@ -53,6 +54,15 @@ def test_stop_token_ends_a_sequence() -> None:
     first = generate(model, [[5, 6]], max_new_tokens=10)[0]
     stopped = generate(model, [[5, 6]], max_new_tokens=10, stop_id=first[2])[0]
     assert stopped == first[: first.index(first[2]) + 1]
+
+
+def test_a_callers_rule_ends_the_batch_at_the_next_check_and_keeps_the_tokens_whole() -> None:
+    """Every row `done` after its third token: decoding stops at the first read of the rows
+    (STOP_CHECK_EVERY steps), not at max_new_tokens, and the tokens so far come back uncut."""
+    model = tiny_model()
+    full = generate(model, [[7, 8, 9], [1, 2]], max_new_tokens=3 * STOP_CHECK_EVERY)
+    ended = generate(model, [[7, 8, 9], [1, 2]], max_new_tokens=3 * STOP_CHECK_EVERY, row_done=lambda row, tokens: len(tokens) >= 3)
+    assert ended == [tokens[:STOP_CHECK_EVERY] for tokens in full]
 
 
 def test_byte_stream_holds_a_split_character_until_it_is_complete() -> None:

@@ -12,9 +12,10 @@ column, so a model that resets state per document can read them:
     doc_ids [seq_len + 1] int32    index of the document within this sample (0, 0, ..., 1, 1, ...)
 
 A deterministic, evenly spaced `--val-fraction` of documents goes to `<out>/val`, the rest to
-`<out>/train`; `<out>/manifest.json` records the tokenizer, seq_len and token counts. Unreadable
-or empty inputs are all listed, and the run fails unless `--skip-bad` is given (then they are
-listed in the manifest). Output is written under a temporary name and renamed when complete.
+`<out>/train`; `<out>/manifest.json` records the tokenizer, seq_len and token counts (a
+tokenizer.json is copied beside it). Unreadable or empty inputs are all listed, and the run fails
+unless `--skip-bad` is given (then they are listed in the manifest). Output is written under a
+temporary name and renamed when complete.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from streaming import MDSWriter
 from tqdm import tqdm
 
 from train.cli import DEBUG_HELP, run_command, warn
-from train.tokenizer import Tokenizer, load_tokenizer
+from train.tokenizer import TOKENIZER_FILE, ByteTokenizer, JsonTokenizer, Tokenizer, load_tokenizer
 
 COLUMNS = {"tokens": "ndarray:int32", "doc_ids": "ndarray:int32"}
 MANIFEST = "manifest.json"
@@ -209,8 +210,10 @@ def prepare(
     if report.splits["train"].samples == 0:
         shutil.rmtree(staging, ignore_errors=True)
         raise ValueError(f"the inputs hold {report.splits['train'].tokens} training tokens, fewer than one sample of --seq-len {seq_len} + 1")
+    if isinstance(tokenizer, JsonTokenizer):  # kept with the data, so that an export of the run can carry it on
+        shutil.copyfile(tokenizer.path, staging / TOKENIZER_FILE)
     manifest = {
-        "tokenizer": {"name": tokenizer.name, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id},
+        "tokenizer": {"name": tokenizer.name, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "eos_token": tokenizer.eos_token},
         "seq_len": seq_len,
         "sample_length": seq_len + 1,
         "val_fraction": val_fraction,
@@ -226,6 +229,21 @@ def read_manifest(path: str | Path) -> Optional[dict]:
     """The manifest of a prepared local dataset folder, or None for remote or foreign datasets."""
     manifest = Path(path) / MANIFEST
     return json.loads(manifest.read_text()) if manifest.is_file() else None
+
+
+def dataset_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer a local dataset folder was prepared with: bytes, or the tokenizer.json kept beside
+    the shards (or, for a dataset prepared before copies were kept, the file its manifest names)."""
+    manifest = read_manifest(path)
+    if manifest is None:
+        raise FileNotFoundError(errno.ENOENT, "no manifest here to tell the tokenizer by; pass --tokenizer bytes or a tokenizer.json", str(Path(path) / MANIFEST))
+    recorded = manifest["tokenizer"]
+    if recorded["name"] == ByteTokenizer.name:
+        return ByteTokenizer()
+    for candidate in (Path(path) / TOKENIZER_FILE, Path(recorded["name"])):
+        if candidate.is_file():
+            return JsonTokenizer(candidate, recorded.get("eos_token"))
+    raise FileNotFoundError(errno.ENOENT, f"the data was prepared with {recorded['name']}, which is gone; pass --tokenizer with that tokenizer.json", str(Path(path) / TOKENIZER_FILE))
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

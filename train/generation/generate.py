@@ -16,7 +16,6 @@ document); other ids print as `<id>`. FOLDER is an exported model (`model.safete
 from __future__ import annotations
 
 import argparse
-import codecs
 import sys
 from functools import partial
 from typing import Callable, Optional, Sequence
@@ -29,12 +28,12 @@ from model.sampling import sample_tokens
 from model.static_decode import prefill_rows
 from train.cli import DEBUG_HELP, run_command
 from train.generation.export import load_model
-from train.tokenizer import ByteTokenizer
+from train.tokenizer import ByteTextStream, ByteTokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-BYTE_VOCAB = 256
 
 TokenCallback = Callable[[int, int], None]  # (index of the prompt, new token id)
+RowDone = Callable[[int, list[int]], bool]  # (index of the prompt, its new tokens so far) -> has it ended
 
 
 def sample_next(
@@ -55,6 +54,7 @@ def generate_batch(
     generator: Optional[torch.Generator] = None,
     on_token: Optional[TokenCallback] = None,
     graphs: Optional[bool] = None,
+    row_done: Optional[RowDone] = None,
 ) -> list[list[int]]:
     """Continue prompts of any lengths ([B, P] or B lists) in one batch; a sequence ends at `stop_id`
     (included) or after max_new_tokens.
@@ -62,6 +62,8 @@ def generate_batch(
     Each row decodes at its own position from static buffers; `graphs` (default: on CUDA) replays the
     step from CUDA graphs. Tokens stay on the device and are read back every `STOP_CHECK_EVERY`
     steps to see whether every row has stopped; `on_token(row, token)` (streaming) reads every step.
+    `row_done(row, its new tokens)` (e.g. a stop string in their text) also counts a row as stopped
+    when the rows are read; its tokens are returned whole, for the caller to cut.
     """
     rows = prompts.tolist() if isinstance(prompts, torch.Tensor) else [list(p) for p in prompts]
     last_logits, decoder = prefill_rows(model, rows)
@@ -77,7 +79,7 @@ def generate_batch(
                 if not streamed[row]:
                     on_token(row, token)
                     streamed[row] = token == stop_id
-        if len(produced) == max_new_tokens or _all_stopped(produced, stop_id, every=1 if on_token else STOP_CHECK_EVERY):
+        if len(produced) == max_new_tokens or _all_stopped(produced, stop_id, row_done, every=1 if on_token else STOP_CHECK_EVERY):
             break
         runner.step()
         produced.append(decoder.tokens.clone())
@@ -87,11 +89,15 @@ def generate_batch(
 STOP_CHECK_EVERY = 32  # steps between the device reads that ask whether every row has produced its stop token
 
 
-def _all_stopped(produced: list[torch.Tensor], stop_id: Optional[int], every: int) -> bool:
-    """Whether every row has produced `stop_id`, read from the device only every `every` steps."""
-    if stop_id is None or len(produced) % every:
+def _all_stopped(produced: list[torch.Tensor], stop_id: Optional[int], row_done: Optional[RowDone], every: int) -> bool:
+    """Whether every row has produced `stop_id` or satisfies `row_done`, read from the device only every `every` steps."""
+    if (stop_id is None and row_done is None) or len(produced) % every:
         return False
-    return bool((torch.stack(produced, dim=1) == stop_id).any(dim=1).all())
+    rows = torch.stack(produced, dim=1)  # [B, steps]
+    stopped = (rows == stop_id).any(dim=1) if stop_id is not None else torch.zeros(rows.shape[0], dtype=torch.bool)
+    if row_done is None:
+        return bool(stopped.all())  # one value read back, not the tokens
+    return all(done or row_done(row, tokens) for row, (done, tokens) in enumerate(zip(stopped.tolist(), rows.tolist())))
 
 
 def _until_stop(tokens: list[int], stop_id: Optional[int]) -> list[int]:
@@ -108,30 +114,12 @@ def generate(
     seed: int = 0,
     on_token: Optional[TokenCallback] = None,
     graphs: Optional[bool] = None,
+    row_done: Optional[RowDone] = None,
 ) -> list[list[int]]:
-    """Continuations of prompts of any lengths (each >= 1 token), all decoded as one batch; `on_token(prompt index, token)`."""
+    """Continuations of prompts of any lengths (each >= 1 token), all decoded as one batch; `on_token(prompt
+    index, token)`, `row_done(prompt index, its new tokens)` as in `generate_batch`."""
     generator = torch.Generator(device=model.embed.weight.device).manual_seed(seed)
-    return generate_batch(model, prompts, max_new_tokens, temperature, top_p, stop_id, generator, on_token, graphs)
-
-
-class ByteTextStream:
-    """Turns byte-token ids into text incrementally: a UTF-8 character split over tokens prints whole."""
-
-    def __init__(self) -> None:
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def push(self, token: int) -> str:
-        if token >= BYTE_VOCAB:
-            return self._decoder.decode(b"", final=True) + f"<{token}>"
-        return self._decoder.decode(bytes([token]))
-
-    def flush(self) -> str:
-        return self._decoder.decode(b"", final=True)
-
-
-def decode_bytes(tokens: list[int]) -> str:
-    stream = ByteTextStream()
-    return "".join(stream.push(t) for t in tokens) + stream.flush()
+    return generate_batch(model, prompts, max_new_tokens, temperature, top_p, stop_id, generator, on_token, graphs, row_done)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -180,7 +168,7 @@ def main(argv: list[str]) -> None:
         sys.stdout.write(stream.flush() + "\n")
         return
     for index, (text, out) in enumerate(zip(texts, outputs)):
-        print(f"--- [{index}] ---\n{text}{decode_bytes([t for t in out if t != stop_id])}")
+        print(f"--- [{index}] ---\n{text}{tokenizer.decode([t for t in out if t != stop_id])}")
 
 
 if __name__ == "__main__":
