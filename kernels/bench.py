@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from kernels import features as feature_kernels
 from kernels.features import compiled_swiglu_features, pack_swiglu_weights
-from kernels.reference import swiglu_features, ttt_la_parallel_reference
+from kernels.lact import swiglu_features
+from kernels.reference import ttt_la_parallel_reference
 from kernels.ttt_la import chunk_ttt_la
 
 TOKENS = 131072

@@ -11,7 +11,8 @@ from typing import Optional
 import torch
 
 from kernels import chunk as chunk_kernels
-from kernels.reference import num_chunks, ttt_la_parallel_reference
+from kernels.lact import num_chunks
+from kernels.reference import ttt_la_parallel_reference
 from kernels.triton_utils import SUPPORTED_DTYPES, absent, use_triton
 
 MIN_HEAD_DIM, MAX_HEAD_DIM, HEAD_DIM_MULTIPLE = 16, 1024, 16

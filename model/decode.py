@@ -11,9 +11,9 @@ The semantics are exactly the chunk form's (`TTTLM.forward`): a token of chunk c
 the fast weights after chunk c-1 (plus, token-causal, chunk c's W1 step so far), and chunk c's
 update is applied once its last token has been processed. That update costs no more than a token:
 its gradient is a sum of per-token terms at the weights entering the chunk, so every token adds its
-own term as it arrives (`kernels.reference.chunk_gradients`, the function the recurrent form sums a
+own term as it arrives (`kernels.lact.chunk_gradients`, the function the recurrent form sums a
 chunk with), and the last token only applies momentum (decay = the mean gate), Muon, the signed step
-and weight norm to that sum (`kernels.reference.apply_chunk_gradients`, the recurrent form's step).
+and weight norm to that sum (`kernels.lact.apply_chunk_gradients`, the recurrent form's step).
 In linear_attention mode the gradient is G1 = -sum_t eta1_t v_t h(k_t)^T, the chunk scan's update
 in gradient units, which is also what token-causal queries add to W1.
 
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.fast_weights import FAST_WEIGHT_NAMES, ChunkGradients, FastWeights
-from kernels.reference import apply_chunk_gradients, chunk_gradients
+from kernels.lact import apply_chunk_gradients, chunk_gradients
 from model.lm import TTTLM
 from model.ttt_layer import LocalScan, LocalWindow, RowPositions, TTTInputs, TTTMixer
 

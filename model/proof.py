@@ -19,14 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from kernels.fast_weights import FastWeights
-from kernels.reference import (
-    RecurrentTrace,
-    lact_chunk_gradients,
-    lact_recurrent_reference,
-    num_chunks,
-    swiglu_features,
-    ttt_la_parallel_reference,
-)
+from kernels.lact import RecurrentTrace, lact_chunk_gradients, lact_recurrent, num_chunks, swiglu_features
+from kernels.reference import ttt_la_parallel_reference
 from model.config import LMConfig, TTTConfig
 from model.golden_lact import compare_with_golden, perturbed_mixer
 from model.ttt_layer import TTTMixer
@@ -114,7 +108,7 @@ def recurrent_vs_parallel(momentum: bool, muon: bool) -> tuple[float, float, flo
         chunk = size[-1]
         inputs = [t.requires_grad_(True) for t in (x.q, x.k, x.v, x.eta1, x.weights.w0, x.weights.w1, x.weights.w2)]
         beta = x.beta if momentum else None
-        out_r, final_r = lact_recurrent_reference(
+        out_r, final_r = lact_recurrent(
             x.q, x.k, x.v, x.eta0, x.eta1, x.eta2, x.weights, chunk, beta=beta, muon=muon, fast_weights="w1"
         )
         hq, hk = (swiglu_features(t, x.weights.w0, x.weights.w2) for t in (x.q, x.k))
@@ -135,7 +129,7 @@ def recurrent_vs_unrolled(momentum: bool, muon: bool, weight_norm: bool) -> floa
         chunk = size[-1]
         beta = x.beta if momentum else None
         trace = RecurrentTrace([], [], [])
-        out, _ = lact_recurrent_reference(
+        out, _ = lact_recurrent(
             x.q, x.k, x.v, x.eta0, x.eta1, x.eta2, x.weights, chunk, beta=beta, muon=muon,
             weight_norm=weight_norm, fast_weights="all", trace=trace,
         )  # fmt: skip

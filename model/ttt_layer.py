@@ -36,12 +36,12 @@ from torch import nn
 
 from kernels.fast_weights import FastWeights
 from kernels.features import swiglu_features as swiglu_features_op
-from kernels.reference import (
+from kernels.lact import (
     ChunkStep,
     NewtonSchulz,
     chunk_mean,
     identity_features,
-    lact_recurrent_reference,
+    lact_recurrent,
     row_norms_of,
     scan_documents,
     swiglu_features,
@@ -400,7 +400,7 @@ class TTTMixer(nn.Module):
         dtype = entering.w1.dtype
         muon = self.newton_schulz(q, dtype)
         with torch.autocast(device_type=q.device.type, enabled=False):
-            return lact_recurrent_reference(
+            return lact_recurrent(
                 q.to(dtype), k.to(dtype), v.to(dtype), eta0.to(dtype), eta1.to(dtype), eta2.to(dtype),
                 entering, ttt.chunk_size, beta=None if beta is None else beta.to(dtype), muon=muon,
                 weight_norm=ttt.weight_norm, weight_norm_eps=ttt.weight_norm_eps, row_norms=self.initial_state(1),
@@ -413,7 +413,7 @@ class TTTMixer(nn.Module):
         return NewtonSchulz(ttt.ns_coefficients, operand_dtype(x, state_dtype)) if ttt.muon else None
 
     def chunk_step(self, state_dtype: torch.dtype) -> ChunkStep:
-        """How a chunk's summed gradient becomes its step (`kernels.reference.apply_chunk_gradients`), with
+        """How a chunk's summed gradient becomes its step (`kernels.lact.apply_chunk_gradients`), with
         the options the chunk form runs: Muon iterating in the operand dtype of the model's activations,
         the update sign, weight norm toward the learned initial weights' rows. For a caller that sums
         the gradient itself, token by token (decoding)."""

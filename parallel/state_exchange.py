@@ -34,7 +34,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from kernels.reference import chunk_bounds, decay_matrix
+from kernels.lact import chunk_bounds
+from kernels.reference import decay_matrix
 from model.ttt_layer import ChunkScan
 from parallel.collectives import all_gather_flat, reduce_scatter_flat
 from parallel.groups import ParallelDims

@@ -12,13 +12,8 @@ import pytest
 import torch
 
 from kernels.fast_weights import FastWeights
-from kernels.reference import (
-    RecurrentTrace,
-    lact_recurrent_reference,
-    newton_schulz5,
-    swiglu_features,
-    ttt_la_parallel_reference,
-)
+from kernels.lact import RecurrentTrace, lact_recurrent, newton_schulz5, swiglu_features
+from kernels.reference import ttt_la_parallel_reference
 from model.unrolled import newton_schulz5_factor, unrolled_lact_output
 from model.proof import make_layer_inputs, relative_error
 
@@ -30,7 +25,7 @@ SIZES = [(2, 32, 2, 6, 8, 8), (2, 37, 2, 6, 8, 8), (1, 5, 1, 4, 4, 8), (2, 29, 3
 
 def recurrent_w1_only(x, chunk, beta, muon, sign):
     """The recurrent form with W0/W2 frozen and no weight norm: the case the parallel form claims."""
-    out, final = lact_recurrent_reference(
+    out, final = lact_recurrent(
         x.q, x.k, x.v, x.eta0, x.eta1, x.eta2, FastWeights(x.weights.w0, x.weights.w1, x.weights.w2), chunk,
         beta=beta, muon=muon, fast_weights="w1", update_sign=sign,
     )  # fmt: skip
@@ -75,7 +70,7 @@ def test_general_recurrent_equals_unrolled_linear_attention(batch, seq_len, head
     x = make_layer_inputs(batch, seq_len, heads, d, dh, chunk)
     beta = x.beta if momentum else None
     trace = RecurrentTrace([], [], [])
-    out, _ = lact_recurrent_reference(
+    out, _ = lact_recurrent(
         x.q, x.k, x.v, x.eta0, x.eta1, x.eta2, x.weights, chunk, beta=beta, muon=muon,
         weight_norm=weight_norm, fast_weights=fast_weights, trace=trace,
     )  # fmt: skip

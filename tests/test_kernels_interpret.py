@@ -13,7 +13,8 @@ import torch
 import kernels.chunk
 import kernels.features
 import kernels.triton_utils
-from kernels.reference import num_chunks, swiglu_features, ttt_la_parallel_reference
+from kernels.lact import num_chunks, swiglu_features
+from kernels.reference import ttt_la_parallel_reference
 from kernels.ttt_la import chunk_ttt_la
 
 # The kernels must have been imported in interpreter mode: tests/conftest.py sets TRITON_INTERPRET on a

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kernels.fast_weights import ChunkGradients, FastWeights
-from kernels.reference import chunk_gradients, lact_chunk_gradients
+from kernels.lact import chunk_gradients, lact_chunk_gradients
 from model.proof import inner_loss, make_layer_inputs, relative_error
 
 # float64 throughout: the manual and the autograd gradient are the same formula evaluated in a

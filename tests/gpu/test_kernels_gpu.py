@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from kernels import chunk, features
-from kernels.reference import num_chunks, swiglu_features, ttt_la_parallel_reference
+from kernels.lact import num_chunks, swiglu_features
+from kernels.reference import ttt_la_parallel_reference
 from kernels.ttt_la import chunk_ttt_la
 
 pytestmark = pytest.mark.gpu
