@@ -43,7 +43,8 @@ from model.decode import (
     ttt_token_output,
 )
 from model.lm import TTTLM
-from model.ttt_layer import LocalScan, LocalWindow, RowPositions, TTTInputs, TTTMixer
+from model.fast_weight_scan import ScanWeights, TTTInputs
+from model.ttt_layer import LocalScan, LocalWindow, RowPositions, TTTMixer
 
 
 @dataclass
@@ -55,10 +56,10 @@ class RowStepScan(LocalScan):
     cache: LayerCache
 
     def __call__(
-        self, mixer: TTTMixer, x: torch.Tensor, inputs: TTTInputs, state: Optional[FastWeights], rows: RowPositions
+        self, weights: ScanWeights, x: torch.Tensor, inputs: TTTInputs, state: Optional[FastWeights], rows: RowPositions
     ) -> tuple[torch.Tensor, FastWeights]:
         """x [B, 1, D] and its inputs -> ([B, 1, H, d] output, the cache's fast weights)."""
-        return ttt_token_output(mixer, self.cache, inputs), self.cache.fast_weights
+        return ttt_token_output(weights, self.cache, inputs), self.cache.fast_weights
 
 
 @dataclass
@@ -143,7 +144,7 @@ class StaticDecoder:
         """
         completes = self.completes[:, None, None, None]
         for block, cache in zip(self.model.blocks, self.layers):
-            updated = chunk_update(block.mixer, cache)
+            updated = chunk_update(block.mixer.scan_weights(), cache)
             for name, current in cache.fast_weights.named_tensors():
                 if getattr(updated, name) is not current:
                     current.copy_(torch.where(completes, getattr(updated, name), current))

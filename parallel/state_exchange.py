@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from kernels.lact import chunk_bounds
 from kernels.reference import decay_matrix
-from model.ttt_layer import ChunkScan
+from model.fast_weight_scan import ChunkScan
 from parallel.collectives import all_gather_flat, reduce_scatter_flat
 from parallel.groups import ParallelDims
 
@@ -247,8 +247,8 @@ def state_exchange_scan(
     arguments after `local_scan` and `dims`, and what the single-process scan returns for this
     slice: outputs [B, T, H, d], and the state and momentum leaving the slice.
 
-    `local_scan` is the mixer's own scan (Triton on CUDA, the reference elsewhere); it runs from the
-    zero state while the maps travel. `muon` is off whenever this runs: `SequenceParallelLM` refuses
+    `local_scan` is the local W1 chunk scan (`model.fast_weight_scan.local_w1_chunk_scan`: Triton on
+    CUDA, the reference elsewhere); it runs from the zero state while the maps travel. `muon` is off whenever this runs: `SequenceParallelLM` refuses
     Muon in the parallel form (`MUON_ERROR`) before it sets any scan.
     """
     local = local_state_map(hk, v, eta1, beta, chunk_size, update_sign, initial_state.dtype)

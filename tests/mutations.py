@@ -65,7 +65,7 @@ MUTATIONS = [
     Mutation("TTT q/k L2 norm removed", ((LAYER, "tq, tk = l2_normalise(tq, ttt.l2_eps), l2_normalise(tk, ttt.l2_eps)", "pass"),)),
     Mutation("TTT q/k RoPE removed", ((LAYER, "if ttt.rope:  # the attention", "if False:  # the attention"),)),
     Mutation("decoded tokens placed at position 0", ((DECODE, "token_ids[:, None], state.position)", "token_ids[:, None], 0)"),)),
-    Mutation("decoder's chunk update without its momentum decay", ((DECODE, "cache.gate_sum / mixer.cfg.ttt.chunk_size", "0 * cache.gate_sum"),)),
+    Mutation("decoder's chunk update without its momentum decay", ((DECODE, "cache.gate_sum / weights.ttt.chunk_size", "0 * cache.gate_sum"),)),
     Mutation("decoder's running sums never restarted", ((DECODE, "            total.zero_()", "            pass"),)),
     Mutation("classic Newton-Schulz schedule instead of LaCT's", ((LACT, "return NS_SCHEDULES[self.schedule]", 'return NS_SCHEDULES["classic"]'),)),
     Mutation("update before apply", ((LACT, APPLY, ""), (LACT, AFTER_UPDATE, AFTER_UPDATE.replace(
