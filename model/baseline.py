@@ -162,7 +162,7 @@ Attend = Callable[[int, CausalAttention, torch.Tensor], torch.Tensor]
 @dataclass
 class StaticKVDecoder:
     """The transformer's decode step over a fixed-capacity cache, in the shape a CUDA graph replays
-    (the protocol of model/decode_graphs.py): rows at their own positions [B] on the device, keys and
+    (the protocol of decoding/graphs.py): rows at their own positions [B] on the device, keys and
     values written in place, attention over the whole capacity with a length mask (SDPA's
     memory-efficient kernel on CUDA takes the mask; the cost is that of the capacity, which the
     benchmark sets to the context it measures)."""

@@ -23,7 +23,7 @@ and the window attention (`LocalWindow`). The mixer computes the scan's inputs (
 weights (`scan_weights`), calls its scan strategy once, and combines; the strategy runs the
 functions of `model.fast_weight_scan` and never calls back into the mixer. The local ones are the
 default; sequence parallelism (parallel/sliced_mixer.py) plugs in a state exchange (it replaces
-only the W1 chunk scan) or a ring and a halo exchange, decoding (model/decode.py) a chunk's
+only the W1 chunk scan) or a ring and a halo exchange, decoding (decoding/decode.py) a chunk's
 gradient summed token by token and a ring buffer of keys.
 """
 

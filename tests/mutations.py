@@ -31,7 +31,7 @@ TESTS = [
     "tests/test_document_resets.py",
 ]
 LACT, REFERENCE = "kernels/lact.py", "kernels/reference.py"
-LAYER, LOW_RANK, DECODE = "model/ttt_layer.py", "model/low_rank.py", "model/decode.py"
+LAYER, LOW_RANK, DECODE = "model/ttt_layer.py", "model/low_rank.py", "decoding/decode.py"
 
 
 @dataclass(frozen=True)

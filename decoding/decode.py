@@ -36,9 +36,9 @@ import torch.nn.functional as F
 
 from kernels.fast_weights import FAST_WEIGHT_NAMES, ChunkGradients, FastWeights
 from kernels.lact import apply_chunk_gradients, chunk_gradients
-from model.lm import TTTLM
 from model.config import TTTConfig
 from model.fast_weight_scan import ScanWeights, TTTInputs, chunk_step, fast_weight_scan
+from model.lm import TTTLM
 from model.ttt_layer import LocalScan, LocalWindow, RowPositions, TTTMixer
 
 
