@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from kernels import features as feature_kernels
 from kernels.features import compiled_swiglu_features, pack_swiglu_weights
-from kernels.lact import swiglu_features
+from kernels.lact import ScanOptions, swiglu_features
 from kernels.reference import ttt_la_parallel_reference
 from kernels.ttt_la import chunk_ttt_la
 
@@ -137,7 +137,7 @@ def _ttt_case(impl: str, shape: dict, B: int, T: int, device):
                 hq_, hk_ = feature_kernels.swiglu_features(xq, w0, w2), feature_kernels.swiglu_features(xk, w0, w2)
             else:
                 hq_, hk_ = hq, hk
-            return chunk_ttt_la(hq_, hk_, v, e, state, C, token_causal=shape["token_causal"])[0]
+            return chunk_ttt_la(hq_, hk_, v, e, state, ScanOptions(C, token_causal=shape["token_causal"]))[0]
     else:
         state = randn(B, H, d, dh, device=device, scale=0.02)
 
@@ -146,7 +146,7 @@ def _ttt_case(impl: str, shape: dict, B: int, T: int, device):
                 hq_, hk_ = swiglu_features(xq, w0, w2), swiglu_features(xk, w0, w2)
             else:
                 hq_, hk_ = hq, hk
-            return ttt_la_parallel_reference(hq_, hk_, v, e, state, C, token_causal=shape["token_causal"])[0]
+            return ttt_la_parallel_reference(hq_, hk_, v, e, state, ScanOptions(C, token_causal=shape["token_causal"]))[0]
     return fwd, leaves + [state]
 
 

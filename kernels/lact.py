@@ -7,6 +7,7 @@ form shares with them.
   functions: `chunk_gradients` (a sum of per-token terms at the chunk's entering weights, so it can
   equally be summed token by token, as decoding does) and `apply_chunk_gradients` (momentum, Muon,
   the signed step and weight norm, from that sum alone; `ChunkStep` holds its options).
+* the options of the linear-attention form's W1 chunk scan (`ScanOptions`),
 * Muon's Newton-Schulz map (`NewtonSchulz`, `newton_schulz5`), the torch feature maps
   (`swiglu_features`, the form `kernels.features` falls back to, and `identity_features`), the chunk
   arithmetic (`chunk_bounds`, `num_chunks`, `chunk_mean`) and the one loop over packed documents
@@ -67,6 +68,18 @@ def resolve_muon(muon: "bool | NewtonSchulz | None") -> Optional[NewtonSchulz]:
     if isinstance(muon, NewtonSchulz):
         return muon
     return NewtonSchulz() if muon else None
+
+
+@dataclass(frozen=True)
+class ScanOptions:
+    """How the linear-attention form's W1 chunk scan runs, besides its tensors: the one options object of
+    the naive form (`kernels.reference.ttt_la_parallel_reference`), the public op
+    (`kernels.ttt_la.chunk_ttt_la`) and the state exchange across sp ranks."""
+
+    chunk_size: int  # tokens per chunk; the last chunk of a sequence (or document) may be shorter
+    muon: "bool | NewtonSchulz | None" = False  # Newton-Schulz on each chunk's update (True: the default map)
+    token_causal: bool = False  # add the intra-chunk term sum_{s <= t} eta1_s (h(q_t) . h(k_s)) v_s
+    update_sign: float = 1.0  # +1 descends the inner loss, -1 ascends it
 
 
 def swiglu_features(x: torch.Tensor, w0: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:

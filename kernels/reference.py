@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from kernels.lact import NewtonSchulz, chunk_bounds, newton_schulz5, resolve_muon, scan_documents
+from kernels.lact import ScanOptions, chunk_bounds, newton_schulz5, resolve_muon, scan_documents
 
 
 def chunk_updates(hk: torch.Tensor, v: torch.Tensor, eta1: torch.Tensor, chunk_size: int) -> torch.Tensor:
@@ -47,20 +47,18 @@ def ttt_la_parallel_reference(
     v: torch.Tensor,
     eta1: torch.Tensor,
     initial_state: torch.Tensor,
-    chunk_size: int,
-    cu_seqlens: Optional[torch.Tensor] = None,
+    options: ScanOptions,
     *,
     beta: Optional[torch.Tensor] = None,
     initial_momentum: Optional[torch.Tensor] = None,
-    muon: "bool | NewtonSchulz" = False,
-    token_causal: bool = False,
-    update_sign: float = 1.0,
+    cu_seqlens: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """The W1-only layer as block-causal linear attention, computed as a chunk scan.
 
     hq, hk: [B, T, H, dh] features h(q), h(k); v: [B, T, H, d]; eta1: [B, T, H];
     initial_state: [B, H, d, dh] = W1 entering the sequence (learned W1(0) plus any carried state);
-    beta: [B, N, H] per-chunk momentum (None: off); initial_momentum: [B, H, d, dh].
+    beta: [B, N, H] per-chunk momentum (None: off); initial_momentum: [B, H, d, dh]; `options` the chunk
+    size, Muon, the intra-chunk term and the update sign.
 
       U(c)  = update_sign * NS5?(M(c)),  M(c) = beta_c M(c-1) + A(c),  A(c) = sum_t eta1_t v_t h(k_t)^T
       S(c)  = initial_state + sum_{c' < c} U(c')            (exclusive prefix sum: the state chunk c reads)
@@ -72,11 +70,10 @@ def ttt_la_parallel_reference(
     with every document's chunks counted from its start, and the final state and momentum [D, H, d, dh].
     """
     if cu_seqlens is not None:
-        options = dict(muon=muon, token_causal=token_causal, update_sign=update_sign)
-        return _parallel_reference_per_document(hq, hk, v, eta1, initial_state, chunk_size, cu_seqlens, beta,
-                                                initial_momentum, options)  # fmt: skip
+        return _parallel_reference_per_document(hq, hk, v, eta1, initial_state, options, cu_seqlens, beta,
+                                                initial_momentum)  # fmt: skip
     batch, seq_len, heads, _ = hq.shape
-    updates = chunk_updates(hk, v, eta1, chunk_size)  # [B, N, H, d, dh]
+    updates = chunk_updates(hk, v, eta1, options.chunk_size)  # [B, N, H, d, dh]
     momentum = None
     if beta is not None:
         mixing = decay_matrix(beta)  # [B, H, N, N]
@@ -85,35 +82,35 @@ def ttt_la_parallel_reference(
             carried = torch.exp(torch.cumsum(torch.log(beta), dim=1))  # prod_{j<=c} beta_j, [B, N, H]
             updates = updates + carried[..., None, None] * initial_momentum[:, None]
         momentum = updates[:, -1]
-    muon = resolve_muon(muon)
+    muon = resolve_muon(options.muon)
     if muon is not None:
         updates = newton_schulz5(updates, muon)
+    update_sign = options.update_sign
     updates = update_sign * updates
     inclusive = initial_state[:, None] + torch.cumsum(updates, dim=1)  # S after chunk c
     read_states = torch.cat([initial_state[:, None], inclusive[:, :-1]], dim=1)  # [B, N, H, d, dh]
     outputs = []
-    for c, (s, e) in enumerate(chunk_bounds(seq_len, chunk_size)):
+    for c, (s, e) in enumerate(chunk_bounds(seq_len, options.chunk_size)):
         o_c = torch.einsum("bhde,bnhe->bnhd", read_states[:, c], hq[:, s:e])
-        if token_causal:
+        if options.token_causal:
             scores = torch.einsum("bnhe,bmhe->bhnm", hq[:, s:e], hk[:, s:e]).tril()
             o_c = o_c + update_sign * torch.einsum("bhnm,bmhd->bnhd", scores, v[:, s:e] * eta1[:, s:e, :, None])
         outputs.append(o_c)
     return torch.cat(outputs, dim=1), inclusive[:, -1], momentum
 
 
-def _parallel_reference_per_document(hq, hk, v, eta1, initial_state, chunk_size, cu_seqlens, beta, initial_momentum,
-                                     options: dict) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+def _parallel_reference_per_document(hq, hk, v, eta1, initial_state, options: ScanOptions, cu_seqlens, beta,
+                                     initial_momentum) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """`ttt_la_parallel_reference` over packed documents (shapes there); the state resets at each document."""
     if hq.shape[0] != 1:
         raise ValueError(f"cu_seqlens needs batch size 1 (documents packed on one row), got B={hq.shape[0]}")
 
     def scan_document(i: int, tokens: slice, doc_beta: Optional[torch.Tensor]):
         return ttt_la_parallel_reference(
-            hq[:, tokens], hk[:, tokens], v[:, tokens], eta1[:, tokens], initial_state[i : i + 1], chunk_size,
+            hq[:, tokens], hk[:, tokens], v[:, tokens], eta1[:, tokens], initial_state[i : i + 1], options,
             beta=doc_beta, initial_momentum=None if initial_momentum is None else initial_momentum[i : i + 1],
-            **options,
         )  # fmt: skip
 
-    outputs, finals, momenta = zip(*scan_documents(scan_document, cu_seqlens, chunk_size, beta))
+    outputs, finals, momenta = zip(*scan_documents(scan_document, cu_seqlens, options.chunk_size, beta))
     final_momenta = torch.cat(momenta) if beta is not None else None
     return torch.cat(outputs, dim=1), torch.cat(finals), final_momenta

@@ -14,7 +14,7 @@ functions below, which run the mode's maths and return; nothing here calls back 
   gradient itself (decoding).
 
 The one piece a strategy may replace is the W1 chunk scan (`ChunkScan`: `kernels.ttt_la.chunk_ttt_la`'s
-arguments and results); across sp ranks the state exchange wraps the local one.
+arguments, options in one `kernels.lact.ScanOptions`, and results); across sp ranks the state exchange wraps the local one.
 """
 
 from __future__ import annotations
@@ -27,7 +27,16 @@ import torch
 
 from kernels.fast_weights import FastWeights
 from kernels.features import swiglu_features as swiglu_features_op
-from kernels.lact import ChunkStep, NewtonSchulz, chunk_mean, lact_recurrent, row_norms_of, scan_documents, swiglu_features
+from kernels.lact import (
+    ChunkStep,
+    NewtonSchulz,
+    ScanOptions,
+    chunk_mean,
+    lact_recurrent,
+    row_norms_of,
+    scan_documents,
+    swiglu_features,
+)
 from kernels.ttt_la import chunk_ttt_la
 from model.config import TTTConfig
 from model.layers import compute_dtype
@@ -136,12 +145,12 @@ def linear_attention_scan(
         hq = linear_attention_features(weights, q.to(feature_dtype), w0, w2)
         hk = linear_attention_features(weights, k.to(feature_dtype), w0, w2)
     initial_momentum = None if entering.m1 is None else -entering.m1
-    options = dict(beta=beta, initial_momentum=initial_momentum, muon=newton_schulz(ttt, q, entering.w1.dtype),
-                   token_causal=ttt.token_causal, update_sign=ttt.update_sign)  # fmt: skip
+    options = ScanOptions(ttt.chunk_size, newton_schulz(ttt, q, entering.w1.dtype), ttt.token_causal, ttt.update_sign)
+    tensors = dict(beta=beta, initial_momentum=initial_momentum)
     if cu_seqlens is not None:
-        options["cu_seqlens"] = cu_seqlens
-    operands = (hq, hk, v.to(feature_dtype), eta1.to(feature_dtype), entering.w1, ttt.chunk_size)
-    out, final_w1, final_momentum = w1_chunk_scan(*operands, **options)
+        tensors["cu_seqlens"] = cu_seqlens
+    operands = (hq, hk, v.to(feature_dtype), eta1.to(feature_dtype), entering.w1, options)
+    out, final_w1, final_momentum = w1_chunk_scan(*operands, **tensors)
     return out, replace(entering, w1=final_w1, m1=None if final_momentum is None else -final_momentum)
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.fast_weights import FastWeights
-from kernels.lact import RecurrentTrace, lact_chunk_gradients, lact_recurrent, num_chunks, swiglu_features
+from kernels.lact import RecurrentTrace, ScanOptions, lact_chunk_gradients, lact_recurrent, num_chunks, swiglu_features
 from kernels.reference import ttt_la_parallel_reference
 from model.config import LMConfig, TTTConfig
 from model.golden_lact import compare_with_golden, perturbed_mixer
@@ -112,7 +112,7 @@ def recurrent_vs_parallel(momentum: bool, muon: bool) -> tuple[float, float, flo
             x.q, x.k, x.v, x.eta0, x.eta1, x.eta2, x.weights, chunk, beta=beta, muon=muon, fast_weights="w1"
         )
         hq, hk = (swiglu_features(t, x.weights.w0, x.weights.w2) for t in (x.q, x.k))
-        out_p, final_p, _ = ttt_la_parallel_reference(hq, hk, x.v, x.eta1, x.weights.w1, chunk, beta=beta, muon=muon)
+        out_p, final_p, _ = ttt_la_parallel_reference(hq, hk, x.v, x.eta1, x.weights.w1, ScanOptions(chunk, muon), beta=beta)
         probe = torch.randn(out_r.shape, generator=torch.Generator().manual_seed(seed), dtype=out_r.dtype)
         g_r = torch.autograd.grad((out_r * probe).sum(), inputs)
         g_p = torch.autograd.grad((out_p * probe).sum(), inputs)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kernels.fast_weights import FastWeights
-from kernels.lact import RecurrentTrace, lact_recurrent, newton_schulz5, swiglu_features
+from kernels.lact import RecurrentTrace, ScanOptions, lact_recurrent, newton_schulz5, swiglu_features
 from kernels.reference import ttt_la_parallel_reference
 from model.unrolled import newton_schulz5_factor, unrolled_lact_output
 from model.proof import make_layer_inputs, relative_error
@@ -36,7 +36,7 @@ def parallel_form(x, chunk, beta, muon, sign):
     hq = swiglu_features(x.q, x.weights.w0, x.weights.w2)
     hk = swiglu_features(x.k, x.weights.w0, x.weights.w2)
     out, final, _ = ttt_la_parallel_reference(
-        hq, hk, x.v, x.eta1, x.weights.w1, chunk, beta=beta, muon=muon, update_sign=sign
+        hq, hk, x.v, x.eta1, x.weights.w1, ScanOptions(chunk, muon, update_sign=sign), beta=beta
     )
     return out, final
 
@@ -95,7 +95,7 @@ def test_token_causal_parallel_equals_masked_linear_attention():
     x = make_layer_inputs(2, 23, 2, 5, 7, chunk=6)
     hq = swiglu_features(x.q, x.weights.w0, x.weights.w2)
     hk = swiglu_features(x.k, x.weights.w0, x.weights.w2)
-    out, _, _ = ttt_la_parallel_reference(hq, hk, x.v, x.eta1, x.weights.w1, 6, token_causal=True)
+    out, _, _ = ttt_la_parallel_reference(hq, hk, x.v, x.eta1, x.weights.w1, ScanOptions(6, token_causal=True))
     scores = torch.einsum("bthe,bshe->bhts", hq, hk).tril()
     expected = torch.einsum("bhde,bthe->bthd", x.weights.w1, hq) + torch.einsum(
         "bhts,bshd->bthd", scores, x.v * x.eta1[..., None]
