@@ -37,7 +37,7 @@ import triton.language as tl
 from kernels import lact
 from kernels.triton_utils import SUPPORTED_DTYPES, absent, dot_precision, new_buffer, tile, use_triton
 
-# Tile shapes (measured at d = 384, dh = 768; `kernels.bench --variants` re-measures them).
+# Tile shapes (measured at d = 384, dh = 768; `benchmarks.kernel_ops --variants` re-measures them).
 PROJECTION_TILES = dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
 MATMUL_TILES = dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
 # Keep a and b from the forward (2 dh values per token and head, operand dtype; only when a gradient

@@ -4,7 +4,7 @@ Same embeddings, RMSNorm, SwiGLU MLP and rotary tables as model/lm.py (imported,
 mixer is full causal SDPA over `num_attn_heads` heads instead of TTT + sliding window. It answers the
 questions the TTT model is built for: how much quality does the constant-size state give up (train
 /quality.py), and how does a KV cache that grows with the context compare at decode time
-(train/benchmarks/decode.py)?
+(benchmarks/decode.py)?
 """
 
 from __future__ import annotations

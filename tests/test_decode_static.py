@@ -20,8 +20,8 @@ from decoding.decode import decode_step, prefill
 from decoding.graphs import DecodeRunner
 from decoding.sampling import sample_tokens
 from decoding.static import prefill_rows
-from model.proof import relative_error
 from tests.test_generate_decode import CHUNK, MODES, make_model
+from verification.proof import relative_error
 
 TOLERANCE = 1e-12
 STEPS = 3 * CHUNK + 5  # every row crosses at least three chunk boundaries while decoding

@@ -14,8 +14,8 @@ import torch
 from kernels.fast_weights import FastWeights
 from kernels.lact import RecurrentTrace, ScanOptions, lact_recurrent, newton_schulz5, swiglu_features
 from kernels.reference import ttt_la_parallel_reference
-from model.unrolled import newton_schulz5_factor, unrolled_lact_output
-from model.proof import make_layer_inputs, relative_error
+from verification.proof import make_layer_inputs, relative_error
+from verification.unrolled import newton_schulz5_factor, unrolled_lact_output
 
 TOLERANCE = 1e-10
 

@@ -10,7 +10,7 @@ from decoding.graphs import DecodeRunner
 from decoding.sampling import sample_tokens
 from model.baseline import BaselineLM
 from model.config import LMConfig
-from model.proof import relative_error
+from verification.proof import relative_error
 
 
 def small_model_and_cached_decode() -> tuple[BaselineLM, torch.Tensor, torch.Tensor]:

@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from decoding.decode import decode_step, prefill
 from model.config import LMConfig, TTTConfig
 from model.lm import TTTLM
-from model.proof import relative_error
+from verification.proof import relative_error
 
 CHUNK, WINDOW = 8, 12  # sequences below cross several chunk boundaries and the window
 SEQ_LEN = 37

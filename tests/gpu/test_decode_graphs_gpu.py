@@ -20,7 +20,7 @@ from decoding.static import prefill_rows
 from model.baseline import BaselineLM
 from model.config import load_model_config
 from model.lm import TTTLM
-from model.proof import relative_error
+from verification.proof import relative_error
 
 pytestmark = pytest.mark.gpu
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

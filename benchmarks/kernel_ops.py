@@ -1,4 +1,4 @@
-"""Kernel benchmark: `python -m kernels.bench [--quick] [--T 4096 16384] [--out docs/bench]`.
+"""Kernel benchmark: `python -m benchmarks.kernel_ops [--quick] [--T 4096 16384] [--out docs/bench]`.
 
 Times forward and forward+backward (triton.testing.do_bench medians, random inputs) of:
   tttla            our Triton chunk kernels (kernels.ttt_la.chunk_ttt_la), bf16 operands, fp32 states;
@@ -375,7 +375,7 @@ def main() -> None:
     args = parser.parse_args()
     args.out = args.out or "docs/bench"
     if not torch.cuda.is_available():
-        raise SystemExit("kernels.bench needs a CUDA device")
+        raise SystemExit("benchmarks.kernel_ops needs a CUDA device")
     device = torch.device("cuda")
     torch.manual_seed(0)
     seq_lens = [16384] if args.quick else args.T

@@ -1,4 +1,4 @@
-"""`python -m train.benchmarks.decode [--quick]`: decode latency, throughput, prefill speed and memory, TTT state vs a growing KV cache.
+"""`python -m benchmarks.decode [--quick]`: decode latency, throughput, prefill speed and memory, TTT state vs a growing KV cache.
 
 For each context length (default 4K, 64K, 1M tokens) it times `--steps` single-token decode steps,
 at batch 1 (latency: median and max ms) and at `--throughput-batch` (tokens/s), through the static
@@ -192,7 +192,7 @@ QUICK = {
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Options left out take the FULL (GPU) defaults, or the QUICK ones with --quick."""
-    parser = argparse.ArgumentParser(prog="python -m train.benchmarks.decode", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.decode", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny config on CPU at small contexts (smoke test)")
     parser.add_argument("--config")
     parser.add_argument("--override", nargs="*", help="model config dotlist, e.g. ttt.chunk_size=1024")
