@@ -30,14 +30,14 @@ test-gpu-slow:
 # One node, NPROC processes: `make train CONFIG=configs/train/125m_16k.yaml NPROC=1 ARGS="train.steps=100"`.
 # The default config reads data/stdlib, which is built here when missing (unless ARGS sets data.path).
 # A run directory that holds checkpoints is continued (train.resume=auto), so running it again
-# resumes; ARGS may override that. train.launch is torchrun that reports a failure in one line (ARGS=--debug: all of it).
+# resumes; ARGS may override that. train.job.launch is torchrun that reports a failure in one line (ARGS=--debug: all of it).
 train:
 	@if [ "$(CONFIG)" = "configs/train/tiny_cpu.yaml" ] && [ -z "$(findstring data.path=,$(ARGS))" ] && [ ! -f data/stdlib/manifest.json ]; then $(MAKE) prepare-data DATA=data/stdlib SEQ_LEN=512; fi
-	DS_ACCELERATOR=$(DS_ACCELERATOR) $(PYTHON) -m train.launch --standalone --nproc_per_node=$(NPROC) -m train $(CONFIG) train.resume=auto $(ARGS)
+	DS_ACCELERATOR=$(DS_ACCELERATOR) $(PYTHON) -m train.job.launch --standalone --nproc_per_node=$(NPROC) -m train $(CONFIG) train.resume=auto $(ARGS)
 
 # The built-in corpus (standard-library sources, byte tokenizer): `make prepare-data DATA=data/stdlib_16k SEQ_LEN=16384`.
 prepare-data:
-	$(PYTHON) -m train.prepare --stdlib --out $(DATA) --seq-len $(SEQ_LEN)
+	$(PYTHON) -m train.data.prepare --stdlib --out $(DATA) --seq-len $(SEQ_LEN)
 
 tensorboard:
 	$(PYTHON) -m tensorboard.main --logdir $(RUNS) --bind_all

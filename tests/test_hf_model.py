@@ -21,9 +21,9 @@ from model.config import ConfigError
 from model.lm import TTTLM
 from tests.test_generate_cli import tiny_model
 from tests.test_generate_decode import MODES, make_model
+from train.data.tokenizer import JsonTokenizer
 from train.generation.export import HF_CONFIG_FILE, save_exported
 from train.hf import TTTLACache, TTTLAConfig, TTTLAForCausalLM
-from train.tokenizer import JsonTokenizer
 from verification.proof import relative_error
 
 TOLERANCE = 1e-9

@@ -7,7 +7,7 @@ on the device. Several `--prompt`s (and `--num-samples` continuations of each) d
 every row at its own position (decoding/static.py); on CUDA the step is replayed from CUDA
 graphs. With one prompt and one sample the text streams as it is produced.
 
-Text is byte-level (train/tokenizer.py's byte tokenizer: ids < 256 are UTF-8 bytes, id 0 ends a
+Text is byte-level (train/data/tokenizer.py's byte tokenizer: ids < 256 are UTF-8 bytes, id 0 ends a
 document); other ids print as `<id>`. FOLDER is an exported model (`model.safetensors` +
 `model.yaml`); convert a sharded training checkpoint first with
 `python -m train.generation.export CHECKPOINT_DIR OUT_DIR`.
@@ -26,9 +26,9 @@ from decoding.graphs import DecodeRunner
 from decoding.sampling import sample_tokens
 from decoding.static import prefill_rows
 from model.lm import TTTLM
-from train.cli import DEBUG_HELP, run_command
+from train.data.tokenizer import ByteTextStream, ByteTokenizer
 from train.generation.export import load_model
-from train.tokenizer import ByteTextStream, ByteTokenizer
+from train.job.cli import DEBUG_HELP, run_command
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
