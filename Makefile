@@ -30,32 +30,32 @@ test-gpu-slow:
 # One node, NPROC processes: `make train CONFIG=configs/train/125m_16k.yaml NPROC=1 ARGS="train.steps=100"`.
 # The default config reads data/stdlib, which is built here when missing (unless ARGS sets data.path).
 # A run directory that holds checkpoints is continued (train.resume=auto), so running it again
-# resumes; ARGS may override that. train.launch is torchrun that reports a failure in one line (ARGS=--debug: all of it).
+# resumes; ARGS may override that. train.job.launch is torchrun that reports a failure in one line (ARGS=--debug: all of it).
 train:
 	@if [ "$(CONFIG)" = "configs/train/tiny_cpu.yaml" ] && [ -z "$(findstring data.path=,$(ARGS))" ] && [ ! -f data/stdlib/manifest.json ]; then $(MAKE) prepare-data DATA=data/stdlib SEQ_LEN=512; fi
-	DS_ACCELERATOR=$(DS_ACCELERATOR) $(PYTHON) -m train.launch --standalone --nproc_per_node=$(NPROC) -m train $(CONFIG) train.resume=auto $(ARGS)
+	DS_ACCELERATOR=$(DS_ACCELERATOR) $(PYTHON) -m train.job.launch --standalone --nproc_per_node=$(NPROC) -m train $(CONFIG) train.resume=auto $(ARGS)
 
 # The built-in corpus (standard-library sources, byte tokenizer): `make prepare-data DATA=data/stdlib_16k SEQ_LEN=16384`.
 prepare-data:
-	$(PYTHON) -m train.prepare --stdlib --out $(DATA) --seq-len $(SEQ_LEN)
+	$(PYTHON) -m train.data.prepare --stdlib --out $(DATA) --seq-len $(SEQ_LEN)
 
 tensorboard:
 	$(PYTHON) -m tensorboard.main --logdir $(RUNS) --bind_all
 
 bench-kernels:
-	$(PYTHON) -m kernels.bench
+	$(PYTHON) -m benchmarks.kernel_ops
 
 # The simplification ladder V0..V6 (arXiv 2602.21204, Table 2): one 760M layer per step, recurrent and
 # parallel tokens/s beside the paper's; writes docs/bench/ladder.json and ladder.md (CUDA).
 bench-ladder:
-	$(PYTHON) -m train.benchmarks.ladder
+	$(PYTHON) -m benchmarks.ladder
 
 # The whole model's training step against the same-size transformer (one GPU): tokens/s, peak memory,
 # MFU and the ceiling the mixer allows; each preset fits in about 8 minutes and merges its rows into
 # docs/bench/train_step.json and .md (`make bench-train PRESETS=760m` runs one).
 PRESETS ?= 125m 760m long
 bench-train:
-	for preset in $(PRESETS); do $(PYTHON) -m train.benchmarks.step --preset $$preset || exit 1; done
+	for preset in $(PRESETS); do $(PYTHON) -m benchmarks.step --preset $$preset || exit 1; done
 
 # Break the layer on purpose in copies of the tree and check that the tests catch every breakage.
 mutations:
@@ -63,7 +63,7 @@ mutations:
 
 # Sequence-parallel benchmark on NPROC GPUs of one host (NVLink multicast stays off).
 bench-sp:
-	NCCL_NVLS_ENABLE=0 $(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) -m parallel.bench
+	NCCL_NVLS_ENABLE=0 $(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) -m benchmarks.sequence_parallel
 
 clean:
 	rm -rf runs .pytest_cache

@@ -74,7 +74,7 @@ def varlen_chunk_table(cu_seqlens: torch.Tensor, chunk_size: int, device) -> Chu
     return ChunkTable(as_tensor(starts), as_tensor(ends), as_tensor(doc_chunks), len(bounds) - 1)
 
 
-# Tile shapes (tuned on H100 at d = 384, dh = 768, C = 2048; `kernels.bench --sweep` re-measures them).
+# Tile shapes (tuned on H100 at d = 384, dh = 768, C = 2048; `benchmarks.kernel_ops --sweep` re-measures them).
 OUTER_TILES = dict(BT=32, BX=128, BY=128, num_warps=8, num_stages=4)
 APPLY_TILES = dict(BT=64, BM=64, BN=128, num_warps=4, num_stages=3)  # no intra-chunk term
 APPLY_INTRA_TILES = dict(BT=64, BM=64, BN=128, num_warps=4, num_stages=3)  # token-causal

@@ -2,7 +2,7 @@
 
 `swiglu_features(x, w0, w2)` is the public op: it runs the fused kernels below where
 `kernels.triton_utils.use_triton` says so (CUDA tensors by default), elsewhere
-`kernels.reference.swiglu_features`.
+`kernels.lact.swiglu_features`.
 
 Forward, one kernel (`swiglu_projection_kernel`): a program owns a [BM tokens, BN features] tile of
 one head, runs both GEMMs x W0^T and x W2^T over the same x tiles (two fp32 accumulators) and writes
@@ -34,10 +34,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels import reference
+from kernels import lact
 from kernels.triton_utils import SUPPORTED_DTYPES, absent, dot_precision, new_buffer, tile, use_triton
 
-# Tile shapes (measured at d = 384, dh = 768; `kernels.bench --variants` re-measures them).
+# Tile shapes (measured at d = 384, dh = 768; `benchmarks.kernel_ops --variants` re-measures them).
 PROJECTION_TILES = dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
 MATMUL_TILES = dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
 # Keep a and b from the forward (2 dh values per token and head, operand dtype; only when a gradient
@@ -275,7 +275,7 @@ def swiglu_features(x: torch.Tensor, w0: torch.Tensor, w2: torch.Tensor, *, allo
         raise ValueError(f"swiglu_features needs x [B, T, H, d] and w0, w2 [H, dh, d]; got x {tuple(x.shape)}, "
                          f"w0 {tuple(w0.shape)}, w2 {tuple(w2.shape)}")
     if not use_triton(x, allow_triton) or x.dtype not in SUPPORTED_DTYPES:
-        return reference.swiglu_features(x, w0, w2)
+        return lact.swiglu_features(x, w0, w2)
     heads, dh, d = w0.shape
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or w0.requires_grad or w2.requires_grad)
     h, _ = swiglu_features_op(x.reshape(-1, heads, d), w0, w2, SAVE_PROJECTIONS and needs_grad)

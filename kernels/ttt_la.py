@@ -11,7 +11,8 @@ from typing import Optional
 import torch
 
 from kernels import chunk as chunk_kernels
-from kernels.reference import num_chunks, ttt_la_parallel_reference
+from kernels.lact import ScanOptions, num_chunks
+from kernels.reference import ttt_la_parallel_reference
 from kernels.triton_utils import SUPPORTED_DTYPES, absent, use_triton
 
 MIN_HEAD_DIM, MAX_HEAD_DIM, HEAD_DIM_MULTIPLE = 16, 1024, 16
@@ -204,13 +205,10 @@ def chunk_ttt_la(
     v: torch.Tensor,
     eta1: torch.Tensor,
     initial_state: Optional[torch.Tensor],
-    chunk_size: int,
+    options: ScanOptions,
     *,
     beta: Optional[torch.Tensor] = None,
     initial_momentum: Optional[torch.Tensor] = None,
-    muon: bool = False,
-    token_causal: bool = False,
-    update_sign: float = 1.0,
     cu_seqlens: Optional[torch.Tensor] = None,
     allow_triton: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
@@ -222,6 +220,7 @@ def chunk_ttt_la(
       S(c) = initial_state + update_sign * sum_{c' < c} M(c')        (the state chunk c reads)
       o_t  = S(c) h(q_t)  [+ update_sign * sum_{s <= t, s in c} eta1_s (h(q_t) . h(k_s)) v_s  if token_causal]
 
+    `options` (`kernels.lact.ScanOptions`): the chunk size C, Muon, token_causal and update_sign.
     Shapes (D documents: D = B, or len(cu_seqlens) - 1 with B = 1):
       hq, hk:            [B, T, H, dh]   features h(q), h(k); bf16/fp16/fp32 operands
       v:                 [B, T, H, d]    same dtype as hq
@@ -239,19 +238,20 @@ def chunk_ttt_la(
     where `kernels.triton_utils.use_triton(hq, allow_triton)` says so (the layer passes
     `model.ttt.use_kernel`); otherwise the float-exact reference runs (`ttt_la_parallel_reference`,
     packed documents included).
-    `muon=True` always runs the reference: Newton-Schulz acts on each chunk's whole momentum matrix, a
-    non-linear map that does not distribute over the sum of chunk updates, so the scan cannot be fused.
+    Muon (`options.muon`) always runs the reference: Newton-Schulz acts on each chunk's whole momentum
+    matrix, a non-linear map that does not distribute over the sum of chunk updates, so the scan cannot
+    be fused.
     The kernel needs head dims that are multiples of 16 in [16, 1024].
     """
+    chunk_size = options.chunk_size
     _check_inputs(hq, hk, v, eta1, initial_state, chunk_size, beta, initial_momentum, cu_seqlens)
-    if muon or not use_triton(hq, allow_triton):
-        kwargs = dict(beta=beta, initial_momentum=initial_momentum, muon=muon, token_causal=token_causal,
-                      update_sign=update_sign)
+    if options.muon or not use_triton(hq, allow_triton):
         if initial_state is None:
             batch, _, heads, dh = hq.shape
             docs = batch if cu_seqlens is None else cu_seqlens.numel() - 1
             initial_state = hq.new_zeros(docs, heads, v.shape[-1], dh)
-        return ttt_la_parallel_reference(hq, hk, v, eta1, initial_state, chunk_size, cu_seqlens, **kwargs)
+        return ttt_la_parallel_reference(hq, hk, v, eta1, initial_state, options, beta=beta,
+                                         initial_momentum=initial_momentum, cu_seqlens=cu_seqlens)  # fmt: skip
     _check_kernel_inputs(hq, hk, v)
-    return _chunk_scan(hq, hk, v, eta1, initial_state, beta, initial_momentum, chunk_size, token_causal,
-                       float(update_sign), cu_seqlens)
+    return _chunk_scan(hq, hk, v, eta1, initial_state, beta, initial_momentum, chunk_size, options.token_causal,
+                       float(options.update_sign), cu_seqlens)

@@ -33,7 +33,7 @@ run_train() {
 }
 
 run_decode() {
-  stage bench_decode "$PYTHON" -m train.benchmarks.decode --out "$RESULTS/decode"
+  stage bench_decode "$PYTHON" -m benchmarks.decode --out "$RESULTS/decode"
 }
 
 run_quality() {
@@ -50,12 +50,12 @@ run_speed() {
   stage trainer_speed launch/h100_125m_16k.sh "train.steps=${SPEED_STEPS:-30}" train.activation_checkpointing=false \
     train.compile=true logging.log_every=10 eval.every=0 checkpoint.every=100000 "logging.run_dir=$run"
   grep -E "^step " "$RESULTS/trainer_speed.log" | tail -n 3
-  stage bench_speed "$PYTHON" -m train.benchmarks.step --configs 125m --seqs 16384x1 --impls tttla sdpa \
+  stage bench_speed "$PYTHON" -m benchmarks.step --configs 125m --seqs 16384x1 --impls tttla sdpa \
     --checkpointing none --compile on --out "$RESULTS/train_step_125m_16k"
 }
 
 run_memory() {
-  stage saved_tensors "$PYTHON" -m train.benchmarks.saved_tensors --config 125m --seq-len 16384 \
+  stage saved_tensors "$PYTHON" -m benchmarks.saved_tensors --config 125m --seq-len 16384 \
     --out "$RESULTS/saved_tensors_125m_16k.json"
 }
 

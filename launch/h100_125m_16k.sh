@@ -6,6 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 if [ ! -f data/stdlib_16k/manifest.json ]; then
-  "$PYTHON" -m train.prepare --stdlib --out data/stdlib_16k --seq-len 16384
+  "$PYTHON" -m train.data.prepare --stdlib --out data/stdlib_16k --seq-len 16384
 fi
-exec "$PYTHON" -m train.launch --standalone --nproc_per_node=1 -m train configs/train/125m_16k.yaml "$@"
+exec "$PYTHON" -m train.job.launch --standalone --nproc_per_node=1 -m train configs/train/125m_16k.yaml "$@"

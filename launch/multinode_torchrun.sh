@@ -11,7 +11,7 @@ NPROC=${NPROC:-$(nvidia-smi -L | wc -l)}
 RDZV_ID=${RDZV_ID:-tttla-$(date +%Y%m%d)}
 node_rank=()
 if [ -n "${NODE_RANK:-}" ]; then node_rank=(--node_rank="$NODE_RANK"); fi
-exec "$PYTHON" -m train.launch \
+exec "$PYTHON" -m train.job.launch \
   --nnodes="$NNODES" --nproc_per_node="$NPROC" "${node_rank[@]}" \
   --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:${MASTER_PORT:-29500}" --rdzv_id="$RDZV_ID" \
   --max_restarts="${MAX_RESTARTS:-0}" \

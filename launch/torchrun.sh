@@ -11,4 +11,4 @@ else
   export DS_ACCELERATOR=cpu
   NPROC=${NPROC:-2}
 fi
-exec "$PYTHON" -m train.launch --standalone --nproc_per_node="$NPROC" -m train "$@"
+exec "$PYTHON" -m train.job.launch --standalone --nproc_per_node="$NPROC" -m train "$@"

@@ -4,7 +4,7 @@ Same embeddings, RMSNorm, SwiGLU MLP and rotary tables as model/lm.py (imported,
 mixer is full causal SDPA over `num_attn_heads` heads instead of TTT + sliding window. It answers the
 questions the TTT model is built for: how much quality does the constant-size state give up (train
 /quality.py), and how does a KV cache that grows with the context compare at decode time
-(train/benchmarks/decode.py)?
+(benchmarks/decode.py)?
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ Attend = Callable[[int, CausalAttention, torch.Tensor], torch.Tensor]
 @dataclass
 class StaticKVDecoder:
     """The transformer's decode step over a fixed-capacity cache, in the shape a CUDA graph replays
-    (the protocol of model/decode_graphs.py): rows at their own positions [B] on the device, keys and
+    (the protocol of decoding/graphs.py): rows at their own positions [B] on the device, keys and
     values written in place, attention over the whole capacity with a length mask (SDPA's
     memory-efficient kernel on CUDA takes the mask; the cost is that of the capacity, which the
     benchmark sets to the context it measures)."""

@@ -19,7 +19,7 @@ TTT_MODES = ("recurrent", "linear_attention")
 RENAMED_TTT_MODES = {"parallel": "linear_attention"}
 FAST_WEIGHT_SETS = ("all", "w1")
 FEATURE_MAPS = ("swiglu", "identity")
-NS_SCHEDULE_NAMES = ("lact", "classic")  # kernels.reference.NS_SCHEDULES
+NS_SCHEDULE_NAMES = ("lact", "classic")  # kernels.lact.NS_SCHEDULES
 ROPE_LAYOUTS = ("half", "interleaved")
 
 

@@ -9,46 +9,46 @@ f(x) = W1 (silu(W0 x) * (W2 x)) whose initial weights are learned parameters, an
 predicts three learning rates (softplus, "mamba" parameterisation) and, with momentum, a
 coefficient whose chunk mean is the momentum decay.
 
-`ttt.mode` picks the computation:
+`ttt.mode` picks the computation (`model.fast_weight_scan`, plain functions of the inputs, the
+learned weights and the entering state):
 * `recurrent`: the faithful LaCT loop (any fast-weight set, momentum, Muon, weight norm);
-* `parallel`: W1 only, no weight norm, as a chunk scan (block-causal linear attention with feature
-  map h(x) = silu(W0 x) * (W2 x)); `token_causal` adds the intra-chunk term.
+* `linear_attention`: W1 only, no weight norm, as a chunk scan (block-causal linear attention with
+  feature map h(x) = silu(W0 x) * (W2 x)); `token_causal` adds the intra-chunk term.
 
 The layer accepts the fast-weight state a sequence enters with and returns the state it leaves
 with, so a caller can continue a sequence (decoding, or a sequence split across ranks) without
 the layer knowing why. How it continues one is a pair of strategies (`TTTMixer.set_strategies`):
 the scan (`LocalScan`: how the fast-weight branch runs over the rows from the state they enter with)
-and the window attention (`LocalWindow`). The local ones are the default; sequence parallelism
-(parallel/sliced_mixer.py) plugs in a state exchange or a ring and a halo exchange, decoding
-(model/decode.py) a chunk's gradient summed token by token and a ring buffer of keys.
+and the window attention (`LocalWindow`). The mixer computes the scan's inputs (`ttt_inputs`) and
+weights (`scan_weights`), calls its scan strategy once, and combines; the strategy runs the
+functions of `model.fast_weight_scan` and never calls back into the mixer. The local ones are the
+default; sequence parallelism (parallel/sliced_mixer.py) plugs in a state exchange (it replaces
+only the W1 chunk scan) or a ring and a halo exchange, decoding (decoding/decode.py) a chunk's
+gradient summed token by token and a ring buffer of keys.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
-from functools import partial
-from typing import Any, Callable, Optional, Union
+from dataclasses import dataclass
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kernels.fast_weights import FastWeights
-from kernels.features import swiglu_features as swiglu_features_op
-from kernels.reference import (
-    ChunkStep,
-    NewtonSchulz,
-    chunk_mean,
-    identity_features,
-    lact_recurrent_reference,
-    row_norms_of,
-    scan_documents,
-    swiglu_features,
+from kernels.lact import identity_features, swiglu_features
+from model.config import LMConfig, TTTConfig
+from model.fast_weight_scan import (
+    ChunkScan,
+    ScanWeights,
+    TTTInputs,
+    document_scan,
+    fast_weight_scan,
+    local_w1_chunk_scan,
 )
-from kernels.ttt_la import chunk_ttt_la
-from model.config import LMConfig
-from model.layers import RMSNorm, apply_rotary, compute_dtype, rotary_tables
+from model.layers import RMSNorm, apply_rotary, rotary_tables
 from model.low_rank import LowRankFastWeight
 from model.segments import DocumentSegments
 from model.swa import sliding_window_attention
@@ -57,18 +57,6 @@ from model.swa import sliding_window_attention
 def inverse_softplus(y: float) -> float:
     """x with softplus(x) = y: the bias that makes an untrained learning-rate head output y."""
     return y + math.log(-math.expm1(-y))
-
-
-@dataclass
-class TTTInputs:
-    """What the fast-weight branch reads per token (the chunk form consumes them all at once)."""
-
-    q: torch.Tensor  # [B, T, H, d], SiLU then L2-normalised
-    k: torch.Tensor  # [B, T, H, d], SiLU then L2-normalised
-    v: torch.Tensor  # [B, T, H, d], SiLU
-    etas: torch.Tensor  # [B, T, 3, H] learning rates eta0, eta1, eta2 (fp32; fp64 in the proofs)
-    momentum_gate: Optional[torch.Tensor]  # [B, T, H] sigmoid; a chunk's momentum decay is its mean (None: off)
-    output_scale: Optional[torch.Tensor] = None  # [B, T, H] silu(ttt_scale_proj(x)) (None: off)
 
 
 def token_positions(
@@ -92,33 +80,29 @@ class RowPositions:
     segments: Optional[DocumentSegments] = None  # packed documents: positions restart, nothing crosses a document
 
 
-ChunkScan = Callable[..., tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]
-
-
 class LocalScan:
     """The scan strategy of a mixer: how its fast-weight branch runs over the rows it is given.
 
     This one, the default, runs the mode's chunk form over the whole rows, from the state they enter
-    with. Others override one of its two methods: a ring across sp ranks or a token-by-token decoder
-    override `__call__`; the state exchange across sp ranks overrides `w1_chunk_scan`, the parallel
-    form's W1 scan (the state entering a slice enters that scan linearly).
+    with. Others replace one of its two methods: a ring across sp ranks or a token-by-token decoder
+    replace `__call__`; the state exchange across sp ranks replaces `w1_chunk_scan`, the
+    linear-attention form's W1 scan (the state entering a slice enters that scan linearly).
     """
 
     def __call__(
-        self, mixer: TTTMixer, x: torch.Tensor, inputs: TTTInputs, state: Optional[FastWeights], rows: RowPositions
+        self, weights: ScanWeights, x: torch.Tensor, inputs: TTTInputs, state: Optional[FastWeights], rows: RowPositions
     ) -> tuple[torch.Tensor, FastWeights]:
         """x [B, T, D] (the mixer's input) and its per-token `inputs` from `state` (None: the learned
         initial fast weights; with packed documents, every document starts from those) ->
         ([B, T, H, d] output, the state after the rows)."""
         if rows.segments is not None:
-            return mixer._segmented_ttt_branch(inputs, rows.segments)
-        entering = state if state is not None else mixer.initial_state(x.shape[0])
-        return mixer.fast_weight_scan(inputs, entering)
+            return document_scan(weights, inputs, rows.segments)
+        entering = state if state is not None else weights.initial_state(x.shape[0])
+        return fast_weight_scan(weights, inputs, entering, self.w1_chunk_scan(weights.ttt))
 
-    def w1_chunk_scan(self, local_scan: ChunkScan, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """The parallel form's W1 chunk scan, given the local one (`ttt_la_parallel_reference`'s
-        signature and results): here the local scan itself."""
-        return local_scan(*args, **kwargs)
+    def w1_chunk_scan(self, ttt: TTTConfig) -> ChunkScan:
+        """The linear-attention form's W1 chunk scan: here the local one."""
+        return local_w1_chunk_scan(ttt)
 
 
 class LocalWindow:
@@ -142,15 +126,6 @@ class LocalWindow:
 def l2_normalise(x: torch.Tensor, eps: float) -> torch.Tensor:
     """x / (|x| + eps) over the last dim, as the released LaCT code normalises the TTT q/k."""
     return x / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + eps)
-
-
-def operand_dtype(x: torch.Tensor, state_dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the scan's operands (features, values, learning rates): the state dtype on CPU,
-    where the reference runs; on GPUs the autocast dtype when autocast is on, else the activations'
-    dtype. One dtype for all operands, because the kernel multiplies them together in tiles."""
-    if x.device.type == "cpu":
-        return state_dtype
-    return compute_dtype(x)
 
 
 class TTTMixer(nn.Module):
@@ -241,6 +216,11 @@ class TTTMixer(nn.Module):
         w0, w2 = self.feature_weights()
         return FastWeights(*(w.to(dtype).unsqueeze(0).expand(batch, -1, -1, -1) for w in (w0, self.w1, w2)))
 
+    def scan_weights(self) -> ScanWeights:
+        """What the scan reads besides the per-token inputs: the TTT options, the feature map, the learned
+        W0/W2 and initial fast weights, and the activations' dtype (through the qkv weight)."""
+        return ScanWeights(self.cfg.ttt, self.features, self.feature_weights(), self.initial_state(1), self.qkv.weight)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -262,7 +242,7 @@ class TTTMixer(nn.Module):
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         inputs = self.ttt_inputs(x, q, k, v, position_offset, token_positions(position_offset, x.shape[1], segments))
         rows = RowPositions(position_offset, segments)
-        ttt_out, final_state = self.scan(self, x, inputs, state, rows)
+        ttt_out, final_state = self.scan(self.scan_weights(), x, inputs, state, rows)
         attention = self.window(self, q, k, v, rows, window_mask) if self.attn_heads else None
         return self.combine(ttt_out, attention, x.dtype, inputs.output_scale), final_state
 
@@ -319,31 +299,6 @@ class TTTMixer(nn.Module):
         out = sliding_window_attention(*heads, self.cfg.window_size, doc_ids=doc_ids, block_mask=window_mask)
         return out.reshape(batch, seq_len, hidden)
 
-    def _segmented_ttt_branch(self, inputs: TTTInputs, segments: DocumentSegments) -> tuple[torch.Tensor, FastWeights]:
-        """The fast-weight branch over packed documents: every document runs from the learned initial
-        state with its own chunks (the rows laid end to end, as the kernels take `cu_seqlens`).
-        Returns [B, T, H, d] and, per row, the state its last document ended with."""
-        ttt = self.cfg.ttt
-        packed = TTTInputs(*(segments.pack(t) for t in (inputs.q, inputs.k, inputs.v, inputs.etas)),
-                           None if inputs.momentum_gate is None else segments.pack(inputs.momentum_gate))  # fmt: skip
-        beta = None
-        if packed.momentum_gate is not None:  # [1, NC, H]: each document's chunks counted from its start
-            beta = torch.cat([chunk_mean(packed.momentum_gate[:, s:e], ttt.chunk_size) for s, e in segments.bounds()],
-                             dim=1)  # fmt: skip
-        eta0, eta1, eta2 = packed.etas.unbind(dim=2)
-        entering = self.initial_state(segments.num_documents)
-        if ttt.mode == "recurrent":
-            per_token = (packed.q, packed.k, packed.v, eta0, eta1, eta2)
-
-            def scan_document(i: int, tokens: slice, doc_beta: Optional[torch.Tensor]):
-                return self._lact_scan(*(t[:, tokens] for t in per_token), doc_beta, entering.select(i))
-
-            outputs, finals = zip(*scan_documents(scan_document, segments.cu_seqlens, ttt.chunk_size, beta))
-            out, final = torch.cat(outputs, dim=1), FastWeights.concat(finals)
-        else:
-            out, final = self._linear_attention_scan(packed.q, packed.k, packed.v, eta1, beta, entering, segments.cu_seqlens)
-        return segments.unpack(out), final.select(segments.last_document)
-
     def ttt_inputs(
         self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_offset: int = 0,
         positions: Optional[torch.Tensor] = None,
@@ -382,82 +337,3 @@ class TTTMixer(nn.Module):
             gate = torch.sigmoid(self.momentum_proj(x).to(state_dtype))
         scale = F.silu(self.ttt_scale_proj(x)) if self.ttt_scale_proj is not None else None
         return TTTInputs(tq, tk, tv, etas, gate, scale)
-
-    def fast_weight_scan(self, inputs: TTTInputs, entering: FastWeights) -> tuple[torch.Tensor, FastWeights]:
-        """The mode's chunk form over `inputs` from the state `entering`: ([B, T, H, d] output, final state).
-
-        Decoding's prefill runs it over a prompt's complete chunks and answers the remainder with it.
-        """
-        ttt = self.cfg.ttt
-        eta0, eta1, eta2 = inputs.etas.unbind(dim=2)  # [B, T, H] each
-        beta = None if inputs.momentum_gate is None else chunk_mean(inputs.momentum_gate, ttt.chunk_size)  # [B, N, H]
-        if ttt.mode == "recurrent":
-            return self._lact_scan(inputs.q, inputs.k, inputs.v, eta0, eta1, eta2, beta, entering)
-        return self._linear_attention_scan(inputs.q, inputs.k, inputs.v, eta1, beta, entering)
-
-    def _lact_scan(self, q, k, v, eta0, eta1, eta2, beta, entering: FastWeights) -> tuple[torch.Tensor, FastWeights]:
-        ttt = self.cfg.ttt
-        dtype = entering.w1.dtype
-        muon = self.newton_schulz(q, dtype)
-        with torch.autocast(device_type=q.device.type, enabled=False):
-            return lact_recurrent_reference(
-                q.to(dtype), k.to(dtype), v.to(dtype), eta0.to(dtype), eta1.to(dtype), eta2.to(dtype),
-                entering, ttt.chunk_size, beta=None if beta is None else beta.to(dtype), muon=muon,
-                weight_norm=ttt.weight_norm, weight_norm_eps=ttt.weight_norm_eps, row_norms=self.initial_state(1),
-                fast_weights=ttt.fast_weights, update_sign=ttt.update_sign, features=self.features,
-            )  # fmt: skip
-
-    def newton_schulz(self, x: torch.Tensor, state_dtype: torch.dtype) -> Optional[NewtonSchulz]:
-        """Muon's map (None when off): the configured schedule, iterating in the operand dtype."""
-        ttt = self.cfg.ttt
-        return NewtonSchulz(ttt.ns_coefficients, operand_dtype(x, state_dtype)) if ttt.muon else None
-
-    def chunk_step(self, state_dtype: torch.dtype) -> ChunkStep:
-        """How a chunk's summed gradient becomes its step (`kernels.reference.apply_chunk_gradients`), with
-        the options the chunk form runs: Muon iterating in the operand dtype of the model's activations,
-        the update sign, weight norm toward the learned initial weights' rows. For a caller that sums
-        the gradient itself, token by token (decoding)."""
-        ttt = self.cfg.ttt
-        row_norms = row_norms_of(self.initial_state(1)) if ttt.weight_norm else None
-        muon = self.newton_schulz(self.qkv.weight, state_dtype)
-        return ChunkStep(muon, ttt.update_sign, row_norms, ttt.weight_norm_eps)
-
-    def _linear_attention_scan(
-        self, q, k, v, eta1, beta, entering: FastWeights, cu_seqlens: Optional[torch.Tensor] = None
-    ) -> tuple[torch.Tensor, FastWeights]:
-        """Features with the (frozen) W0/W2, then the chunk scan (over packed documents when
-        `cu_seqlens` is given); each through its public op, which picks the Triton kernels or the
-        reference (`model.ttt.use_kernel` allows the kernels). Momentum is kept in the recurrent
-        form's sign convention (gradient units) in the returned state so the two modes share states."""
-        ttt = self.cfg.ttt
-        feature_dtype = operand_dtype(q, entering.w1.dtype)
-        w0, w2 = (w.to(feature_dtype) for w in self.feature_weights())
-        with torch.autocast(device_type=q.device.type, enabled=False):
-            hq = self._linear_attention_features(q.to(feature_dtype), w0, w2)
-            hk = self._linear_attention_features(k.to(feature_dtype), w0, w2)
-        initial_momentum = None if entering.m1 is None else -entering.m1
-        options = dict(beta=beta, initial_momentum=initial_momentum, muon=self.newton_schulz(q, entering.w1.dtype),
-                       token_causal=ttt.token_causal, update_sign=ttt.update_sign)  # fmt: skip
-        operands = (hq, hk, v.to(feature_dtype), eta1.to(feature_dtype), entering.w1, ttt.chunk_size)
-        if cu_seqlens is None:
-            out, final_w1, final_momentum = self.w1_chunk_scan(*operands, **options)
-        else:
-            out, final_w1, final_momentum = chunk_ttt_la(*operands, cu_seqlens=cu_seqlens,
-                                                         allow_triton=ttt.use_kernel, **options)  # fmt: skip
-        final = replace(entering, w1=final_w1, m1=None if final_momentum is None else -final_momentum)
-        return out, final
-
-    def _linear_attention_features(self, x: torch.Tensor, w0: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-        """h(x) of the parallel form, [B, T, H, d] -> [B, T, H, dh] with the learned w0, w2 [H, dh, d]:
-        SwiGLU through its public op (`kernels.features.swiglu_features`), or the identity map."""
-        if self.features is swiglu_features:
-            return swiglu_features_op(x, w0, w2, allow_triton=self.cfg.ttt.use_kernel)
-        return self.features(x, w0, w2)
-
-    def w1_chunk_scan(self, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """The W1 chunk scan, with `ttt_la_parallel_reference`'s signature, through its public op
-        `kernels.ttt_la.chunk_ttt_la` (Triton or the reference, decided there; `model.ttt.use_kernel`
-        allows the kernels), run through the scan strategy's `w1_chunk_scan` (across sp ranks, the state
-        exchange wraps it)."""
-        local_scan = partial(chunk_ttt_la, allow_triton=self.cfg.ttt.use_kernel)
-        return self.scan.w1_chunk_scan(local_scan, *args, **kwargs)

@@ -17,6 +17,7 @@ refuses document ids where a sliced forward enters, so no strategy here sees seg
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Optional
 
 import torch
@@ -24,7 +25,9 @@ from torch import nn
 
 from kernels.fast_weights import FastWeights
 from model.swa import sliding_window_attention
-from model.ttt_layer import ChunkScan, LocalScan, LocalWindow, RowPositions, TTTInputs, TTTMixer
+from model.config import TTTConfig
+from model.fast_weight_scan import ChunkScan, ScanWeights, TTTInputs, local_w1_chunk_scan
+from model.ttt_layer import LocalScan, LocalWindow, RowPositions, TTTMixer
 from parallel.groups import ParallelDims
 from parallel.layout import SliceLayout
 from parallel.p2p import shift_rows
@@ -42,15 +45,15 @@ class SliceContext:
 
 @dataclass
 class StateExchangeScan(LocalScan):
-    """The parallel form on this rank's slice: the local scan's `__call__`, whose W1 chunk scan (the
-    mixer's own) runs from the zero state while the state maps of all ranks travel
+    """The linear-attention form on this rank's slice: the local scan's `__call__`, whose W1 chunk scan
+    (the local one) runs from the zero state while the state maps of all ranks travel
     (`parallel.state_exchange`)."""
 
     dims: ParallelDims
 
-    def w1_chunk_scan(self, local_scan: ChunkScan, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """`local_scan` on this rank's slice, inside the state exchange."""
-        return state_exchange_scan(local_scan, self.dims, *args, **kwargs)
+    def w1_chunk_scan(self, ttt: TTTConfig) -> ChunkScan:
+        """The local W1 chunk scan on this rank's slice, inside the state exchange."""
+        return partial(state_exchange_scan, local_w1_chunk_scan(ttt), self.dims)
 
 
 @dataclass
@@ -61,13 +64,13 @@ class RingScan(LocalScan):
     dims: ParallelDims
 
     def __call__(
-        self, mixer: TTTMixer, x: torch.Tensor, inputs: TTTInputs, state: Optional[FastWeights], rows: RowPositions
+        self, weights: ScanWeights, x: torch.Tensor, inputs: TTTInputs, state: Optional[FastWeights], rows: RowPositions
     ) -> tuple[torch.Tensor, FastWeights]:
         """x [B, T, D] is the receive's anchor in the autograd graph (its backward sends the state's gradient home)."""
         dims = self.dims
         if dims.sp_rank > 0:
-            state = receive_state(x, mixer.initial_state(x.shape[0]), mixer.cfg.ttt.momentum, dims)
-        ttt_out, final = super().__call__(mixer, x, inputs, state, rows)
+            state = receive_state(x, weights.initial_state(x.shape[0]), weights.ttt.momentum, dims)
+        ttt_out, final = super().__call__(weights, x, inputs, state, rows)
         if dims.sp_rank < dims.sp - 1:  # before the halo: messages to a neighbour keep one order
             ttt_out = send_state(ttt_out, final, dims)
         return ttt_out, final

@@ -34,8 +34,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from kernels.reference import chunk_bounds, decay_matrix
-from model.ttt_layer import ChunkScan
+from kernels.lact import ScanOptions, chunk_bounds
+from kernels.reference import decay_matrix
+from model.fast_weight_scan import ChunkScan
 from parallel.collectives import all_gather_flat, reduce_scatter_flat
 from parallel.groups import ParallelDims
 
@@ -234,28 +235,24 @@ def state_exchange_scan(
     v: torch.Tensor,
     eta1: torch.Tensor,
     initial_state: torch.Tensor,
-    chunk_size: int,
+    options: ScanOptions,
     *,
     beta: Optional[torch.Tensor] = None,
     initial_momentum: Optional[torch.Tensor] = None,
-    muon: bool = False,
-    token_causal: bool = False,
-    update_sign: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """The W1 chunk scan of one slice of a sequence per rank, with `ttt_la_parallel_reference`'s
     arguments after `local_scan` and `dims`, and what the single-process scan returns for this
     slice: outputs [B, T, H, d], and the state and momentum leaving the slice.
 
-    `local_scan` is the mixer's own scan (Triton on CUDA, the reference elsewhere); it runs from the
-    zero state while the maps travel. `muon` is off whenever this runs: `SequenceParallelLM` refuses
-    Muon in the parallel form (`MUON_ERROR`) before it sets any scan.
+    `local_scan` is the local W1 chunk scan (`model.fast_weight_scan.local_w1_chunk_scan`: Triton on
+    CUDA, the reference elsewhere); it runs from the zero state while the maps travel. `options.muon`
+    is off whenever this runs: `SequenceParallelLM` refuses Muon in the parallel form (`MUON_ERROR`)
+    before it sets any scan.
     """
+    chunk_size, update_sign = options.chunk_size, options.update_sign
     local = local_state_map(hk, v, eta1, beta, chunk_size, update_sign, initial_state.dtype)
     pending = PendingExchange(local, dims)
-    out, _, _ = local_scan(
-        hq, hk, v, eta1, torch.zeros_like(initial_state), chunk_size, beta=beta, token_causal=token_causal,
-        update_sign=update_sign,
-    )  # fmt: skip
+    out, _, _ = local_scan(hq, hk, v, eta1, torch.zeros_like(initial_state), options, beta=beta)
     earlier = pending.finish()
     if beta is not None and initial_momentum is None:
         initial_momentum = torch.zeros_like(initial_state)

@@ -29,8 +29,8 @@ def run_torchrun(target: list[str], processes: int, timeout: int) -> str:
 
 def small_corpus(folder: Path, seq_len: int, val_fraction: float) -> Path:
     """The first 20 standard-library files, byte-tokenised and packed to seq_len: seconds to build."""
-    from train.prepare import prepare, stdlib_files
-    from train.tokenizer import ByteTokenizer
+    from train.data.prepare import prepare, stdlib_files
+    from train.data.tokenizer import ByteTokenizer
 
     prepare(stdlib_files()[:20], folder, seq_len, ByteTokenizer(), val_fraction=val_fraction, show_progress=False)
     return folder

@@ -30,7 +30,8 @@ TESTS = [
     "tests/test_generate_decode.py",
     "tests/test_document_resets.py",
 ]
-REFERENCE, LAYER, LOW_RANK, DECODE = "kernels/reference.py", "model/ttt_layer.py", "model/low_rank.py", "model/decode.py"
+LACT, REFERENCE = "kernels/lact.py", "kernels/reference.py"
+LAYER, LOW_RANK, DECODE = "model/ttt_layer.py", "model/low_rank.py", "decoding/decode.py"
 
 
 @dataclass(frozen=True)
@@ -43,20 +44,20 @@ GRADS_ALL = "return ChunkGradients(g0=g0, g1=g1, g2=g2)"
 APPLY = '        hq = features(q[:, s:e], w.w0, w.w2)\n        outputs.append(torch.einsum("bhde,bnhe->bnhd", w.w1, hq))\n'
 AFTER_UPDATE = "        w = apply_chunk_gradients(w, grads, None if beta is None else beta[:, c], step)\n    return torch.cat(outputs, dim=1), w"
 MUTATIONS = [
-    Mutation("W0 never updated", ((REFERENCE, GRADS_ALL, "return ChunkGradients(g1=g1, g2=g2)"),)),
-    Mutation("W1 never updated", ((REFERENCE, GRADS_ALL, "return ChunkGradients(g0=g0, g2=g2)"),)),
-    Mutation("W2 never updated", ((REFERENCE, GRADS_ALL, "return ChunkGradients(g0=g0, g1=g1)"),)),
+    Mutation("W0 never updated", ((LACT, GRADS_ALL, "return ChunkGradients(g1=g1, g2=g2)"),)),
+    Mutation("W1 never updated", ((LACT, GRADS_ALL, "return ChunkGradients(g0=g0, g2=g2)"),)),
+    Mutation("W2 never updated", ((LACT, GRADS_ALL, "return ChunkGradients(g0=g0, g1=g1)"),)),
     Mutation("weight norm over the output axis (columns)", (
-        (REFERENCE, "return w / (w.norm(dim=-1, keepdim=True) + eps) * row_norm",
+        (LACT, "return w / (w.norm(dim=-1, keepdim=True) + eps) * row_norm",
          "return w / (w.norm(dim=-2, keepdim=True) + eps) * row_norm"),
-        (REFERENCE, "map(lambda x: x.norm(dim=-1, keepdim=True))", "map(lambda x: x.norm(dim=-2, keepdim=True))"),
+        (LACT, "map(lambda x: x.norm(dim=-1, keepdim=True))", "map(lambda x: x.norm(dim=-2, keepdim=True))"),
     )),  # fmt: skip
-    Mutation("weight norm without its eps", ((REFERENCE, "(w.norm(dim=-1, keepdim=True) + eps)", "w.norm(dim=-1, keepdim=True)"),)),
+    Mutation("weight norm without its eps", ((LACT, "(w.norm(dim=-1, keepdim=True) + eps)", "w.norm(dim=-1, keepdim=True)"),)),
     Mutation("W0's step uses eta1 and W1's eta0", (
-        (REFERENCE, "eta0[:, s:e], eta1[:, s:e], eta2[:, s:e], w,", "eta1[:, s:e], eta0[:, s:e], eta2[:, s:e], w,"),
+        (LACT, "eta0[:, s:e], eta1[:, s:e], eta2[:, s:e], w,", "eta1[:, s:e], eta0[:, s:e], eta2[:, s:e], w,"),
     )),  # fmt: skip
     Mutation("W1 and W2 learning rates swapped", (
-        (REFERENCE, "eta0[:, s:e], eta1[:, s:e], eta2[:, s:e], w,", "eta0[:, s:e], eta2[:, s:e], eta1[:, s:e], w,"),
+        (LACT, "eta0[:, s:e], eta1[:, s:e], eta2[:, s:e], w,", "eta0[:, s:e], eta2[:, s:e], eta1[:, s:e], w,"),
     )),  # fmt: skip
     Mutation("learning-rate rows read head-major as weight-major", (
         (LAYER, ".reshape(batch, seq_len, self.num_heads, 3)", ".reshape(batch, seq_len, 3, self.num_heads).transpose(2, 3)"),
@@ -64,12 +65,12 @@ MUTATIONS = [
     Mutation("TTT q/k L2 norm removed", ((LAYER, "tq, tk = l2_normalise(tq, ttt.l2_eps), l2_normalise(tk, ttt.l2_eps)", "pass"),)),
     Mutation("TTT q/k RoPE removed", ((LAYER, "if ttt.rope:  # the attention", "if False:  # the attention"),)),
     Mutation("decoded tokens placed at position 0", ((DECODE, "token_ids[:, None], state.position)", "token_ids[:, None], 0)"),)),
-    Mutation("decoder's chunk update without its momentum decay", ((DECODE, "cache.gate_sum / mixer.cfg.ttt.chunk_size", "0 * cache.gate_sum"),)),
+    Mutation("decoder's chunk update without its momentum decay", ((DECODE, "cache.gate_sum / weights.ttt.chunk_size", "0 * cache.gate_sum"),)),
     Mutation("decoder's running sums never restarted", ((DECODE, "            total.zero_()", "            pass"),)),
-    Mutation("classic Newton-Schulz schedule instead of LaCT's", ((REFERENCE, "return NS_SCHEDULES[self.schedule]", 'return NS_SCHEDULES["classic"]'),)),
-    Mutation("update before apply", ((REFERENCE, APPLY, ""), (REFERENCE, AFTER_UPDATE, AFTER_UPDATE.replace(
+    Mutation("classic Newton-Schulz schedule instead of LaCT's", ((LACT, "return NS_SCHEDULES[self.schedule]", 'return NS_SCHEDULES["classic"]'),)),
+    Mutation("update before apply", ((LACT, APPLY, ""), (LACT, AFTER_UPDATE, AFTER_UPDATE.replace(
         "\n    return", '\n        outputs.append(torch.einsum("bhde,bnhe->bnhd", w.w1, features(q[:, s:e], w.w0, w.w2)))\n    return')))),
-    Mutation("momentum dropped (recurrent)", ((REFERENCE, "new_momentum = beta_c[:, :, None, None] * momentum + grad", "new_momentum = grad"),)),
+    Mutation("momentum dropped (recurrent)", ((LACT, "new_momentum = beta_c[:, :, None, None] * momentum + grad", "new_momentum = grad"),)),
     Mutation("momentum dropped (parallel)", ((REFERENCE, 'updates = torch.einsum("bhcj,bjhde->bchde", mixing, updates)', "pass"),)),
     Mutation("output scale removed", ((LAYER, "normed = normed * output_scale[..., None]", "pass"),)),
     Mutation("qk offset removed", ((LAYER, "q = q * self.qk_scale[:, 0] + self.qk_offset[:, 0]", "q = q * self.qk_scale[:, 0]"),)),

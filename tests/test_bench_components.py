@@ -1,4 +1,4 @@
-"""The training-step benchmark's ceiling columns (`train.benchmarks.components`, `step.add_ceilings`).
+"""The training-step benchmark's ceiling columns (`benchmarks.components`, `step.add_ceilings`).
 
 The timings need a GPU; what the CPU can check is that the branch timed alone is the mixer's own
 TTT branch, and that the ceiling is the formula the benchmark states.
@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmarks import step
+from benchmarks.components import ceiling, ttt_branch
 from model.config import LMConfig, TTTConfig
 from model.ttt_layer import TTTMixer
-from train.benchmarks import step
-from train.benchmarks.components import ceiling, ttt_branch
 
 
 def test_ttt_branch_is_what_the_mixer_adds_before_its_output_projection():
@@ -33,7 +33,7 @@ def test_ceiling_replaces_attention_by_the_window_and_the_branch():
 
 def test_ceiling_columns_go_on_the_tttla_rows_without_recomputation(monkeypatch):
     parts = {"attention_ms": 50.0, "window_ms": 5.0, "ttt_branch_ms": 15.0}
-    monkeypatch.setattr("train.benchmarks.components.mixer_parts_ms", lambda cfg, batch, seq_len: parts)
+    monkeypatch.setattr("benchmarks.components.mixer_parts_ms", lambda cfg, batch, seq_len: parts)
     common = dict(config="125m", T=16384, B=1, compile=True, peak_gib=1.0, mfu=0.1, mfu_spec=0.08)
     rows = [dict(impl="tttla", checkpointing="none", tok_s=150, step_ms=10.0, **common),
             dict(impl="sdpa", checkpointing="none", tok_s=100, step_ms=100.0, **common),

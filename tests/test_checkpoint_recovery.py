@@ -59,7 +59,7 @@ def run_scenarios(data: Path, out: Path) -> None:
 
     import train.checkpoint as checkpoint_module
     from train.config import load_run_config
-    from train.errors import RunError
+    from train.job.errors import RunError
     from train.generation.export import consolidated_state_dict
     from train.loop import train
 
@@ -118,7 +118,7 @@ def run_scenarios(data: Path, out: Path) -> None:
 
 def refusal(start: Callable[[], object]) -> str | None:
     """The message of the RunError `start()` raises, None if it runs."""
-    from train.errors import RunError
+    from train.job.errors import RunError
 
     try:
         start()

@@ -80,18 +80,18 @@ def test_train_names_the_line_of_a_yaml_syntax_error(tmp_path: Path) -> None:
 
 
 def test_prepare_names_a_missing_input(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    finished = run_here(capsys, "train.prepare", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"), "--seq-len", "64", monkeypatch=monkeypatch)
-    assert_one_line(finished, "train.prepare", str(tmp_path / "nowhere"), "does not exist")
+    finished = run_here(capsys, "train.data.prepare", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"), "--seq-len", "64", monkeypatch=monkeypatch)
+    assert_one_line(finished, "train.data.prepare", str(tmp_path / "nowhere"), "does not exist")
 
 
 def test_prepare_names_a_corrupt_tokenizer(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "doc.txt").write_text("some text")
     (tmp_path / "tokenizer.json").write_text('{"model": {1: 2}}')
     finished = run_here(
-        capsys, "train.prepare", str(tmp_path / "doc.txt"), "--out", str(tmp_path / "out"), "--seq-len", "4",
+        capsys, "train.data.prepare", str(tmp_path / "doc.txt"), "--out", str(tmp_path / "out"), "--seq-len", "4",
         "--tokenizer", str(tmp_path / "tokenizer.json"), monkeypatch=monkeypatch,
     )
-    assert_one_line(finished, "train.prepare", f"{tmp_path / 'tokenizer.json'} is not a valid tokenizer.json")
+    assert_one_line(finished, "train.data.prepare", f"{tmp_path / 'tokenizer.json'} is not a valid tokenizer.json")
 
 
 def test_generate_names_a_missing_export(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:

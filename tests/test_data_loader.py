@@ -21,7 +21,7 @@ BATCHES = 4
 def read_batches(data: Path, rank: int, out: Path) -> None:
     """The per-rank side: the first BATCHES micro-batches' token rows for sp = 1 and sp = 2."""
     from train.config import DataConfig
-    from train.data import build_loader
+    from train.data.loader import build_loader
 
     for sp in (1, 2):
         loader = build_loader(DataConfig(path=str(data), seq_len=32), "train", micro_batch_size=2, sp=sp, shuffle=True)
@@ -34,8 +34,8 @@ def read_batches(data: Path, rank: int, out: Path) -> None:
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[list[list[int]]]]:
     """sp -> [rank 0 rows, rank 1 rows]."""
-    from train.prepare import prepare, stdlib_files
-    from train.tokenizer import ByteTokenizer
+    from train.data.prepare import prepare, stdlib_files
+    from train.data.tokenizer import ByteTokenizer
 
     tmp = tmp_path_factory.mktemp("loader")
     prepare(stdlib_files()[:5], tmp / "data", 32, ByteTokenizer(), val_fraction=0.0, show_progress=False)

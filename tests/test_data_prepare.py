@@ -1,4 +1,4 @@
-"""`train.prepare`: packing into seq_len + 1 samples with document boundaries, the validation split,
+"""`train.data.prepare`: packing into seq_len + 1 samples with document boundaries, the validation split,
 tokenizers, and loud failure on unusable inputs."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from streaming import LocalDataset
 
-from train.prepare import BadInput, dataset_tokenizer, is_validation, prepare, read_manifest
-from train.tokenizer import BYTE_EOS_ID, TOKENIZER_FILE, ByteTokenizer, load_tokenizer
+from train.data.prepare import BadInput, dataset_tokenizer, is_validation, prepare, read_manifest
+from train.data.tokenizer import BYTE_EOS_ID, TOKENIZER_FILE, ByteTokenizer, load_tokenizer
 
 SEQ_LEN = 15
 

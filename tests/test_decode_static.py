@@ -1,6 +1,6 @@
-"""Specification of the static-buffer decoder (model/static_decode.py) and its step runner.
+"""Specification of the static-buffer decoder (decoding/static.py) and its step runner.
 
-The reference is model/decode.py, itself proven equal to the chunk form. Float64 throughout: the
+The reference is decoding/decode.py, itself proven equal to the chunk form. Float64 throughout: the
 static step attends over the whole ring with a mask where the reference slices the filled slots, and
 applies the chunk update through `torch.where`; both compute the same terms, so any difference beyond
 ~1e-15 relative is a semantic slip (a slot, a position or a boundary off by one), hence 1e-12.
@@ -16,12 +16,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from model.decode import decode_step, prefill
-from model.decode_graphs import DecodeRunner
-from model.proof import relative_error
-from model.sampling import sample_tokens
-from model.static_decode import prefill_rows
+from decoding.decode import decode_step, prefill
+from decoding.graphs import DecodeRunner
+from decoding.sampling import sample_tokens
+from decoding.static import prefill_rows
 from tests.test_generate_decode import CHUNK, MODES, make_model
+from verification.proof import relative_error
 
 TOLERANCE = 1e-12
 STEPS = 3 * CHUNK + 5  # every row crosses at least three chunk boundaries while decoding
@@ -32,7 +32,7 @@ def forced_tokens(model, rows: int, seed: int) -> torch.Tensor:
 
 
 def reference_logits(model, prompt: list[int], continuation: torch.Tensor) -> torch.Tensor:
-    """One prompt through model/decode.py, then the continuation token by token: [STEPS, V]."""
+    """One prompt through decoding/decode.py, then the continuation token by token: [STEPS, V]."""
     _, state = prefill(model, torch.tensor([prompt]))
     return torch.stack([decode_step(model, state, continuation[None, t])[0] for t in range(len(continuation))])
 

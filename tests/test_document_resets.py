@@ -12,8 +12,8 @@ import torch
 
 from model.config import LMConfig, TTTConfig
 from model.lm import TTTLM
-from model.proof import relative_error
 from model.segments import DocumentSegments
+from verification.proof import relative_error
 
 TOLERANCE = 1e-10  # float64; the packed and the separate runs sum in the same order up to rounding
 

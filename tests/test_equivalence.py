@@ -12,15 +12,10 @@ import pytest
 import torch
 
 from kernels.fast_weights import FastWeights
-from kernels.reference import (
-    RecurrentTrace,
-    lact_recurrent_reference,
-    newton_schulz5,
-    swiglu_features,
-    ttt_la_parallel_reference,
-)
-from model.unrolled import newton_schulz5_factor, unrolled_lact_output
-from model.proof import make_layer_inputs, relative_error
+from kernels.lact import RecurrentTrace, ScanOptions, lact_recurrent, newton_schulz5, swiglu_features
+from kernels.reference import ttt_la_parallel_reference
+from verification.proof import make_layer_inputs, relative_error
+from verification.unrolled import newton_schulz5_factor, unrolled_lact_output
 
 TOLERANCE = 1e-10
 
@@ -30,7 +25,7 @@ SIZES = [(2, 32, 2, 6, 8, 8), (2, 37, 2, 6, 8, 8), (1, 5, 1, 4, 4, 8), (2, 29, 3
 
 def recurrent_w1_only(x, chunk, beta, muon, sign):
     """The recurrent form with W0/W2 frozen and no weight norm: the case the parallel form claims."""
-    out, final = lact_recurrent_reference(
+    out, final = lact_recurrent(
         x.q, x.k, x.v, x.eta0, x.eta1, x.eta2, FastWeights(x.weights.w0, x.weights.w1, x.weights.w2), chunk,
         beta=beta, muon=muon, fast_weights="w1", update_sign=sign,
     )  # fmt: skip
@@ -41,7 +36,7 @@ def parallel_form(x, chunk, beta, muon, sign):
     hq = swiglu_features(x.q, x.weights.w0, x.weights.w2)
     hk = swiglu_features(x.k, x.weights.w0, x.weights.w2)
     out, final, _ = ttt_la_parallel_reference(
-        hq, hk, x.v, x.eta1, x.weights.w1, chunk, beta=beta, muon=muon, update_sign=sign
+        hq, hk, x.v, x.eta1, x.weights.w1, ScanOptions(chunk, muon, update_sign=sign), beta=beta
     )
     return out, final
 
@@ -75,7 +70,7 @@ def test_general_recurrent_equals_unrolled_linear_attention(batch, seq_len, head
     x = make_layer_inputs(batch, seq_len, heads, d, dh, chunk)
     beta = x.beta if momentum else None
     trace = RecurrentTrace([], [], [])
-    out, _ = lact_recurrent_reference(
+    out, _ = lact_recurrent(
         x.q, x.k, x.v, x.eta0, x.eta1, x.eta2, x.weights, chunk, beta=beta, muon=muon,
         weight_norm=weight_norm, fast_weights=fast_weights, trace=trace,
     )  # fmt: skip
@@ -100,7 +95,7 @@ def test_token_causal_parallel_equals_masked_linear_attention():
     x = make_layer_inputs(2, 23, 2, 5, 7, chunk=6)
     hq = swiglu_features(x.q, x.weights.w0, x.weights.w2)
     hk = swiglu_features(x.k, x.weights.w0, x.weights.w2)
-    out, _, _ = ttt_la_parallel_reference(hq, hk, x.v, x.eta1, x.weights.w1, 6, token_causal=True)
+    out, _, _ = ttt_la_parallel_reference(hq, hk, x.v, x.eta1, x.weights.w1, ScanOptions(6, token_causal=True))
     scores = torch.einsum("bthe,bshe->bhts", hq, hk).tril()
     expected = torch.einsum("bhde,bthe->bthd", x.weights.w1, hq) + torch.einsum(
         "bhts,bshd->bthd", scores, x.v * x.eta1[..., None]

@@ -14,11 +14,11 @@ from torch import nn
 
 from model.config import load_model_config
 from model.lm import TTTLM
+from train.data.prepare import prepare
+from train.data.tokenizer import ByteTokenizer
 from train.evaluation import eval as ppl_eval
 from train.evaluation import retrieval
 from train.generation.export import save_exported
-from train.prepare import prepare
-from train.tokenizer import ByteTokenizer
 
 
 def tiny_model(seed: int = 0) -> TTTLM:

@@ -6,11 +6,11 @@ from functools import partial
 
 import torch
 
+from decoding.graphs import DecodeRunner
+from decoding.sampling import sample_tokens
 from model.baseline import BaselineLM
 from model.config import LMConfig
-from model.decode_graphs import DecodeRunner
-from model.proof import relative_error
-from model.sampling import sample_tokens
+from verification.proof import relative_error
 
 
 def small_model_and_cached_decode() -> tuple[BaselineLM, torch.Tensor, torch.Tensor]:

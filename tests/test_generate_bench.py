@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from train.benchmarks.decode import main
+from benchmarks.decode import main
 
 
 def test_quick_benchmark_shows_constant_state_against_a_growing_cache(tmp_path) -> None:

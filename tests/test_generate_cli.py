@@ -6,9 +6,9 @@ import torch
 
 from model.config import load_model_config
 from model.lm import TTTLM
+from train.data.tokenizer import ByteTextStream
 from train.generation.export import save_exported
 from train.generation.generate import STOP_CHECK_EVERY, generate, main, sample_next
-from train.tokenizer import ByteTextStream
 
 
 def tiny_model(seed: int = 0) -> TTTLM:

@@ -1,4 +1,4 @@
-"""Specification of token-by-token decoding (model/decode.py).
+"""Specification of token-by-token decoding (decoding/decode.py).
 
 Decoding with the constant-size state must reproduce the chunk form exactly: the logits of
 prefill + decode_step over a sequence equal one `TTTLM.forward` over the whole sequence. Runs in
@@ -15,10 +15,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from decoding.decode import decode_step, prefill
 from model.config import LMConfig, TTTConfig
-from model.decode import decode_step, prefill
 from model.lm import TTTLM
-from model.proof import relative_error
+from verification.proof import relative_error
 
 CHUNK, WINDOW = 8, 12  # sequences below cross several chunk boundaries and the window
 SEQ_LEN = 37

@@ -1,4 +1,4 @@
-"""The mixer, in every mode and option, equals the golden LaCT mixer (`model/golden_lact.py`) end to end.
+"""The mixer, in every mode and option, equals the golden LaCT mixer (`verification/golden_lact.py`) end to end.
 
 Compared in float64 from the mixer input x to its output, the final fast weights and momenta, and the
 gradient of every parameter. The golden mixer shares no code with the layer, so agreement to 1e-10
@@ -15,8 +15,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from model.golden_lact import compare_with_golden
-from model.proof import GOLDEN_INPUT_SHAPE, TINY_RELEASED as OFFICIAL, tiny_mixer
+from verification.golden_lact import compare_with_golden
+from verification.proof import GOLDEN_INPUT_SHAPE, TINY_RELEASED as OFFICIAL, tiny_mixer
 
 TOLERANCE = 1e-10
 

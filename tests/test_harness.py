@@ -27,12 +27,12 @@ from lm_eval.tasks import TaskManager
 
 from model.config import load_model_config
 from model.lm import TTTLM
-from train.cli import run_command
+from train.data.tokenizer import ByteTokenizer, JsonTokenizer, Tokenizer
 from train.evaluation import harness
 from train.evaluation.harness_model import TTTLAHarnessLM
 from train.evaluation.tasks.retrieval_tasks import ABSENT, LENGTHS, mean_of_present, process_results
 from train.generation.export import load_exported_tokenizer, load_model, save_exported
-from train.tokenizer import ByteTokenizer, JsonTokenizer, Tokenizer
+from train.job.cli import run_command
 
 TOLERANCE = 1e-9
 QUESTIONS = [  # (question, choices, gold): different lengths, so a batch pads its rows

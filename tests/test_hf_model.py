@@ -19,12 +19,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from model.config import ConfigError
 from model.lm import TTTLM
-from model.proof import relative_error
 from tests.test_generate_cli import tiny_model
 from tests.test_generate_decode import MODES, make_model
+from train.data.tokenizer import JsonTokenizer
 from train.generation.export import HF_CONFIG_FILE, save_exported
 from train.hf import TTTLACache, TTTLAConfig, TTTLAForCausalLM
-from train.tokenizer import JsonTokenizer
+from verification.proof import relative_error
 
 TOLERANCE = 1e-9
 HF_MODES = ["parallel-token-causal-momentum-muon", "recurrent-released"]  # both TTT modes, every option on

@@ -13,7 +13,8 @@ import torch
 import kernels.chunk
 import kernels.features
 import kernels.triton_utils
-from kernels.reference import num_chunks, swiglu_features, ttt_la_parallel_reference
+from kernels.lact import ScanOptions, num_chunks, swiglu_features
+from kernels.reference import ttt_la_parallel_reference
 from kernels.ttt_la import chunk_ttt_la
 
 # The kernels must have been imported in interpreter mode: tests/conftest.py sets TRITON_INTERPRET on a
@@ -79,16 +80,11 @@ def check_against_reference(inputs, chunk_size, token_causal=False, update_sign=
     generator = torch.Generator().manual_seed(seed + 1)
     ref_inputs = {k: x.clone().requires_grad_() for k, x in inputs.items()}
     kernel_inputs = {k: x.float().requires_grad_() for k, x in inputs.items()}
-    kwargs = dict(token_causal=token_causal, update_sign=update_sign)
+    options = ScanOptions(chunk_size, token_causal=token_causal, update_sign=update_sign)
     names = ("hq", "hk", "v", "eta1", "initial_state")
     extra = lambda xs: {k: xs[k] for k in ("beta", "initial_momentum") if k in xs}  # noqa: E731
-    if cu_seqlens is None:
-        ref = ttt_la_parallel_reference(*[ref_inputs[k] for k in names], chunk_size, **extra(ref_inputs), **kwargs)
-    else:
-        ref = ttt_la_parallel_reference(*[ref_inputs[k] for k in names], chunk_size, cu_seqlens,
-                                        **extra(ref_inputs), **kwargs)
-    got = chunk_ttt_la(*[kernel_inputs[k] for k in names], chunk_size, **extra(kernel_inputs), cu_seqlens=cu_seqlens,
-                       **kwargs)
+    ref = ttt_la_parallel_reference(*[ref_inputs[k] for k in names], options, **extra(ref_inputs), cu_seqlens=cu_seqlens)
+    got = chunk_ttt_la(*[kernel_inputs[k] for k in names], options, **extra(kernel_inputs), cu_seqlens=cu_seqlens)
     cotangents = [torch.randn(r.shape, dtype=torch.float64, generator=generator) if r is not None else None
                   for r in ref]
     for label, r, g in zip(("o", "final_state", "final_momentum"), ref, got):
@@ -147,21 +143,21 @@ def test_without_initial_state():
     inputs = make_inputs(generator, batch=1, seq_len=40, heads=1, d=16, dh=16, chunk_size=16, momentum=False)
     initial = inputs.pop("initial_state")
     hq = inputs["hq"].float()
-    o, final, _ = chunk_ttt_la(hq, inputs["hk"].float(), inputs["v"].float(), inputs["eta1"].float(), None, 16)
-    ref, ref_final, _ = ttt_la_parallel_reference(*inputs.values(), torch.zeros_like(initial), 16)
+    o, final, _ = chunk_ttt_la(hq, inputs["hk"].float(), inputs["v"].float(), inputs["eta1"].float(), None, ScanOptions(16))
+    ref, ref_final, _ = ttt_la_parallel_reference(*inputs.values(), torch.zeros_like(initial), ScanOptions(16))
     assert rel_err(ref, o) < REL_TOL and rel_err(ref_final, final) < REL_TOL
 
 
 def test_unsupported_head_dim_is_a_clear_error():
     x = torch.randn(1, 8, 1, 24)
     with pytest.raises(ValueError, match="dh .*=24 is not supported"):
-        chunk_ttt_la(x, x, torch.randn(1, 8, 1, 16), torch.rand(1, 8, 1), torch.zeros(1, 1, 16, 24), 4)
+        chunk_ttt_la(x, x, torch.randn(1, 8, 1, 16), torch.rand(1, 8, 1), torch.zeros(1, 1, 16, 24), ScanOptions(4))
 
 
 def test_unsupported_dtype_is_a_clear_error():
     x = torch.randn(1, 8, 1, 16, dtype=torch.float64)
     with pytest.raises(ValueError, match="Triton kernel takes"):
-        chunk_ttt_la(x, x, x, torch.rand(1, 8, 1), torch.zeros(1, 1, 16, 16), 4)
+        chunk_ttt_la(x, x, x, torch.rand(1, 8, 1), torch.zeros(1, 1, 16, 16), ScanOptions(4))
 
 
 def test_block_causal_with_stored_updates(monkeypatch):
@@ -223,7 +219,7 @@ def test_fused_features_feed_the_chunk_kernels():
 
     def layer(features, scan, inputs):
         xq_, xk_, v_, w0_, w2_, eta_, state_ = inputs
-        return scan(features(xq_, w0_, w2_), features(xk_, w0_, w2_), v_, eta_, state_, C, token_causal=True)[0]
+        return scan(features(xq_, w0_, w2_), features(xk_, w0_, w2_), v_, eta_, state_, ScanOptions(C, token_causal=True))[0]
 
     ref_inputs = [t.clone().requires_grad_() for t in (xq, xk, v, w0, w2, eta, state)]
     kernel_inputs = [t.float().requires_grad_() for t in (xq, xk, v, w0, w2, eta, state)]

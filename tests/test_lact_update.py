@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from kernels.fast_weights import ChunkGradients, FastWeights
-from kernels.reference import chunk_gradients, lact_chunk_gradients
-from model.proof import inner_loss, make_layer_inputs, relative_error
+from kernels.lact import chunk_gradients, lact_chunk_gradients
+from verification.proof import inner_loss, make_layer_inputs, relative_error
 
 # float64 throughout: the manual and the autograd gradient are the same formula evaluated in a
 # different order, so they agree to a few ulps (~1e-16); 1e-12 leaves room for long sums.

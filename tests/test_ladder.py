@@ -8,7 +8,7 @@ from dataclasses import asdict, replace
 import pytest
 import torch
 
-from train.benchmarks.ladder import STEPS, ladder_config, markdown, run_ladder
+from benchmarks.ladder import STEPS, ladder_config, markdown, run_ladder
 from model.config import load_model_config
 from model.lm import TTTLM
 

@@ -1,4 +1,4 @@
-"""A failed worker under train.launch ends the job with one line, not torchrun's report of ~30 lines.
+"""A failed worker under train.job.launch ends the job with one line, not torchrun's report of ~30 lines.
 
 The launch is `make train`'s own command (`make -n train`), run by the shell with 2 gloo workers on
 a run whose training shard was deleted; make's own `Error 1` line, printed after any failing recipe,
@@ -19,7 +19,7 @@ import pytest
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
 from tests.multiprocess import REPO, small_corpus, worker_environment
-from train.launch import failure_report
+from train.job.launch import failure_report
 
 
 def make_train_command(*arguments: str) -> str:

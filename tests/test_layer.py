@@ -7,7 +7,7 @@ import torch
 
 from model.config import LMConfig, TTTConfig
 from model.lm import TTTLM
-from model.proof import relative_error
+from verification.proof import relative_error
 
 TOLERANCE = 1e-10  # float64 model; see tests/test_equivalence.py for why this margin
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from model.loss import IGNORE_INDEX, head_and_loss, linear_cross_entropy
-from model.proof import relative_error
+from verification.proof import relative_error
 
 TOLERANCE = 1e-12  # float64: the same sums over the vocabulary, taken chunk by chunk
 

@@ -1,7 +1,7 @@
 """Runs that can be repeated and continued, on a corpus too small for the defaults.
 
 A handful of short documents, prepared with the default 1% validation share, leaves the validation
-split empty: `train.prepare` says so. `make train` then trains on it with the tiny config's
+split empty: `train.data.prepare` says so. `make train` then trains on it with the tiny config's
 defaults (evaluation every 50 steps, 20 warmup steps) for 2 steps: evaluation turns itself off and
 the warmup is clamped, each with a warning. Running `make train` again with more steps continues
 the run from its checkpoint (the target resumes by default) instead of refusing it.
@@ -39,7 +39,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     for index in range(DOCUMENTS):
         (corpus / f"{index}.txt").write_text(f"document {index}: " + "the quick brown fox jumps over the lazy dog. " * 6)
     prepare = subprocess.run(
-        [sys.executable, "-m", "train.prepare", str(corpus), "--out", str(root / "data"), "--seq-len", "64"],
+        [sys.executable, "-m", "train.data.prepare", str(corpus), "--out", str(root / "data"), "--seq-len", "64"],
         cwd=REPO, env=worker_environment(), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     first = make_train(root / "run", root / "data", steps=2)

@@ -15,11 +15,11 @@ from model.lm import TTTLM
 from train.checkpoint import RUN_CONFIG
 from train.config import DataConfig, load_run_config, to_yaml
 from train.config_changes import check_config_changes
-from train.data import check_split
+from train.data.loader import check_split
+from train.data.prepare import prepare
+from train.data.tokenizer import ByteTokenizer
 from train.generation.export import WEIGHTS_FILE, save_exported
 from train.monitor import truncate_metrics
-from train.prepare import prepare
-from train.tokenizer import ByteTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs/train/tiny_cpu.yaml"

@@ -4,12 +4,12 @@ A stop often reaches a worker twice: `kill -TERM` of the whole job (its process 
 unit, a scheduler's cancel) signals the launcher and the workers at once, and the launcher forwards
 the signal to its workers again. That repeat must count once, however the two land against the
 steps and the saves; only a signal well after the first interrupts. Two real jobs under
-train.launch (`make train`'s launcher, 2 gloo workers) check the whole path: one stopped from
+train.job.launch (`make train`'s launcher, 2 gloo workers) check the whole path: one stopped from
 outside, launcher and workers at once while it saves every step, one whose workers signal
 themselves (the launcher is not signalled and must pass their status on, adding nothing).
 
 A worker whose collective fails because its peer is gone ends with one line, not the collective's
-traceback; train.launch then names the peer that ended first (tests/test_launch.py).
+traceback; train.job.launch then names the peer that ended first (tests/test_launch.py).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import pytest
 
 from tests.multiprocess import REPO, long_run_overrides, small_corpus, wait_until_training, worker_environment
 
-LAUNCH = [sys.executable, "-m", "train.launch", "--standalone", "--nproc_per_node=2", "-m", "train", "configs/train/tiny_cpu.yaml"]
+LAUNCH = [sys.executable, "-m", "train.job.launch", "--standalone", "--nproc_per_node=2", "-m", "train", "configs/train/tiny_cpu.yaml"]
 STOPPED_BY_SIGTERM = 128 + signal.SIGTERM
 GLOO_LOST_PEER = (
     "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:51112. "
@@ -68,7 +68,7 @@ def test_a_stop_signal_after_the_repeat_window_interrupts() -> None:
 def test_a_rank_whose_peer_is_gone_ends_with_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from train.cli import ERROR_FILE_ENV, REPORTED_BY_LAUNCHER_ENV, run_command
+    from train.job.cli import ERROR_FILE_ENV, REPORTED_BY_LAUNCHER_ENV, run_command
 
     def collective_of_a_dead_peer(argv: list[str]) -> None:
         raise RuntimeError(GLOO_LOST_PEER)
@@ -81,7 +81,7 @@ def test_a_rank_whose_peer_is_gone_ends_with_one_line(
     assert capsys.readouterr().err.splitlines() == [
         "train (rank 0): another rank of the job is gone (Connection closed by peer [127.0.0.1]:51112); its own output says why"
     ]
-    assert json.loads((tmp_path / "error.json").read_text())["lost_peer"] is True  # train.launch reads it
+    assert json.loads((tmp_path / "error.json").read_text())["lost_peer"] is True  # train.job.launch reads it
 
 
 @pytest.fixture(scope="module")

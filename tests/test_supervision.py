@@ -88,7 +88,7 @@ def test_workers_stop_when_the_launcher_is_killed(job: dict) -> None:
 
 
 def test_releasing_the_lock_removes_the_run_directory_it_created_if_empty(tmp_path: Path) -> None:
-    from train.supervision import acquire_run_lock
+    from train.job.supervision import acquire_run_lock
 
     acquire_run_lock(tmp_path / "runs/first").release()
     assert not (tmp_path / "runs").exists()
@@ -99,7 +99,7 @@ def test_releasing_the_lock_removes_the_run_directory_it_created_if_empty(tmp_pa
 
 
 def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from train.supervision import acquire_run_lock
+    from train.job.supervision import acquire_run_lock
 
     finished = subprocess.Popen([sys.executable, "-c", "pass"])
     finished.wait()  # a PID that no longer runs

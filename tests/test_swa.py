@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model.swa import band_attention_reference, band_mask, blockwise_band_attention, sliding_window_attention
-from model.proof import relative_error
+from verification.proof import relative_error
 
 TOLERANCE = 1e-12  # float64; both paths are softmax over the same keys, summed in another order
 

@@ -11,8 +11,8 @@ import dataclasses
 import sys
 import textwrap
 
-from train.cli import DEBUG_HELP, StoppedBySignal, run_command
 from train.config import RunConfig, load_run_config
+from train.job.cli import DEBUG_HELP, StoppedBySignal, run_command
 
 DEFAULT_CONFIG = "configs/train/tiny_cpu.yaml"
 HELP_FLAGS = ("-h", "--help")

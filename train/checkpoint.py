@@ -47,9 +47,9 @@ from parallel.groups import ParallelDims
 from train.checkpoint_integrity import (
     DAMAGED_SUFFIX, MARKER, checkpoint_files, damaged_checkpoints, file_records, read_marker, set_aside, verify,
 )  # fmt: skip
-from train.cli import warn
 from train.distributed import agree_on_failure, all_gather_objects
-from train.errors import RunError, describe_os_error, free_space
+from train.job.cli import warn
+from train.job.errors import RunError, describe_os_error, free_space
 
 STEP_PATTERN = re.compile(r"^step_(\d+)$")
 STAGING_PREFIX = ".staging-"

@@ -21,7 +21,7 @@ With activation checkpointing, `train.compile=auto` leaves the blocks eager on C
 `compile_enabled`); `train.compile=true` still compiles them. Activation checkpointing composes: it replaces `Block.forward` on the instance, and the compiled
 call traces through it (Dynamo turns the non-reentrant checkpoint into a higher-order op, which
 must be free of side effects on outside objects).
-Decoding (`model.decode`) calls each block's own forward (`TTTLM.hidden_states(eager=True)`), not
+Decoding (`decoding.decode`) calls each block's own forward (`TTTLM.hidden_states(eager=True)`), not
 `Block.__call__`, so it runs the same eager code whether or not the blocks are compiled.
 """
 

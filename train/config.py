@@ -23,7 +23,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from model.config import ConfigError, LMConfig
-from train.cli import warn
+from train.job.cli import warn
 
 if TYPE_CHECKING:  # parallel.groups imports torch, which `python -m train --help` does not wait for
     from parallel.groups import ParallelDims
@@ -42,7 +42,7 @@ def _require(condition: bool, key: str, value: object, why: str) -> None:
 
 @dataclass
 class DataConfig:
-    """Where the MDS shards live and how they are read (see train/prepare.py for writing them)."""
+    """Where the MDS shards live and how they are read (see train/data/prepare.py for writing them)."""
 
     path: str = "data/stdlib"  # folder or remote URI holding `<train_split>/` and `<val_split>/`
     train_split: str = "train"

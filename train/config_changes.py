@@ -18,8 +18,8 @@ from omegaconf import OmegaConf
 from model.config import ConfigError, LMConfig
 from model.lm import TTTLM
 from train.checkpoint import RUN_CONFIG
-from train.cli import warn
 from train.config import RunConfig
+from train.job.cli import warn
 
 ALWAYS_DIFFERENT = {"train.resume"}  # how the run was started, not what it trains
 

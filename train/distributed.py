@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 
 from parallel.groups import ParallelDims
-from train.errors import RunError
-from train.supervision import end_with_launcher
+from train.job.errors import RunError
+from train.job.supervision import end_with_launcher
 
 
 def _free_port() -> int:
@@ -49,7 +49,7 @@ def skip_deepspeed_shm_allreduce() -> None:
 def init_distributed(sp: int) -> ParallelDims:
     """Join (or create) the process group and build the dp x sp layout; idempotent.
 
-    A process started by a launcher (RANK set) stops when the launcher is gone (train/supervision.py).
+    A process started by a launcher (RANK set) stops when the launcher is gone (train/job/supervision.py).
     """
     if "RANK" in os.environ:
         end_with_launcher()

@@ -1,6 +1,6 @@
 """The training loop: batches -> DeepSpeed engine -> metrics, checkpoints, preemption, resume.
 
-Before anything is built, rank 0 takes the run directory's lock (train/supervision.py) and every
+Before anything is built, rank 0 takes the run directory's lock (train/job/supervision.py) and every
 rank checks the data against its index and picks, with the others, the checkpoint to resume from;
 the resolved config is written only once those checks passed and the checkpoint loaded.
 
@@ -35,19 +35,19 @@ from model.config import ConfigError
 from model.lm import TTTLM
 from parallel.groups import ParallelDims, slice_sequence
 from train.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint, select_checkpoint
-from train.cli import warn
 from train.config import RunConfig, to_yaml
 from train.config_changes import check_config_changes
-from train.data import build_loader, check_dataset, endless, input_doc_ids, split_inputs_targets
+from train.data.loader import build_loader, check_dataset, endless, input_doc_ids, split_inputs_targets
 from train.distributed import agree_on_failure, all_gather_objects, all_reduce_sum, init_distributed
 from train.engine import build_engine
-from train.errors import RunError
 from train.flops import peak_flops_per_device, training_flops_per_token
+from train.job.cli import warn
+from train.job.errors import RunError
+from train.job.supervision import RunLock, acquire_run_lock
 from train.monitor import LearningRateProbe, Monitor, perplexity, state_norms
 from train.periodic_eval import PeriodicEvaluator
 from train.schedule import realign_after_resume
 from train.state import TrainState
-from train.supervision import RunLock, acquire_run_lock
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # A stop signal this soon after the first is the same request delivered twice (see StopRequest).

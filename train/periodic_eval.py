@@ -21,7 +21,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from parallel.groups import ParallelDims, gather_sequence, slice_sequence
 from train.config import RunConfig
-from train.data import build_loader, input_doc_ids, split_inputs_targets
+from train.data.loader import build_loader, input_doc_ids, split_inputs_targets
 from train.evaluation.eval import (
     accumulate_position_losses,
     per_token_cross_entropy,

@@ -209,6 +209,7 @@ def _relative_error(reference: torch.Tensor, got: Optional[torch.Tensor]) -> flo
 def run_case(case: FuzzCase, device: str = "cuda") -> dict[str, float]:
     """Relative errors of every compared tensor: o, final_state, final_momentum and grad_<input>."""
     from kernels import triton_utils
+    from kernels.lact import ScanOptions
     from kernels.ttt_la import chunk_ttt_la
 
     triton_utils.poison_outputs = True  # an element the kernel fails to write shows as NaN
@@ -218,8 +219,8 @@ def run_case(case: FuzzCase, device: str = "cuda") -> dict[str, float]:
     cu = torch.tensor(case.cu_seqlens, device=device, dtype=torch.int32) if case.cu_seqlens else None
     got = chunk_ttt_la(
         kernel_in["hq"], kernel_in["hk"], kernel_in["v"], kernel_in["eta1"], kernel_in.get("initial_state"),
-        case.chunk_size, beta=kernel_in.get("beta"), initial_momentum=kernel_in.get("initial_momentum"),
-        token_causal=case.token_causal, update_sign=case.update_sign, cu_seqlens=cu,
+        ScanOptions(case.chunk_size, token_causal=case.token_causal, update_sign=case.update_sign),
+        beta=kernel_in.get("beta"), initial_momentum=kernel_in.get("initial_momentum"), cu_seqlens=cu,
     )
     docs = len(case.cu_seqlens) - 1 if case.cu_seqlens else case.batch
     zeros_state = torch.zeros(docs, case.heads, case.d, case.dh, dtype=torch.float64, device=device)

@@ -16,7 +16,7 @@ import sys
 import torch
 
 from kernels import features
-from kernels.reference import swiglu_features as swiglu_reference
+from kernels.lact import swiglu_features as swiglu_reference
 from tests.gpu.kernel_fuzz import FuzzCase, case_failure, run_case
 
 

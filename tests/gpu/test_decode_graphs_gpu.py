@@ -1,4 +1,4 @@
-"""CUDA-graph decoding (model/decode_graphs.py) equals the same step run eagerly, on the GPU.
+"""CUDA-graph decoding (decoding/graphs.py) equals the same step run eagerly, on the GPU.
 
 125M-shaped TTT model with 2 layers, chunk 64 and window 128, bf16 parameters, so 200 decoded tokens
 cross three chunk boundaries; rows of different prompt lengths sit at different chunk phases.
@@ -14,13 +14,13 @@ from functools import partial
 import pytest
 import torch
 
+from decoding.graphs import DecodeRunner
+from decoding.sampling import sample_tokens
+from decoding.static import prefill_rows
 from model.baseline import BaselineLM
 from model.config import load_model_config
-from model.decode_graphs import DecodeRunner
 from model.lm import TTTLM
-from model.proof import relative_error
-from model.sampling import sample_tokens
-from model.static_decode import prefill_rows
+from verification.proof import relative_error
 
 pytestmark = pytest.mark.gpu
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

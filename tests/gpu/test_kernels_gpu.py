@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from kernels import chunk, features
-from kernels.reference import num_chunks, swiglu_features, ttt_la_parallel_reference
+from kernels.lact import ScanOptions, num_chunks, swiglu_features
+from kernels.reference import ttt_la_parallel_reference
 from kernels.ttt_la import chunk_ttt_la
 
 pytestmark = pytest.mark.gpu
@@ -44,10 +45,9 @@ def check_bf16_against_float64(inputs, C, token_causal, update_sign=1.0):
     extra = ("beta", "initial_momentum")
     kernel_in = {k: x.clone().requires_grad_() for k, x in inputs.items()}
     ref_in = {k: x.double().requires_grad_() for k, x in inputs.items()}
-    kw = dict(token_causal=token_causal, update_sign=update_sign)
-    got = chunk_ttt_la(*[kernel_in[k] for k in names], C, **{k: kernel_in[k] for k in extra if k in inputs}, **kw)
-    ref = ttt_la_parallel_reference(*[ref_in[k] for k in names], C, **{k: ref_in[k] for k in extra if k in inputs},
-                                    **kw)
+    options = ScanOptions(C, token_causal=token_causal, update_sign=update_sign)
+    got = chunk_ttt_la(*[kernel_in[k] for k in names], options, **{k: kernel_in[k] for k in extra if k in inputs})
+    ref = ttt_la_parallel_reference(*[ref_in[k] for k in names], options, **{k: ref_in[k] for k in extra if k in inputs})
     cot = [torch.randn_like(r) if r is not None else None for r in ref]
     for label, r, o in zip(("o", "final_state", "final_momentum"), ref, got):
         if r is not None:

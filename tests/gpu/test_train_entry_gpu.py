@@ -1,4 +1,4 @@
-"""The trainer through its real entry point on the GPU: `python -m train.launch ... -m train CONFIG`.
+"""The trainer through its real entry point on the GPU: `python -m train.job.launch ... -m train CONFIG`.
 
 A 4-layer model of the 125M shape trains a few steps on the built-in corpus with the blocks compiled
 (`train.compile=true`, no activation checkpointing), bf16 and ZeRO, with gradient accumulation, a
@@ -38,7 +38,7 @@ def train_through_launcher(
         "train.activation_checkpointing=false", "train.precision=bf16", f"logging.run_dir={run_dir}",
         "logging.log_every=1", "eval.every=2", "eval.batches=1", "eval.bucket_size=1024", f"checkpoint.every={STEPS}", *extra,
     ]  # fmt: skip
-    command = [sys.executable, "-m", "train.launch", "--standalone", "--nproc_per_node=1", "-m", "train",
+    command = [sys.executable, "-m", "train.job.launch", "--standalone", "--nproc_per_node=1", "-m", "train",
                "configs/train/125m_16k.yaml", *overrides]  # fmt: skip
     env = {**os.environ, "DS_ACCELERATOR": "cuda" if torch.cuda.is_available() else "cpu", "TORCH_LOGS": "recompiles", "PYTHONUNBUFFERED": "1"}
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -4,7 +4,7 @@ Does the model use long context? The loss of the token at position t, averaged p
 `bucket_size` positions (0-1K, 1K-2K, ...), falls with t when earlier tokens help, and stays flat
 (or rises) past the training length when the model does not extrapolate. Positions count from the
 start of the packed sequence, so to measure lengths beyond training, prepare the split with a longer
-`--seq-len` (`python -m train.prepare ... --seq-len 32768`) and pass `--eval-len` to cut it.
+`--seq-len` (`python -m train.data.prepare ... --seq-len 32768`) and pass `--eval-len` to cut it.
 
 `evaluate_perplexity_by_position` is the library entry point (the trainer calls it periodically);
 the command line adds the data loader, a JSON file and a TensorBoard figure.
@@ -27,10 +27,10 @@ from torch.utils.tensorboard import SummaryWriter
 
 from model.baseline import BaselineLM
 from model.lm import TTTLM
-from train.cli import DEBUG_HELP, run_command
 from train.config import DataConfig
-from train.data import build_loader, check_split, split_inputs_targets
+from train.data.loader import build_loader, check_split, split_inputs_targets
 from train.generation.export import load_model
+from train.job.cli import DEBUG_HELP, run_command
 
 LanguageModel = TTTLM | BaselineLM  # anything whose forward(input_ids) returns an LMOutput with logits
 LOSS_SLICE = 4096  # positions per cross-entropy slice: bounds the fp32 copy of [B, T, V] logits
@@ -155,7 +155,7 @@ def load_for_eval(args: argparse.Namespace) -> TTTLM:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m train.evaluation.eval", description=__doc__.split("\n\n")[0], epilog=DEBUG_HELP)
     add_model_arguments(parser)
-    parser.add_argument("--data", required=True, help="prepared dataset folder (python -m train.prepare writes one)")
+    parser.add_argument("--data", required=True, help="prepared dataset folder (python -m train.data.prepare writes one)")
     parser.add_argument("--split", default="val")
     parser.add_argument("--bucket-size", type=int, default=1024)
     parser.add_argument("--eval-len", type=int, default=None, help="predictions per sequence (default: the whole sample)")
@@ -175,7 +175,7 @@ def main(argv: list[str]) -> None:
     if check_split(data, args.split) == 0:
         raise ValueError(
             f"--split {args.split}: {Path(args.data) / args.split} holds no samples; prepare the data with a larger "
-            f"--val-fraction (python -m train.prepare ... --val-fraction 0.01) or evaluate another --split"
+            f"--val-fraction (python -m train.data.prepare ... --val-fraction 0.01) or evaluate another --split"
         )
     loader = build_loader(data, args.split, args.batch_size, sp=1, shuffle=False)
     result = evaluate_perplexity_by_position(model, islice(loader, args.max_batches), args.bucket_size, args.eval_len)

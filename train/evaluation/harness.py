@@ -24,10 +24,10 @@ from lm_eval import simple_evaluate
 from lm_eval.tasks import TaskManager
 from lm_eval.utils import handle_non_serializable, make_table
 
-from train.cli import DEBUG_HELP, run_command
 from train.evaluation.harness_model import TTTLAHarnessLM
 from train.generation.export import check_exported
 from train.generation.generate import DTYPES
+from train.job.cli import DEBUG_HELP, run_command
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 

@@ -27,10 +27,10 @@ from streaming import StreamingDataset
 from model.baseline import BaselineLM
 from model.config import load_model_config
 from model.lm import TTTLM, count_parameters
+from train.data.prepare import prepare, read_manifest, stdlib_files
+from train.data.tokenizer import ByteTokenizer
 from train.evaluation.eval import evaluate_perplexity_by_position, plot_perplexity_by_position
-from train.prepare import prepare, read_manifest, stdlib_files
 from train.evaluation.retrieval import evaluate_retrieval
-from train.tokenizer import ByteTokenizer
 
 VARIANTS = {
     "lact-recurrent": ["ttt.mode=recurrent", "ttt.fast_weights=all", "ttt.weight_norm=true", "ttt.momentum=true"],

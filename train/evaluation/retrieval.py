@@ -25,8 +25,8 @@ import matplotlib.pyplot as plt
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from train.cli import DEBUG_HELP, run_command
 from train.evaluation.eval import LanguageModel, add_model_arguments, load_for_eval, publish
+from train.job.cli import DEBUG_HELP, run_command
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 TASKS = ("passkey", "niah_single", "niah_multiquery")

@@ -13,7 +13,7 @@ tokenizer from the run's prepared data (`--tokenizer` names another).
 The folder also holds config.json (`train.hf.TTTLAConfig`), so that after `import train.hf`
 `AutoModelForCausalLM.from_pretrained(OUT_DIR)` loads it, and, when the run used a tokenizer.json,
 that file with a tokenizer_config.json (`AutoTokenizer.from_pretrained(OUT_DIR)`). A byte-level
-run has no tokenizer files: its text is UTF-8 bytes (`train.tokenizer.ByteTokenizer`).
+run has no tokenizer files: its text is UTF-8 bytes (`train.data.tokenizer.ByteTokenizer`).
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ from model.config import ConfigError, LMConfig, load_model_config
 from model.lm import TTTLM
 from train.checkpoint import MARKER, RUN_CONFIG, complete_checkpoints
 from train.checkpoint_integrity import file_records, file_sha256, verify
-from train.cli import DEBUG_HELP, run_command
-from train.tokenizer import TOKENIZER_FILE, ByteTokenizer, JsonTokenizer, Tokenizer, load_tokenizer
+from train.data.tokenizer import TOKENIZER_FILE, ByteTokenizer, JsonTokenizer, Tokenizer, load_tokenizer
+from train.job.cli import DEBUG_HELP, run_command
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model.yaml"
@@ -194,7 +194,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, tokenizer: Option
     reason = verify(folder, rank=0, world=1)
     if reason:
         raise ValueError(f"{folder} is damaged: {reason}; export an older step_* folder")
-    from train.prepare import dataset_tokenizer  # imports the streaming library; export only
+    from train.data.prepare import dataset_tokenizer  # imports the streaming library; export only
 
     run_config = OmegaConf.load(folder / RUN_CONFIG)
     cfg: LMConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(LMConfig), run_config.model))

@@ -1,13 +1,13 @@
 """`python -m train.generation.generate --model FOLDER --prompt TEXT`: sample continuations with constant memory.
 
 The prompt is prefilled in the chunk form, then tokens are decoded one at a time from the recurrent
-state of model/decode.py (fast weights + the partial chunk's running gradient + the sliding-window ring), so
+state of decoding/decode.py (fast weights + the partial chunk's running gradient + the sliding-window ring), so
 memory does not grow with the context. Greedy (`--temperature 0`), temperature and top-p sampling,
 on the device. Several `--prompt`s (and `--num-samples` continuations of each) decode as one batch,
-every row at its own position (model/static_decode.py); on CUDA the step is replayed from CUDA
+every row at its own position (decoding/static.py); on CUDA the step is replayed from CUDA
 graphs. With one prompt and one sample the text streams as it is produced.
 
-Text is byte-level (train/tokenizer.py's byte tokenizer: ids < 256 are UTF-8 bytes, id 0 ends a
+Text is byte-level (train/data/tokenizer.py's byte tokenizer: ids < 256 are UTF-8 bytes, id 0 ends a
 document); other ids print as `<id>`. FOLDER is an exported model (`model.safetensors` +
 `model.yaml`); convert a sharded training checkpoint first with
 `python -m train.generation.export CHECKPOINT_DIR OUT_DIR`.
@@ -22,13 +22,13 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from model.decode_graphs import DecodeRunner
+from decoding.graphs import DecodeRunner
+from decoding.sampling import sample_tokens
+from decoding.static import prefill_rows
 from model.lm import TTTLM
-from model.sampling import sample_tokens
-from model.static_decode import prefill_rows
-from train.cli import DEBUG_HELP, run_command
+from train.data.tokenizer import ByteTextStream, ByteTokenizer
 from train.generation.export import load_model
-from train.tokenizer import ByteTextStream, ByteTokenizer
+from train.job.cli import DEBUG_HELP, run_command
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -39,7 +39,7 @@ RowDone = Callable[[int, list[int]], bool]  # (index of the prompt, its new toke
 def sample_next(
     logits: torch.Tensor, temperature: float, top_p: float, generator: Optional[torch.Generator] = None
 ) -> torch.Tensor:
-    """Next tokens [B] from logits [B, V]: `model.sampling.sample_tokens` (greedy, temperature, top-p on the device)."""
+    """Next tokens [B] from logits [B, V]: `decoding.sampling.sample_tokens` (greedy, temperature, top-p on the device)."""
     return sample_tokens(logits, temperature, top_p, generator)
 
 

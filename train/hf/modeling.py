@@ -9,7 +9,7 @@ the project's own computations and adds none:
   real token is computed as in its unpadded row (`doc_ids`: the state and the positions restart);
 * with a cache (`use_cache=True`, as `generate()` passes it, or a `TTTLACache`) the first call
   prefills each row's unpadded prompt in the chunk form and later calls step token by token:
-  `model.static_decode` (fast weights, the partial chunk's running sums and the window ring, per
+  `decoding.static` (fast weights, the partial chunk's running sums and the window ring, per
   row at its own position; nothing grows with the context).
 
 A TTT state cannot be cut back to an earlier position, so the model is stateful for `generate()`
@@ -25,14 +25,14 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from decoding.static import StaticDecoder, prefill_prompts
 from model.lm import Block, TTTLM
 from model.loss import IGNORE_INDEX
-from model.static_decode import StaticDecoder, prefill_prompts
 from train.hf.config import TTTLAConfig
 
 
 class TTTLACache(Cache):
-    """The constant-size decoding state of a batch (`model.static_decode.StaticDecoder`: per layer the
+    """The constant-size decoding state of a batch (`decoding.static.StaticDecoder`: per layer the
     fast weights, the partial chunk's running gradient and the window's keys and values), empty until
     the first forward fills it. `get_seq_length` counts the columns consumed, padding included, as
     transformers counts a cache's positions; each row's own position lives in the decoder."""

@@ -1,4 +1,4 @@
-"""Kernel benchmark: `python -m kernels.bench [--quick] [--T 4096 16384] [--out docs/bench]`.
+"""Kernel benchmark: `python -m benchmarks.kernel_ops [--quick] [--T 4096 16384] [--out docs/bench]`.
 
 Times forward and forward+backward (triton.testing.do_bench medians, random inputs) of:
   tttla            our Triton chunk kernels (kernels.ttt_la.chunk_ttt_la), bf16 operands, fp32 states;
@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from kernels import features as feature_kernels
 from kernels.features import compiled_swiglu_features, pack_swiglu_weights
-from kernels.reference import swiglu_features, ttt_la_parallel_reference
+from kernels.lact import ScanOptions, swiglu_features
+from kernels.reference import ttt_la_parallel_reference
 from kernels.ttt_la import chunk_ttt_la
 
 TOKENS = 131072
@@ -136,7 +137,7 @@ def _ttt_case(impl: str, shape: dict, B: int, T: int, device):
                 hq_, hk_ = feature_kernels.swiglu_features(xq, w0, w2), feature_kernels.swiglu_features(xk, w0, w2)
             else:
                 hq_, hk_ = hq, hk
-            return chunk_ttt_la(hq_, hk_, v, e, state, C, token_causal=shape["token_causal"])[0]
+            return chunk_ttt_la(hq_, hk_, v, e, state, ScanOptions(C, token_causal=shape["token_causal"]))[0]
     else:
         state = randn(B, H, d, dh, device=device, scale=0.02)
 
@@ -145,7 +146,7 @@ def _ttt_case(impl: str, shape: dict, B: int, T: int, device):
                 hq_, hk_ = swiglu_features(xq, w0, w2), swiglu_features(xk, w0, w2)
             else:
                 hq_, hk_ = hq, hk
-            return ttt_la_parallel_reference(hq_, hk_, v, e, state, C, token_causal=shape["token_causal"])[0]
+            return ttt_la_parallel_reference(hq_, hk_, v, e, state, ScanOptions(C, token_causal=shape["token_causal"]))[0]
     return fwd, leaves + [state]
 
 
@@ -374,7 +375,7 @@ def main() -> None:
     args = parser.parse_args()
     args.out = args.out or "docs/bench"
     if not torch.cuda.is_available():
-        raise SystemExit("kernels.bench needs a CUDA device")
+        raise SystemExit("benchmarks.kernel_ops needs a CUDA device")
     device = torch.device("cuda")
     torch.manual_seed(0)
     seq_lens = [16384] if args.quick else args.T

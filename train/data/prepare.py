@@ -1,4 +1,4 @@
-"""`python -m train.prepare INPUT... --out DIR --seq-len N`: raw text -> packed MDS shards.
+"""`python -m train.data.prepare INPUT... --out DIR --seq-len N`: raw text -> packed MDS shards.
 
 Inputs are text files (one document each), folders (their files, recursively, sorted), `.jsonl`
 files (one document per line, from `--text-field`) and `.parquet` files (the same column; needs
@@ -34,8 +34,8 @@ import numpy as np
 from streaming import MDSWriter
 from tqdm import tqdm
 
-from train.cli import DEBUG_HELP, run_command, warn
-from train.tokenizer import TOKENIZER_FILE, ByteTokenizer, JsonTokenizer, Tokenizer, load_tokenizer
+from train.data.tokenizer import TOKENIZER_FILE, ByteTokenizer, JsonTokenizer, Tokenizer, load_tokenizer
+from train.job.cli import DEBUG_HELP, run_command, warn
 
 COLUMNS = {"tokens": "ndarray:int32", "doc_ids": "ndarray:int32"}
 MANIFEST = "manifest.json"
@@ -247,7 +247,7 @@ def dataset_tokenizer(path: str | Path) -> Tokenizer:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m train.prepare", description=__doc__.split("\n\n")[0], epilog=DEBUG_HELP)
+    parser = argparse.ArgumentParser(prog="python -m train.data.prepare", description=__doc__.split("\n\n")[0], epilog=DEBUG_HELP)
     parser.add_argument("inputs", nargs="*", help="text/jsonl/parquet files or folders")
     parser.add_argument("--stdlib", action="store_true", help="add the standard library's .py sources (offline corpus)")
     parser.add_argument("--out", required=True, type=Path, help="output folder (gets train/, val/, manifest.json)")
@@ -278,4 +278,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    run_command("train.prepare", main, sys.argv[1:])
+    run_command("train.data.prepare", main, sys.argv[1:])

@@ -1,4 +1,4 @@
-"""`python -m train.launch [torchrun options] -m train CONFIG ...`: torchrun, with one line per failure.
+"""`python -m train.job.launch [torchrun options] -m train CONFIG ...`: torchrun, with one line per failure.
 
 torchrun itself reports a failed worker with its agent's log lines, a traceback of its own and a
 summary box of some 25 lines, after the worker has printed its own message: the cause ends up
@@ -6,13 +6,13 @@ buried. This launcher runs torchrun's agent in this process, with the same optio
 signal handling (SIGTERM and SIGINT stop the workers as under torchrun), so the workers' parent is
 this process just as it is torchrun's. What changes is the report of a failure:
 
-- each worker leaves its one-line message (train/cli.py) in the error file torchrun gives it
+- each worker leaves its one-line message (train/job/cli.py) in the error file torchrun gives it
   (TORCHELASTIC_ERROR_FILE) instead of printing it; the launcher prints each distinct message once;
 - a worker that left no message (a bug with its traceback above, a crash, a kill) is reported as
   `<entry point>: rank R failed with exit code C; its output is above`;
 - a worker whose collective failed only because another worker was gone (its error file says
   `lost_peer`) is not reported while another worker's failure is: that one is the cause;
-- workers that saved and stopped on a signal (exit status 128 + N, train/cli.py) need no report:
+- workers that saved and stopped on a signal (exit status 128 + N, train/job/cli.py) need no report:
   their own lines said so, and the launcher exits with their status;
 - the agent's lines about stopping and failed workers, and torchrun's summary, are not shown;
 - the exit status is the failed worker's (128 + N for a worker ended by signal N).
@@ -33,7 +33,7 @@ from torch.distributed import run as torchrun
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
-from train.cli import INTERRUPTED_STATUS, LOST_PEER_KEY, REPORTED_BY_LAUNCHER_ENV, debug_requested, stopped_status
+from train.job.cli import INTERRUPTED_STATUS, LOST_PEER_KEY, REPORTED_BY_LAUNCHER_ENV, debug_requested, stopped_status
 
 # The agent's records of worker start, stop and failure: the launcher's own line replaces them.
 WORKER_LIFECYCLE_LOGGERS = ("torch.distributed.elastic.multiprocessing", "torch.distributed.elastic.agent")
@@ -51,7 +51,7 @@ def exit_status(failure: ProcessFailure) -> int:
 
 
 def recorded_message(failure: ProcessFailure) -> str | None:
-    """The one-line message a worker left in its error file (train/cli.py), if it left one.
+    """The one-line message a worker left in its error file (train/job/cli.py), if it left one.
 
     Without an error file torchrun fills in a placeholder message; a traceback recorded by
     torchrun's own `@record` is a structure, not a line.
@@ -63,7 +63,7 @@ def recorded_message(failure: ProcessFailure) -> str | None:
 
 
 def lost_its_peer(failure: ProcessFailure) -> bool:
-    """Whether the worker recorded that it failed only because another worker was gone (train/cli.py)."""
+    """Whether the worker recorded that it failed only because another worker was gone (train/job/cli.py)."""
     return os.path.isfile(failure.error_file) and bool(failure.error_file_data.get(LOST_PEER_KEY))
 
 

@@ -11,9 +11,9 @@ The semantics are exactly the chunk form's (`TTTLM.forward`): a token of chunk c
 the fast weights after chunk c-1 (plus, token-causal, chunk c's W1 step so far), and chunk c's
 update is applied once its last token has been processed. That update costs no more than a token:
 its gradient is a sum of per-token terms at the weights entering the chunk, so every token adds its
-own term as it arrives (`kernels.reference.chunk_gradients`, the function the recurrent form sums a
+own term as it arrives (`kernels.lact.chunk_gradients`, the function the recurrent form sums a
 chunk with), and the last token only applies momentum (decay = the mean gate), Muon, the signed step
-and weight norm to that sum (`kernels.reference.apply_chunk_gradients`, the recurrent form's step).
+and weight norm to that sum (`kernels.lact.apply_chunk_gradients`, the recurrent form's step).
 In linear_attention mode the gradient is G1 = -sum_t eta1_t v_t h(k_t)^T, the chunk scan's update
 in gradient units, which is also what token-causal queries add to W1.
 
@@ -35,9 +35,11 @@ import torch
 import torch.nn.functional as F
 
 from kernels.fast_weights import FAST_WEIGHT_NAMES, ChunkGradients, FastWeights
-from kernels.reference import apply_chunk_gradients, chunk_gradients
+from kernels.lact import apply_chunk_gradients, chunk_gradients
+from model.config import TTTConfig
+from model.fast_weight_scan import ScanWeights, TTTInputs, chunk_step, fast_weight_scan
 from model.lm import TTTLM
-from model.ttt_layer import LocalScan, LocalWindow, RowPositions, TTTInputs, TTTMixer
+from model.ttt_layer import LocalScan, LocalWindow, RowPositions, TTTMixer
 
 
 @dataclass
@@ -77,20 +79,20 @@ class DecodeState:
         return sum(seen.values())
 
 
-def decoding_weights(mixer: TTTMixer, fast: FastWeights) -> FastWeights:
+def decoding_weights(ttt: TTTConfig, fast: FastWeights) -> FastWeights:
     """`fast` with the fields the decoder's chunk update reads and writes, and only those: the weights
     and, with momentum, the momentum of every fast weight (zero until a first update, which is how
     that update starts it). The fields never change from the first token on, so the state keeps its
     size and states taken at any position stack."""
-    if mixer.momentum_proj is None:
+    if not ttt.momentum:
         return fast.weights()
-    return fast.with_momenta(FAST_WEIGHT_NAMES[mixer.cfg.ttt.fast_weights])
+    return fast.with_momenta(FAST_WEIGHT_NAMES[ttt.fast_weights])
 
 
 def empty_cache(mixer: TTTMixer, fast: FastWeights) -> LayerCache:
     """A cache with zeroed buffers around the given fast weights (batch, device and state dtype from them)."""
     cfg = mixer.cfg
-    fast = decoding_weights(mixer, fast)
+    fast = decoding_weights(cfg.ttt, fast)
     batch, device, state_dtype = fast.w1.shape[0], fast.w1.device, fast.w1.dtype
 
     def zeros(*shape: int, dtype: torch.dtype = state_dtype) -> torch.Tensor:
@@ -110,36 +112,36 @@ def empty_cache(mixer: TTTMixer, fast: FastWeights) -> LayerCache:
     )
 
 
-def absorb_tokens(mixer: TTTMixer, cache: LayerCache, inputs: TTTInputs) -> None:
+def absorb_tokens(weights: ScanWeights, cache: LayerCache, inputs: TTTInputs) -> None:
     """Add the tokens' ([B, n]) terms of their chunk's gradient, at the weights entering the chunk, and
     their momentum gates to the partial chunk's running sums, in place (state dtype)."""
     fast, dtype = cache.fast_weights, cache.fast_weights.w1.dtype
     eta0, eta1, eta2 = inputs.etas.to(dtype).unbind(dim=2)  # [B, n, H] each
-    k, v, ttt = inputs.k.to(dtype), inputs.v.to(dtype), mixer.cfg.ttt
-    cache.chunk_gradients.add_(chunk_gradients(k, v, eta0, eta1, eta2, fast, ttt.fast_weights, mixer.features))
+    k, v = inputs.k.to(dtype), inputs.v.to(dtype)
+    cache.chunk_gradients.add_(chunk_gradients(k, v, eta0, eta1, eta2, fast, weights.ttt.fast_weights, weights.features))
     if cache.gate_sum is not None:
         cache.gate_sum += inputs.momentum_gate.sum(dim=1).to(dtype)
 
 
-def ttt_token_output(mixer: TTTMixer, cache: LayerCache, inputs: TTTInputs) -> torch.Tensor:
+def ttt_token_output(weights: ScanWeights, cache: LayerCache, inputs: TTTInputs) -> torch.Tensor:
     """The fast-weight branch for one token per row -> [B, 1, H, d]. The token joins its chunk's running
     sums first; then W1 after the last complete chunk answers it, plus (token-causal) the partial
     chunk's W1 step so far, -update_sign * G1 (the chunk form's intra-chunk term)."""
-    absorb_tokens(mixer, cache, inputs)
+    absorb_tokens(weights, cache, inputs)
     fast = cache.fast_weights
     read = fast.w1  # [B, H, d, dh]: the weights left by the previous chunk
-    if mixer.cfg.ttt.token_causal:
-        read = read - mixer.cfg.ttt.update_sign * cache.chunk_gradients.g1
-    hq = mixer.features(inputs.q.to(read.dtype), fast.w0, fast.w2)  # [B, 1, H, dh]
+    if weights.ttt.token_causal:
+        read = read - weights.ttt.update_sign * cache.chunk_gradients.g1
+    hq = weights.features(inputs.q.to(read.dtype), fast.w0, fast.w2)  # [B, 1, H, dh]
     return torch.einsum("bhde,bnhe->bnhd", read, hq)
 
 
-def chunk_update(mixer: TTTMixer, cache: LayerCache) -> FastWeights:
+def chunk_update(weights: ScanWeights, cache: LayerCache) -> FastWeights:
     """The fast weights after the partial chunk's update, made from its running sums alone, for every
     row [B, H, *, *] (rows whose chunk is not complete discard it): momentum decay = the mean of the
     chunk's C gates, then momentum, Muon, the signed step and weight norm. No token is revisited."""
-    beta = None if cache.gate_sum is None else cache.gate_sum / mixer.cfg.ttt.chunk_size  # [B, H]
-    step = mixer.chunk_step(cache.fast_weights.w1.dtype)
+    beta = None if cache.gate_sum is None else cache.gate_sum / weights.ttt.chunk_size  # [B, H]
+    step = chunk_step(weights, cache.fast_weights.w1.dtype)
     return apply_chunk_gradients(cache.fast_weights, cache.chunk_gradients, beta, step)
 
 
@@ -178,20 +180,20 @@ class PrefillScan(LocalScan):
     cache: LayerCache  # built around the learned initial fast weights
 
     def __call__(
-        self, mixer: TTTMixer, x: torch.Tensor, inputs: TTTInputs, state: Optional[FastWeights], rows: RowPositions
+        self, weights: ScanWeights, x: torch.Tensor, inputs: TTTInputs, state: Optional[FastWeights], rows: RowPositions
     ) -> tuple[torch.Tensor, FastWeights]:
         """x [B, P, D] and its inputs -> ([B, P, H, d] output, the fast weights after the complete chunks)."""
-        cache, prompt_len = self.cache, x.shape[1]
-        complete = prompt_len - prompt_len % mixer.cfg.ttt.chunk_size
+        cache, prompt_len, w1_chunk_scan = self.cache, x.shape[1], self.w1_chunk_scan(weights.ttt)
+        complete = prompt_len - prompt_len % weights.ttt.chunk_size
         outputs = []
         if complete:
-            out, fast = mixer.fast_weight_scan(_slice_inputs(inputs, 0, complete), cache.fast_weights)
-            cache.fast_weights = decoding_weights(mixer, fast.map(_own_storage))
+            out, fast = fast_weight_scan(weights, _slice_inputs(inputs, 0, complete), cache.fast_weights, w1_chunk_scan)
+            cache.fast_weights = decoding_weights(weights.ttt, fast.map(_own_storage))
             outputs.append(out)
         if complete < prompt_len:
             remainder = _slice_inputs(inputs, complete, prompt_len)
-            outputs.append(mixer.fast_weight_scan(remainder, cache.fast_weights)[0])
-            absorb_tokens(mixer, cache, remainder)
+            outputs.append(fast_weight_scan(weights, remainder, cache.fast_weights, w1_chunk_scan)[0])
+            absorb_tokens(weights, cache, remainder)
         return torch.cat(outputs, dim=1), cache.fast_weights
 
 
@@ -235,14 +237,14 @@ class StepScan(LocalScan):
     cache: LayerCache
 
     def __call__(
-        self, mixer: TTTMixer, x: torch.Tensor, inputs: TTTInputs, state: Optional[FastWeights], rows: RowPositions
+        self, weights: ScanWeights, x: torch.Tensor, inputs: TTTInputs, state: Optional[FastWeights], rows: RowPositions
     ) -> tuple[torch.Tensor, FastWeights]:
         """x [B, 1, D] and its inputs at the int position `rows.offset` -> ([B, 1, H, d] output, the cache's
         fast weights)."""
-        cache, chunk = self.cache, mixer.cfg.ttt.chunk_size
-        ttt_out = ttt_token_output(mixer, cache, inputs)
+        cache, chunk = self.cache, weights.ttt.chunk_size
+        ttt_out = ttt_token_output(weights, cache, inputs)
         if rows.offset % chunk == chunk - 1:  # the chunk is complete: apply its update
-            cache.fast_weights = chunk_update(mixer, cache)
+            cache.fast_weights = chunk_update(weights, cache)
             restart_chunk_sums(cache)
         return ttt_out, cache.fast_weights
 
@@ -331,7 +333,7 @@ def random_state(model: TTTLM, batch: int, position: int, generator: Optional[to
 
     caches = []
     for block in model.blocks:
-        fast = decoding_weights(block.mixer, block.mixer.initial_state(batch)).map(lambda w: w + 0.01 * noise(w))
+        fast = decoding_weights(block.mixer.cfg.ttt, block.mixer.initial_state(batch)).map(lambda w: w + 0.01 * noise(w))
         cache = empty_cache(block.mixer, fast)
         for buffer in cache.buffers():
             buffer.copy_(noise(buffer))

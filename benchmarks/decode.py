@@ -1,10 +1,10 @@
-"""`python -m train.benchmarks.decode [--quick]`: decode latency, throughput, prefill speed and memory, TTT state vs a growing KV cache.
+"""`python -m benchmarks.decode [--quick]`: decode latency, throughput, prefill speed and memory, TTT state vs a growing KV cache.
 
 For each context length (default 4K, 64K, 1M tokens) it times `--steps` single-token decode steps,
 at batch 1 (latency: median and max ms) and at `--throughput-batch` (tokens/s), through the static
-decoders and `model.decode_graphs.DecodeRunner` (CUDA graphs on CUDA), and one batch-1 prefill of
+decoders and `decoding.graphs.DecodeRunner` (CUDA graphs on CUDA), and one batch-1 prefill of
 the context (tokens/s, peak memory), of
-* the TTT model (model/static_decode.py) in each `--variants` mode: its state (fast weights, the partial
+* the TTT model (decoding/static.py) in each `--variants` mode: its state (fast weights, the partial
   chunk's running sums, the window ring) has the same size at every context. Contexts up to `--prefill-up-to` are
   really prefilled; longer ones start from `random_state`, a state of the right shapes with random
   contents, which is legitimate only because neither the state's size nor a step's work depends on
@@ -30,13 +30,13 @@ from typing import Callable, Optional
 
 import torch
 
+from decoding.decode import prefill, random_state
+from decoding.graphs import DecodeRunner
+from decoding.sampling import sample_tokens
+from decoding.static import StaticDecoder, prefill_rows
 from model.baseline import BaselineLM, StaticKVDecoder
 from model.config import load_model_config
-from model.decode import prefill, random_state
-from model.decode_graphs import DecodeRunner
 from model.lm import TTTLM
-from model.sampling import sample_tokens
-from model.static_decode import StaticDecoder, prefill_rows
 
 VARIANTS = {
     "parallel": [],  # the config as written (TTT-LA chunk scan, W1 fast)
@@ -192,7 +192,7 @@ QUICK = {
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Options left out take the FULL (GPU) defaults, or the QUICK ones with --quick."""
-    parser = argparse.ArgumentParser(prog="python -m train.benchmarks.decode", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.decode", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny config on CPU at small contexts (smoke test)")
     parser.add_argument("--config")
     parser.add_argument("--override", nargs="*", help="model config dotlist, e.g. ttt.chunk_size=1024")

@@ -1,4 +1,4 @@
-"""`torchrun --nproc_per_node=2 -m parallel.bench`: what sequence parallelism costs and buys.
+"""`torchrun --nproc_per_node=2 -m benchmarks.sequence_parallel`: what sequence parallelism costs and buys.
 
 Writes sp.json and sp.md under --out (default docs/bench), one row per measurement:
 
@@ -39,13 +39,13 @@ from model.config import LMConfig, TTTConfig, load_model_config
 from model.lm import TTTLM
 from model.ttt_layer import TTTMixer
 from parallel.activation_checkpointing import checkpoint_blocks
+from parallel.activation_checkpointing import checkpoint_blocks
 from parallel.collectives import all_gather_flat, reduce_scatter_flat
 from parallel.groups import ParallelDims, slice_sequence
 from parallel.layout import SliceLayout
 from parallel.p2p import exchange_rows
 from parallel.ring import state_bytes
 from parallel.sequence_parallel import SequenceParallelLM
-from parallel.activation_checkpointing import checkpoint_blocks
 from parallel.sliced_mixer import SliceContext, slice_mixers
 
 PARALLEL_760M = ["ttt.mode=linear_attention", "ttt.fast_weights=w1", "ttt.weight_norm=false"]

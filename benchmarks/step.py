@@ -1,7 +1,7 @@
 """Whole-model training step: tttla against the same-size transformer, one process, one GPU, bf16.
 
     make bench-train                      # every row below, results in docs/bench/train_step.{json,md}
-    python -m train.benchmarks.step --configs 125m --seqs 16384x1 --impls tttla sdpa --checkpointing none
+    python -m benchmarks.step --configs 125m --seqs 16384x1 --impls tttla sdpa --checkpointing none
 
 Each row times forward + backward + AdamW step of one model (bf16 autocast over fp32 weights, fused
 AdamW) at one context and reports tokens/s, peak memory and MFU (`train.flops`' count of useful work,
@@ -141,7 +141,7 @@ def add_ceilings(rows: list[dict]) -> None:
     """For each tttla row without recomputation that has a transformer row beside it: the mixer's parts
     timed alone at its shapes (`components`), the speed-up they allow (`ceiling`) and the share of it
     reached (`of_ceiling`)."""
-    from train.benchmarks.components import ceiling, mixer_parts_ms
+    from benchmarks.components import ceiling, mixer_parts_ms
 
     parts_by_shape: dict[tuple, dict[str, float]] = {}
     baseline = {row_key(r): r for r in rows if r["impl"] == "sdpa"}
@@ -163,7 +163,7 @@ def markdown(rows: list[dict], peaks: tuple[float, float], commands: list[str], 
     lines += ["", f"bf16 matmul peak measured in the last run: {peaks[0]:.0f} TFLOP/s (spec sheet {peaks[1]:.0f}).",
               "Forward + backward + fused AdamW step, bf16 autocast, median of the timed steps. `ceiling`: the",
               "speed-up over the transformer that tttla would reach if only the mixer differed (full attention",
-              "replaced by the window and the TTT branch, each timed alone: `train/benchmarks/components.py`);",
+              "replaced by the window and the TTT branch, each timed alone: `benchmarks/components.py`);",
               "`of ceiling`: the share of it reached.",
               "",
               "| impl | config | T x B | checkpointing | compile | tok/s | step ms | peak GiB | MFU (measured / spec peak) "
@@ -244,14 +244,14 @@ def merge_results(path: Path, rows: list[dict], command: str) -> tuple[list[dict
 def main() -> None:
     args = parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("train.benchmarks.step: needs a CUDA device (it measures the GPU training step)")
+        raise SystemExit("benchmarks.step: needs a CUDA device (it measures the GPU training step)")
     name = torch.cuda.get_device_name()
     peaks = (matmul_peak_tflops(), next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), 989.0))
     rows = measure_all(args, peaks)
     add_ratios(rows)
     if not args.no_ceiling:
         add_ceilings(rows)
-    command = "python -m train.benchmarks.step " + (f"--preset {args.preset}" if args.preset else " ".join(
+    command = "python -m benchmarks.step " + (f"--preset {args.preset}" if args.preset else " ".join(
         f"--{k} {' '.join(v) if isinstance(v, list) else v}" for k, v in vars(args).items()
         if k not in ("out", "preset", "no_ceiling")))  # fmt: skip
     path = Path(f"{args.out}.json")

@@ -1,4 +1,4 @@
-"""`python -m train.benchmarks.profile_step CONFIG [key=value ...] [--seq-len T]`: where one training step's time goes.
+"""`python -m benchmarks.profile_step CONFIG [key=value ...] [--seq-len T]`: where one training step's time goes.
 
 Runs forward + backward of the model config on one GPU in bf16 autocast at one sequence, prints
 tokens/s and the CUDA kernels that take the most time (torch.profiler), so throughput work starts
@@ -24,7 +24,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=3)
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("train.benchmarks.profile_step needs a CUDA device")
+        raise SystemExit("benchmarks.profile_step needs a CUDA device")
     model = TTTLM(load_model_config(args.config, args.overrides)).cuda()
     ids = torch.randint(0, model.cfg.vocab_size, (1, args.seq_len + 1), device="cuda")
 

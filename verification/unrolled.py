@@ -18,7 +18,7 @@ is the product of the weight-norm row scalings applied after updates j .. c-1.
 The feature weights W0(c), W2(c) are taken from the recurrent run's trace: when they are fast
 their trajectory *is* the non-linear part. Everything in the W1 read-out (momenta, Muon factors,
 weight-norm scalings, the output) is rebuilt here from keys, values and learning rates alone, so
-agreement with `lact_recurrent_reference` to float64 precision proves the read-out is exactly
+agreement with `lact_recurrent` to float64 precision proves the read-out is exactly
 linear attention with these effective keys and values.
 """
 
@@ -28,14 +28,7 @@ from typing import Optional
 
 import torch
 
-from kernels.reference import (
-    NS_EPS,
-    NewtonSchulz,
-    RecurrentTrace,
-    resolve_muon,
-    chunk_bounds,
-    swiglu_features,
-)
+from kernels.lact import NS_EPS, NewtonSchulz, RecurrentTrace, chunk_bounds, resolve_muon, swiglu_features
 
 
 def newton_schulz5_factor(update: torch.Tensor, muon: NewtonSchulz = NewtonSchulz()) -> tuple[str, torch.Tensor]:

@@ -67,7 +67,7 @@ def ttt_branch(mixer: TTTMixer, x: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     """A mixer's fast-weight branch: x and its q/k/v projections [B, T, D] -> its gated, head-normed
     output [B, T, H, d] (what `TTTMixer.combine` adds to the window's output before o_proj)."""
     inputs = mixer.ttt_inputs(x, q, k, v)
-    out, _ = mixer.scan(mixer, x, inputs, None, RowPositions(0))
+    out, _ = mixer.scan(mixer.scan_weights(), x, inputs, None, RowPositions(0))
     normed = mixer.ttt_norm(out)
     return normed if inputs.output_scale is None else normed * inputs.output_scale[..., None]
 

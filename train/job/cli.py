@@ -8,14 +8,14 @@ another rank alone is printed by that rank. Anything else is a bug and keeps its
 `--debug` on the command line, or TTTLA_DEBUG=1, shows the traceback of expected failures too.
 
 Under torchrun every failing rank also leaves its line in the error file torchrun names
-(TORCHELASTIC_ERROR_FILE), where torchrun's failure summary shows it. Under train.launch, which
+(TORCHELASTIC_ERROR_FILE), where torchrun's failure summary shows it. Under train.job.launch, which
 sets TTTLA_LAUNCHER=1, the ranks print nothing themselves: the launcher prints each distinct line
 once, after torchrun has stopped every worker, so that a rank stopped by torchrun before it could
 print cannot lose the message.
 
 A rank whose collective failed because another rank's process is gone (killed, crashed) is not the
 cause: it ends with one line saying so, not with the collective's traceback, and marks its error
-file `lost_peer`, so that train.launch names the rank that ended instead.
+file `lost_peer`, so that train.job.launch names the rank that ended instead.
 
 Exit status: 0 when the command finished, 1 for an expected failure, 128 + N for a run that signal N
 stopped after saving (SIGTERM: 143, SIGINT: 130), and 130 for one interrupted without saving.
@@ -31,7 +31,7 @@ import time
 from typing import Callable
 
 from model.config import ConfigError
-from train.errors import RunError, describe_os_error
+from train.job.errors import RunError, describe_os_error
 
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "TTTLA_DEBUG"
@@ -83,7 +83,7 @@ def failure_message(error: BaseException) -> str:
 
 
 def debug_requested(argv: list[str]) -> bool:
-    """Whether failures keep their traceback (and train.launch shows torchrun's own report)."""
+    """Whether failures keep their traceback (and train.job.launch shows torchrun's own report)."""
     return DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "0") not in ("", "0")
 
 

@@ -1,4 +1,4 @@
-"""`python -m train.benchmarks.saved_tensors [--config 125m] [--seq-len 16384] [--compile on]`: what one
+"""`python -m benchmarks.saved_tensors [--config 125m] [--seq-len 16384] [--compile on]`: what one
 block keeps for its backward, tttla beside the transformer.
 
 Peak training memory without recomputation is the tensors each block saves for its backward, times
@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from benchmarks.step import PARALLEL_FORM
 from model.baseline import BaselineBlock
 from model.config import LMConfig, load_model_config
 from model.lm import Block
-from train.benchmarks.step import PARALLEL_FORM
 
 CONFIG_DIR = Path("configs/model")
 

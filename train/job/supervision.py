@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from train.cli import warn
-from train.errors import RunError, describe_os_error
+from train.job.cli import warn
+from train.job.errors import RunError, describe_os_error
 
 LAUNCHER_GONE_GRACE_S = 60.0
 LAUNCHER_POLL_S = 0.5

@@ -17,9 +17,9 @@ import torch
 from streaming import StreamingDataLoader, StreamingDataset
 
 from model.config import ConfigError
-from train.cli import warn
 from train.config import DataConfig, RunConfig
-from train.prepare import read_manifest
+from train.data.prepare import read_manifest
+from train.job.cli import warn
 
 REMOTE_SCHEMES = ("s3://", "gs://", "oci://", "azure://", "hf://", "http://", "https://", "dbfs:/")
 
@@ -29,7 +29,7 @@ def is_remote(path: str) -> bool:
 
 
 def prepare_hint(data: DataConfig) -> str:
-    return f"python -m train.prepare ... --out {data.path} --seq-len {data.seq_len}, or `make prepare-data`"
+    return f"python -m train.data.prepare ... --out {data.path} --seq-len {data.seq_len}, or `make prepare-data`"
 
 
 def check_split(data: DataConfig, split: str) -> int:

@@ -1,4 +1,4 @@
-"""The simplification ladder benchmark: `python -m train.benchmarks.ladder [--smoke] [--out DIR]` (`make bench-ladder`).
+"""The simplification ladder benchmark: `python -m benchmarks.ladder [--smoke] [--out DIR]` (`make bench-ladder`).
 
 Times one sequence-mixer layer (`model.ttt_layer.TTTMixer`: q/k/v projection, the TTT branch, the
 sliding-window attention, o_proj) of every step of arXiv 2602.21204's Table 2
@@ -27,7 +27,7 @@ import torch
 from model.config import LMConfig, load_model_config
 from model.ttt_layer import TTTMixer
 
-LADDER_DIR = Path(__file__).resolve().parents[2] / "configs" / "model" / "ladder"
+LADDER_DIR = Path(__file__).resolve().parents[1] / "configs" / "model" / "ladder"
 STEPS = ("v0", "v1", "v2", "v3", "v4", "v5", "v6")
 DESCRIPTIONS = {
     "v0": "LaCT-LLM (all fast weights, momentum, Muon, weight norm)",
@@ -136,7 +136,7 @@ def markdown(rows: list[dict], device_name: str) -> str:
     lines = [
         f"# Simplification ladder (arXiv 2602.21204, Table 2), one 760M mixer layer on {device_name}",
         "",
-        f"`make bench-ladder` (`python -m train.benchmarks.ladder`): B = {rows[0]['batch']}, T = {rows[0]['seq_len']}, "
+        f"`make bench-ladder` (`python -m benchmarks.ladder`): B = {rows[0]['batch']}, T = {rows[0]['seq_len']}, "
         "bf16 autocast, tokens/s of the forward and of forward + backward; the paper's GPU and shapes are not "
         "stated, so compare ratios.",
         "",

@@ -1,11 +1,11 @@
-"""`python -m model.proof`: measure, on seeded random float64 inputs, how closely the forms of the layer agree.
+"""`python -m verification.proof`: measure, on seeded random float64 inputs, how closely the forms of the layer agree.
 
 Prints the largest relative error seen over several sizes (T a multiple of C and not) for:
   1. LaCT's manual chunk update vs torch.autograd gradient of the inner loss;
   2. recurrent (W0/W2 frozen, no weight norm) vs parallel chunk scan: output, final state, input gradients;
   3. general recurrent (all fast weights, momentum, Muon, weight norm) vs its unrolled linear-attention rewrite;
   4. the whole mixer (x -> output, final state, every parameter gradient) with the released layer's options,
-     recurrent and parallel, vs the golden LaCT mixer (model/golden_lact.py: autograd inner gradients,
+     recurrent and parallel, vs the golden LaCT mixer (verification/golden_lact.py: autograd inner gradients,
      no code shared with the layer).
 Seeds are fixed, so a run reproduces. The README's equivalence table is this command's output.
 """
@@ -19,18 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from kernels.fast_weights import FastWeights
-from kernels.reference import (
-    RecurrentTrace,
-    lact_chunk_gradients,
-    lact_recurrent_reference,
-    num_chunks,
-    swiglu_features,
-    ttt_la_parallel_reference,
-)
+from kernels.lact import RecurrentTrace, ScanOptions, lact_chunk_gradients, lact_recurrent, num_chunks, swiglu_features
+from kernels.reference import ttt_la_parallel_reference
 from model.config import LMConfig, TTTConfig
-from model.golden_lact import compare_with_golden, perturbed_mixer
 from model.ttt_layer import TTTMixer
-from model.unrolled import unrolled_lact_output
+from verification.golden_lact import compare_with_golden, perturbed_mixer
+from verification.unrolled import unrolled_lact_output
 
 SIZES = [(2, 64, 2, 16, 16, 16), (2, 77, 2, 16, 32, 16), (1, 45, 4, 12, 8, 10)]  # (B, T, H, d, dh, C)
 # The released layer's options at a tiny size: T = 21 not a multiple of C = 8, d = 12 != dh = 18,
@@ -114,11 +108,11 @@ def recurrent_vs_parallel(momentum: bool, muon: bool) -> tuple[float, float, flo
         chunk = size[-1]
         inputs = [t.requires_grad_(True) for t in (x.q, x.k, x.v, x.eta1, x.weights.w0, x.weights.w1, x.weights.w2)]
         beta = x.beta if momentum else None
-        out_r, final_r = lact_recurrent_reference(
+        out_r, final_r = lact_recurrent(
             x.q, x.k, x.v, x.eta0, x.eta1, x.eta2, x.weights, chunk, beta=beta, muon=muon, fast_weights="w1"
         )
         hq, hk = (swiglu_features(t, x.weights.w0, x.weights.w2) for t in (x.q, x.k))
-        out_p, final_p, _ = ttt_la_parallel_reference(hq, hk, x.v, x.eta1, x.weights.w1, chunk, beta=beta, muon=muon)
+        out_p, final_p, _ = ttt_la_parallel_reference(hq, hk, x.v, x.eta1, x.weights.w1, ScanOptions(chunk, muon), beta=beta)
         probe = torch.randn(out_r.shape, generator=torch.Generator().manual_seed(seed), dtype=out_r.dtype)
         g_r = torch.autograd.grad((out_r * probe).sum(), inputs)
         g_p = torch.autograd.grad((out_p * probe).sum(), inputs)
@@ -135,7 +129,7 @@ def recurrent_vs_unrolled(momentum: bool, muon: bool, weight_norm: bool) -> floa
         chunk = size[-1]
         beta = x.beta if momentum else None
         trace = RecurrentTrace([], [], [])
-        out, _ = lact_recurrent_reference(
+        out, _ = lact_recurrent(
             x.q, x.k, x.v, x.eta0, x.eta1, x.eta2, x.weights, chunk, beta=beta, muon=muon,
             weight_norm=weight_norm, fast_weights="all", trace=trace,
         )  # fmt: skip

@@ -13,7 +13,7 @@ buffers, so every step, the chunk update included, is one launch from the host w
 between its kernels. The TTT decoder's update reads only running sums the token steps keep, so the
 boundary graph does about one token's work more than the token graph. On CPU (and with
 `graphs=False`) the same functions run eagerly: that is the path the CPU tests prove equal to
-`model/decode.py`.
+`decoding/decode.py`.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class DecodeRunner:
     """Steps a static decoder and samples its next tokens into `decoder.tokens`, eagerly or from CUDA graphs.
 
     `sample(logits [B, V]) -> tokens [B]` must run on the device without host reads
-    (`model.sampling.sample_tokens`); a `generator` it draws from is registered with the graphs, so
+    (`decoding.sampling.sample_tokens`); a `generator` it draws from is registered with the graphs, so
     replays advance it as eager runs would.
     """
 

@@ -1,6 +1,6 @@
 """Decoding with every buffer allocated once and updated in place, one position per row.
 
-`model/decode.py` defines the semantics (and is proven equal to the chunk form); this module runs
+`decoding/decode.py` defines the semantics (and is proven equal to the chunk form); this module runs
 the same computation in the shape a CUDA graph can replay:
 * the state lives in static tensors: the fast weights, the partial chunk's running sums, the window
   ring, each row's absolute position [B] on the device; a step writes into them and allocates
@@ -16,11 +16,11 @@ the same computation in the shape a CUDA graph can replay:
 
 Every token adds its terms of its chunk's gradient to the running sums inside `forward_token`, so
 the chunk update `apply_chunk_updates` reads no token: momentum, Muon, the signed step and weight
-norm on [B, H, d, dh]-sized sums, the work of about one token (`model/decode.py`). It runs at the
+norm on [B, H, d, dh]-sized sums, the work of about one token (`decoding/decode.py`). It runs at the
 steps where some row completes a chunk, which the host knows from its own count of the steps
-without reading the device (`model.decode_graphs` launches it with the token step as one graph).
+without reading the device (`decoding.graphs` launches it with the token step as one graph).
 `forward_token` runs the model's own blocks with each mixer's strategies set to `RowStepScan` /
-`RowStepWindow` (`model.decode.decoding_logits`), rows at their own positions.
+`RowStepWindow` (`decoding.decode.decoding_logits`), rows at their own positions.
 """
 
 from __future__ import annotations
@@ -31,8 +31,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from kernels.fast_weights import FastWeights, PerSequenceTensors
-from model.decode import (
+from decoding.decode import (
     DecodeState,
     LayerCache,
     chunk_update,
@@ -42,8 +41,10 @@ from model.decode import (
     store_window,
     ttt_token_output,
 )
+from kernels.fast_weights import FastWeights, PerSequenceTensors
+from model.fast_weight_scan import ScanWeights, TTTInputs
 from model.lm import TTTLM
-from model.ttt_layer import LocalScan, LocalWindow, RowPositions, TTTInputs, TTTMixer
+from model.ttt_layer import LocalScan, LocalWindow, RowPositions, TTTMixer
 
 
 @dataclass
@@ -55,10 +56,10 @@ class RowStepScan(LocalScan):
     cache: LayerCache
 
     def __call__(
-        self, mixer: TTTMixer, x: torch.Tensor, inputs: TTTInputs, state: Optional[FastWeights], rows: RowPositions
+        self, weights: ScanWeights, x: torch.Tensor, inputs: TTTInputs, state: Optional[FastWeights], rows: RowPositions
     ) -> tuple[torch.Tensor, FastWeights]:
         """x [B, 1, D] and its inputs -> ([B, 1, H, d] output, the cache's fast weights)."""
-        return ttt_token_output(mixer, self.cache, inputs), self.cache.fast_weights
+        return ttt_token_output(weights, self.cache, inputs), self.cache.fast_weights
 
 
 @dataclass
@@ -137,13 +138,13 @@ class StaticDecoder:
         """Apply each layer's chunk update to the rows whose last token completed a chunk, and restart
         their running sums.
 
-        The update (`model.decode.chunk_update`, from the running sums alone) is computed for every
+        The update (`decoding.decode.chunk_update`, from the running sums alone) is computed for every
         row; rows without the flag keep their weights and sums bit for bit. A weight the update carries
         over (a frozen one) is the same tensor and is not copied.
         """
         completes = self.completes[:, None, None, None]
         for block, cache in zip(self.model.blocks, self.layers):
-            updated = chunk_update(block.mixer, cache)
+            updated = chunk_update(block.mixer.scan_weights(), cache)
             for name, current in cache.fast_weights.named_tensors():
                 if getattr(updated, name) is not current:
                     current.copy_(torch.where(completes, getattr(updated, name), current))
@@ -182,7 +183,7 @@ class StaticDecoder:
 
 def _stack_layer(caches: list[LayerCache], order: torch.Tensor) -> LayerCache:
     """One layer's caches concatenated along the batch and indexed by `order` (fresh, contiguous
-    storage). Every cache holds the same fields (`model.decode.decoding_weights`)."""
+    storage). Every cache holds the same fields (`decoding.decode.decoding_weights`)."""
 
     def stacked(parts: list) -> Union[PerSequenceTensors, torch.Tensor, None]:
         if parts[0] is None:
