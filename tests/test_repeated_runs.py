@@ -21,11 +21,11 @@ from tests.multiprocess import REPO, worker_environment
 DOCUMENTS = 6
 
 
-def make_train(run_dir: Path, data: Path, steps: int) -> subprocess.CompletedProcess:
+def make_train(run_dir: Path, data: Path, steps: int, extra: str = "") -> subprocess.CompletedProcess:
     arguments = (
         f"data.path={data} data.seq_len=64 train.micro_batch_size=2 train.steps={steps} logging.log_every=1 "
         f"checkpoint.every=100 logging.run_dir={run_dir} model.hidden_size=64 model.num_attn_heads=2 "
-        f"model.window_size=16 model.ttt.chunk_size=16"
+        f"model.window_size=16 model.ttt.chunk_size=16 {extra}"
     )
     command = ["make", "--no-print-directory", "train", f"PYTHON={sys.executable}", "NPROC=1", f"ARGS={arguments}"]
     return subprocess.run(command, cwd=REPO, env=worker_environment(), capture_output=True, text=True, timeout=300)
@@ -42,10 +42,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
         [sys.executable, "-m", "train.data.prepare", str(corpus), "--out", str(root / "data"), "--seq-len", "64"],
         cwd=REPO, env=worker_environment(), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    first = make_train(root / "run", root / "data", steps=2)
+    first = make_train(root / "run", root / "data", steps=2, extra="logging.profile_step=2")
     second = make_train(root / "run", root / "data", steps=4)
     records = [json.loads(line) for line in (root / "run/metrics.jsonl").read_text().splitlines()]
-    return {"prepare": prepare, "first": first, "second": second, "steps": [r["step"] for r in records]}
+    profiles = sorted(path.name for path in (root / "run/profile").glob("*"))
+    table = (root / "run/profile/step_00000002.txt").read_text() if profiles else ""
+    return {"prepare": prepare, "first": first, "second": second, "steps": [r["step"] for r in records],
+            "profiles": profiles, "profile_table": table}  # fmt: skip
 
 
 @pytest.mark.slow
@@ -72,3 +75,9 @@ def test_make_train_again_continues_the_run(runs: dict) -> None:
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resumed from" in second.stdout and "step_00000002 at step 2" in second.stdout
     assert runs["steps"] == [1, 2, 3, 4]
+
+
+def test_the_step_named_by_logging_profile_step_is_profiled(runs):
+    """Only step 2 of the first run (`logging.profile_step=2`) leaves a trace and a table of its ops."""
+    assert runs["profiles"] == ["step_00000002.json", "step_00000002.txt"]
+    assert "aten::mm" in runs["profile_table"] and "profiled step 2" in runs["first"].stdout

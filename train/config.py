@@ -107,6 +107,7 @@ class LoggingConfig:
     log_every: int = 10  # steps between progress lines and TensorBoard scalars
     tensorboard: bool = True
     peak_tflops: Optional[float] = None  # per-device peak for MFU; None: detect on CUDA, skip on CPU
+    profile_step: int = 0  # this step runs under torch.profiler (<run_dir>/profile/, train/step_profile.py); 0: none
 
 
 @dataclass
@@ -189,6 +190,7 @@ class RunConfig:
         _require(self.zero.stage in (1, 2, 3), "zero.stage", self.zero.stage, "must be 1, 2 or 3")
         _require(self.zero.bucket_size >= 1, "zero.bucket_size", self.zero.bucket_size, "must be >= 1")
         _require(self.logging.log_every >= 1, "logging.log_every", self.logging.log_every, "must be >= 1")
+        _require(self.logging.profile_step >= 0, "logging.profile_step", self.logging.profile_step, "must be >= 0 (0: no profile)")
         if self.logging.peak_tflops is not None:
             _require(self.logging.peak_tflops > 0, "logging.peak_tflops", self.logging.peak_tflops, "must be > 0")
         _require(self.checkpoint.every >= 1, "checkpoint.every", self.checkpoint.every, "must be >= 1")

@@ -48,6 +48,7 @@ from train.monitor import LearningRateProbe, Monitor, perplexity, state_norms
 from train.periodic_eval import PeriodicEvaluator
 from train.schedule import realign_after_resume
 from train.state import TrainState
+from train.step_profile import profiled_step
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # A stop signal this soon after the first is the same request delivered twice (see StopRequest).
@@ -193,7 +194,9 @@ def train_holding_lock(cfg: RunConfig, dims: ParallelDims) -> RunResult:
     trainer = Trainer(cfg, dims, engine, lm, state, config_yaml, checkpoint)
     try:
         while state.step < t.steps and not trainer.preempted:
-            trainer.after_step(trainer.train_step())
+            with profiled_step(cfg.logging, dims, state.step + 1):
+                result = trainer.train_step()
+            trainer.after_step(result)
     finally:
         trainer.close()
     return RunResult(state.step, trainer.checkpoint, trainer.preempted, trainer.stop_signal)
