@@ -1,4 +1,4 @@
-"""`python -m benchmarks.saved_tensors [--config 125m] [--seq-len 16384] [--compile on]`: what one
+"""`python -m benchmarks.saved_tensors [--config 125m] [--seq-len 16384] [--compile on] [KEY=VALUE ...]`: what one
 block keeps for its backward, tttla beside the transformer.
 
 Peak training memory without recomputation is the tensors each block saves for its backward, times
@@ -53,8 +53,8 @@ def saved_for_backward(block: nn.Module, x: torch.Tensor, call) -> list[SavedTen
     return sorted(seen.values(), key=lambda t: -t.mib)
 
 
-def block_pair(size: str, device: torch.device, compile_blocks: bool) -> dict[str, nn.Module]:
-    cfg: LMConfig = load_model_config(str(CONFIG_DIR / f"{size}.yaml"), PARALLEL_FORM)
+def block_pair(size: str, device: torch.device, compile_blocks: bool, overrides: tuple[str, ...] = ()) -> dict[str, nn.Module]:
+    cfg: LMConfig = load_model_config(str(CONFIG_DIR / f"{size}.yaml"), [*PARALLEL_FORM, *overrides])
     blocks = {"tttla": Block(cfg).to(device), "sdpa": BaselineBlock(cfg).to(device)}
     if compile_blocks:
         for block in blocks.values():
@@ -74,9 +74,10 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=16384)
     parser.add_argument("--compile", choices=["on", "off"], default="on")
     parser.add_argument("--out", help="write the lists as JSON here")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="model config overrides, e.g. ttt.save_feature_projections=false")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    blocks = block_pair(args.config, device, args.compile == "on")
+    blocks = block_pair(args.config, device, args.compile == "on", tuple(args.overrides))
     hidden = blocks["tttla"].mlp_norm.weight.numel()
     report = {}
     for name, block in blocks.items():

@@ -37,11 +37,11 @@ PARALLEL_FORM = ["ttt.mode=linear_attention", "ttt.fast_weights=w1", "ttt.weight
 CONFIG_DIR = Path("configs/model")
 
 
-def model_config(impl: str, size: str) -> LMConfig:
+def model_config(impl: str, size: str, overrides: tuple[str, ...] = ()) -> LMConfig:
     """The LMConfig an implementation is measured at (the transformer reads the tttla config's sizes)."""
     if impl == "tttla_recurrent":
-        return load_model_config(str(CONFIG_DIR / f"lact_{size}.yaml"))
-    return load_model_config(str(CONFIG_DIR / f"{size}.yaml"), PARALLEL_FORM)
+        return load_model_config(str(CONFIG_DIR / f"lact_{size}.yaml"), list(overrides))
+    return load_model_config(str(CONFIG_DIR / f"{size}.yaml"), [*PARALLEL_FORM, *overrides])
 
 
 def flops_per_token(impl: str, cfg: LMConfig, seq_len: int) -> float:
@@ -94,9 +94,10 @@ def matmul_peak_tflops() -> float:
 
 
 def measure_row(impl: str, size: str, seq_len: int, batch: int, checkpointing: str, compile_on: bool,
-                peaks: tuple[float, float], warmup: int, steps: int) -> dict:
-    cfg = model_config(impl, size)
-    row = dict(impl=impl, config=size, T=seq_len, B=batch, checkpointing=checkpointing, compile=compile_on)
+                peaks: tuple[float, float], warmup: int, steps: int, overrides: tuple[str, ...] = ()) -> dict:
+    cfg = model_config(impl, size, overrides)
+    row = dict(impl=impl, config=" ".join([size, *overrides]), T=seq_len, B=batch, checkpointing=checkpointing,
+               compile=compile_on)  # fmt: skip
     torch.cuda.reset_peak_memory_stats()
     model = None
     try:
@@ -151,7 +152,8 @@ def add_ceilings(rows: list[dict]) -> None:
             continue
         shape = (row["impl"], row["config"], row["T"], row["B"])
         if shape not in parts_by_shape:
-            parts_by_shape[shape] = mixer_parts_ms(model_config(row["impl"], row["config"]), row["B"], row["T"])
+            size, *overrides = row["config"].split()
+            parts_by_shape[shape] = mixer_parts_ms(model_config(row["impl"], size, tuple(overrides)), row["B"], row["T"])
         row.update(parts_by_shape[shape])
         row["ceiling"] = round(ceiling(other["step_ms"], parts_by_shape[shape]), 2)
         row["of_ceiling"] = round(row["speedup_vs_sdpa"] / row["ceiling"], 3)
@@ -208,6 +210,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--no-ceiling", action="store_true", help="skip timing the mixer's parts alone")
+    parser.add_argument("--model-overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="model config overrides for every row, e.g. ttt.save_feature_projections=false")
     parser.add_argument("--out", default="docs/bench/train_step", help="results file stem; rows merge into it")
     args = parser.parse_args()
     if args.preset:
@@ -225,7 +229,7 @@ def measure_all(args: argparse.Namespace, peaks: tuple[float, float]) -> list[di
                     if impl == "tttla_recurrent" and not (CONFIG_DIR / f"lact_{size}.yaml").exists():
                         continue
                     row = measure_row(impl, size, seq_len, batch, checkpointing, args.compile == "on", peaks,
-                                      args.warmup, args.steps)  # fmt: skip
+                                      args.warmup, args.steps, tuple(args.model_overrides))  # fmt: skip
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     return rows
@@ -241,6 +245,18 @@ def merge_results(path: Path, rows: list[dict], command: str) -> tuple[list[dict
     return kept + rows, commands
 
 
+def command_line(args: argparse.Namespace) -> str:
+    """The command that reproduces these rows (a preset by name), for the results file."""
+    if args.preset:
+        words = [f"--preset {args.preset}"]
+    else:
+        words = [f"--{k} {' '.join(v) if isinstance(v, list) else v}" for k, v in vars(args).items()
+                 if k not in ("out", "preset", "no_ceiling", "model_overrides")]  # fmt: skip
+    if args.model_overrides:
+        words.append("--model-overrides " + " ".join(args.model_overrides))
+    return " ".join(["python -m benchmarks.step", *words])
+
+
 def main() -> None:
     args = parse_args()
     if not torch.cuda.is_available():
@@ -251,9 +267,7 @@ def main() -> None:
     add_ratios(rows)
     if not args.no_ceiling:
         add_ceilings(rows)
-    command = "python -m benchmarks.step " + (f"--preset {args.preset}" if args.preset else " ".join(
-        f"--{k} {' '.join(v) if isinstance(v, list) else v}" for k, v in vars(args).items()
-        if k not in ("out", "preset", "no_ceiling")))  # fmt: skip
+    command = command_line(args)
     path = Path(f"{args.out}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     rows, commands = merge_results(path, rows, command)

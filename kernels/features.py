@@ -262,14 +262,18 @@ def _swiglu_backward(ctx, grad_h, _grad_projections):
 swiglu_features_op.register_autograd(_swiglu_backward, setup_context=_setup_swiglu_context)
 
 
-def swiglu_features(x: torch.Tensor, w0: torch.Tensor, w2: torch.Tensor, *, allow_triton: bool = True) -> torch.Tensor:
+def swiglu_features(
+    x: torch.Tensor, w0: torch.Tensor, w2: torch.Tensor, *, allow_triton: bool = True,
+    save_projections: Optional[bool] = None,
+) -> torch.Tensor:
     """h(x) = silu(W0 x) * (W2 x): the fused kernels or the reference, chosen here.
 
     x: [B, T, H, d] (bf16/fp16/fp32 operands, fp32 accumulation); w0, w2: [H, dh, d] shared by the
     batch. Returns h(x) [B, T, H, dh] in x's dtype, contiguous, in the layout `chunk_ttt_la` reads.
     Gradients flow to x, w0 and w2 (in their dtypes). The kernels run where
     `kernels.triton_utils.use_triton(x, allow_triton)` says so (the layer passes
-    `model.ttt.use_kernel`); other dtypes (float64) always take the reference.
+    `model.ttt.use_kernel`); other dtypes (float64) always take the reference. `save_projections`
+    keeps the kernel's projections for the backward instead of recomputing them (None: `SAVE_PROJECTIONS`).
     """
     if w0.dim() != 3 or w2.shape != w0.shape or x.shape[-1] != w0.shape[-1] or x.shape[-2] != w0.shape[0]:
         raise ValueError(f"swiglu_features needs x [B, T, H, d] and w0, w2 [H, dh, d]; got x {tuple(x.shape)}, "
@@ -278,7 +282,8 @@ def swiglu_features(x: torch.Tensor, w0: torch.Tensor, w2: torch.Tensor, *, allo
         return lact.swiglu_features(x, w0, w2)
     heads, dh, d = w0.shape
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or w0.requires_grad or w2.requires_grad)
-    h, _ = swiglu_features_op(x.reshape(-1, heads, d), w0, w2, SAVE_PROJECTIONS and needs_grad)
+    save = SAVE_PROJECTIONS if save_projections is None else save_projections
+    h, _ = swiglu_features_op(x.reshape(-1, heads, d), w0, w2, save and needs_grad)
     return h.reshape(*x.shape[:-1], dh)
 
 

@@ -83,6 +83,9 @@ class TTTConfig:
     update_sign: float = 1.0  # +1: gradient descent on -<f(k), v>; -1: gradient ascent
     base_lr: float = 1e-3  # softplus(bias) at init for the per-token learning rates
     use_kernel: bool = True  # allow the Triton kernels on CUDA (the public ops decide; TTTLA_KERNELS overrides)
+    # The feature kernel's SwiGLU projections a, b [T, H, 2 dh] kept for its backward (faster) or recomputed
+    # there (2 dh x 2 bytes less activation memory per token, head and input); kernels.features.SAVE_PROJECTIONS.
+    save_feature_projections: bool = True
     rope: bool = True
     ns_coefficients: str = "lact"
     output_scale: bool = True

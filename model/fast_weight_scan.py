@@ -158,7 +158,8 @@ def linear_attention_features(weights: ScanWeights, x: torch.Tensor, w0: torch.T
     """h(x) of the linear-attention form, [B, T, H, d] -> [B, T, H, dh] with w0, w2 [H, dh, d]: SwiGLU
     through its public op (`kernels.features.swiglu_features`), or the identity map."""
     if weights.features is swiglu_features:
-        return swiglu_features_op(x, w0, w2, allow_triton=weights.ttt.use_kernel)
+        return swiglu_features_op(x, w0, w2, allow_triton=weights.ttt.use_kernel,
+                                  save_projections=weights.ttt.save_feature_projections)
     return weights.features(x, w0, w2)
 
 
