@@ -68,8 +68,7 @@ def ttt_branch(mixer: TTTMixer, x: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     output [B, T, H, d] (what `TTTMixer.combine` adds to the window's output before o_proj)."""
     inputs = mixer.ttt_inputs(x, q, k, v)
     out, _ = mixer.scan(mixer.scan_weights(), x, inputs, None, RowPositions(0))
-    normed = mixer.ttt_norm(out)
-    return normed if inputs.output_scale is None else normed * inputs.output_scale[..., None]
+    return mixer.gated_norm(out, inputs.output_scale)
 
 
 def ttt_branch_ms(cfg: LMConfig, batch: int, seq_len: int) -> float:

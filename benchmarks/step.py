@@ -128,9 +128,14 @@ def row_key(row: dict) -> tuple:
     return row["config"], row["T"], row["B"], row["checkpointing"], row["compile"]
 
 
+def transformer_rows(rows: list[dict]) -> dict[tuple, dict]:
+    """The transformer's rows by `row_key`: the row each tttla row is compared with."""
+    return {row_key(r): r for r in rows if r["impl"] == "sdpa"}
+
+
 def add_ratios(rows: list[dict]) -> None:
     """tok/s and memory of each tttla row over the transformer's row of the same size, context and settings."""
-    baseline = {row_key(r): r for r in rows if r["impl"] == "sdpa"}
+    baseline = transformer_rows(rows)
     for row in rows:
         other = baseline.get(row_key(row))
         if row["impl"] != "sdpa" and other and row["tok_s"] and other["tok_s"]:
@@ -145,7 +150,7 @@ def add_ceilings(rows: list[dict]) -> None:
     from benchmarks.components import ceiling, mixer_parts_ms
 
     parts_by_shape: dict[tuple, dict[str, float]] = {}
-    baseline = {row_key(r): r for r in rows if r["impl"] == "sdpa"}
+    baseline = transformer_rows(rows)
     for row in rows:
         other = baseline.get(row_key(row))
         if row["impl"] == "sdpa" or row["checkpointing"] != "none" or "speedup_vs_sdpa" not in row:

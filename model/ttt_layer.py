@@ -212,14 +212,18 @@ class TTTMixer(nn.Module):
 
     def initial_state(self, batch: int) -> FastWeights:
         """The learned initial fast weights, one copy per sequence (fp32: states never run in bf16)."""
+        return self._initial_state(*self.feature_weights(), batch)
+
+    def _initial_state(self, w0: torch.Tensor, w2: torch.Tensor, batch: int) -> FastWeights:
         dtype = torch.float64 if self.w1.dtype == torch.float64 else torch.float32
-        w0, w2 = self.feature_weights()
         return FastWeights(*(w.to(dtype).unsqueeze(0).expand(batch, -1, -1, -1) for w in (w0, self.w1, w2)))
 
     def scan_weights(self) -> ScanWeights:
         """What the scan reads besides the per-token inputs: the TTT options, the feature map, the learned
-        W0/W2 and initial fast weights, and the activations' dtype (through the qkv weight)."""
-        return ScanWeights(self.cfg.ttt, self.features, self.feature_weights(), self.initial_state(1), self.qkv.weight)
+        W0/W2 and initial fast weights, and the activations' dtype (through the qkv weight). Low-rank
+        W0/W2 are materialised once per call, for both."""
+        w0, w2 = self.feature_weights()
+        return ScanWeights(self.cfg.ttt, self.features, (w0, w2), self._initial_state(w0, w2, 1), self.qkv.weight)
 
     def forward(
         self,
@@ -253,13 +257,15 @@ class TTTMixer(nn.Module):
         """o_proj(norm(TTT output) [* output_scale] + attention output): [B, T, H, d], [B, T, D] (or
         None) and [B, T, H] (or None) -> [B, T, D]."""
         batch, seq_len = ttt_out.shape[:2]
-        normed = self.ttt_norm(ttt_out)
-        if output_scale is not None:
-            normed = normed * output_scale[..., None]
-        mixed = normed.reshape(batch, seq_len, -1).to(dtype)
+        mixed = self.gated_norm(ttt_out, output_scale).reshape(batch, seq_len, -1).to(dtype)
         if attention is not None:
             mixed = mixed + attention
         return self.o_proj(mixed)
+
+    def gated_norm(self, ttt_out: torch.Tensor, output_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The TTT branch's head-normed output, gated by output_scale [B, T, H] when on: [B, T, H, d] -> [B, T, H, d]."""
+        normed = self.ttt_norm(ttt_out)
+        return normed if output_scale is None else normed * output_scale[..., None]
 
     def attention_heads(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_offset: int,

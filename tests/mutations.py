@@ -72,7 +72,7 @@ MUTATIONS = [
         "\n    return", '\n        outputs.append(torch.einsum("bhde,bnhe->bnhd", w.w1, features(q[:, s:e], w.w0, w.w2)))\n    return')))),
     Mutation("momentum dropped (recurrent)", ((LACT, "new_momentum = beta_c[:, :, None, None] * momentum + grad", "new_momentum = grad"),)),
     Mutation("momentum dropped (parallel)", ((REFERENCE, 'updates = torch.einsum("bhcj,bjhde->bchde", mixing, updates)', "pass"),)),
-    Mutation("output scale removed", ((LAYER, "normed = normed * output_scale[..., None]", "pass"),)),
+    Mutation("output scale removed", ((LAYER, "return normed if output_scale is None else normed * output_scale[..., None]", "return normed"),)),
     Mutation("qk offset removed", ((LAYER, "q = q * self.qk_scale[:, 0] + self.qk_offset[:, 0]", "q = q * self.qk_scale[:, 0]"),)),
     Mutation("low-rank W0/W2 without the 0.5 I", ((LOW_RANK, "return self.w_left @ self.w_right + 0.5 * eye", "return self.w_left @ self.w_right"),)),
 ]  # fmt: skip
