@@ -2,10 +2,13 @@
 # GPU acceptance run on one H100/H200: the 125M model at 16K context trains (loss, tokens/s, MFU),
 # resumes from its sharded checkpoint, exports, then generation and decoding are benchmarked.
 # Every stage logs to $RESULTS/<stage>.log and a failing stage does not stop the others.
-#   launch/gpu_acceptance.sh [train] [decode] [quality] [entry] [speed] [memory] [suite]   (default: train decode)
+#   launch/gpu_acceptance.sh [train] [decode] [quality] [entry] [speed] [overhead] [memory] [suite] [slow]
+#   (default: train decode)
 # entry: the trainer-through-the-launcher GPU test; speed: the 125M/16K run through launch/ with the
 # blocks compiled beside the benchmark's row of the same shape; memory: what one block saves for
-# backward, tttla beside the transformer; suite: the GPU suite with test durations.
+# backward, tttla beside the transformer, and the step with the feature projections recomputed;
+# overhead: the trainer's step split into its parts (benchmarks/trainer_overhead.py);
+# suite: the GPU suite with test durations; slow: its long cases.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHON=${PYTHON:-python3} PYTHONUNBUFFERED=1
@@ -54,13 +57,33 @@ run_speed() {
     --checkpointing none --compile on --out "$RESULTS/train_step_125m_16k"
 }
 
+run_overhead() {
+  [ -f data/stdlib_16k/manifest.json ] || "$PYTHON" -m train.data.prepare --stdlib --out data/stdlib_16k --seq-len 16384
+  stage trainer_overhead "$PYTHON" -m benchmarks.trainer_overhead configs/train/125m_16k.yaml \
+    --out "$RESULTS/trainer_overhead_125m_16k.json" --profile "$RESULTS/trainer_overhead_profile"
+  cat "$RESULTS/trainer_overhead.log" | grep '^{' || true
+}
+
 run_memory() {
   stage saved_tensors "$PYTHON" -m benchmarks.saved_tensors --config 125m --seq-len 16384 \
     --out "$RESULTS/saved_tensors_125m_16k.json"
+  stage saved_tensors_recompute "$PYTHON" -m benchmarks.saved_tensors --config 125m --seq-len 16384 \
+    --out "$RESULTS/saved_tensors_125m_16k_recompute.json" ttt.save_feature_projections=false
+  stage bench_memory "$PYTHON" -m benchmarks.step --configs 125m --seqs 16384x1 --impls tttla sdpa \
+    --checkpointing none --compile on --no-ceiling --out "$RESULTS/train_step_memory"
+  stage bench_memory_recompute "$PYTHON" -m benchmarks.step --configs 125m --seqs 16384x1 --impls tttla \
+    --checkpointing none --compile on --no-ceiling --model-overrides ttt.save_feature_projections=false \
+    --out "$RESULTS/train_step_memory"
+  grep '^{' "$RESULTS"/bench_memory*.log || true
 }
 
 run_suite() {
   stage suite "$PYTHON" -m pytest -q -m "gpu and not gpu_slow" tests/gpu --durations=0 --timeout=${SUITE_TIMEOUT:-300}
+  grep -E "passed|failed|error" "$RESULTS/suite.log" | tail -n 3
+}
+
+run_slow() {
+  stage suite_slow "$PYTHON" -m pytest -q -m gpu_slow tests/gpu --durations=0 --timeout=${SUITE_TIMEOUT:-300}
 }
 
 for what in "${@:-train decode}"; do

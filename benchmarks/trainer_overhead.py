@@ -1,0 +1,192 @@
+"""`python -m benchmarks.trainer_overhead CONFIG [key=value ...]`: the trainer's step beside the model's, piece by piece.
+
+`benchmarks.step` times the model alone (fp32 weights, bf16 autocast, fused AdamW); a run through
+`launch/` wraps the same compiled blocks in the DeepSpeed engine (bf16 weights, ZeRO, fp32 master
+weights), accumulates micro-batches, reads its loader and reports. Each variant below adds one of
+those to the one before, in one process on one device, so the gap between the two numbers splits
+into its causes:
+
+    model        fp32 weights, autocast, `train.grad_accum` micro-batches, one fused AdamW step
+    model_bf16   the same with bf16 weights and no autocast (what DeepSpeed's bf16 mode trains)
+    engine       the trainer's DeepSpeed engine (`train.engine.build_engine`) on random tokens
+    engine_data  the engine fed by the run's loader (`train.data.loader`)
+    trainer      `train.loop.Trainer.train_step`: the run's own step (loss all-reduce, probes on logging steps)
+
+Prints and writes (``--out``) one JSON row per variant: the median optimizer step's wall time,
+tokens/s and the ratio to `model`; ``--profile DIR`` also writes each variant's op table for one step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from parallel.groups import ParallelDims
+from train.config import RunConfig, load_run_config, to_yaml
+from train.data.loader import build_loader, check_dataset, endless, split_inputs_targets
+from train.distributed import init_distributed
+from train.engine import build_engine, build_model
+from train.loop import Trainer
+from train.state import TrainState
+
+VARIANTS = ("model", "model_bf16", "engine", "engine_data", "trainer")
+Step = Callable[[], None]
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_step(step: Step, device: torch.device, warmup: int, steps: int) -> float:
+    """Median wall seconds of `step` (host and device both done), after `warmup` calls."""
+    times = []
+    for i in range(warmup + steps):
+        synchronize(device)
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def random_batches(cfg: RunConfig, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(inputs, targets) of random token ids, made once: the model's variants read no data."""
+    ids = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch_size, cfg.data.seq_len + 1), device=device)
+    while True:
+        yield ids[:, :-1], ids[:, 1:]
+
+
+def loader_batches(cfg: RunConfig, dims: ParallelDims) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    batches = endless(build_loader(cfg.data, cfg.data.train_split, cfg.train.micro_batch_size, dims.sp, cfg.data.shuffle))
+    for batch in batches:
+        yield split_inputs_targets(batch["tokens"].to(dims.device, non_blocking=True))
+
+
+def model_step(cfg: RunConfig, dims: ParallelDims, bf16_weights: bool) -> Step:
+    """The benchmark's loop over the trainer's model (same compile setting): accumulate, then one AdamW step."""
+    model, _ = build_model(cfg, dims)
+    model.to(dims.device, dtype=torch.bfloat16 if bf16_weights else None)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dims.device.type == "cuda")
+    autocast = dims.device.type == "cuda" and not bf16_weights
+    batches = random_batches(cfg, dims.device)
+
+    def step() -> None:
+        for _ in range(cfg.train.grad_accum):
+            inputs, targets = next(batches)
+            with torch.autocast(dims.device.type, dtype=torch.bfloat16, enabled=autocast):
+                loss = model(inputs, targets, return_logits=False).loss
+            (loss / cfg.train.grad_accum).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def engine_step(cfg: RunConfig, dims: ParallelDims, data: bool) -> Step:
+    """The trainer's engine, its micro-steps as `Trainer.micro_step` runs them."""
+    engine, _ = build_engine(cfg, dims)
+    batches = loader_batches(cfg, dims) if data else random_batches(cfg, dims.device)
+
+    def step() -> None:
+        for _ in range(cfg.train.grad_accum):
+            inputs, targets = next(batches)
+            loss = engine(inputs, targets, return_logits=False).loss
+            engine.backward(loss)
+            engine.step()
+
+    return step
+
+
+def trainer_step(cfg: RunConfig, dims: ParallelDims) -> Step:
+    """`Trainer.train_step` itself, its run directory a temporary one."""
+    engine, lm = build_engine(cfg, dims)
+    t = cfg.train
+    loader = build_loader(cfg.data, cfg.data.train_split, t.micro_batch_size, dims.sp, cfg.data.shuffle)
+    state = TrainState(loader, sequences_per_step=t.micro_batch_size * t.grad_accum * dims.dp)
+    trainer = Trainer(cfg, dims, engine, lm, state, to_yaml(cfg), None)
+
+    def step() -> None:
+        trainer.train_step()
+
+    return step
+
+
+def build_variant(name: str, cfg: RunConfig, dims: ParallelDims) -> Step:
+    if name in ("model", "model_bf16"):
+        return model_step(cfg, dims, bf16_weights=name == "model_bf16")
+    if name in ("engine", "engine_data"):
+        return engine_step(cfg, dims, data=name == "engine_data")
+    return trainer_step(cfg, dims)
+
+
+def profile_table(step: Step, device: torch.device) -> str:
+    """One call of `step` under torch.profiler: ops by device time (CUDA) or host time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities) as prof:
+        step()
+        synchronize(device)
+    sort_by = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    averages = prof.key_averages()
+    return averages.table(sort_by=sort_by, row_limit=30) + "\n\n" + averages.table(sort_by="self_cpu_time_total", row_limit=30)
+
+
+def measure(name: str, cfg: RunConfig, dims: ParallelDims, warmup: int, steps: int, profile_dir: Optional[Path]) -> dict:
+    step = build_variant(name, cfg, dims)
+    seconds = time_step(step, dims.device, warmup, steps)
+    if profile_dir is not None:
+        profile_dir.mkdir(parents=True, exist_ok=True)
+        (profile_dir / f"{name}.txt").write_text(profile_table(step, dims.device))
+    tokens = cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.data.seq_len
+    row = dict(variant=name, step_ms=round(seconds * 1e3, 1), tok_s=round(tokens / seconds))
+    if dims.device.type == "cuda":
+        row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    del step
+    gc.collect()
+    if dims.device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    return row
+
+
+def main(argv: Optional[list[str]] = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("config", help="a train config, e.g. configs/train/125m_16k.yaml")
+    parser.add_argument("overrides", nargs="*", help="config overrides (key=value)")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--out", type=Path, help="write the rows here (JSON)")
+    parser.add_argument("--profile", type=Path, help="write each variant's op table for one step here")
+    args = parser.parse_args(argv)
+    torch._dynamo.config.recompile_limit = 64  # one model per variant: fp32 and bf16 weights each compile once
+    with tempfile.TemporaryDirectory() as run_dir:
+        cfg = load_run_config(args.config, [*args.overrides, f"logging.run_dir={run_dir}", "logging.tensorboard=false"])
+        dims = init_distributed(cfg.parallel.sp)
+        cfg.resolve_layout(dims)
+        if {"engine_data", "trainer"} & set(args.variants):
+            check_dataset(cfg, dims.dp)  # a missing corpus is one line, before any model is built
+        rows = []
+        for name in args.variants:
+            rows.append(measure(name, cfg, dims, args.warmup, args.steps, args.profile))
+            rows[-1]["of_model"] = round(rows[0]["tok_s"] and rows[-1]["tok_s"] / rows[0]["tok_s"], 3)
+            print(json.dumps(rows[-1]), flush=True)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(dict(config=args.config, overrides=args.overrides, rows=rows), indent=1) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

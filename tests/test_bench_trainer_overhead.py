@@ -1,0 +1,26 @@
+"""benchmarks.trainer_overhead runs every variant on the CPU, the trainer's own step included."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.multiprocess import REPO, long_run_overrides, small_corpus, worker_environment
+
+
+def test_every_variant_times_a_step(tmp_path):
+    data = small_corpus(tmp_path / "data", 64, val_fraction=0.2)
+    out = tmp_path / "rows.json"
+    overrides = [o for o in long_run_overrides(data, tmp_path / "run") if not o.startswith("logging.")]
+    command = [
+        sys.executable, "-m", "benchmarks.trainer_overhead", "configs/train/tiny_cpu.yaml", *overrides,
+        "train.grad_accum=2", "--steps", "1", "--warmup", "0", "--out", str(out), "--profile", str(tmp_path / "profile"),
+    ]  # fmt: skip
+    finished = subprocess.run(command, cwd=REPO, env=worker_environment(), capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-4000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["variant"] for row in rows] == ["model", "model_bf16", "engine", "engine_data", "trainer"]
+    assert all(row["step_ms"] > 0 and row["tok_s"] > 0 for row in rows), rows
+    assert rows[0]["of_model"] == 1.0
+    assert all((tmp_path / "profile" / f"{row['variant']}.txt").read_text().count("aten::") > 5 for row in rows)
