@@ -34,7 +34,8 @@ from decoding.decode import prefill, random_state
 from decoding.graphs import DecodeRunner
 from decoding.sampling import sample_tokens
 from decoding.static import StaticDecoder, prefill_rows
-from model.baseline import BaselineLM, StaticKVDecoder
+from decoding.kv_cache import StaticKVDecoder
+from model.baseline import BaselineLM
 from model.config import load_model_config
 from model.lm import TTTLM
 
@@ -86,8 +87,10 @@ def time_prefill(run: Callable[[], object], tokens: int, device: torch.device) -
 
 
 def time_decoder(decoder, args: argparse.Namespace, device: torch.device) -> dict:
-    """Per-step times of the static decoder's step (CUDA graphs on CUDA unless --no-graphs), greedy sampling included."""
-    runner = DecodeRunner(decoder, partial(sample_tokens, temperature=0.0, top_p=1.0), graphs=args.graphs)
+    """Per-step times of the static decoder's step (CUDA graphs on CUDA unless --no-graphs; compiled unless
+    --no-compile), greedy sampling included. The first steps, untimed, compile and capture."""
+    backend = "inductor" if args.compile else None
+    runner = DecodeRunner(decoder, partial(sample_tokens, temperature=0.0, top_p=1.0), graphs=args.graphs, step_backend=backend)
     reset_peak(device)
     times = time_steps(runner.step, args.steps, device)
     return {"state_mb": decoder.memory_bytes() / MB, "peak_mb": peak_mb(device), **summary(times, args.warmup)}
@@ -104,7 +107,8 @@ def ttt_decoder(model: TTTLM, batch: int, start: int, prefilled: bool) -> Static
 def baseline_decoder(model: BaselineLM, batch: int, start: int, capacity: int, prefilled: bool) -> StaticKVDecoder:
     """A static decoder at position `start` over a cache of `capacity` tokens (prefilled, or random contents)."""
     if prefilled:
-        return model.prefill(torch.randint(0, model.cfg.vocab_size, (batch, start), device=model.embed.weight.device), capacity)[1]
+        prompt = torch.randint(0, model.cfg.vocab_size, (batch, start), device=model.embed.weight.device)
+        return StaticKVDecoder.around(model, model.prefill(prompt, capacity)[1])
     cache = model.empty_cache(batch, capacity)
     cache.keys.normal_()
     cache.values.normal_()
@@ -151,7 +155,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "# Decode latency, throughput, prefill and memory: TTT state vs SDPA KV cache",
         "",
         f"Config `{meta['config']}` {' '.join(meta['override'])}, {meta['dtype']}, device: {meta['device']}, "
-        f"CUDA graphs: {meta['graphs']}. {meta['steps'] - meta['warmup']} timed steps per cell straddling a chunk "
+        f"CUDA graphs: {meta['graphs']}, compiled steps: {meta.get('compile', False)}. {meta['steps'] - meta['warmup']} timed steps per cell straddling a chunk "
         "boundary (`max` includes the step that applies the chunk update), greedy sampling on the device included. "
         f"Latency at batch 1; throughput at batch {meta['throughput_batch']} (batch x 1000 / median ms). TTT contexts "
         f"above {meta['prefill_up_to']} tokens, and every throughput row, start from a random state of the right "
@@ -202,6 +206,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--throughput-batch", type=int, help="batch of the throughput columns (default 64; 4 with --quick)")
     parser.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None,
                         help="replay decode steps from CUDA graphs (default: on CUDA)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="compile each decoder's step with Inductor, the TTT model's and the transformer's alike "
+                             "(default: on CUDA)")
     parser.add_argument("--steps", type=int, help="decode steps per row (the first --warmup are not timed)")
     parser.add_argument("--warmup", type=int)
     parser.add_argument("--dtype", choices=("bfloat16", "float32"))
@@ -213,6 +220,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             setattr(args, key, value)
     if args.graphs is None:
         args.graphs = args.device.startswith("cuda")
+    if args.compile is None:
+        args.compile = args.device.startswith("cuda")
     if args.steps <= args.warmup or any(c < args.steps for c in args.contexts):
         parser.error(f"--steps={args.steps} must exceed --warmup={args.warmup} and be at most every context")
     return args

@@ -38,7 +38,7 @@ from kernels.fast_weights import FAST_WEIGHT_NAMES, ChunkGradients, FastWeights
 from kernels.lact import apply_chunk_gradients, chunk_gradients
 from model.config import TTTConfig
 from model.fast_weight_scan import ScanWeights, TTTInputs, chunk_step, fast_weight_scan
-from model.lm import TTTLM
+from model.lm import Block, BlockCall, TTTLM
 from model.ttt_layer import LocalScan, LocalWindow, RowPositions, TTTMixer
 
 
@@ -286,14 +286,16 @@ def mixer_strategies(model: TTTLM, strategies: list[tuple[LocalScan, LocalWindow
 
 def decoding_logits(
     model: TTTLM, strategies: list[tuple[LocalScan, LocalWindow]], input_ids: torch.Tensor,
-    position_offset: Union[int, torch.Tensor], keep_last: Optional[int] = None,
+    position_offset: Union[int, torch.Tensor], keep_last: Optional[int] = None, call_block: BlockCall = Block.forward,
 ) -> torch.Tensor:
     """The LM's logits [B, n, V] for ids [B, n] at `position_offset` (an int, or [B] per row), with each
-    layer's mixer running its (scan, window) pair: the model's own blocks, layer loop and head, called
-    eagerly (a compiled block would guard on the decoding state). `keep_last` k: the head reads only
-    the last k rows, [B, min(k, n), V] (a long prompt's [P, V] logits are never formed)."""
+    layer's mixer running its (scan, window) pair: the model's own blocks, layer loop and head. Each
+    block runs through `call_block`: its plain forward, not the trainer's compiled module (whose graph
+    was traced with the training strategies), or a decoder's compiled step (`decoding.compiled`).
+    `keep_last` k: the head reads only the last k rows, [B, min(k, n), V] (a long prompt's [P, V]
+    logits are never formed)."""
     with mixer_strategies(model, strategies):
-        hidden, _ = model.hidden_states(input_ids, position_offset=position_offset, eager=True)
+        hidden, _ = model.hidden_states(input_ids, position_offset=position_offset, call_block=call_block)
     if keep_last is not None:
         hidden = hidden[:, -keep_last:]
     return F.linear(model.final_norm(hidden), model.output_weight())

@@ -1,9 +1,11 @@
 """The decode loop's step, run eagerly or replayed from CUDA graphs: no Python between its kernels.
 
-A static decoder (`StaticDecoder` for the TTT model, `StaticKVDecoder` for the transformer) offers
-`forward_token()` (consume `tokens`, write `logits`), `apply_chunk_updates()` (fixed-shape, gated on
-the device), `chunk_due()` / `advance_host()` (the host's own count of positions, which decides only
-*which graph to launch*, never what it computes) and `buffers()`. Every step is one of two graphs:
+A static decoder (`StaticDecoder` for the TTT model, `decoding.kv_cache.StaticKVDecoder` for the
+transformer) offers `forward_token()` (consume `tokens`, write `logits`), `apply_chunk_updates()`
+(fixed-shape, gated on the device), `chunk_due()` / `advance_host()` (the host's own count of
+positions, which decides only *which graph to launch*, never what it computes), `buffers()` and
+`compile_steps(backend)` (its steps fused by a compiler, `decoding.compiled`; the graphs then record
+the compiled kernels). Every step is one of two graphs:
 
     token graph:     forward_token(); tokens <- sample(logits)                          (other steps)
     boundary graph:  forward_token(); tokens <- sample(logits); apply_chunk_updates()   (some row completes a chunk)
@@ -34,6 +36,7 @@ class StaticStepDecoder(Protocol):
     def chunk_due(self) -> bool: ...
     def advance_host(self) -> None: ...
     def buffers(self) -> list[torch.Tensor]: ...
+    def compile_steps(self, backend: Optional[str]) -> None: ...
 
 
 class DecodeRunner:
@@ -41,16 +44,18 @@ class DecodeRunner:
 
     `sample(logits [B, V]) -> tokens [B]` must run on the device without host reads
     (`decoding.sampling.sample_tokens`); a `generator` it draws from is registered with the graphs, so
-    replays advance it as eager runs would.
+    replays advance it as eager runs would. `step_backend` compiles the decoder's steps ("inductor"
+    on CUDA; the tests use "aot_eager"); the first steps, or the capture's warm-up, compile them.
     """
 
     def __init__(
         self, decoder: StaticStepDecoder, sample: Callable[[torch.Tensor], torch.Tensor], graphs: bool,
-        generator: Optional[torch.Generator] = None,
+        generator: Optional[torch.Generator] = None, step_backend: Optional[str] = None,
     ) -> None:
         if graphs and not decoder.tokens.is_cuda:
             raise ValueError(f"CUDA graphs need the model on a CUDA device, not {decoder.tokens.device}: pass graphs=False")
         self.decoder, self.sample = decoder, sample
+        decoder.compile_steps(step_backend)
         self.token_graph: Optional[torch.cuda.CUDAGraph] = None
         self.boundary_graph: Optional[torch.cuda.CUDAGraph] = None
         if graphs:

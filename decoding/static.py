@@ -31,16 +31,8 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from decoding.decode import (
-    DecodeState,
-    LayerCache,
-    chunk_update,
-    decoding_logits,
-    prefill,
-    restart_chunk_sums,
-    store_window,
-    ttt_token_output,
-)
+from decoding.compiled import block_step, chunk_update_step
+from decoding.decode import DecodeState, LayerCache, decoding_logits, prefill, store_window, ttt_token_output
 from kernels.fast_weights import FastWeights, PerSequenceTensors
 from model.fast_weight_scan import ScanWeights, TTTInputs
 from model.lm import TTTLM
@@ -93,6 +85,7 @@ class StaticDecoder:
     tokens: torch.Tensor  # [B] int64: the tokens the next step consumes (written by the caller or the sampler)
     logits: torch.Tensor  # [B, V]: the next-token logits the last step produced
     completes: torch.Tensor  # [B] bool: whether the last step's token completed its row's chunk
+    step_backend: Optional[str] = None  # None: eager steps; else each layer's step compiled by it (`compile_steps`)
 
     @classmethod
     def from_states(cls, model: TTTLM, states: list[DecodeState], order: Optional[torch.Tensor] = None) -> "StaticDecoder":
@@ -114,6 +107,11 @@ class StaticDecoder:
             completes=torch.zeros(batch, dtype=torch.bool, device=device),
         )
 
+    def compile_steps(self, backend: Optional[str] = "inductor") -> None:
+        """Run each layer's token step and chunk update compiled by `backend` from now on (None: eagerly);
+        see `decoding.compiled`. The results are those of the eager steps."""
+        self.step_backend = backend
+
     def buffers(self) -> list[torch.Tensor]:
         """Every tensor a step writes (the CUDA-graph runner snapshots them around its warm-up)."""
         own = [self.positions, self.tokens, self.logits, self.completes]
@@ -129,26 +127,18 @@ class StaticDecoder:
         chunk = self.model.cfg.ttt.chunk_size
         self.completes.copy_(self.positions % chunk == chunk - 1)
         strategies = [(RowStepScan(cache), RowStepWindow(cache)) for cache in self.layers]
-        logits = decoding_logits(self.model, strategies, self.tokens[:, None], self.positions)  # [B, 1, V]
+        call_block = block_step(self.step_backend)
+        logits = decoding_logits(self.model, strategies, self.tokens[:, None], self.positions, call_block=call_block)  # [B, 1, V]
         self.logits.copy_(logits[:, 0])
         self.positions += 1
 
     @torch.no_grad()
     def apply_chunk_updates(self) -> None:
         """Apply each layer's chunk update to the rows whose last token completed a chunk, and restart
-        their running sums.
-
-        The update (`decoding.decode.chunk_update`, from the running sums alone) is computed for every
-        row; rows without the flag keep their weights and sums bit for bit. A weight the update carries
-        over (a frozen one) is the same tensor and is not copied.
-        """
-        completes = self.completes[:, None, None, None]
+        their running sums (`decoding.compiled.layer_chunk_update`)."""
+        update = chunk_update_step(self.step_backend)
         for block, cache in zip(self.model.blocks, self.layers):
-            updated = chunk_update(block.mixer.scan_weights(), cache)
-            for name, current in cache.fast_weights.named_tensors():
-                if getattr(updated, name) is not current:
-                    current.copy_(torch.where(completes, getattr(updated, name), current))
-            restart_chunk_sums(cache, self.completes)
+            update(block.mixer, cache, self.completes)
 
     @torch.no_grad()
     def consume(self, tokens: torch.Tensor) -> torch.Tensor:

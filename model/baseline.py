@@ -4,7 +4,7 @@ Same embeddings, RMSNorm, SwiGLU MLP and rotary tables as model/lm.py (imported,
 mixer is full causal SDPA over `num_attn_heads` heads instead of TTT + sliding window. It answers the
 questions the TTT model is built for: how much quality does the constant-size state give up (train
 /quality.py), and how does a KV cache that grows with the context compare at decode time
-(benchmarks/decode.py)?
+(benchmarks/decode.py, with decoding/kv_cache.py)?
 """
 
 from __future__ import annotations
@@ -138,8 +138,9 @@ class BaselineLM(nn.Module):
         return logits[:, 0]
 
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor, capacity: int) -> tuple[torch.Tensor, "StaticKVDecoder"]:
-        """Equal-length prompts [B, P] -> (logits [B, P, V], a static decoder whose cache holds `capacity` tokens)."""
+    def prefill(self, input_ids: torch.Tensor, capacity: int) -> tuple[torch.Tensor, KVCache]:
+        """Equal-length prompts [B, P] -> (logits [B, P, V], their KV cache of `capacity` tokens, P filled);
+        `decoding.kv_cache.StaticKVDecoder.around` decodes on from it."""
         batch, prompt_len = input_ids.shape
         if capacity < prompt_len:
             raise ValueError(f"capacity={capacity} must hold the prompt's {prompt_len} tokens")
@@ -153,65 +154,7 @@ class BaselineLM(nn.Module):
 
         logits = self.decode_blocks(input_ids, attend)
         cache.length = prompt_len
-        return logits, StaticKVDecoder.around(self, cache)
+        return logits, cache
 
 
 Attend = Callable[[int, CausalAttention, torch.Tensor], torch.Tensor]
-
-
-@dataclass
-class StaticKVDecoder:
-    """The transformer's decode step over a fixed-capacity cache, in the shape a CUDA graph replays
-    (the protocol of decoding/graphs.py): rows at their own positions [B] on the device, keys and
-    values written in place, attention over the whole capacity with a length mask (SDPA's
-    memory-efficient kernel on CUDA takes the mask; the cost is that of the capacity, which the
-    benchmark sets to the context it measures)."""
-
-    model: BaselineLM
-    cache: KVCache
-    positions: torch.Tensor  # [B] int64
-    host_positions: list[int]
-    tokens: torch.Tensor  # [B] int64
-    logits: torch.Tensor  # [B, V]
-
-    @classmethod
-    def around(cls, model: BaselineLM, cache: KVCache) -> "StaticKVDecoder":
-        """A decoder continuing every row of `cache` at position cache.length."""
-        batch, device = cache.keys.shape[1], cache.keys.device
-        positions = torch.full((batch,), cache.length, dtype=torch.long, device=device)
-        logits = torch.zeros(batch, model.cfg.vocab_size, dtype=cache.keys.dtype, device=device)
-        return cls(model, cache, positions, [cache.length] * batch, torch.zeros_like(positions), logits)
-
-    def buffers(self) -> list[torch.Tensor]:
-        return [self.cache.keys, self.cache.values, self.positions, self.tokens, self.logits]
-
-    @torch.no_grad()
-    def forward_token(self) -> None:
-        """Consume `tokens` at `positions` -> `logits`; writes each row's key/value slot; advances `positions`."""
-        capacity = self.cache.keys.shape[3]
-        positions = self.positions[:, None]  # [B, 1]
-        rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
-        visible = (torch.arange(capacity, device=positions.device) <= positions)[:, None, None]  # [B, 1, 1, capacity]
-
-        def attend(index: int, attention: CausalAttention, h: torch.Tensor) -> torch.Tensor:
-            q, k, v = attention.heads_at(h, positions)  # [B, A, 1, Dh]
-            self.cache.keys[index][rows, :, positions] = k.transpose(1, 2)  # target [B, 1, A, Dh]
-            self.cache.values[index][rows, :, positions] = v.transpose(1, 2)
-            return F.scaled_dot_product_attention(q, self.cache.keys[index], self.cache.values[index], attn_mask=visible)
-
-        self.logits.copy_(self.model.decode_blocks(self.tokens[:, None], attend)[:, 0])
-        self.positions += 1
-
-    def apply_chunk_updates(self) -> None:
-        """Nothing: the transformer's state changes only by the key/value writes of `forward_token`."""
-
-    def chunk_due(self) -> bool:
-        return False
-
-    def advance_host(self) -> None:
-        self.host_positions = [p + 1 for p in self.host_positions]
-        if max(self.host_positions) > self.cache.keys.shape[3]:
-            raise ValueError(f"the KV cache holds {self.cache.keys.shape[3]} tokens: prefill with a larger capacity")
-
-    def memory_bytes(self) -> int:
-        return self.cache.memory_bytes()

@@ -11,7 +11,7 @@ decoding run the same `Block.forward` and the same layer loop (`TTTLM.hidden_sta
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -73,6 +73,9 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x)), new_state
 
 
+BlockCall = Callable[..., tuple[torch.Tensor, FastWeights]]  # (block, x, state, position_offset, segments, window_mask)
+
+
 class TTTLM(nn.Module):
     def __init__(self, cfg: LMConfig) -> None:
         super().__init__()
@@ -127,21 +130,27 @@ class TTTLM(nn.Module):
 
     def hidden_states(
         self, input_ids: torch.Tensor, states: Optional[list[FastWeights]] = None,
-        position_offset: Union[int, torch.Tensor] = 0, doc_ids: Optional[torch.Tensor] = None, eager: bool = False,
+        position_offset: Union[int, torch.Tensor] = 0, doc_ids: Optional[torch.Tensor] = None,
+        call_block: Optional[BlockCall] = None,
     ) -> tuple[torch.Tensor, list[FastWeights]]:
         """The embedding and the layer loop: ids [B, T] -> (hidden [B, T, D] before the final norm, each
         layer's state after the rows). `states` are what each layer's scan strategy starts from.
 
-        `eager` calls each block's own forward, never a compiled call (`Module.compile`): decoding does,
-        because its strategies keep per-token state that a compiled block would guard on and recompile for.
+        `call_block(block, x, state, position_offset, segments, window_mask)` runs each block; None calls
+        the module (its `Module.compile` form where the trainer compiled it). Decoding passes `Block.forward`
+        or its own compiled step (`decoding.compiled`): its strategies hold per-token state that the
+        training graph was not traced with.
         """
         segments = None if doc_ids is None else DocumentSegments.from_doc_ids(doc_ids)
         x = self.embed(input_ids)
         window_mask = self.window_mask(input_ids, doc_ids)
         new_states = []
         for i, block in enumerate(self.blocks):
-            run = block.forward if eager else block
-            x, state = run(x, None if states is None else states[i], position_offset, segments, window_mask)
+            state = None if states is None else states[i]
+            if call_block is None:
+                x, state = block(x, state, position_offset, segments, window_mask)
+            else:
+                x, state = call_block(block, x, state, position_offset, segments, window_mask)
             new_states.append(state)
         return x, new_states
 

@@ -37,10 +37,11 @@ def reference_logits(model, prompt: list[int], continuation: torch.Tensor) -> to
     return torch.stack([decode_step(model, state, continuation[None, t])[0] for t in range(len(continuation))])
 
 
-def static_logits(model, prompts: list[list[int]], continuations: torch.Tensor) -> torch.Tensor:
-    """All prompts as one batch of static rows, fed the continuations: [B, STEPS, V]."""
+def static_logits(model, prompts: list[list[int]], continuations: torch.Tensor, step_backend=None) -> torch.Tensor:
+    """All prompts as one batch of static rows, fed the continuations: [B, STEPS, V] (the steps compiled
+    by `step_backend`, if given)."""
     _, decoder = prefill_rows(model, prompts)
-    runner = DecodeRunner(decoder, partial(sample_tokens, temperature=0.0, top_p=1.0), graphs=False)
+    runner = DecodeRunner(decoder, partial(sample_tokens, temperature=0.0, top_p=1.0), graphs=False, step_backend=step_backend)
     steps = []
     for t in range(continuations.shape[1]):
         decoder.tokens.copy_(continuations[:, t])

@@ -7,6 +7,7 @@ from functools import partial
 import torch
 
 from decoding.graphs import DecodeRunner
+from decoding.kv_cache import StaticKVDecoder
 from decoding.sampling import sample_tokens
 from model.baseline import BaselineLM
 from model.config import LMConfig
@@ -32,7 +33,8 @@ def test_kv_cache_decoding_matches_the_forward_pass() -> None:
 def test_static_cache_step_equals_the_kv_cache_decoder() -> None:
     """Prefill 7 tokens, then 12 static steps (fixed capacity, length mask) against decode_step (sliced cache)."""
     model, tokens, expected = small_model_and_cached_decode()
-    logits, decoder = model.prefill(tokens[:, :7], capacity=19)
+    logits, cache = model.prefill(tokens[:, :7], capacity=19)
+    decoder = StaticKVDecoder.around(model, cache)
     runner = DecodeRunner(decoder, partial(sample_tokens, temperature=0.0, top_p=1.0), graphs=False)
     steps = []
     for t in range(7, 19):

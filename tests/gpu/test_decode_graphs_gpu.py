@@ -10,11 +10,13 @@ capture, and greedy tokens must agree exactly.
 from __future__ import annotations
 
 from functools import partial
+from typing import Optional
 
 import pytest
 import torch
 
 from decoding.graphs import DecodeRunner
+from decoding.kv_cache import StaticKVDecoder
 from decoding.sampling import sample_tokens
 from decoding.static import prefill_rows
 from model.baseline import BaselineLM
@@ -31,9 +33,9 @@ BF16_TOLERANCE = 2e-2
 GREEDY = partial(sample_tokens, temperature=0.0, top_p=1.0)
 
 
-def run(decoder, graphs: bool) -> tuple[list[list[int]], torch.Tensor]:
+def run(decoder, graphs: bool, step_backend: Optional[str] = None) -> tuple[list[list[int]], torch.Tensor]:
     """Greedy tokens [B, STEPS] and the logits of every step [B, STEPS, V] (fp32)."""
-    runner = DecodeRunner(decoder, GREEDY, graphs=graphs)
+    runner = DecodeRunner(decoder, GREEDY, graphs=graphs, step_backend=step_backend)
     tokens, logits = [], []
     for _ in range(STEPS):
         runner.step()
@@ -42,9 +44,9 @@ def run(decoder, graphs: bool) -> tuple[list[list[int]], torch.Tensor]:
     return torch.stack(tokens, dim=1).tolist(), torch.stack(logits, dim=1)
 
 
-def ttt_decoder(prompts: list[list[int]], variant: tuple[str, ...] = ()):
+def ttt_decoder(prompts: list[list[int]], variant: tuple[str, ...] = (), dtype: torch.dtype = torch.bfloat16):
     torch.manual_seed(0)
-    model = TTTLM(load_model_config("configs/model/125m.yaml", OVERRIDES + list(variant))).cuda().to(torch.bfloat16).eval()
+    model = TTTLM(load_model_config("configs/model/125m.yaml", OVERRIDES + list(variant))).cuda().to(dtype).eval()
     first, decoder = prefill_rows(model, prompts)
     decoder.tokens.copy_(GREEDY(first))
     return decoder
@@ -61,11 +63,24 @@ def test_graph_decoding_equals_eager_ttt(variant: tuple[str, ...]) -> None:
 
 
 @requires_cuda
+@pytest.mark.parametrize("variant", [(), ("ttt.mode=recurrent", "ttt.fast_weights=all", "ttt.weight_norm=true", "ttt.token_causal=false")])
+def test_compiled_graph_decoding_equals_eager_ttt(variant: tuple[str, ...]) -> None:
+    """Inductor's fused steps replayed from CUDA graphs against the eager steps, in fp32 (fusion changes
+    the rounding order, ~1e-6 relative; a greedy token that flipped would show as a larger error)."""
+    prompts = [list(range(1, 101)), list(range(5, 42)), list(range(7, 71))]
+    eager_tokens, eager_logits = run(ttt_decoder(prompts, variant, torch.float32), graphs=False)
+    fused_tokens, fused_logits = run(ttt_decoder(prompts, variant, torch.float32), graphs=True, step_backend="inductor")
+    assert fused_tokens == eager_tokens
+    assert relative_error(fused_logits, eager_logits) < 1e-4
+
+
+@requires_cuda
 def test_graph_decoding_equals_eager_transformer() -> None:
     def decoder():
         torch.manual_seed(0)
         model = BaselineLM(load_model_config("configs/model/125m.yaml", OVERRIDES)).cuda().to(torch.bfloat16).eval()
-        logits, static = model.prefill(torch.arange(1, 101, device="cuda")[None].expand(2, -1), capacity=100 + STEPS + 1)
+        logits, cache = model.prefill(torch.arange(1, 101, device="cuda")[None].expand(2, -1), capacity=100 + STEPS + 1)
+        static = StaticKVDecoder.around(model, cache)
         static.tokens.copy_(GREEDY(logits[:, -1]))
         return static
 
