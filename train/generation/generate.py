@@ -55,12 +55,14 @@ def generate_batch(
     on_token: Optional[TokenCallback] = None,
     graphs: Optional[bool] = None,
     row_done: Optional[RowDone] = None,
+    compile_steps: Optional[bool] = None,
 ) -> list[list[int]]:
     """Continue prompts of any lengths ([B, P] or B lists) in one batch; a sequence ends at `stop_id`
     (included) or after max_new_tokens.
 
     Each row decodes at its own position from static buffers; `graphs` (default: on CUDA) replays the
-    step from CUDA graphs. Tokens stay on the device and are read back every `STOP_CHECK_EVERY`
+    step from CUDA graphs, and `compile_steps` (default: on CUDA) fuses each layer's step with Inductor
+    first (`decoding.compiled`: a one-off compile, then several times fewer kernels a token). Tokens stay on the device and are read back every `STOP_CHECK_EVERY`
     steps to see whether every row has stopped; `on_token(row, token)` (streaming) reads every step.
     `row_done(row, its new tokens)` (e.g. a stop string in their text) also counts a row as stopped
     when the rows are read; its tokens are returned whole, for the caller to cut.
@@ -70,7 +72,8 @@ def generate_batch(
     sample = partial(sample_tokens, temperature=temperature, top_p=top_p, generator=generator)
     decoder.tokens.copy_(sample(last_logits))
     use_graphs = decoder.tokens.is_cuda if graphs is None else graphs
-    runner = DecodeRunner(decoder, sample, use_graphs, generator if temperature > 0 else None)
+    backend = "inductor" if (decoder.tokens.is_cuda if compile_steps is None else compile_steps) else None
+    runner = DecodeRunner(decoder, sample, use_graphs, generator if temperature > 0 else None, backend)
     produced = [decoder.tokens.clone()]  # [B] per step, kept on the device
     streamed = [False] * len(rows)  # per row: has its stop token been streamed (on_token only)
     while True:
@@ -115,11 +118,14 @@ def generate(
     on_token: Optional[TokenCallback] = None,
     graphs: Optional[bool] = None,
     row_done: Optional[RowDone] = None,
+    compile_steps: Optional[bool] = None,
 ) -> list[list[int]]:
     """Continuations of prompts of any lengths (each >= 1 token), all decoded as one batch; `on_token(prompt
-    index, token)`, `row_done(prompt index, its new tokens)` as in `generate_batch`."""
+    index, token)`, `row_done(prompt index, its new tokens)`, `graphs` and `compile_steps` as in `generate_batch`."""
     generator = torch.Generator(device=model.embed.weight.device).manual_seed(seed)
-    return generate_batch(model, prompts, max_new_tokens, temperature, top_p, stop_id, generator, on_token, graphs, row_done)
+    return generate_batch(
+        model, prompts, max_new_tokens, temperature, top_p, stop_id, generator, on_token, graphs, row_done, compile_steps
+    )
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -132,6 +138,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--num-samples", type=int, default=1, help="continuations per prompt, decoded in the same batch")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-cuda-graphs", action="store_true", help="run the CUDA decode step eagerly")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="skip fusing the CUDA decode step with Inductor (saves its one-off compile on short outputs)")
     parser.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-document token")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
@@ -163,6 +171,7 @@ def main(argv: list[str]) -> None:
     outputs = generate(
         model, prompts, args.max_new_tokens, args.temperature, args.top_p, stop_id, args.seed,
         print_token if streaming else None, graphs=False if args.no_cuda_graphs else None,
+        compile_steps=False if args.no_compile else None,
     )  # fmt: skip
     if streaming:
         sys.stdout.write(stream.flush() + "\n")
