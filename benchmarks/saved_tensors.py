@@ -23,6 +23,7 @@ from benchmarks.step import PARALLEL_FORM
 from model.baseline import BaselineBlock
 from model.config import LMConfig, load_model_config
 from model.lm import Block
+from model.swa import window_block_mask
 
 CONFIG_DIR = Path("configs/model")
 
@@ -63,8 +64,12 @@ def block_pair(size: str, device: torch.device, compile_blocks: bool, overrides:
 
 
 def run_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The block's output, called as the model's layer loop calls it (the window's block mask built
+    outside the block, once per forward, as `TTTLM.window_mask` does on CUDA)."""
     if isinstance(block, Block):
-        return block(x, None, 0)[0]
+        window = block.mixer.cfg.window_size
+        mask = window_block_mask(x.shape[1], window, x.device, None) if x.is_cuda and window > 0 else None
+        return block(x, None, 0, None, mask)[0]
     return block(x)
 
 

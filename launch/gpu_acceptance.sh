@@ -2,11 +2,11 @@
 # GPU acceptance run on one H100/H200: the 125M model at 16K context trains (loss, tokens/s, MFU),
 # resumes from its sharded checkpoint, exports, then generation and decoding are benchmarked.
 # Every stage logs to $RESULTS/<stage>.log and a failing stage does not stop the others.
-#   launch/gpu_acceptance.sh [train] [decode] [quality] [entry] [speed] [overhead] [memory] [suite] [slow]
+#   launch/gpu_acceptance.sh [train] [decode_tests] [decode] [quality] [entry] [speed] [overhead] [saved] [memory] [suite] [slow]
 #   (default: train decode)
 # entry: the trainer-through-the-launcher GPU test; speed: the 125M/16K run through launch/ with the
 # blocks compiled beside the benchmark's row of the same shape; memory: what one block saves for
-# backward, tttla beside the transformer, and the step with the feature projections recomputed;
+# backward, tttla beside the transformer (saved: only that), and the step with the feature projections recomputed;
 # overhead: the trainer's step split into its parts (benchmarks/trainer_overhead.py);
 # suite: the GPU suite with test durations; slow: its long cases.
 set -uo pipefail
@@ -35,8 +35,13 @@ run_train() {
   cp -r "$RUN" "$RESULTS/run" && rm -rf "$RESULTS/run/checkpoints" "$RESULTS/run/export"
 }
 
+run_decode_tests() {
+  stage decode_tests "$PYTHON" -m pytest -q -m gpu tests/gpu/test_decode_graphs_gpu.py --durations=0
+}
+
 run_decode() {
-  stage bench_decode "$PYTHON" -m benchmarks.decode --out "$RESULTS/decode"
+  # DECODE_ARGS narrows the grid, e.g. "--variants parallel --contexts 4096 65536"
+  stage bench_decode "$PYTHON" -m benchmarks.decode --out "$RESULTS/decode" ${DECODE_ARGS:-}
 }
 
 run_quality() {
@@ -64,11 +69,15 @@ run_overhead() {
   cat "$RESULTS/trainer_overhead.log" | grep '^{' || true
 }
 
-run_memory() {
+run_saved() {
   stage saved_tensors "$PYTHON" -m benchmarks.saved_tensors --config 125m --seq-len 16384 \
     --out "$RESULTS/saved_tensors_125m_16k.json"
   stage saved_tensors_recompute "$PYTHON" -m benchmarks.saved_tensors --config 125m --seq-len 16384 \
     --out "$RESULTS/saved_tensors_125m_16k_recompute.json" ttt.save_feature_projections=false
+}
+
+run_memory() {
+  run_saved
   stage bench_memory "$PYTHON" -m benchmarks.step --configs 125m --seqs 16384x1 --impls tttla sdpa \
     --checkpointing none --compile on --no-ceiling --out "$RESULTS/train_step_memory"
   stage bench_memory_recompute "$PYTHON" -m benchmarks.step --configs 125m --seqs 16384x1 --impls tttla \
