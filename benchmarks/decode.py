@@ -93,7 +93,22 @@ def time_decoder(decoder, args: argparse.Namespace, device: torch.device) -> dic
     runner = DecodeRunner(decoder, partial(sample_tokens, temperature=0.0, top_p=1.0), graphs=args.graphs, step_backend=backend)
     reset_peak(device)
     times = time_steps(runner.step, args.steps, device)
-    return {"state_mb": decoder.memory_bytes() / MB, "peak_mb": peak_mb(device), **summary(times, args.warmup)}
+    timed = {"state_mb": decoder.memory_bytes() / MB, "peak_mb": peak_mb(device), **summary(times, args.warmup)}
+    if device.type == "cuda":
+        timed.update(count_kernels(runner.token_step, device))
+    return timed
+
+
+def count_kernels(step: Callable[[], None], device: torch.device) -> dict:
+    """The kernels one token step launches (run outside the graphs, which replay the same ones) and
+    their summed device time: what a graph replay pays per kernel shows as their count."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        synchronize(device)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return {"kernels": len(kernels), "kernel_ms": sum(e.time_range.elapsed_us() for e in kernels) / 1e3}
 
 
 def ttt_decoder(model: TTTLM, batch: int, start: int, prefilled: bool) -> StaticDecoder:
@@ -162,9 +177,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "shapes (its size does not depend on the context); the baseline attends to a cache of the context's capacity. "
         "Prefill: one batch-1 prompt of the context's length. Peak = max allocated (weights included).",
         "",
-        f"| model | context | state MB (b=1) | median ms | max ms | peak MB | tokens/s (b={meta['throughput_batch']}) "
-        "| peak MB | prefill tokens/s | prefill peak MB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| model | context | state MB (b=1) | median ms | max ms | kernels / their ms a step | peak MB "
+        f"| tokens/s (b={meta['throughput_batch']}) | peak MB | prefill tokens/s | prefill peak MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
     def fmt(value: Optional[float]) -> str:
@@ -173,11 +188,14 @@ def markdown(rows: list[dict], meta: dict) -> str:
     def cell(part: dict, key: str) -> str:
         return "OOM" if part.get("out_of_memory") else fmt(part.get(key))
 
+    def kernel_cell(part: dict) -> str:
+        return f"{part['kernels']} / {part['kernel_ms']:.2f}" if "kernels" in part else "-"
+
     for r in rows:
         latency, throughput = r["latency"], r["throughput"]
         lines.append(
             f"| {r['model']} | {r['context']} | {cell(latency, 'state_mb')} | {cell(latency, 'median_ms')} | "
-            f"{cell(latency, 'max_ms')} | {cell(latency, 'peak_mb')} | {cell(throughput, 'tokens_per_s')} | "
+            f"{cell(latency, 'max_ms')} | {kernel_cell(latency)} | {cell(latency, 'peak_mb')} | {cell(throughput, 'tokens_per_s')} | "
             f"{cell(throughput, 'peak_mb')} | {fmt(r.get('prefill_tokens_per_s'))} | {fmt(r.get('prefill_peak_mb'))} |"
         )
     return "\n".join(lines) + "\n"
