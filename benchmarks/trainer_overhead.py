@@ -13,7 +13,9 @@ into its causes:
     trainer      `train.loop.Trainer.train_step`: the run's own step (loss all-reduce, probes on logging steps)
 
 Prints and writes (``--out``) one JSON row per variant: the median optimizer step's wall time,
-tokens/s and the ratio to `model`; ``--profile DIR`` also writes each variant's op table for one step.
+tokens/s and the ratio to the first; ``--profile DIR`` also writes each variant's op table for one step.
+``--engine-configs`` adds an `engine` row per set of config overrides (comma-separated), to try the
+engine's settings (ZeRO stage, buckets, overlap) in the same process.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -142,12 +145,15 @@ def profile_table(step: Step, device: torch.device) -> str:
     return averages.table(sort_by=sort_by, row_limit=30) + "\n\n" + averages.table(sort_by="self_cpu_time_total", row_limit=30)
 
 
-def measure(name: str, cfg: RunConfig, dims: ParallelDims, warmup: int, steps: int, profile_dir: Optional[Path]) -> dict:
+def measure(name: str, cfg: RunConfig, dims: ParallelDims, warmup: int, steps: int, profile_dir: Optional[Path],
+            label: Optional[str] = None) -> dict:
     step = build_variant(name, cfg, dims)
+    name = label or name
     seconds = time_step(step, dims.device, warmup, steps)
     if profile_dir is not None:
         profile_dir.mkdir(parents=True, exist_ok=True)
-        (profile_dir / f"{name}.txt").write_text(profile_table(step, dims.device))
+        file_name = re.sub(r"[^\w.-]+", "_", name)  # a row's config overrides, as a plain file name
+        (profile_dir / f"{file_name}.txt").write_text(profile_table(step, dims.device))
     tokens = cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.data.seq_len
     row = dict(variant=name, step_ms=round(seconds * 1e3, 1), tok_s=round(tokens / seconds))
     if dims.device.type == "cuda":
@@ -165,6 +171,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     parser.add_argument("config", help="a train config, e.g. configs/train/125m_16k.yaml")
     parser.add_argument("overrides", nargs="*", help="config overrides (key=value)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--engine-configs", nargs="*", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                        help="one more engine row per entry, with these config overrides")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--out", type=Path, help="write the rows here (JSON)")
@@ -177,10 +185,14 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         cfg.resolve_layout(dims)
         if {"engine_data", "trainer"} & set(args.variants):
             check_dataset(cfg, dims.dp)  # a missing corpus is one line, before any model is built
+        runs = [(name, cfg, None) for name in args.variants]
+        for entry in args.engine_configs:
+            overrides = [*args.overrides, *entry.split(","), f"logging.run_dir={run_dir}", "logging.tensorboard=false"]
+            runs.append(("engine", load_run_config(args.config, overrides).resolve_layout(dims), f"engine[{entry}]"))
         rows = []
-        for name in args.variants:
-            rows.append(measure(name, cfg, dims, args.warmup, args.steps, args.profile))
-            rows[-1]["of_model"] = round(rows[0]["tok_s"] and rows[-1]["tok_s"] / rows[0]["tok_s"], 3)
+        for name, run_cfg, label in runs:
+            rows.append(measure(name, run_cfg, dims, args.warmup, args.steps, args.profile, label))
+            rows[-1]["of_first"] = round(rows[-1]["tok_s"] / rows[0]["tok_s"], 3)
             print(json.dumps(rows[-1]), flush=True)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

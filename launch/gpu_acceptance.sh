@@ -65,7 +65,7 @@ run_speed() {
 run_overhead() {
   [ -f data/stdlib_16k/manifest.json ] || "$PYTHON" -m train.data.prepare --stdlib --out data/stdlib_16k --seq-len 16384
   stage trainer_overhead "$PYTHON" -m benchmarks.trainer_overhead configs/train/125m_16k.yaml \
-    --out "$RESULTS/trainer_overhead_125m_16k.json" --profile "$RESULTS/trainer_overhead_profile"
+    --out "$RESULTS/trainer_overhead_125m_16k.json" --profile "$RESULTS/trainer_overhead_profile" ${OVERHEAD_ARGS:-}
   cat "$RESULTS/trainer_overhead.log" | grep '^{' || true
 }
 
