@@ -27,6 +27,15 @@ from verification.proof import relative_error
 GREEDY = partial(sample_tokens, temperature=0.0, top_p=1.0)
 
 
+@pytest.fixture(autouse=True)
+def fresh_compile_caches():
+    """Each test starts without compiled entries: every model variant adds its own to the code objects'
+    caches, and past Dynamo's recompile limit a step would silently run eagerly."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_compiled_steps_equal_the_reference_decoder(mode: str) -> None:
     """Rows at three chunk phases, decoded across three chunk boundaries with compiled steps."""
