@@ -89,7 +89,8 @@ def time_prefill(run: Callable[[], object], tokens: int, device: torch.device) -
 def time_decoder(decoder, args: argparse.Namespace, device: torch.device) -> dict:
     """Per-step times of the static decoder's step (CUDA graphs on CUDA unless --no-graphs; compiled unless
     --no-compile), greedy sampling included. The first steps, untimed, compile and capture."""
-    backend = "inductor" if args.compile else None
+    compile_step = args.compile_baseline if isinstance(decoder, StaticKVDecoder) else args.compile
+    backend = "inductor" if compile_step else None
     runner = DecodeRunner(decoder, partial(sample_tokens, temperature=0.0, top_p=1.0), graphs=args.graphs, step_backend=backend)
     reset_peak(device)
     times = time_steps(runner.step, args.steps, device)
@@ -170,7 +171,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "# Decode latency, throughput, prefill and memory: TTT state vs SDPA KV cache",
         "",
         f"Config `{meta['config']}` {' '.join(meta['override'])}, {meta['dtype']}, device: {meta['device']}, "
-        f"CUDA graphs: {meta['graphs']}, compiled steps: {meta.get('compile', False)}. {meta['steps'] - meta['warmup']} timed steps per cell straddling a chunk "
+        f"CUDA graphs: {meta['graphs']}, compiled TTT steps: {meta.get('compile', False)}, compiled transformer steps: {meta.get('compile_baseline', False)}. {meta['steps'] - meta['warmup']} timed steps per cell straddling a chunk "
         "boundary (`max` includes the step that applies the chunk update), greedy sampling on the device included. "
         f"Latency at batch 1; throughput at batch {meta['throughput_batch']} (batch x 1000 / median ms). TTT contexts "
         f"above {meta['prefill_up_to']} tokens, and every throughput row, start from a random state of the right "
@@ -225,8 +226,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None,
                         help="replay decode steps from CUDA graphs (default: on CUDA)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="compile each decoder's step with Inductor, the TTT model's and the transformer's alike "
-                             "(default: on CUDA)")
+                        help="compile the TTT decoder's step with Inductor (default: on CUDA)")
+    parser.add_argument("--compile-baseline", action="store_true",
+                        help="compile the transformer's step too; off by default: on an H100 its masked attention "
+                             "over the cache compiled ran slower than eager (docs/bench/decode.md)")
     parser.add_argument("--steps", type=int, help="decode steps per row (the first --warmup are not timed)")
     parser.add_argument("--warmup", type=int)
     parser.add_argument("--dtype", choices=("bfloat16", "float32"))

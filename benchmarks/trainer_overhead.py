@@ -6,14 +6,16 @@ weights), accumulates micro-batches, reads its loader and reports. Each variant 
 those to the one before, in one process on one device, so the gap between the two numbers splits
 into its causes:
 
-    model        fp32 weights, autocast, `train.grad_accum` micro-batches, one fused AdamW step
+    model_step   fp32 weights, autocast, one micro-batch, one fused AdamW step (`benchmarks.step`'s loop)
+    model        the same over `train.grad_accum` micro-batches, one AdamW step
     model_bf16   the same with bf16 weights and no autocast (what DeepSpeed's bf16 mode trains)
     engine       the trainer's DeepSpeed engine (`train.engine.build_engine`) on random tokens
     engine_data  the engine fed by the run's loader (`train.data.loader`)
     trainer      `train.loop.Trainer.train_step`: the run's own step (loss all-reduce, probes on logging steps)
 
-Prints and writes (``--out``) one JSON row per variant: the median optimizer step's wall time,
-tokens/s and the ratio to the first; ``--profile DIR`` also writes each variant's op table for one step.
+Every variant is built first; then they take turns (``--rounds``), so that the device's clocks
+drifting over a run (or another machine) cannot favour one. Prints and writes (``--out``) one JSON
+row per variant: the median step's wall time, tokens/s and the ratio to the first; ``--profile DIR`` also writes each variant's op table for one step.
 ``--engine-configs`` adds an `engine` row per set of config overrides (comma-separated), to try the
 engine's settings (ZeRO stage, buckets, overlap) in the same process.
 """
@@ -21,11 +23,11 @@ engine's settings (ZeRO stage, buckets, overlap) in the same process.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import re
 import tempfile
 import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -39,7 +41,7 @@ from train.engine import build_engine, build_model
 from train.loop import Trainer
 from train.state import TrainState
 
-VARIANTS = ("model", "model_bf16", "engine", "engine_data", "trainer")
+VARIANTS = ("model_step", "model", "model_bf16", "engine", "engine_data", "trainer")
 Step = Callable[[], None]
 
 
@@ -145,25 +147,44 @@ def profile_table(step: Step, device: torch.device) -> str:
     return averages.table(sort_by=sort_by, row_limit=30) + "\n\n" + averages.table(sort_by="self_cpu_time_total", row_limit=30)
 
 
-def measure(name: str, cfg: RunConfig, dims: ParallelDims, warmup: int, steps: int, profile_dir: Optional[Path],
-            label: Optional[str] = None) -> dict:
-    step = build_variant(name, cfg, dims)
-    name = label or name
-    seconds = time_step(step, dims.device, warmup, steps)
-    if profile_dir is not None:
-        profile_dir.mkdir(parents=True, exist_ok=True)
-        file_name = re.sub(r"[^\w.-]+", "_", name)  # a row's config overrides, as a plain file name
-        (profile_dir / f"{file_name}.txt").write_text(profile_table(step, dims.device))
+@dataclass
+class Variant:
+    label: str
+    step: Step
+    tokens: int  # per call of `step`
+    times: list[float] = field(default_factory=list)
+
+
+def build(name: str, cfg: RunConfig, dims: ParallelDims, label: Optional[str] = None) -> Variant:
+    built = name
+    if name == "model_step":  # the benchmark's loop exactly: one micro-batch per optimizer step
+        cfg, built = replace(cfg, train=replace(cfg.train, grad_accum=1)), "model"
     tokens = cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.data.seq_len
-    row = dict(variant=name, step_ms=round(seconds * 1e3, 1), tok_s=round(tokens / seconds))
-    if dims.device.type == "cuda":
-        row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    del step
-    gc.collect()
-    if dims.device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    return row
+    return Variant(label or name, build_variant(built, cfg, dims), tokens)
+
+
+def measure_interleaved(variants: list[Variant], device: torch.device, warmup: int, steps: int, rounds: int) -> None:
+    """Each variant's step `steps` times per round, the variants taking turns for `rounds` rounds, so a
+    drift of the device's clocks over the run spreads over all of them instead of favouring the first."""
+    for variant in variants:
+        time_step(variant.step, device, warmup, 1)
+    for _ in range(rounds):
+        for variant in variants:
+            variant.times += [time_step(variant.step, device, 0, 1) for _ in range(steps)]
+
+
+def row(variant: Variant, first: Variant) -> dict:
+    seconds = sorted(variant.times)[len(variant.times) // 2]
+    tok_s = variant.tokens / seconds
+    first_tok_s = first.tokens / sorted(first.times)[len(first.times) // 2]
+    return dict(variant=variant.label, step_ms=round(seconds * 1e3, 1), tok_s=round(tok_s), of_first=round(tok_s / first_tok_s, 3))
+
+
+def write_profiles(variants: list[Variant], device: torch.device, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for variant in variants:
+        file_name = re.sub(r"[^\w.-]+", "_", variant.label)  # a row's config overrides, as a plain file name
+        (folder / f"{file_name}.txt").write_text(profile_table(variant.step, device))
 
 
 def main(argv: Optional[list[str]] = None) -> list[dict]:
@@ -174,7 +195,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     parser.add_argument("--engine-configs", nargs="*", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                         help="one more engine row per entry, with these config overrides")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per variant per round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds in which the variants take turns")
     parser.add_argument("--out", type=Path, help="write the rows here (JSON)")
     parser.add_argument("--profile", type=Path, help="write each variant's op table for one step here")
     args = parser.parse_args(argv)
@@ -189,11 +211,15 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         for entry in args.engine_configs:
             overrides = [*args.overrides, *entry.split(","), f"logging.run_dir={run_dir}", "logging.tensorboard=false"]
             runs.append(("engine", load_run_config(args.config, overrides).resolve_layout(dims), f"engine[{entry}]"))
-        rows = []
-        for name, run_cfg, label in runs:
-            rows.append(measure(name, run_cfg, dims, args.warmup, args.steps, args.profile, label))
-            rows[-1]["of_first"] = round(rows[-1]["tok_s"] / rows[0]["tok_s"], 3)
-            print(json.dumps(rows[-1]), flush=True)
+        variants = [build(name, run_cfg, dims, label) for name, run_cfg, label in runs]
+        measure_interleaved(variants, dims.device, args.warmup, args.steps, args.rounds)
+        rows = [row(variant, variants[0]) for variant in variants]
+        for line in rows:
+            print(json.dumps(line), flush=True)
+        if dims.device.type == "cuda":
+            print(f"peak memory of all variants together: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+        if args.profile is not None:
+            write_profiles(variants, dims.device, args.profile)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(dict(config=args.config, overrides=args.overrides, rows=rows), indent=1) + "\n")

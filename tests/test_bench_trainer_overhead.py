@@ -15,15 +15,15 @@ def test_every_variant_times_a_step(tmp_path):
     overrides = [o for o in long_run_overrides(data, tmp_path / "run") if not o.startswith("logging.")]
     command = [
         sys.executable, "-m", "benchmarks.trainer_overhead", "configs/train/tiny_cpu.yaml", *overrides,
-        "train.grad_accum=2", "--steps", "1", "--warmup", "0", "--out", str(out), "--profile", str(tmp_path / "profile"),
+        "train.grad_accum=2", "--steps", "1", "--rounds", "2", "--warmup", "0", "--out", str(out), "--profile", str(tmp_path / "profile"),
         "--engine-configs", "zero.stage=1,zero.overlap_comm=false",
     ]  # fmt: skip
     finished = subprocess.run(command, cwd=REPO, env=worker_environment(), capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-4000:]
     rows = json.loads(out.read_text())["rows"]
-    variants = ["model", "model_bf16", "engine", "engine_data", "trainer", "engine[zero.stage=1,zero.overlap_comm=false]"]
+    variants = ["model_step", "model", "model_bf16", "engine", "engine_data", "trainer", "engine[zero.stage=1,zero.overlap_comm=false]"]
     assert [row["variant"] for row in rows] == variants
     assert all(row["step_ms"] > 0 and row["tok_s"] > 0 for row in rows), rows
     assert rows[0]["of_first"] == 1.0
-    tables = [(tmp_path / "profile" / f"{name}.txt") for name in [*variants[:5], "engine_zero.stage_1_zero.overlap_comm_false_"]]
+    tables = [(tmp_path / "profile" / f"{name}.txt") for name in [*variants[:6], "engine_zero.stage_1_zero.overlap_comm_false_"]]
     assert all(table.read_text().count("aten::") > 5 for table in tables)
