@@ -86,6 +86,7 @@ class BaselineLM(nn.Module):
         self.blocks = nn.ModuleList(BaselineBlock(cfg) for _ in range(cfg.num_layers))
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.loss_backend: Optional[str] = None  # compiles the loss's elementwise work (train.compile sets it)
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=cfg.init_std)
@@ -101,7 +102,7 @@ class BaselineLM(nn.Module):
         x = self.embed(input_ids)
         for block in self.blocks:
             x = block(x)
-        logits, loss_sum, num_targets = head_and_loss(self.final_norm(x), self.output_weight(), targets, return_logits)
+        logits, loss_sum, num_targets = head_and_loss(self.final_norm(x), self.output_weight(), targets, return_logits, self.loss_backend)
         loss = None if loss_sum is None else loss_sum / num_targets.clamp(min=1)
         return LMOutput(logits, loss, loss_sum, num_targets, [])
 

@@ -86,6 +86,7 @@ class TTTLM(nn.Module):
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rows = WholeRows()
+        self.loss_backend: Optional[str] = None  # compiles the loss's elementwise work (train.compile sets it)
         self.reset_parameters()
 
     def set_rows(self, rows: WholeRows) -> None:
@@ -124,7 +125,7 @@ class TTTLM(nn.Module):
         input_ids, position_offset = self.rows.computed_ids(input_ids, position_offset, doc_ids)
         hidden, new_states = self.hidden_states(input_ids, states, position_offset, doc_ids)
         hidden = self.final_norm(self.rows.head_rows(hidden))
-        logits, loss_sum, num_targets = head_and_loss(hidden, self.output_weight(), targets, return_logits)
+        logits, loss_sum, num_targets = head_and_loss(hidden, self.output_weight(), targets, return_logits, self.loss_backend)
         loss = None if loss_sum is None else loss_sum / num_targets.clamp(min=1)
         return LMOutput(logits, loss, loss_sum, num_targets, new_states)
 

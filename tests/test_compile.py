@@ -89,6 +89,26 @@ def test_block_with_the_kernel_ops_is_one_graph(monkeypatch):
     assert_same(expected, run(block, x))
 
 
+def test_rotary_tables_are_one_op_in_the_graph():
+    """A compiled block computes the RoPE tables once, as the opaque `tttla::rotary_tables` op (one per
+    rotation: the attention heads and the TTT q/k), and traces no cos/sin of its own: traced as plain
+    ops, Inductor evaluated them inside every element of the rotated q and k."""
+    x = torch.randn(2, 40, 64, generator=torch.Generator().manual_seed(4))
+    explanation = torch._dynamo.explain(make_block())(x, None, 0)
+    graph_code = explanation.graphs[0].code
+    assert graph_code.count("tttla.rotary_tables") == 2, graph_code
+    assert ".cos(" not in graph_code and ".sin(" not in graph_code and "torch.cos" not in graph_code
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rotary_tables_op_passes_opcheck(dtype):
+    from model.layers import _rotary_tables
+
+    positions = torch.arange(5, 45)
+    results = torch.library.opcheck(_rotary_tables, (positions, 32, 10000.0, dtype))
+    assert all(result == "SUCCESS" for result in results.values()), results
+
+
 OP_CASES = ("swiglu_features", "swiglu_features_recompute", "swiglu_features_backward",
             "swiglu_features_backward_recompute_x_only", *(f"chunk_scan{kind}_{variant}" for kind in ("", "_backward")
                                                            for variant in SCAN_VARIANTS))  # fmt: skip

@@ -30,8 +30,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model.baseline import BaselineBlock
-from model.lm import Block
+from model.baseline import BaselineBlock, BaselineLM
+from model.lm import Block, TTTLM
 from train.config import RunConfig
 
 
@@ -53,11 +53,14 @@ def blocks_are_one_graph(cfg: RunConfig, sp: int) -> bool:
 
 def compile_blocks(model: nn.Module, *, fullgraph: bool = True, backend: str = "inductor") -> int:
     """Compile every block of `model` (a TTTLM's, or the baseline transformer's, so both are measured alike)
-    in place; returns how many were compiled.
+    in place, and the elementwise work of the chunked loss (`model.loss.chunk_terms`); returns how many
+    blocks were compiled.
 
     `backend` other than Inductor is for tests ("aot_eager" traces forward and backward like
     Inductor but runs the traced ops eagerly, so results are bit-identical to eager)."""
     blocks = [module for module in model.modules() if isinstance(module, (Block, BaselineBlock))]
     for block in blocks:
         block.compile(fullgraph=fullgraph, backend=backend)
+    for lm in (module for module in model.modules() if isinstance(module, (TTTLM, BaselineLM))):
+        lm.loss_backend = backend
     return len(blocks)
