@@ -22,6 +22,7 @@ fp32 and stored for the apply in the operand dtype, as the tensor cores read the
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -51,8 +52,11 @@ class ChunkTable:
         return self.starts.shape[0]
 
 
+@functools.lru_cache(maxsize=64)
 def regular_chunk_table(batch: int, seq_len: int, chunk_size: int, device) -> ChunkTable:
-    """B documents of T tokens each (no host synchronisation)."""
+    """B documents of T tokens each (no host synchronisation). Kept per shape: every layer's forward and
+    backward ask for the same table, and building it launches about ten small kernels each time;
+    the kernels only read it."""
     n = math.ceil(seq_len / chunk_size)
     doc = torch.arange(batch, device=device, dtype=torch.int32)[:, None]
     starts = doc * seq_len + torch.arange(n, device=device, dtype=torch.int32)[None, :] * chunk_size
