@@ -30,6 +30,7 @@ from typing import Callable, Optional
 
 import torch
 
+from decoding.compiled import block_step
 from decoding.decode import prefill, random_state
 from decoding.graphs import DecodeRunner
 from decoding.sampling import sample_tokens
@@ -37,7 +38,7 @@ from decoding.static import StaticDecoder, prefill_rows
 from decoding.kv_cache import StaticKVDecoder
 from model.baseline import BaselineLM
 from model.config import load_model_config
-from model.lm import TTTLM
+from model.lm import BlockCall, TTTLM
 
 VARIANTS = {
     "parallel": [],  # the config as written (TTT-LA chunk scan, W1 fast)
@@ -112,11 +113,11 @@ def count_kernels(step: Callable[[], None], device: torch.device) -> dict:
     return {"kernels": len(kernels), "kernel_ms": sum(e.time_range.elapsed_us() for e in kernels) / 1e3}
 
 
-def ttt_decoder(model: TTTLM, batch: int, start: int, prefilled: bool) -> StaticDecoder:
+def ttt_decoder(model: TTTLM, batch: int, start: int, prefilled: bool, call_block: BlockCall) -> StaticDecoder:
     """A static decoder at position `start`: really prefilled, or a random state of the right shapes."""
     if prefilled:
         prompt = torch.randint(0, model.cfg.vocab_size, (batch, start)).tolist()
-        return prefill_rows(model, prompt)[1]
+        return prefill_rows(model, prompt, call_block)[1]
     return StaticDecoder.from_states(model, [random_state(model, batch, start)])
 
 
@@ -130,6 +131,12 @@ def baseline_decoder(model: BaselineLM, batch: int, start: int, capacity: int, p
     cache.values.normal_()
     cache.length = start
     return StaticKVDecoder.around(model, cache)
+
+
+def prefill_block_call(args: argparse.Namespace) -> BlockCall:
+    """How the TTT prefill runs each block: compiled with --compile (one graph per prompt length; the
+    untimed first call compiles), else its plain forward."""
+    return block_step("inductor" if args.compile else None)
 
 
 def bench_model(model: "TTTLM | BaselineLM", context: int, args: argparse.Namespace, device: torch.device) -> dict:
@@ -147,7 +154,7 @@ def bench_model(model: "TTTLM | BaselineLM", context: int, args: argparse.Namesp
             if isinstance(model, BaselineLM):
                 decoder = baseline_decoder(model, batch, start, context + args.steps, prefilled and batch == 1)
             else:
-                decoder = ttt_decoder(model, batch, start, prefilled and batch == 1)
+                decoder = ttt_decoder(model, batch, start, prefilled and batch == 1, prefill_block_call(args))
             timed = time_decoder(decoder, args, device)
         except torch.cuda.OutOfMemoryError:
             row[label] = {"out_of_memory": True}
@@ -158,7 +165,8 @@ def bench_model(model: "TTTLM | BaselineLM", context: int, args: argparse.Namesp
         row[label] = timed
     if prefilled:
         prompt = torch.randint(0, model.cfg.vocab_size, (1, context), device=device)
-        run = (lambda: model.prefill(prompt, context)) if isinstance(model, BaselineLM) else (lambda: prefill(model, prompt))
+        call_block = prefill_block_call(args)
+        run = (lambda: model.prefill(prompt, context)) if isinstance(model, BaselineLM) else (lambda: prefill(model, prompt, call_block=call_block))
         try:
             row.update(time_prefill(run, context, device))
         except torch.cuda.OutOfMemoryError:
@@ -226,7 +234,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None,
                         help="replay decode steps from CUDA graphs (default: on CUDA)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="compile the TTT decoder's step with Inductor (default: on CUDA)")
+                        help="compile the TTT decoder's step and its prefill with Inductor (default: on CUDA)")
     parser.add_argument("--compile-baseline", action="store_true",
                         help="compile the transformer's step too; off by default: on an H100 its masked attention "
                              "over the cache compiled ran slower than eager (docs/bench/decode.md)")

@@ -188,7 +188,7 @@ class PrefillScan(LocalScan):
         outputs = []
         if complete:
             out, fast = fast_weight_scan(weights, _slice_inputs(inputs, 0, complete), cache.fast_weights, w1_chunk_scan)
-            cache.fast_weights = decoding_weights(weights.ttt, fast.map(_own_storage))
+            cache.fast_weights = decoding_weights(weights.ttt, fast)  # `prefill` gives them their own storage
             outputs.append(out)
         if complete < prompt_len:
             remainder = _slice_inputs(inputs, complete, prompt_len)
@@ -199,10 +199,11 @@ class PrefillScan(LocalScan):
 
 @dataclass
 class PrefillWindow(LocalWindow):
-    """The window attention over a whole prompt (the local one), keeping its last rotated keys and
-    values in `cache`'s ring."""
+    """The window attention over a whole prompt (the local one, with the block mask the model builds
+    once for all layers where it runs FlexAttention), keeping its last rotated keys and values in
+    `cache`'s ring."""
 
-    reads_window_mask = False
+    reads_window_mask = True
 
     cache: LayerCache
 
@@ -210,7 +211,7 @@ class PrefillWindow(LocalWindow):
         self, mixer: TTTMixer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: RowPositions, window_mask: Any
     ) -> torch.Tensor:
         """[B, P, D] projections of the prompt -> [B, P, D]."""
-        attention = mixer.attention_branch(q, k, v, rows.offset)
+        attention = mixer.attention_branch(q, k, v, rows.offset, window_mask=window_mask)
         batch, prompt_len = q.shape[:2]
         positions = torch.arange(rows.offset, rows.offset + prompt_len, device=q.device).expand(batch, -1)
         store_window(self.cache, mixer, q, k, v, positions)
@@ -302,14 +303,19 @@ def decoding_logits(
 
 
 @torch.no_grad()
-def prefill(model: TTTLM, input_ids: torch.Tensor, keep_last: Optional[int] = None) -> tuple[torch.Tensor, DecodeState]:
+def prefill(
+    model: TTTLM, input_ids: torch.Tensor, keep_last: Optional[int] = None, call_block: BlockCall = Block.forward
+) -> tuple[torch.Tensor, DecodeState]:
     """Run a batch of equal-length prompts [B, P] (P >= 1) -> (logits [B, P, V], or of the last
-    `keep_last` positions, and the state ready for position P)."""
+    `keep_last` positions, and the state ready for position P). `call_block` runs each block (its
+    compiled form: `decoding.compiled.block_step`, one graph per prompt length)."""
     if input_ids.shape[1] < 1:
         raise ValueError("prefill needs at least one prompt token per sequence")
     caches = [empty_cache(block.mixer, block.mixer.initial_state(input_ids.shape[0])) for block in model.blocks]
     strategies = [(PrefillScan(cache), PrefillWindow(cache)) for cache in caches]
-    logits = decoding_logits(model, strategies, input_ids, 0, keep_last)
+    logits = decoding_logits(model, strategies, input_ids, 0, keep_last, call_block)
+    for cache in caches:
+        cache.fast_weights = cache.fast_weights.map(_own_storage)
     return logits, DecodeState(caches, input_ids.shape[1])
 
 

@@ -35,7 +35,7 @@ from decoding.compiled import block_step, chunk_update_step
 from decoding.decode import DecodeState, LayerCache, decoding_logits, prefill, store_window, ttt_token_output
 from kernels.fast_weights import FastWeights, PerSequenceTensors
 from model.fast_weight_scan import ScanWeights, TTTInputs
-from model.lm import TTTLM
+from model.lm import Block, BlockCall, TTTLM
 from model.ttt_layer import LocalScan, LocalWindow, RowPositions, TTTMixer
 
 
@@ -187,7 +187,7 @@ def _stack_layer(caches: list[LayerCache], order: torch.Tensor) -> LayerCache:
 
 @torch.no_grad()
 def prefill_prompts(
-    model: TTTLM, prompts: list[list[int]], keep_last: Optional[int] = None
+    model: TTTLM, prompts: list[list[int]], keep_last: Optional[int] = None, call_block: BlockCall = Block.forward
 ) -> tuple[list[torch.Tensor], StaticDecoder]:
     """Prefill prompts of any lengths (each >= 1 token) -> (per prompt its logits [P_i, V], or of its
     last `keep_last` positions, and the prompts' decoder, rows in the prompts' order).
@@ -203,7 +203,8 @@ def prefill_prompts(
         by_length.setdefault(len(prompt), []).append(index)
     states, logits = [], [torch.empty(0)] * len(prompts)
     for indices in by_length.values():
-        group_logits, state = prefill(model, torch.tensor([prompts[i] for i in indices], device=device), keep_last)
+        group_ids = torch.tensor([prompts[i] for i in indices], device=device)
+        group_logits, state = prefill(model, group_ids, keep_last, call_block)
         states.append(state)
         for row, index in enumerate(indices):
             logits[index] = group_logits[row]
@@ -212,7 +213,10 @@ def prefill_prompts(
     return logits, StaticDecoder.from_states(model, states, order)
 
 
-def prefill_rows(model: TTTLM, prompts: list[list[int]]) -> tuple[torch.Tensor, StaticDecoder]:
-    """Prefill prompts of any lengths (each >= 1 token) -> (last-token logits [B, V], their decoder)."""
-    logits, decoder = prefill_prompts(model, prompts, keep_last=1)
+def prefill_rows(
+    model: TTTLM, prompts: list[list[int]], call_block: BlockCall = Block.forward
+) -> tuple[torch.Tensor, StaticDecoder]:
+    """Prefill prompts of any lengths (each >= 1 token) -> (last-token logits [B, V], their decoder);
+    `call_block` as in `decoding.decode.prefill`."""
+    logits, decoder = prefill_prompts(model, prompts, keep_last=1, call_block=call_block)
     return torch.stack([row[-1] for row in logits]), decoder

@@ -15,6 +15,8 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
 
+from decoding.compiled import block_step
+from decoding.decode import prefill
 from decoding.graphs import DecodeRunner
 from decoding.kv_cache import StaticKVDecoder
 from decoding.sampling import sample_tokens
@@ -75,3 +77,19 @@ def test_compiled_transformer_step_equals_the_eager_one() -> None:
             steps.append(decoder.logits.clone())
         results.append(torch.stack(steps, dim=1))
     assert relative_error(results[1], results[0]) < TOLERANCE
+
+
+@pytest.mark.parametrize("mode", ["parallel-token-causal-momentum-muon", "recurrent-released"])
+def test_compiled_prefill_equals_the_eager_one(mode: str) -> None:
+    """Two complete chunks and a remainder: the chunk form, the remainder's running sums and the window
+    ring, each block one compiled graph; the fast weights own their storage afterwards either way."""
+    model = make_model(MODES[mode])
+    ids = forced_tokens(model, 2, seed=7)[:, : 2 * CHUNK + 3]
+    expected_logits, expected = prefill(model, ids)
+    logits, state = prefill(model, ids, call_block=block_step("aot_eager"))
+    assert relative_error(logits, expected_logits) < TOLERANCE
+    for cache, expected_cache in zip(state.layers, expected.layers):
+        for tensor, expected_tensor in zip(cache.tensors(), expected_cache.tensors()):
+            assert relative_error(tensor, expected_tensor) < TOLERANCE
+        for tensor in cache.fast_weights.tensors():
+            assert tensor.untyped_storage().nbytes() <= tensor.numel() * tensor.element_size()
