@@ -2,11 +2,13 @@
 # GPU acceptance run on one H100/H200: the 125M model at 16K context trains (loss, tokens/s, MFU),
 # resumes from its sharded checkpoint, exports, then generation and decoding are benchmarked.
 # Every stage logs to $RESULTS/<stage>.log and a failing stage does not stop the others.
-#   launch/gpu_acceptance.sh [train] [decode_tests] [decode] [quality] [entry] [speed] [overhead] [saved] [memory] [suite] [slow]
+#   launch/gpu_acceptance.sh [train] [decode_tests] [decode] [quality] [entry] [speed] [bench_train] [overhead] [saved]
+#                            [memory] [suite] [slow]
 #   (default: train decode)
 # entry: the trainer-through-the-launcher GPU test; speed: the 125M/16K run through launch/ with the
 # blocks compiled beside the benchmark's row of the same shape; memory: what one block saves for
 # backward, tttla beside the transformer (saved: only that), and the step with the feature projections recomputed;
+# bench_train: one preset of `make bench-train` (PRESET, default 125m);
 # overhead: the trainer's step split into its parts (benchmarks/trainer_overhead.py);
 # suite: the GPU suite with test durations; slow: its long cases.
 set -uo pipefail
@@ -60,6 +62,10 @@ run_speed() {
   grep -E "^step " "$RESULTS/trainer_speed.log" | tail -n 3
   stage bench_speed "$PYTHON" -m benchmarks.step --configs 125m --seqs 16384x1 --impls tttla sdpa \
     --checkpointing none --compile on --out "$RESULTS/train_step_125m_16k"
+}
+
+run_bench_train() {  # PRESET=125m|760m|long|selective (benchmarks/step.py), ceiling columns included
+  stage bench_train "$PYTHON" -m benchmarks.step --preset "${PRESET:-125m}" --out "$RESULTS/train_step"
 }
 
 run_overhead() {
