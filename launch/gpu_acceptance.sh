@@ -89,6 +89,9 @@ run_memory() {
   stage bench_memory_recompute "$PYTHON" -m benchmarks.step --configs 125m --seqs 16384x1 --impls tttla \
     --checkpointing none --compile on --no-ceiling --model-overrides ttt.save_feature_projections=false \
     --out "$RESULTS/train_step_memory"
+  stage bench_memory_recompute_features "$PYTHON" -m benchmarks.step --configs 125m --seqs 16384x1 --impls tttla \
+    --checkpointing none --compile on --no-ceiling --model-overrides ttt.recompute_features=true \
+    --out "$RESULTS/train_step_memory"
   grep '^{' "$RESULTS"/bench_memory*.log || true
 }
 

@@ -86,6 +86,10 @@ class TTTConfig:
     # The feature kernel's SwiGLU projections a, b [T, H, 2 dh] kept for its backward (faster) or recomputed
     # there (2 dh x 2 bytes less activation memory per token, head and input); kernels.features.SAVE_PROJECTIONS.
     save_feature_projections: bool = True
+    # The linear-attention scan's features h(q), h(k) recomputed in its backward from q and k (with their
+    # projections) instead of kept: 6 dh bytes less per token and head in bf16, two feature kernels more
+    # per layer (kernels/feature_scan.py; the Triton path without packed documents or sequence parallelism).
+    recompute_features: bool = False
     rope: bool = True
     ns_coefficients: str = "lact"
     output_scale: bool = True

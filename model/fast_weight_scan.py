@@ -26,6 +26,7 @@ from typing import Callable, Optional
 import torch
 
 from kernels.fast_weights import FastWeights
+from kernels.feature_scan import feature_chunk_scan
 from kernels.features import swiglu_features as swiglu_features_op
 from kernels.lact import (
     ChunkStep,
@@ -141,17 +142,31 @@ def linear_attention_scan(
     ttt = weights.ttt
     feature_dtype = operand_dtype(q, entering.w1.dtype)
     w0, w2 = (w.to(feature_dtype) for w in weights.feature_weights)
+    initial_momentum = None if entering.m1 is None else -entering.m1
+    options = ScanOptions(ttt.chunk_size, newton_schulz(ttt, q, entering.w1.dtype), ttt.token_causal, ttt.update_sign)
+    if recomputes_features(weights, w1_chunk_scan, cu_seqlens):
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            out, final_w1, final_momentum = feature_chunk_scan(
+                q.to(feature_dtype), k.to(feature_dtype), w0, w2, v.to(feature_dtype), eta1.to(feature_dtype),
+                entering.w1, options, beta=beta, initial_momentum=initial_momentum, allow_triton=ttt.use_kernel)
+        return out, replace(entering, w1=final_w1, m1=None if final_momentum is None else -final_momentum)
     with torch.autocast(device_type=q.device.type, enabled=False):
         hq = linear_attention_features(weights, q.to(feature_dtype), w0, w2)
         hk = linear_attention_features(weights, k.to(feature_dtype), w0, w2)
-    initial_momentum = None if entering.m1 is None else -entering.m1
-    options = ScanOptions(ttt.chunk_size, newton_schulz(ttt, q, entering.w1.dtype), ttt.token_causal, ttt.update_sign)
     tensors = dict(beta=beta, initial_momentum=initial_momentum)
     if cu_seqlens is not None:
         tensors["cu_seqlens"] = cu_seqlens
     operands = (hq, hk, v.to(feature_dtype), eta1.to(feature_dtype), entering.w1, options)
     out, final_w1, final_momentum = w1_chunk_scan(*operands, **tensors)
     return out, replace(entering, w1=final_w1, m1=None if final_momentum is None else -final_momentum)
+
+
+def recomputes_features(weights: ScanWeights, w1_chunk_scan: ChunkScan, cu_seqlens: Optional[torch.Tensor]) -> bool:
+    """`model.ttt.recompute_features` applies: SwiGLU features and this process's own scan (a strategy
+    that replaces the scan, as sequence parallelism does, takes the features as computed) over
+    unpacked rows."""
+    local = getattr(w1_chunk_scan, "func", None) is chunk_ttt_la
+    return weights.ttt.recompute_features and weights.features is swiglu_features and local and cu_seqlens is None
 
 
 def linear_attention_features(weights: ScanWeights, x: torch.Tensor, w0: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
