@@ -102,3 +102,39 @@ def test_bf16_long_sequence_65536():
     inputs = random_layer_inputs(1, 65536, 4, 384, 768, 2048, momentum=True, seed=1)
     check_bf16_against_float64(inputs, 2048, token_causal=True)
 
+
+
+@requires_cuda
+@pytest.mark.parametrize("H, d, dh, token_causal", [(4, 192, 192, True), (3, 80, 48, False)])
+def test_bf16_feature_scan_equals_the_two_ops(H, d, dh, token_causal):
+    """`kernels.feature_scan` (features recomputed in the backward) runs the same kernels as the two
+    public ops, so on the device too its outputs and gradients equal theirs bit for bit."""
+    from kernels.feature_scan import feature_chunk_scan
+
+    g = torch.Generator(device="cuda").manual_seed(d)
+    B, T, C = 2, 4096 + 77, 512
+    leaves = dict(
+        q=torch.randn(B, T, H, d, device="cuda", generator=g).bfloat16(),
+        k=torch.randn(B, T, H, d, device="cuda", generator=g).bfloat16(),
+        w0=(torch.randn(H, dh, d, device="cuda", generator=g) * d**-0.5).bfloat16(),
+        w2=(torch.randn(H, dh, d, device="cuda", generator=g) * d**-0.5).bfloat16(),
+        v=torch.randn(B, T, H, d, device="cuda", generator=g).bfloat16(),
+        eta1=(torch.rand(B, T, H, device="cuda", generator=g) * 0.1).bfloat16(),
+        initial_state=torch.randn(B, H, d, dh, device="cuda", generator=g) * 0.1,
+        beta=torch.rand(B, num_chunks(T, C), H, device="cuda", generator=g) * 0.5 + 0.4,
+    )
+    options = ScanOptions(C, token_causal=token_causal)
+    results = []
+    for fused in (False, True):
+        x = {name: t.clone().requires_grad_() for name, t in leaves.items()}
+        if fused:
+            out = feature_chunk_scan(x["q"], x["k"], x["w0"], x["w2"], x["v"], x["eta1"], x["initial_state"], options,
+                                     beta=x["beta"])  # fmt: skip
+        else:
+            hq, hk = (features.swiglu_features(x[n], x["w0"], x["w2"]) for n in ("q", "k"))
+            out = chunk_ttt_la(hq, hk, x["v"], x["eta1"], x["initial_state"], options, beta=x["beta"])
+        cot = torch.randn(out[0].shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(5))
+        ((out[0].float() * cot).sum() + out[1].square().sum()).backward()
+        results.append([out[0], out[1], *(x[name].grad for name in leaves)])
+    for name, a, b in zip(("o", "final", *leaves), *results):
+        assert torch.equal(a, b), name
