@@ -110,7 +110,21 @@ def count_kernels(step: Callable[[], None], device: torch.device) -> dict:
         step()
         synchronize(device)
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return {"kernels": len(kernels), "kernel_ms": sum(e.time_range.elapsed_us() for e in kernels) / 1e3}
+    return kernel_summary([(e.name, e.time_range.elapsed_us()) for e in kernels])
+
+
+def kernel_summary(kernels: list[tuple[str, float]]) -> dict:
+    """(name, microseconds) of each kernel launched -> their count, summed ms, and the names that take
+    the most time (with how often each ran): which kernels a step is made of."""
+    by_name: dict[str, list[float]] = {}
+    for name, us in kernels:
+        by_name.setdefault(name[:TOP_KERNEL_NAME], []).append(us)
+    top = sorted(by_name.items(), key=lambda item: -sum(item[1]))[:TOP_KERNELS]
+    return {"kernels": len(kernels), "kernel_ms": sum(us for _, us in kernels) / 1e3,
+            "top_kernels": [{"name": name, "count": len(times), "us": round(sum(times), 1)} for name, times in top]}
+
+
+TOP_KERNELS, TOP_KERNEL_NAME = 25, 90  # the kernels a row lists (by their summed time), and the width of a name
 
 
 def ttt_decoder(model: TTTLM, batch: int, start: int, prefilled: bool, call_block: BlockCall) -> StaticDecoder:
