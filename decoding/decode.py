@@ -28,7 +28,7 @@ layer loop (`TTTLM.hidden_states`) with each mixer's scan and window strategies 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterator, Optional, Union
 
 import torch
@@ -112,10 +112,19 @@ def empty_cache(mixer: TTTMixer, fast: FastWeights) -> LayerCache:
     )
 
 
+def feature_weights_of_rows(weights: ScanWeights, fast: FastWeights) -> FastWeights:
+    """`fast` with the W0, W2 the tokens' features read: with only W1 fast, W0 and W2 never leave their
+    learned values, so every row's copy equals the learned [H, dh, d] weights (state dtype), which one
+    matrix product reads once for all rows instead of B copies; otherwise the rows' own."""
+    if weights.ttt.fast_weights != "w1":
+        return fast
+    return replace(fast, w0=weights.initial.w0[0], w2=weights.initial.w2[0])
+
+
 def absorb_tokens(weights: ScanWeights, cache: LayerCache, inputs: TTTInputs) -> None:
     """Add the tokens' ([B, n]) terms of their chunk's gradient, at the weights entering the chunk, and
     their momentum gates to the partial chunk's running sums, in place (state dtype)."""
-    fast, dtype = cache.fast_weights, cache.fast_weights.w1.dtype
+    fast, dtype = feature_weights_of_rows(weights, cache.fast_weights), cache.fast_weights.w1.dtype
     eta0, eta1, eta2 = inputs.etas.to(dtype).unbind(dim=2)  # [B, n, H] each
     k, v = inputs.k.to(dtype), inputs.v.to(dtype)
     cache.chunk_gradients.add_(chunk_gradients(k, v, eta0, eta1, eta2, fast, weights.ttt.fast_weights, weights.features))
@@ -128,7 +137,7 @@ def ttt_token_output(weights: ScanWeights, cache: LayerCache, inputs: TTTInputs)
     sums first; then W1 after the last complete chunk answers it, plus (token-causal) the partial
     chunk's W1 step so far, -update_sign * G1 (the chunk form's intra-chunk term)."""
     absorb_tokens(weights, cache, inputs)
-    fast = cache.fast_weights
+    fast = feature_weights_of_rows(weights, cache.fast_weights)
     read = fast.w1  # [B, H, d, dh]: the weights left by the previous chunk
     if weights.ttt.token_causal:
         read = read - weights.ttt.update_sign * cache.chunk_gradients.g1
