@@ -202,15 +202,16 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     args = parser.parse_args(argv)
     torch._dynamo.config.recompile_limit = 64  # one model per variant: fp32 and bf16 weights each compile once
     with tempfile.TemporaryDirectory() as run_dir:
-        cfg = load_run_config(args.config, [*args.overrides, f"logging.run_dir={run_dir}", "logging.tensorboard=false"])
+        quiet = [f"logging.run_dir={run_dir}", "logging.tensorboard=false"]  # the run writes nothing that stays
+        cfg = load_run_config(args.config, [*args.overrides, *quiet])
         dims = init_distributed(cfg.parallel.sp)
         cfg.resolve_layout(dims)
         if {"engine_data", "trainer"} & set(args.variants):
             check_dataset(cfg, dims.dp)  # a missing corpus is one line, before any model is built
         runs = [(name, cfg, None) for name in args.variants]
         for entry in args.engine_configs:
-            overrides = [*args.overrides, *entry.split(","), f"logging.run_dir={run_dir}", "logging.tensorboard=false"]
-            runs.append(("engine", load_run_config(args.config, overrides).resolve_layout(dims), f"engine[{entry}]"))
+            engine_cfg = load_run_config(args.config, [*args.overrides, *entry.split(","), *quiet]).resolve_layout(dims)
+            runs.append(("engine", engine_cfg, f"engine[{entry}]"))
         variants = [build(name, run_cfg, dims, label) for name, run_cfg, label in runs]
         measure_interleaved(variants, dims.device, args.warmup, args.steps, args.rounds)
         rows = [row(variant, variants[0]) for variant in variants]

@@ -23,14 +23,7 @@ import torch
 from kernels.features import swiglu_features, swiglu_features_backward_op, swiglu_features_op
 from kernels.lact import ScanOptions
 from kernels.triton_utils import SUPPORTED_DTYPES, use_triton
-from kernels.ttt_la import (
-    HEAD_DIM_MULTIPLE,
-    MAX_HEAD_DIM,
-    MIN_HEAD_DIM,
-    chunk_scan_backward_op,
-    chunk_scan_op,
-    chunk_ttt_la,
-)
+from kernels.ttt_la import chunk_scan_gradients, chunk_scan_op, chunk_ttt_la, kernel_head_dim, scan_input_dtypes
 
 
 def feature_chunk_scan(
@@ -58,7 +51,7 @@ def feature_chunk_scan(
 def fusable(q: torch.Tensor, k: torch.Tensor, w0: torch.Tensor, v: torch.Tensor, options: ScanOptions,
             allow_triton: bool) -> bool:  # fmt: skip
     """Whether both ops would take their Triton kernels (the fused step calls those alone)."""
-    dims_ok = all(MIN_HEAD_DIM <= n <= MAX_HEAD_DIM and n % HEAD_DIM_MULTIPLE == 0 for n in (w0.shape[1], v.shape[-1]))
+    dims_ok = kernel_head_dim(w0.shape[1]) and kernel_head_dim(v.shape[-1])
     same_dtype = q.dtype in SUPPORTED_DTYPES and k.dtype == v.dtype == q.dtype
     return use_triton(q, allow_triton) and not options.muon and dims_ok and same_dtype
 
@@ -75,28 +68,22 @@ class FeatureChunkScan(torch.autograd.Function):
             hq, hk, v, eta, initial_state, beta, initial_momentum, None, rows, chunk_size, token_causal, sign)
         ctx.save_for_backward(q, k, w0, w2, v, eta, states, momenta if beta is not None else None, beta)
         ctx.config = (rows, chunk_size, token_causal, sign)
-        ctx.input_dtypes = [x.dtype if x is not None else None for x in (initial_state, beta, initial_momentum)]
+        ctx.input_dtypes = scan_input_dtypes(eta, initial_state, beta, initial_momentum)
         ctx.set_materialize_grads(False)
         return o, final, final_momentum
 
     @staticmethod
     def backward(ctx: Any, do, dfinal, dfinal_momentum):
         q, k, w0, w2, v, eta, states, momenta, beta = ctx.saved_tensors
-        rows, chunk_size, token_causal, sign = ctx.config
         hq, projections_q = swiglu_features_op(q, w0, w2, True)
         hk, projections_k = swiglu_features_op(k, w0, w2, True)
-        if do is None:  # only the final state or momentum is used
-            do = v.new_zeros(v.shape)
-        dhq, dhk, dv, deta, dinit, dinit_momentum, dbeta = chunk_scan_backward_op(
-            do, hq, hk, v, eta, states, momenta, beta, dfinal, dfinal_momentum if beta is not None else None, None,
-            rows, chunk_size, token_causal, sign)
+        dhq, dhk, *scan_grads = chunk_scan_gradients(do, dfinal, dfinal_momentum, hq, hk, v, eta, states, momenta, beta,
+                                                     None, ctx.config, ctx.input_dtypes)  # fmt: skip
         weight_grad = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
         dq, dw02_q = swiglu_features_backward_op(dhq, q, w0, w2, projections_q, True, weight_grad)
         dk, dw02_k = swiglu_features_backward_op(dhk, k, w0, w2, projections_k, True, weight_grad)
         dw0 = dw2 = None
         if weight_grad:
             dw0, dw2 = (dw02_q + dw02_k).chunk(2, dim=1)
-        init_dtype, beta_dtype, momentum_dtype = ctx.input_dtypes
-        cast = lambda g, dtype: g.to(dtype) if dtype is not None else None  # noqa: E731
-        return (dq, dk, dw0, dw2, dv, deta.to(eta.dtype), cast(dinit, init_dtype), cast(dbeta, beta_dtype),
-                cast(dinit_momentum, momentum_dtype), None, None, None, None)
+        # scan_grads: dv, deta, dinit, dbeta, dinit_momentum, in the order of the forward's inputs
+        return (dq, dk, dw0, dw2, *scan_grads, None, None, None, None)

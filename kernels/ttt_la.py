@@ -120,21 +120,35 @@ def _setup_chunk_scan_context(ctx, inputs, output) -> None:
     ctx.set_materialize_grads(False)  # no zero-filled [NC, H, d, dh] gradients for the saved states
     ctx.save_for_backward(hq, hk, v, eta, states, momenta if beta is not None else None, beta, cu_seqlens)
     ctx.config = (rows, chunk_size, token_causal, sign)
-    ctx.input_dtypes = [x.dtype if x is not None else None for x in (eta, initial_state, beta, initial_momentum)]
+    ctx.input_dtypes = scan_input_dtypes(eta, initial_state, beta, initial_momentum)
 
 
 def _chunk_scan_backward(ctx, do, dfinal, dfinal_momentum, _dstates, _dmomenta):
     hq, hk, v, eta, states, momenta, beta, cu_seqlens = ctx.saved_tensors
-    rows, chunk_size, token_causal, sign = ctx.config
-    if do is None:  # only the final state or momentum is used
+    gradients = chunk_scan_gradients(do, dfinal, dfinal_momentum, hq, hk, v, eta, states, momenta, beta, cu_seqlens,
+                                     ctx.config, ctx.input_dtypes)  # fmt: skip
+    return (*gradients, None, None, None, None, None)
+
+
+def scan_input_dtypes(eta, initial_state, beta, initial_momentum) -> list[Optional[torch.dtype]]:
+    """The dtypes `chunk_scan_gradients` returns the gradients of these inputs in (None: input absent)."""
+    return [x.dtype if x is not None else None for x in (eta, initial_state, beta, initial_momentum)]
+
+
+def chunk_scan_gradients(do, dfinal, dfinal_momentum, hq, hk, v, eta, states, momenta, beta, cu_seqlens,
+                         config: tuple, input_dtypes: list[Optional[torch.dtype]]) -> tuple:  # fmt: skip
+    """The scan's backward op on what its forward kept, for an autograd formula around it: dhq, dhk, dv,
+    deta, dinit, dbeta, dinit_momentum, each in its input's dtype (None for an absent input). `do` None:
+    only the final state or momentum is used. `config`: (rows, chunk_size, token_causal, update_sign)."""
+    rows, chunk_size, token_causal, sign = config
+    if do is None:
         do = v.new_zeros(v.shape)
     dhq, dhk, dv, deta, dinit, dinit_mom, dbeta = chunk_scan_backward_op(
         do, hq, hk, v, eta, states, momenta, beta, dfinal, dfinal_momentum if beta is not None else None,
         cu_seqlens, rows, chunk_size, token_causal, sign)
-    eta_dtype, init_dtype, beta_dtype, mom_dtype = ctx.input_dtypes
+    eta_dtype, init_dtype, beta_dtype, mom_dtype = input_dtypes
     cast = lambda g, dtype: g.to(dtype) if dtype is not None else None  # noqa: E731
-    return (dhq, dhk, dv, deta.to(eta_dtype), cast(dinit, init_dtype), cast(dbeta, beta_dtype),
-            cast(dinit_mom, mom_dtype), None, None, None, None, None)
+    return dhq, dhk, dv, deta.to(eta_dtype), cast(dinit, init_dtype), cast(dbeta, beta_dtype), cast(dinit_mom, mom_dtype)
 
 
 chunk_scan_op.register_autograd(_chunk_scan_backward, setup_context=_setup_chunk_scan_context)
@@ -189,12 +203,17 @@ def _check_inputs(hq, hk, v, eta1, initial_state, chunk_size, beta, initial_mome
                              f"got {tuple(beta.shape)}")
 
 
+def kernel_head_dim(dim: int) -> bool:
+    """Whether the Triton kernels take a head dim of this size."""
+    return MIN_HEAD_DIM <= dim <= MAX_HEAD_DIM and dim % HEAD_DIM_MULTIPLE == 0
+
+
 def _check_kernel_inputs(hq, hk, v) -> None:
     if hq.dtype not in SUPPORTED_DTYPES or hk.dtype != hq.dtype or v.dtype != hq.dtype:
         raise ValueError(f"the Triton kernel takes hq, hk, v all in one of {SUPPORTED_DTYPES}; "
                          f"got {hq.dtype}, {hk.dtype}, {v.dtype}")
     for name, dim in (("dh (hq/hk last dim)", hq.shape[-1]), ("d (v last dim)", v.shape[-1])):
-        if not (MIN_HEAD_DIM <= dim <= MAX_HEAD_DIM and dim % HEAD_DIM_MULTIPLE == 0):
+        if not kernel_head_dim(dim):
             raise ValueError(f"head dim {name}={dim} is not supported by the Triton kernel: it must be a "
                              f"multiple of {HEAD_DIM_MULTIPLE} in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]")
 
