@@ -7,7 +7,7 @@
 #   (default: train decode)
 # entry: the trainer-through-the-launcher GPU test; speed: the 125M/16K run through launch/ with the
 # blocks compiled beside the benchmark's row of the same shape; memory: what one block saves for
-# backward, tttla beside the transformer (saved: only that), and the step with the feature projections recomputed;
+# backward, tttla beside the transformer (saved); memory: the step's peak with and without the recomputations;
 # bench_train: one preset of `make bench-train` (PRESET, default 125m);
 # overhead: the trainer's step split into its parts (benchmarks/trainer_overhead.py);
 # suite: the GPU suite with test durations; slow: its long cases.
@@ -82,8 +82,7 @@ run_saved() {
     --out "$RESULTS/saved_tensors_125m_16k_recompute.json" ttt.save_feature_projections=false
 }
 
-run_memory() {
-  run_saved
+run_memory() {  # the step's peak memory, three rows (the saved-tensor breakdown is its own stage: saved)
   stage bench_memory "$PYTHON" -m benchmarks.step --configs 125m --seqs 16384x1 --impls tttla sdpa \
     --checkpointing none --compile on --no-ceiling --out "$RESULTS/train_step_memory"
   stage bench_memory_recompute "$PYTHON" -m benchmarks.step --configs 125m --seqs 16384x1 --impls tttla \
