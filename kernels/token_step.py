@@ -1,0 +1,181 @@
+"""One decoded token of the W1-only fast-weight branch as one kernel: its features, its chunk-gradient
+term and its read, for every row and head at once.
+
+At batch 1 a decode step is bound by its kernel count, not its bytes: in torch the branch is the
+features of q and k (four head-batched matrix-vector products and the gates), the token's outer-product
+term added to the partial chunk's gradient, the token-causal read weight and its product with h(q),
+several kernels a layer of a few microseconds each. Here one program owns `BD` rows of one (row, head)'s
+[d, dh] state: it computes h(q), h(k) itself from the learned W0, W2 (cheap: 4 d dh multiply-adds, read
+from L2 by every program of the head), updates its rows of the running gradient in place and answers
+its rows of the output. At larger batches the same kernel reads each state tile once, which is all the
+step can cost.
+
+Per (row b, head h), with eta = eta1[b, h] and s = update_sign:
+
+  hq = h(q), hk = h(k)                  h(x) = silu(W0 x) * (W2 x)  (or x, the identity map)
+  G1 <- G1 - eta v hk^T                 the token's term of its chunk's gradient (`kernels.lact.chunk_gradients`)
+  o  = (W1 - s G1) hq   (token-causal)  or  W1 hq
+
+exactly `decoding.decode.ttt_token_output` in the W1-only mode. `w1_token_step_reference` is the torch
+form the kernel is tested against (and what runs where the kernel does not: the CPU, float64, other
+fast-weight sets).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels.triton_utils import new_buffer, use_triton
+
+# Rows of the [d, dh] state a program owns at batch 1; larger batches give each program more rows
+# (`_rows_per_program`), down to one program per (row, head) once those fill the GPU.
+MIN_ROWS_PER_PROGRAM = 32
+TARGET_PROGRAMS = 128
+# Feature columns (dh) and the reduction over d taken per pass.
+COLUMN_TILE, REDUCTION_TILE = 64, 64
+
+
+@triton.jit
+def w1_token_step_kernel(
+    q_ptr, k_ptr, v_ptr, eta_ptr, w0_ptr, w2_ptr, w1_ptr, g1_ptr, o_ptr, H, sign,
+    q_row, q_head, k_row, k_head, v_row, v_head, eta_row, eta_head,
+    D: tl.constexpr, DH: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr,
+    SWIGLU: tl.constexpr, TOKEN_CAUSAL: tl.constexpr,
+):
+    """q, k, v: [B, H, D] (strides *_row, *_head, 1); eta: [B, H] (strides eta_row, eta_head);
+    w0, w2: [H, DH, D]; w1, g1 (in place): [B, H, D, DH] fp32; o: [B, H, D] fp32.
+    Program (b * H + h, row block) owns rows [BD * block, + BD) of W1 and G1."""
+    bh = tl.program_id(0)
+    row, head = bh // H, bh % H
+    q_ptr += row * q_row + head * q_head
+    k_ptr += row * k_row + head * k_head
+    v_ptr += row * v_row + head * v_head
+    rows = tl.program_id(1) * BD + tl.arange(0, BD)
+    row_ok = rows < D
+    state = bh.to(tl.int64) * D * DH
+    eta = tl.load(eta_ptr + row * eta_row + head * eta_head).to(tl.float32)
+    v_rows = tl.load(v_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    out = tl.zeros([BD], dtype=tl.float32)
+    for e0 in range(0, DH, BE):
+        cols = e0 + tl.arange(0, BE)
+        col_ok = cols < DH
+        if SWIGLU:
+            aq = tl.zeros([BE], dtype=tl.float32)
+            bq = tl.zeros([BE], dtype=tl.float32)
+            ak = tl.zeros([BE], dtype=tl.float32)
+            bk = tl.zeros([BE], dtype=tl.float32)
+            for k0 in range(0, D, BK):
+                red = k0 + tl.arange(0, BK)
+                red_ok = red < D
+                w_offsets = head * DH * D + cols[:, None] * D + red[None, :]
+                w_ok = col_ok[:, None] & red_ok[None, :]
+                w0 = tl.load(w0_ptr + w_offsets, mask=w_ok, other=0.0).to(tl.float32)  # [BE, BK]
+                w2 = tl.load(w2_ptr + w_offsets, mask=w_ok, other=0.0).to(tl.float32)
+                xq = tl.load(q_ptr + red, mask=red_ok, other=0.0).to(tl.float32)[None, :]
+                xk = tl.load(k_ptr + red, mask=red_ok, other=0.0).to(tl.float32)[None, :]
+                aq += tl.sum(w0 * xq, axis=1)
+                bq += tl.sum(w2 * xq, axis=1)
+                ak += tl.sum(w0 * xk, axis=1)
+                bk += tl.sum(w2 * xk, axis=1)
+            hq = aq * tl.sigmoid(aq) * bq
+            hk = ak * tl.sigmoid(ak) * bk
+        else:  # the identity map: D == DH
+            hq = tl.load(q_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            hk = tl.load(k_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        offsets = state + rows[:, None] * DH + cols[None, :]
+        tile_ok = row_ok[:, None] & col_ok[None, :]
+        g1 = tl.load(g1_ptr + offsets, mask=tile_ok, other=0.0) - eta * v_rows[:, None] * hk[None, :]
+        tl.store(g1_ptr + offsets, g1, mask=tile_ok)
+        read = tl.load(w1_ptr + offsets, mask=tile_ok, other=0.0)
+        if TOKEN_CAUSAL:
+            read = read - sign * g1
+        out += tl.sum(read * hq[None, :], axis=1)
+    tl.store(o_ptr + bh * D + rows, out, mask=row_ok)
+
+
+def _rows_per_program(rows: int, programs_per_block: int) -> int:
+    """A power of two of state rows per program: few enough that batch-1 steps spread over enough
+    programs, all of them once the (row, head) programs alone reach `TARGET_PROGRAMS`."""
+    split = max(1, TARGET_PROGRAMS // max(programs_per_block, 1))
+    return max(MIN_ROWS_PER_PROGRAM, triton.next_power_of_2(triton.cdiv(rows, split)))
+
+
+def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
+    """x, or a copy when its last dim is not contiguous (the kernel reads rows and heads through strides)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _launch(q, k, v, eta1, w0, w2, w1, g1, update_sign: float, token_causal: bool, swiglu: bool) -> torch.Tensor:
+    batch, heads, d = v.shape
+    q, k, v = (_unit_last_stride(x) for x in (q, k, v))
+    dh = w1.shape[-1]
+    out = new_buffer((batch, heads, d), torch.float32, v.device)
+    rows_per_program = _rows_per_program(d, batch * heads)
+    grid = (batch * heads, triton.cdiv(d, rows_per_program))
+    w1_token_step_kernel[grid](
+        q, k, v, eta1, w0.contiguous(), w2.contiguous(), w1.contiguous(), g1, out, heads, float(update_sign),
+        *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *eta1.stride(), D=d, DH=dh, BD=rows_per_program,
+        BE=min(COLUMN_TILE, triton.next_power_of_2(dh)), BK=min(REDUCTION_TILE, triton.next_power_of_2(d)),
+        SWIGLU=swiglu, TOKEN_CAUSAL=token_causal,
+    )
+    return out
+
+
+def w1_token_step_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta1: torch.Tensor, w0: Optional[torch.Tensor],
+    w2: Optional[torch.Tensor], w1: torch.Tensor, g1: torch.Tensor, update_sign: float, token_causal: bool,
+) -> torch.Tensor:
+    """The torch form of the kernel, in the state's dtype (w0 None: the identity map); updates g1."""
+    dtype = w1.dtype
+    q, k, v, eta1 = (x.to(dtype) for x in (q, k, v, eta1))
+
+    def features(x: torch.Tensor) -> torch.Tensor:  # [B, H, d] -> [B, H, dh]
+        if w0 is None:
+            return x
+        return F.silu(torch.einsum("bhd,hed->bhe", x, w0.to(dtype))) * torch.einsum("bhd,hed->bhe", x, w2.to(dtype))
+
+    hq, hk = features(q), features(k)
+    g1.sub_(torch.einsum("bhd,bhe->bhde", v * eta1[..., None], hk))
+    read = w1 - update_sign * g1 if token_causal else w1
+    return torch.einsum("bhde,bhe->bhd", read, hq)
+
+
+@torch.library.custom_op("tttla::w1_token_step", mutates_args=("g1",))
+def w1_token_step_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta1: torch.Tensor, w0: Optional[torch.Tensor],
+    w2: Optional[torch.Tensor], w1: torch.Tensor, g1: torch.Tensor, update_sign: float, token_causal: bool,
+) -> torch.Tensor:
+    """The kernel as an op a compiled decode step keeps whole (it writes g1 in place)."""
+    swiglu = w0 is not None
+    return _launch(q, k, v, eta1, w0 if swiglu else w1, w2 if swiglu else w1, w1, g1, update_sign, token_causal, swiglu)
+
+
+@w1_token_step_op.register_fake
+def _(q, k, v, eta1, w0, w2, w1, g1, update_sign, token_causal):
+    return v.new_empty(v.shape, dtype=torch.float32)
+
+
+def w1_token_step(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta1: torch.Tensor, w0: Optional[torch.Tensor],
+    w2: Optional[torch.Tensor], w1: torch.Tensor, g1: torch.Tensor, update_sign: float, token_causal: bool,
+    allow_triton: bool = True,
+) -> torch.Tensor:
+    """One token per row through the W1-only fast-weight branch -> o [B, H, d] (w1's dtype).
+
+    q, k, v: [B, H, d] (any float dtype; the maths runs in fp32, as the decoder's state); eta1: [B, H];
+    w0, w2: the learned feature weights [H, dh, d] (None: the identity map, dh = d); w1: [B, H, d, dh]
+    the fast weight after the last complete chunk; g1: [B, H, d, dh] the partial chunk's gradient,
+    which gains the token's term in place. The Triton kernel runs for fp32 states where
+    `kernels.triton_utils.use_triton(w1, allow_triton)` says so; otherwise the torch form (float64 in
+    the tests).
+    """
+    if w1.dtype != torch.float32 or g1.dtype != torch.float32 or not use_triton(w1, allow_triton):
+        return w1_token_step_reference(q, k, v, eta1, w0, w2, w1, g1, update_sign, token_causal)
+    if not g1.is_contiguous():
+        raise ValueError("the token step updates g1 in place: it must be a contiguous [B, H, d, dh] tensor")
+    return w1_token_step_op(q, k, v, eta1, w0, w2, w1, g1, float(update_sign), bool(token_causal))
