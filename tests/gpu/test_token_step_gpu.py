@@ -1,0 +1,39 @@
+"""The decode token-step kernel (kernels/token_step.py) compiled for the GPU against the float64 torch form.
+
+125M head shapes (4 heads, d = dh = 192) and one odd shape, bf16 q, k, v as the model gives them and
+fp32 state, at batch 1 (the latency step: several programs per head) and 64 (one program per row and
+head). Tolerance: fp32 sums of a few hundred bf16-exact products, against float64.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.token_step import w1_token_step, w1_token_step_reference
+from verification.proof import relative_error
+
+pytestmark = pytest.mark.gpu
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+FP32_TOLERANCE = 1e-5
+
+
+@requires_cuda
+@pytest.mark.parametrize("batch,heads,d,dh,swiglu", [(1, 4, 192, 192, True), (64, 4, 192, 192, True),
+                                                       (3, 2, 72, 136, True), (5, 4, 192, 192, False)])
+def test_token_step_kernel_on_the_gpu(batch: int, heads: int, d: int, dh: int, swiglu: bool) -> None:
+    g = torch.Generator(device="cuda").manual_seed(batch * 1000 + d)
+    dh = dh if swiglu else d
+    draw = lambda *shape, scale=1.0: torch.randn(*shape, generator=g, device="cuda") * scale  # noqa: E731
+    qkv = draw(batch, 3, heads, d).bfloat16()
+    case = dict(q=qkv[:, 0], k=qkv[:, 1], v=qkv[:, 2], eta1=torch.rand(batch, heads, generator=g, device="cuda"),
+                w0=draw(heads, dh, d, scale=d**-0.5) if swiglu else None,
+                w2=draw(heads, dh, d, scale=d**-0.5) if swiglu else None,
+                w1=draw(batch, heads, d, dh, scale=dh**-0.5), update_sign=1.0, token_causal=True)
+    g1 = draw(batch, heads, d, dh, scale=0.1)
+    expected_g1 = g1.double()
+    out = w1_token_step(**case, g1=g1)
+    as64 = {name: value.double() if isinstance(value, torch.Tensor) else value for name, value in case.items()}
+    expected = w1_token_step_reference(**as64, g1=expected_g1)
+    assert relative_error(out.double(), expected) < FP32_TOLERANCE
+    assert relative_error(g1.double(), expected_g1) < FP32_TOLERANCE
