@@ -141,7 +141,7 @@ def ttt_token_output(weights: ScanWeights, cache: LayerCache, inputs: TTTInputs)
     if weights.ttt.fast_weights == "w1":
         return w1_token_output(weights, cache, inputs)
     absorb_tokens(weights, cache, inputs)
-    fast = feature_weights_of_rows(weights, cache.fast_weights)
+    fast = cache.fast_weights  # every fast weight is the row's own here
     read = fast.w1  # [B, H, d, dh]: the weights left by the previous chunk
     if weights.ttt.token_causal:
         read = read - weights.ttt.update_sign * cache.chunk_gradients.g1
@@ -155,7 +155,7 @@ def w1_token_output(weights: ScanWeights, cache: LayerCache, inputs: TTTInputs) 
     where the Triton kernels run (`model.ttt.use_kernel`), the same maths in torch elsewhere."""
     ttt, dtype = weights.ttt, cache.fast_weights.w1.dtype
     swiglu = weights.features is swiglu_features
-    w0, w2 = (weights.initial.w0[0], weights.initial.w2[0]) if swiglu else (None, None)
+    w0, w2 = weights.feature_weights if swiglu else (None, None)  # as learned: the kernel reads them in fp32
     eta1 = inputs.etas[:, 0, 1]  # [B, H]
     out = w1_token_step(inputs.q[:, 0], inputs.k[:, 0], inputs.v[:, 0], eta1, w0, w2, cache.fast_weights.w1,
                         cache.chunk_gradients.g1, ttt.update_sign, ttt.token_causal, allow_triton=ttt.use_kernel)
