@@ -29,11 +29,11 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Optional, Union
 
 import torch
-import torch.nn.functional as F
 
 from decoding.compiled import block_step, chunk_update_step
 from decoding.decode import DecodeState, LayerCache, decoding_logits, prefill, store_window, ttt_token_output
 from kernels.fast_weights import FastWeights, PerSequenceTensors
+from kernels.ring_attention import ring_attention
 from model.fast_weight_scan import ScanWeights, TTTInputs
 from model.lm import Block, BlockCall, TTTLM
 from model.ttt_layer import LocalScan, LocalWindow, RowPositions, TTTMixer
@@ -57,7 +57,7 @@ class RowStepScan(LocalScan):
 @dataclass
 class RowStepWindow(LocalWindow):
     """The window attention of one token per row, each row at its own position, over `cache`'s whole
-    ring with a mask of the slots filled so far (fixed shapes)."""
+    ring, counting the slots filled so far (fixed shapes; `kernels.ring_attention`)."""
 
     reads_window_mask = False
 
@@ -67,11 +67,10 @@ class RowStepWindow(LocalWindow):
         self, mixer: TTTMixer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: RowPositions, window_mask: Any
     ) -> torch.Tensor:
         """[B, 1, D] projections -> [B, 1, D]."""
-        positions = rows.offset[:, None]  # [B, 1]
-        q_rot = store_window(self.cache, mixer, q, k, v, positions)
-        filled = torch.arange(mixer.cfg.window_size, device=q.device) <= positions  # [B, W]: the ring fills in order
-        out = F.scaled_dot_product_attention(q_rot, self.cache.keys, self.cache.values, attn_mask=filled[:, None, None])
-        return out.transpose(1, 2).reshape(q.shape)
+        q_rot = store_window(self.cache, mixer, q, k, v, rows.offset[:, None])  # [B, A, 1, Dh]
+        out = ring_attention(q_rot[:, :, 0], self.cache.keys, self.cache.values, rows.offset,
+                             allow_triton=mixer.cfg.ttt.use_kernel)  # [B, A, Dh]
+        return out.reshape(q.shape)
 
 
 @dataclass
