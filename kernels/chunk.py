@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import dot_precision, new_buffer, tile
+from kernels.triton_utils import cdiv, dot_precision, new_buffer, tile
 
 
 @dataclass
@@ -145,7 +145,7 @@ def chunk_outer(x, y, eta, table: ChunkTable) -> torch.Tensor:
     out = new_buffer((table.num_chunks, heads, dx, dy), torch.float32, x.device)
     tiles = OUTER_TILES
     bx, by = tile(dx, tiles["BX"]), tile(dy, tiles["BY"])
-    grid = (table.num_chunks, triton.cdiv(dx, bx) * triton.cdiv(dy, by), heads)
+    grid = (table.num_chunks, cdiv(dx, bx) * cdiv(dy, by), heads)
     chunk_outer_kernel[grid](
         x, y, eta if eta is not None else x, out, table.starts, table.ends, heads,
         DX=dx, DY=dy, BT=tiles["BT"], BX=bx, BY=by, USE_ETA=eta is not None,
@@ -288,14 +288,15 @@ def state_scan_bwd_kernel(
         tl.store(dinit_mom_ptr + doc_base + offs, carry, mask=mask)
 
 
+@functools.lru_cache(maxsize=256)
 def _scan_launch(d1: int, d2: int, chunk_size: int, fused: bool, dtype, docs_x_heads: int) -> dict:
     """Tile shapes and the fused-update constants of one scan launch."""
     tiles = FUSED_SCAN_TILES if fused else SCAN_TILES
     b1, b2 = tile(d1, tiles["B1"]), tile(d2, tiles["B2"])
-    while fused and b1 > 16 and docs_x_heads * triton.cdiv(d1, b1) * triton.cdiv(d2, b2) < MIN_SCAN_PROGRAMS:
+    while fused and b1 > 16 and docs_x_heads * cdiv(d1, b1) * cdiv(d2, b2) < MIN_SCAN_PROGRAMS:
         b1 //= 2
     bt = min(tiles["BT"], tile(chunk_size, tiles["BT"])) if fused else 16
-    return dict(B1=b1, B2=b2, FUSED=fused, BT=bt, NSUB=triton.cdiv(chunk_size, bt) if fused else 1,
+    return dict(B1=b1, B2=b2, FUSED=fused, BT=bt, NSUB=cdiv(chunk_size, bt) if fused else 1,
                 PRECISION=dot_precision(dtype), num_warps=tiles["num_warps"],
                 num_stages=tiles["num_stages"])
 
@@ -324,7 +325,7 @@ def state_scan_fwd(table: ChunkTable, initial_state, beta, initial_momentum, sig
     final_mom = new_buffer(final.shape, torch.float32, device) if has_mom else None
     momenta = new_buffer(shape, torch.float32, device) if has_mom else None
     launch = _scan_launch(d1, d2, chunk_size, fused, dtype, table.num_docs * heads)
-    grid = (triton.cdiv(d1, launch["B1"]) * triton.cdiv(d2, launch["B2"]), table.num_docs, heads)
+    grid = (cdiv(d1, launch["B1"]) * cdiv(d2, launch["B2"]), table.num_docs, heads)
     any_ = states  # stands in for pointers a variant does not read
     state_scan_fwd_kernel[grid](
         any_ if fused else updates, v if fused else any_, hk if fused else any_, eta if fused else any_,
@@ -359,7 +360,7 @@ def state_scan_bwd(table: ChunkTable, dfinal, beta, momenta, dfinal_mom, sign: f
     has_mom = beta is not None
     dinit_mom = new_buffer(dinit.shape, torch.float32, device) if has_mom else None
     launch = _scan_launch(d1, d2, chunk_size, fused, dtype, table.num_docs * heads)
-    ntiles = triton.cdiv(d1, launch["B1"]) * triton.cdiv(d2, launch["B2"])
+    ntiles = cdiv(d1, launch["B1"]) * cdiv(d2, launch["B2"])
     dbeta_tiles = new_buffer((nc, heads, ntiles), torch.float32, device) if has_mom else None
     grid = (ntiles, table.num_docs, heads)
     any_ = dupdates  # stands in for pointers a variant does not read
@@ -492,7 +493,7 @@ def chunk_apply(
     dz = z.shape[-1]
     out = new_buffer((tt, heads, dz), x.dtype, x.device)
     launch = _apply_launch(dx, dz, chunk_size, intra, x.dtype)
-    nn = triton.cdiv(dz, launch["BN"])
+    nn = cdiv(dz, launch["BN"])
     deta_tiles = new_buffer((tt, heads, nn), torch.float32, x.device) if vdot is not None else None
     stride_wm, stride_wn = (dz, 1) if w_transposed else (1, dx)
     grid = (table.num_chunks * launch["NSUB"], nn, heads)
@@ -505,6 +506,7 @@ def chunk_apply(
     return out, (deta_tiles.sum(-1) if vdot is not None else None)
 
 
+@functools.lru_cache(maxsize=256)
 def _apply_launch(dx: int, dz: int, chunk_size: int, intra: bool, dtype: torch.dtype) -> dict:
     """Tile shapes of one `chunk_apply_kernel` launch."""
     tiles = APPLY_INTRA_TILES if intra else APPLY_TILES
@@ -512,7 +514,7 @@ def _apply_launch(dx: int, dz: int, chunk_size: int, intra: bool, dtype: torch.d
     bm, bn = tile(dx, tiles["BM"]), tile(dz, tiles["BN"])
     if intra and bn < NARROW_INTRA_MIN_BN and dtype != torch.float32:
         bt = min(bt, NARROW_INTRA_MAX_BT)
-    return dict(BT=bt, BM=bm, BN=bn, NSUB=triton.cdiv(chunk_size, bt),
+    return dict(BT=bt, BM=bm, BN=bn, NSUB=cdiv(chunk_size, bt),
                 num_warps=tiles["num_warps"] if bn * bt >= 64 * 128 else 4, num_stages=tiles["num_stages"])
 
 

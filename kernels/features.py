@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from kernels import lact
-from kernels.triton_utils import SUPPORTED_DTYPES, absent, dot_precision, new_buffer, tile, use_triton
+from kernels.triton_utils import SUPPORTED_DTYPES, absent, cdiv, dot_precision, new_buffer, tile, use_triton
 
 # Tile shapes (measured at d = 384, dh = 768; `benchmarks.kernel_ops --variants` re-measures them).
 PROJECTION_TILES = dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
@@ -138,8 +138,8 @@ def _head_matmul(a, a_strides, b, b_strides, c, c_strides, M, N, K, heads, split
     """Launches `head_matmul_kernel`; strides as (h, m, k), (h, k, n) and (split, h, m, n)."""
     tiles = MATMUL_TILES
     bm, bn, bk = tile(M, tiles["BM"]), tile(N, tiles["BN"]), tile(K, tiles["BK"])
-    k_split = triton.cdiv(triton.cdiv(K, splits), bk) * bk
-    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn), heads, triton.cdiv(K, k_split))
+    k_split = cdiv(cdiv(K, splits), bk) * bk
+    grid = (cdiv(M, bm) * cdiv(N, bn), heads, cdiv(K, k_split))
     head_matmul_kernel[grid](
         a, b, c, M, N, K, k_split, *a_strides, *b_strides, *c_strides, BM=bm, BN=bn, BK=bk,
         PRECISION=dot_precision(a.dtype), num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
@@ -152,7 +152,7 @@ def _projection(x, w0, w2, out, ab, g, grad: bool, save_ab: bool, load_ab: bool)
     dh = w0.shape[1]
     tiles = PROJECTION_TILES
     bm, bn, bk = tile(tt, tiles["BM"]), tile(dh, tiles["BN"]), tile(d, tiles["BK"])
-    grid = (triton.cdiv(tt, bm), triton.cdiv(dh, bn), heads)
+    grid = (cdiv(tt, bm), cdiv(dh, bn), heads)
     any_ = out  # stands in for pointers a variant does not read
     swiglu_projection_kernel[grid](
         x, w0, w2, out, ab if ab is not None else any_, g if g is not None else any_, tt, heads,
@@ -189,8 +189,8 @@ def swiglu_features_bwd(grad_h, x, w0, w2, ab, x_grad: bool, weight_grad: bool):
                      M=tt, N=d, K=2 * dh, heads=heads)
     if weight_grad:
         bm, bn = tile(2 * dh, MATMUL_TILES["BM"]), tile(d, MATMUL_TILES["BN"])
-        base_programs = triton.cdiv(2 * dh, bm) * triton.cdiv(d, bn) * heads
-        splits = max(1, min(triton.cdiv(tt, 1024), triton.cdiv(WEIGHT_GRAD_PROGRAMS, base_programs)))
+        base_programs = cdiv(2 * dh, bm) * cdiv(d, bn) * heads
+        splits = max(1, min(cdiv(tt, 1024), cdiv(WEIGHT_GRAD_PROGRAMS, base_programs)))
         partial = new_buffer((splits, heads, 2 * dh, d), torch.float32, x.device)
         used = _head_matmul(dab, (2 * dh, 1, heads * 2 * dh), x, (d, heads * d, 1), partial,
                             (heads * 2 * dh * d, 2 * dh * d, d, 1), M=2 * dh, N=d, K=tt, heads=heads, splits=splits)

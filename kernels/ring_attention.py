@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import new_buffer, use_triton
+from kernels.triton_utils import cdiv, new_buffer, next_power_of_2, use_triton
 
 SLOT_TILE = 64  # ring slots a program scores at once
 TARGET_PROGRAMS = 512  # splits per (row, head) are chosen to give about this many programs
@@ -96,8 +96,8 @@ def ring_merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, SPLITS, DH: tl.constexpr, 
 
 def split_count(rows_x_heads: int, window: int) -> int:
     """Splits of the ring per (row, head): about TARGET_PROGRAMS programs in all, at least one tile each."""
-    tiles = triton.cdiv(window, SLOT_TILE)
-    return max(1, min(tiles, triton.cdiv(TARGET_PROGRAMS, rows_x_heads)))
+    tiles = cdiv(window, SLOT_TILE)
+    return max(1, min(tiles, cdiv(TARGET_PROGRAMS, rows_x_heads)))
 
 
 def _launch(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -107,12 +107,12 @@ def _launch(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions
     if keys.stride(-1) != 1 or values.stride() != keys.stride():  # the kernel reads both through one set of strides
         keys, values = keys.contiguous(), values.contiguous()
     splits = split_count(batch * heads, window)
-    tiles = triton.cdiv(triton.cdiv(window, SLOT_TILE), splits)
-    splits = triton.cdiv(triton.cdiv(window, SLOT_TILE), tiles)  # no split left without a tile
+    tiles = cdiv(cdiv(window, SLOT_TILE), splits)
+    splits = cdiv(cdiv(window, SLOT_TILE), tiles)  # no split left without a tile
     m = torch.empty(batch * heads, splits, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     acc = torch.empty(batch * heads, splits, head_dim, dtype=torch.float32, device=q.device)
-    block_dh = triton.next_power_of_2(head_dim)
+    block_dh = next_power_of_2(head_dim)
     ring_partial_kernel[(batch * heads, splits)](
         q, keys, values, positions, m, l, acc, heads, splits, LOG2E / math.sqrt(head_dim),
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
@@ -120,7 +120,7 @@ def _launch(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions
     )
     out = new_buffer((batch, heads, head_dim), q.dtype, q.device)
     ring_merge_kernel[(batch * heads,)](m, l, acc, out, splits, DH=head_dim, BDH=block_dh,
-                                        BSPLIT=triton.next_power_of_2(splits))
+                                        BSPLIT=next_power_of_2(splits))
     return out
 
 

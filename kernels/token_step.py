@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import new_buffer, use_triton
+from kernels.triton_utils import cdiv, new_buffer, next_power_of_2, use_triton
 
 # Rows of the [d, dh] state a program owns at batch 1; larger batches give each program more rows
 # (`_rows_per_program`), down to one program per (row, head) once those fill the GPU.
@@ -102,7 +102,7 @@ def _rows_per_program(rows: int, programs_per_block: int) -> int:
     """A power of two of state rows per program: few enough that batch-1 steps spread over enough
     programs, all of them once the (row, head) programs alone reach `TARGET_PROGRAMS`."""
     split = max(1, TARGET_PROGRAMS // max(programs_per_block, 1))
-    return max(MIN_ROWS_PER_PROGRAM, triton.next_power_of_2(triton.cdiv(rows, split)))
+    return max(MIN_ROWS_PER_PROGRAM, next_power_of_2(cdiv(rows, split)))
 
 
 def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
@@ -116,11 +116,11 @@ def _launch(q, k, v, eta1, w0, w2, w1, g1, update_sign: float, token_causal: boo
     dh = w1.shape[-1]
     out = new_buffer((batch, heads, d), torch.float32, v.device)
     rows_per_program = _rows_per_program(d, batch * heads)
-    grid = (batch * heads, triton.cdiv(d, rows_per_program))
+    grid = (batch * heads, cdiv(d, rows_per_program))
     w1_token_step_kernel[grid](
         q, k, v, eta1, w0.contiguous(), w2.contiguous(), w1.contiguous(), g1, out, heads, float(update_sign),
         *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *eta1.stride(), D=d, DH=dh, BD=rows_per_program,
-        BE=min(COLUMN_TILE, triton.next_power_of_2(dh)), BK=min(REDUCTION_TILE, triton.next_power_of_2(d)),
+        BE=min(COLUMN_TILE, next_power_of_2(dh)), BK=min(REDUCTION_TILE, next_power_of_2(d)),
         SWIGLU=swiglu, TOKEN_CAUSAL=token_causal,
     )
     return out

@@ -19,7 +19,6 @@ import os
 from typing import Optional
 
 import torch
-import triton
 
 KERNELS_ENV = "TTTLA_KERNELS"
 KERNELS_CHOICES = ("auto", "triton", "reference")
@@ -58,6 +57,17 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for launch arithmetic on the host. Plain integers: `triton.cdiv` is a constexpr
+    function whose every Python call costs microseconds, and each op launch makes a dozen such calls."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1), on the host; see `cdiv`."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def tile(dim: int, cap: int) -> int:
     """A tile side for a dimension of `dim`: its next power of two, at least 16 (tl.dot's minimum), at most `cap`."""
-    return max(16, min(cap, triton.next_power_of_2(dim)))
+    return max(16, min(cap, next_power_of_2(dim)))
