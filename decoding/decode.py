@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from kernels.fast_weights import FAST_WEIGHT_NAMES, ChunkGradients, FastWeights
 from kernels.lact import apply_chunk_gradients, chunk_gradients, swiglu_features
-from kernels.token_step import w1_token_step
+from kernels.token_step import lact_token_step, w1_token_step
 from model.config import TTTConfig
 from model.fast_weight_scan import ScanWeights, TTTInputs, chunk_step, fast_weight_scan
 from model.lm import Block, BlockCall, TTTLM
@@ -129,39 +129,41 @@ def absorb_tokens(weights: ScanWeights, cache: LayerCache, inputs: TTTInputs) ->
     eta0, eta1, eta2 = inputs.etas.to(dtype).unbind(dim=2)  # [B, n, H] each
     k, v = inputs.k.to(dtype), inputs.v.to(dtype)
     cache.chunk_gradients.add_(chunk_gradients(k, v, eta0, eta1, eta2, fast, weights.ttt.fast_weights, weights.features))
-    if cache.gate_sum is not None:
-        cache.gate_sum += inputs.momentum_gate.sum(dim=1).to(dtype)
+    add_momentum_gates(cache, inputs)
 
 
 def ttt_token_output(weights: ScanWeights, cache: LayerCache, inputs: TTTInputs) -> torch.Tensor:
     """The fast-weight branch for one token per row -> [B, 1, H, d]. The token joins its chunk's running
     sums first; then W1 after the last complete chunk answers it, plus (token-causal) the partial
-    chunk's W1 step so far, -update_sign * G1 (the chunk form's intra-chunk term). With only W1 fast,
-    that is one fused op (`w1_token_output`)."""
+    chunk's W1 step so far, -update_sign * G1 (the chunk form's intra-chunk term): one fused op
+    (`kernels.token_step`) where the Triton kernels run (`model.ttt.use_kernel`), its torch form elsewhere."""
     if weights.ttt.fast_weights == "w1":
         return w1_token_output(weights, cache, inputs)
-    absorb_tokens(weights, cache, inputs)
-    fast = cache.fast_weights  # every fast weight is the row's own here
-    read = fast.w1  # [B, H, d, dh]: the weights left by the previous chunk
-    if weights.ttt.token_causal:
-        read = read - weights.ttt.update_sign * cache.chunk_gradients.g1
-    hq = weights.features(inputs.q.to(read.dtype), fast.w0, fast.w2)  # [B, 1, H, dh]
-    return torch.einsum("bhde,bnhe->bnhd", read, hq)
+    ttt = weights.ttt
+    out = lact_token_step(inputs.q[:, 0], inputs.k[:, 0], inputs.v[:, 0], inputs.etas[:, 0], cache.fast_weights,
+                          cache.chunk_gradients, ttt.update_sign, ttt.token_causal, allow_triton=ttt.use_kernel)
+    add_momentum_gates(cache, inputs)
+    return out[:, None]
 
 
 def w1_token_output(weights: ScanWeights, cache: LayerCache, inputs: TTTInputs) -> torch.Tensor:
     """`ttt_token_output` with only W1 fast, through `kernels.token_step.w1_token_step`: the token's
     features (from the learned W0, W2), its term of the chunk's gradient and its read in one kernel
     where the Triton kernels run (`model.ttt.use_kernel`), the same maths in torch elsewhere."""
-    ttt, dtype = weights.ttt, cache.fast_weights.w1.dtype
+    ttt = weights.ttt
     swiglu = weights.features is swiglu_features
     w0, w2 = weights.feature_weights if swiglu else (None, None)  # as learned: the kernel reads them in fp32
     eta1 = inputs.etas[:, 0, 1]  # [B, H]
     out = w1_token_step(inputs.q[:, 0], inputs.k[:, 0], inputs.v[:, 0], eta1, w0, w2, cache.fast_weights.w1,
                         cache.chunk_gradients.g1, ttt.update_sign, ttt.token_causal, allow_triton=ttt.use_kernel)
-    if cache.gate_sum is not None:
-        cache.gate_sum += inputs.momentum_gate[:, 0].to(dtype)
+    add_momentum_gates(cache, inputs)
     return out[:, None]
+
+
+def add_momentum_gates(cache: LayerCache, inputs: TTTInputs) -> None:
+    """Add the tokens' ([B, n]) momentum gates to the partial chunk's sum (no-op with momentum off)."""
+    if cache.gate_sum is not None:
+        cache.gate_sum += inputs.momentum_gate.sum(dim=1).to(cache.gate_sum.dtype)
 
 
 def chunk_update(weights: ScanWeights, cache: LayerCache) -> FastWeights:

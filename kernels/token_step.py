@@ -1,26 +1,34 @@
-"""One decoded token of the W1-only fast-weight branch as one kernel: its features, its chunk-gradient
-term and its read, for every row and head at once.
+"""One decoded token of the fast-weight branch as one kernel: its features, its terms of the chunk's
+gradient and its read, for every row and head at once (fla's `fused_recurrent` beside `chunk`).
 
 At batch 1 a decode step is bound by its kernel count, not its bytes: in torch the branch is the
-features of q and k (four head-batched matrix-vector products and the gates), the token's outer-product
-term added to the partial chunk's gradient, the token-causal read weight and its product with h(q),
-several kernels a layer of a few microseconds each. Here one program owns `BD` rows of one (row, head)'s
-[d, dh] state: it computes h(q), h(k) itself from the learned W0, W2 (cheap: 4 d dh multiply-adds, read
-from L2 by every program of the head), updates its rows of the running gradient in place and answers
-its rows of the output. At larger batches the same kernel reads each state tile once, which is all the
-step can cost.
+features of q and k (head-batched matrix-vector products and the gates), the token's outer-product
+terms added to the partial chunk's gradients, the token-causal read weight and its product with h(q),
+several kernels a layer of a few microseconds each. Each kernel here does all of it in one launch and
+reads every state tile once, which is all a step can cost at larger batches.
 
-Per (row b, head h), with eta = eta1[b, h] and s = update_sign:
+W1 only (`w1_token_step`), per (row b, head h), with eta = eta1[b, h] and s = update_sign:
 
   hq = h(q), hk = h(k)                  h(x) = silu(W0 x) * (W2 x)  (or x, the identity map)
   G1 <- G1 - eta v hk^T                 the token's term of its chunk's gradient (`kernels.lact.chunk_gradients`)
   o  = (W1 - s G1) hq   (token-causal)  or  W1 hq
 
-exactly `decoding.decode.ttt_token_output` in the W1-only mode. `w1_token_step_reference` is the torch
-form the kernel is tested against (and what runs where the kernel does not: the CPU, float64, other
-fast-weight sets).
-"""
+A program owns `BD` rows of one (row, head)'s [d, dh] state: it computes h(q), h(k) itself from the
+learned W0, W2 (4 d dh multiply-adds, read from L2 by every program of the head), updates its rows of
+G1 in place and answers its rows of the output.
 
+All three fast (`lact_token_step`, the recurrent LaCT form), with a = W0 k, b = W2 k, g = W1^T v and the
+row's own W0, W1, W2 (`kernels.lact.lact_chunk_gradients` for one token):
+
+  G1 <- G1 - eta1 v h(k)^T,  G0 <- G0 - eta0 (g * b * silu'(a)) k^T,  G2 <- G2 - eta2 (g * silu(a)) k^T
+  o  = (W1 - s G1) hq   (token-causal)  or  W1 hq
+
+A program owns `BE` of the dh features of one (row, head): its rows of W0, W2, G0, G2, its columns of
+W1 and G1; it writes its share of o, which the caller sums over the feature tiles.
+
+`w1_token_step_reference` and `lact_token_step_reference` are the torch forms the kernels are tested
+against, and what runs where they do not (the CPU, float64).
+"""
 from __future__ import annotations
 
 from typing import Optional
@@ -30,6 +38,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.fast_weights import ChunkGradients, FastWeights
+from kernels.lact import lact_chunk_gradients, swiglu_features
 from kernels.triton_utils import cdiv, new_buffer, next_power_of_2, use_triton
 
 # Rows of the [d, dh] state a program owns at batch 1; larger batches give each program more rows
@@ -38,6 +48,8 @@ MIN_ROWS_PER_PROGRAM = 32
 TARGET_PROGRAMS = 128
 # Feature columns (dh) and the reduction over d taken per pass.
 COLUMN_TILE, REDUCTION_TILE = 64, 64
+# Features per program of the LaCT step (it holds [BE, d] tiles of W0, W2, G0, G2 and [d, BE] of W1, G1).
+LACT_FEATURE_TILE = 32
 
 
 @triton.jit
@@ -179,3 +191,119 @@ def w1_token_step(
     if not g1.is_contiguous():
         raise ValueError("the token step updates g1 in place: it must be a contiguous [B, H, d, dh] tensor")
     return w1_token_step_op(q, k, v, eta1, w0, w2, w1, g1, float(update_sign), bool(token_causal))
+
+
+@triton.jit
+def lact_token_step_kernel(
+    q_ptr, k_ptr, v_ptr, eta_ptr, w0_ptr, w1_ptr, w2_ptr, g0_ptr, g1_ptr, g2_ptr, part_ptr, H, sign,
+    q_row, q_head, k_row, k_head, v_row, v_head, eta_row, eta_rate, eta_head,
+    D: tl.constexpr, DH: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, TOKEN_CAUSAL: tl.constexpr,
+):
+    """q, k, v: [B, H, D] (strides *_row, *_head, 1); eta: [B, 3, H] (strides eta_row, eta_rate, eta_head);
+    w0, w2, g0, g2 (in place): [B, H, DH, D] fp32; w1, g1 (in place): [B, H, D, DH] fp32;
+    part: [B * H, cdiv(DH, BE), D] fp32, this program's share of o. Program (b * H + h, feature tile)."""
+    bh = tl.program_id(0)
+    feature_tile = tl.program_id(1)
+    row, head = bh // H, bh % H
+    dims = tl.arange(0, BD)
+    dim_ok = dims < D
+    cols = feature_tile * BE + tl.arange(0, BE)
+    col_ok = cols < DH
+    q = tl.load(q_ptr + row * q_row + head * q_head + dims, mask=dim_ok, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + row * k_row + head * k_head + dims, mask=dim_ok, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + row * v_row + head * v_head + dims, mask=dim_ok, other=0.0).to(tl.float32)
+    eta_base = eta_ptr + row * eta_row + head * eta_head
+    eta0 = tl.load(eta_base).to(tl.float32)
+    eta1 = tl.load(eta_base + eta_rate).to(tl.float32)
+    eta2 = tl.load(eta_base + 2 * eta_rate).to(tl.float32)
+    base = bh.to(tl.int64) * D * DH
+    by_feature = base + cols[:, None] * D + dims[None, :]  # [BE, BD] of W0, W2, G0, G2
+    feature_ok = col_ok[:, None] & dim_ok[None, :]
+    by_dim = base + dims[:, None] * DH + cols[None, :]  # [BD, BE] of W1, G1
+    dim_tile_ok = dim_ok[:, None] & col_ok[None, :]
+    w0 = tl.load(w0_ptr + by_feature, mask=feature_ok, other=0.0)
+    w2 = tl.load(w2_ptr + by_feature, mask=feature_ok, other=0.0)
+    a_k = tl.sum(w0 * k[None, :], axis=1)
+    b_k = tl.sum(w2 * k[None, :], axis=1)
+    a_q = tl.sum(w0 * q[None, :], axis=1)
+    hq = a_q * tl.sigmoid(a_q) * tl.sum(w2 * q[None, :], axis=1)
+    sig_k = tl.sigmoid(a_k)
+    gate_k = a_k * sig_k
+    w1 = tl.load(w1_ptr + by_dim, mask=dim_tile_ok, other=0.0)
+    hidden_grad = tl.sum(w1 * v[:, None], axis=0)  # (W1^T v) on these features
+    g1 = tl.load(g1_ptr + by_dim, mask=dim_tile_ok, other=0.0) - eta1 * v[:, None] * (gate_k * b_k)[None, :]
+    tl.store(g1_ptr + by_dim, g1, mask=dim_tile_ok)
+    silu_grad = sig_k * (1.0 + a_k * (1.0 - sig_k))
+    g0 = tl.load(g0_ptr + by_feature, mask=feature_ok, other=0.0)
+    g0 -= eta0 * (hidden_grad * b_k * silu_grad)[:, None] * k[None, :]
+    tl.store(g0_ptr + by_feature, g0, mask=feature_ok)
+    g2 = tl.load(g2_ptr + by_feature, mask=feature_ok, other=0.0) - eta2 * (hidden_grad * gate_k)[:, None] * k[None, :]
+    tl.store(g2_ptr + by_feature, g2, mask=feature_ok)
+    read = w1
+    if TOKEN_CAUSAL:
+        read = w1 - sign * g1
+    tl.store(part_ptr + (bh * tl.num_programs(1) + feature_tile) * D + dims, tl.sum(read * hq[None, :], axis=1),
+             mask=dim_ok)
+
+
+def lact_token_step_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, etas: torch.Tensor, fast: FastWeights,
+    grads: ChunkGradients, update_sign: float, token_causal: bool,
+) -> torch.Tensor:
+    """The torch form of the LaCT kernel in the state's dtype (`kernels.lact`); updates grads in place."""
+    dtype = fast.w1.dtype
+    q, k, v, etas = (x.to(dtype) for x in (q, k, v, etas))
+    eta0, eta1, eta2 = (e[:, None] for e in etas.unbind(dim=1))  # [B, 1, H]
+    grads.add_(lact_chunk_gradients(k[:, None], v[:, None], eta0, eta1, eta2, fast))
+    read = fast.w1 - update_sign * grads.g1 if token_causal else fast.w1
+    hq = swiglu_features(q[:, None], fast.w0, fast.w2)[:, 0]  # [B, H, dh]
+    return torch.einsum("bhde,bhe->bhd", read, hq)
+
+
+@torch.library.custom_op("tttla::lact_token_step", mutates_args=("g0", "g1", "g2"))
+def lact_token_step_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, etas: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor,
+    w2: torch.Tensor, g0: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor, update_sign: float, token_causal: bool,
+) -> torch.Tensor:
+    """The LaCT kernel as an op a compiled decode step keeps whole -> o's shares [B, H, tiles, d] fp32."""
+    batch, heads, d = v.shape
+    dh = w1.shape[-1]
+    q, k, v = (_unit_last_stride(x) for x in (q, k, v))
+    w0, w1, w2 = (w.contiguous() for w in (w0, w1, w2))
+    tiles = cdiv(dh, LACT_FEATURE_TILE)
+    parts = new_buffer((batch, heads, tiles, d), torch.float32, v.device)
+    lact_token_step_kernel[(batch * heads, tiles)](
+        q, k, v, etas, w0, w1, w2, g0, g1, g2, parts, heads, float(update_sign),
+        *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *etas.stride(),
+        D=d, DH=dh, BD=next_power_of_2(d), BE=LACT_FEATURE_TILE, TOKEN_CAUSAL=token_causal, num_warps=8,
+    )
+    return parts
+
+
+@lact_token_step_op.register_fake
+def _(q, k, v, etas, w0, w1, w2, g0, g1, g2, update_sign, token_causal):
+    batch, heads, d = v.shape
+    return v.new_empty(batch, heads, cdiv(w1.shape[-1], LACT_FEATURE_TILE), d, dtype=torch.float32)
+
+
+def lact_token_step(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, etas: torch.Tensor, fast: FastWeights,
+    grads: ChunkGradients, update_sign: float, token_causal: bool, allow_triton: bool = True,
+) -> torch.Tensor:
+    """One token per row through the fast-weight branch with W0, W1, W2 all fast -> o [B, H, d] (fp32
+    on the kernel path, the state's dtype otherwise).
+
+    q, k, v: [B, H, d] (any float dtype; the maths runs in the state's dtype); etas: [B, 3, H] the
+    token's rates for W0, W1, W2; fast: the row's weights after the last complete chunk, w0, w2
+    [B, H, dh, d] and w1 [B, H, d, dh]; grads: the partial chunk's gradients g0, g1, g2, which gain the
+    token's terms in place. The Triton kernel runs for fp32 states where
+    `kernels.triton_utils.use_triton(fast.w1, allow_triton)` says so; otherwise the torch form.
+    """
+    tensors = (fast.w0, fast.w1, fast.w2, grads.g0, grads.g1, grads.g2)
+    if any(t.dtype != torch.float32 for t in tensors) or not use_triton(fast.w1, allow_triton):
+        return lact_token_step_reference(q, k, v, etas, fast, grads, update_sign, token_causal)
+    if not all(g.is_contiguous() for g in tensors[3:]):
+        raise ValueError("the token step updates g0, g1, g2 in place: each must be a contiguous tensor")
+    parts = lact_token_step_op(q, k, v, etas, fast.w0, fast.w1, fast.w2, *tensors[3:], float(update_sign),
+                               bool(token_causal))
+    return parts.sum(dim=2)

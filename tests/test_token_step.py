@@ -1,4 +1,4 @@
-"""`kernels.token_step`: one decoded token of the W1-only fast-weight branch as one kernel.
+"""`kernels.token_step`: one decoded token of the fast-weight branch as one kernel (W1 only, or all three).
 
 The kernel runs through the Triton interpreter (fp32). Each random case draws shapes and options over
 what the op accepts (odd d and dh that are not multiples of the tiles, batch and heads, SwiGLU or the
@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from kernels import token_step
-from kernels.token_step import w1_token_step, w1_token_step_reference
+from kernels.fast_weights import ChunkGradients, FastWeights
+from kernels.token_step import lact_token_step, w1_token_step, w1_token_step_reference
 from tests.test_decode_static import forced_tokens, reference_logits, static_logits
 from tests.test_generate_decode import MODES, make_model
 from verification.proof import relative_error
@@ -78,17 +79,23 @@ def test_every_row_of_the_state_is_updated(monkeypatch) -> None:
     assert (g1 != 0).all()
 
 
-@pytest.mark.parametrize("mode", ["parallel", "parallel-token-causal-momentum-muon", "parallel-identity-per-head-lr"])
+KERNEL_OF_MODE = {"parallel": "_launch", "parallel-token-causal-momentum-muon": "_launch",
+                  "parallel-identity-per-head-lr": "_launch", "recurrent-all-momentum-weightnorm": "lact_token_step_op",
+                  "recurrent-released": "lact_token_step_op"}  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", sorted(KERNEL_OF_MODE))
 def test_static_decoding_through_the_kernel_equals_the_float64_decoder(mode: str, monkeypatch) -> None:
-    """An fp32 model decoding four rows at different chunk phases through the kernel (every token step
-    of every layer launches it) gives the logits of the float64 model's decoder (the torch form)."""
+    """An fp32 model decoding three rows at different chunk phases through the mode's kernel (every
+    token step of every layer launches it) gives the logits of the float64 model's decoder (the torch
+    form), W1 alone fast or all three (momentum, Muon, weight norm in the chunk updates between)."""
     model64 = make_model(copy.deepcopy(MODES[mode]))
     model32 = copy.deepcopy(model64).float()
     prompts = [t.tolist() for t in forced_tokens(model64, 3, seed=5)[:, :13]]
     prompts = [prompts[0][:1], prompts[1][:8], prompts[2]]
     continuations = forced_tokens(model64, 3, seed=6)[:, :12]
-    launches, launch = [], token_step._launch
-    monkeypatch.setattr(token_step, "_launch", lambda *args, **kwargs: launches.append(1) or launch(*args, **kwargs))
+    launches, launch = [], getattr(token_step, KERNEL_OF_MODE[mode])
+    monkeypatch.setattr(token_step, KERNEL_OF_MODE[mode], lambda *args: launches.append(1) or launch(*args))
     monkeypatch.setenv("TTTLA_KERNELS", "triton")
     decoded = static_logits(model32, prompts, continuations)
     monkeypatch.setenv("TTTLA_KERNELS", "reference")
@@ -98,13 +105,54 @@ def test_static_decoding_through_the_kernel_equals_the_float64_decoder(mode: str
         assert relative_error(decoded[row].double(), expected) < 1e-4  # fp32 through two layers
 
 
-def test_compiled_steps_through_the_kernel_equal_the_eager_ones(monkeypatch) -> None:
-    """The op inside a compiled decode step (it writes the running gradient in place) gives the eager
-    steps' logits: the in-place update survives the graph's functionalisation."""
-    model = make_model(copy.deepcopy(MODES["parallel-token-causal-momentum-muon"])).float()
+@pytest.mark.parametrize("mode", ["parallel-token-causal-momentum-muon", "recurrent-released"])
+def test_compiled_steps_through_the_kernel_equal_the_eager_ones(mode: str, monkeypatch) -> None:
+    """The op inside a compiled decode step (it writes the running gradients in place) gives the eager
+    steps' logits: the in-place updates survive the graph's functionalisation."""
+    model = make_model(copy.deepcopy(MODES[mode])).float()
     prompts = [t.tolist() for t in forced_tokens(model, 2, seed=7)[:, :5]]
     continuations = forced_tokens(model, 2, seed=8)[:, :10]
     monkeypatch.setenv("TTTLA_KERNELS", "triton")
     eager = static_logits(model, prompts, continuations)
     compiled = static_logits(model, prompts, continuations, step_backend="aot_eager")
     assert relative_error(compiled, eager) < 1e-6
+
+
+def random_lact_case(seed: int) -> dict:
+    """A case of the all-fast (LaCT) step: each row's own W0, W1, W2 and running G0, G1, G2."""
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    batch, heads = rng.choice([1, 2, 3]), rng.choice([1, 2, 4])
+    d, dh = rng.choice([8, 24, 40, 72, 130]), rng.choice([8, 40, 96, 136])
+    draw = lambda *shape, scale=1.0: torch.randn(*shape, generator=g) * scale  # noqa: E731
+    qkv = draw(batch, 3, heads, d)
+    fast = FastWeights(w0=draw(batch, heads, dh, d, scale=d**-0.5), w1=draw(batch, heads, d, dh, scale=dh**-0.5),
+                       w2=draw(batch, heads, dh, d, scale=d**-0.5))  # fmt: skip
+    grads = ChunkGradients(g0=draw(batch, heads, dh, d, scale=0.1), g1=draw(batch, heads, d, dh, scale=0.1),
+                           g2=draw(batch, heads, dh, d, scale=0.1))  # fmt: skip
+    etas = (torch.rand(batch, 2, 3, heads, generator=g) * 0.3)[:, 1]  # strided, as the inputs' etas[:, 0]
+    return dict(q=qkv[:, 0], k=qkv[:, 1], v=qkv[:, 2], etas=etas, fast=fast, grads=grads,
+                update_sign=rng.choice([1.0, -1.0]), token_causal=rng.random() < 0.5)
+
+
+def run_lact(case: dict, dtype: torch.dtype) -> tuple[torch.Tensor, ChunkGradients]:
+    """(output, updated gradients) of `lact_token_step` on the case in `dtype` (fresh gradients)."""
+    grads = case["grads"].map(lambda t: t.to(dtype).clone())
+    fast = case["fast"].map(lambda t: t.to(dtype))
+    cast = {name: case[name].to(dtype) for name in ("q", "k", "v", "etas")}
+    out = lact_token_step(**cast, fast=fast, grads=grads, update_sign=case["update_sign"],
+                          token_causal=case["token_causal"])  # fmt: skip
+    return out, grads
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_lact_kernel_equals_float64_form(seed: int, monkeypatch) -> None:
+    """The float64 run takes the torch form (`kernels.lact`), the fp32 run the kernel."""
+    case = random_lact_case(seed)
+    expected_out, expected_grads = run_lact(case, torch.float64)
+    monkeypatch.setenv("TTTLA_KERNELS", "triton")
+    out, grads = run_lact(case, torch.float32)
+    assert out.dtype == torch.float32 and out.shape == case["v"].shape
+    assert relative_error(out.double(), expected_out) < FP32_TOLERANCE
+    for name in ("g0", "g1", "g2"):
+        assert relative_error(getattr(grads, name).double(), getattr(expected_grads, name)) < FP32_TOLERANCE, name

@@ -1,4 +1,4 @@
-"""The decode token-step kernel (kernels/token_step.py) compiled for the GPU against the float64 torch form.
+"""The decode token-step kernels (kernels/token_step.py) compiled for the GPU against the float64 torch forms.
 
 125M head shapes (4 heads, d = dh = 192) and one odd shape, bf16 q, k, v as the model gives them and
 fp32 state, at batch 1 (the latency step: several programs per head) and 64 (one program per row and
@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.token_step import w1_token_step, w1_token_step_reference
+from kernels.fast_weights import ChunkGradients, FastWeights
+from kernels.token_step import lact_token_step, lact_token_step_reference, w1_token_step, w1_token_step_reference
 from verification.proof import relative_error
 
 pytestmark = pytest.mark.gpu
@@ -37,3 +38,23 @@ def test_token_step_kernel_on_the_gpu(batch: int, heads: int, d: int, dh: int, s
     expected = w1_token_step_reference(**as64, g1=expected_g1)
     assert relative_error(out.double(), expected) < FP32_TOLERANCE
     assert relative_error(g1.double(), expected_g1) < FP32_TOLERANCE
+
+
+@requires_cuda
+@pytest.mark.parametrize("batch,heads,d,dh", [(1, 4, 192, 192), (64, 4, 192, 192), (3, 2, 72, 136)])
+def test_lact_token_step_kernel_on_the_gpu(batch: int, heads: int, d: int, dh: int) -> None:
+    g = torch.Generator(device="cuda").manual_seed(batch * 1000 + d + 1)
+    draw = lambda *shape, scale=1.0: torch.randn(*shape, generator=g, device="cuda") * scale  # noqa: E731
+    qkv = draw(batch, 3, heads, d).bfloat16()
+    fast = FastWeights(w0=draw(batch, heads, dh, d, scale=d**-0.5), w1=draw(batch, heads, d, dh, scale=dh**-0.5),
+                       w2=draw(batch, heads, dh, d, scale=d**-0.5))  # fmt: skip
+    grads = ChunkGradients(g0=draw(batch, heads, dh, d, scale=0.1), g1=draw(batch, heads, d, dh, scale=0.1),
+                           g2=draw(batch, heads, dh, d, scale=0.1))  # fmt: skip
+    expected_grads = grads.map(lambda t: t.double())
+    etas = torch.rand(batch, 3, heads, generator=g, device="cuda")
+    out = lact_token_step(qkv[:, 0], qkv[:, 1], qkv[:, 2], etas, fast, grads, 1.0, True)
+    expected = lact_token_step_reference(qkv[:, 0].double(), qkv[:, 1].double(), qkv[:, 2].double(), etas.double(),
+                                         fast.map(lambda t: t.double()), expected_grads, 1.0, True)  # fmt: skip
+    assert relative_error(out.double(), expected) < FP32_TOLERANCE
+    for name in ("g0", "g1", "g2"):
+        assert relative_error(getattr(grads, name).double(), getattr(expected_grads, name)) < FP32_TOLERANCE, name
