@@ -153,30 +153,51 @@ def prefill_block_call(args: argparse.Namespace) -> BlockCall:
     return block_step("inductor" if args.compile else None)
 
 
-def bench_model(model: "TTTLM | BaselineLM", context: int, args: argparse.Namespace, device: torch.device) -> dict:
+def time_batch(model: "TTTLM | BaselineLM", batch: int, context: int, args: argparse.Namespace, device: torch.device,
+               prefilled: bool) -> dict:
+    """Decode steps of `batch` rows ending at `context` (the state enters `steps / 2` tokens before it, so
+    the timed steps straddle a chunk boundary); {"out_of_memory": True} when the state does not fit."""
+    start = context - args.steps // 2
+    reset_peak(device)
+    try:
+        if isinstance(model, BaselineLM):
+            decoder = baseline_decoder(model, batch, start, context + args.steps, prefilled)
+        else:
+            decoder = ttt_decoder(model, batch, start, prefilled, prefill_block_call(args))
+        timed = time_decoder(decoder, args, device)
+    except torch.cuda.OutOfMemoryError:
+        return {"out_of_memory": True}
+    del decoder  # frees the state (and its graphs) before the next batch allocates
+    return {**timed, "batch": batch, "tokens_per_s": batch * 1e3 / timed["median_ms"]}
+
+
+def largest_fitting_batch(model: BaselineLM, context: int, args: argparse.Namespace, device: torch.device) -> Optional[dict]:
+    """The throughput of the largest power-of-two batch below --throughput-batch whose cache fits (None: not even 1)."""
+    batch = args.throughput_batch // 2
+    while batch >= 1:
+        timed = time_batch(model, batch, context, args, device, prefilled=False)
+        if not timed.get("out_of_memory"):
+            return timed
+        batch //= 2
+    return None
+
+
+def bench_model(model: "TTTLM | BaselineLM", context: int, args: argparse.Namespace, device: torch.device,
+                baseline_batch: Optional[int] = None) -> dict:
     """Batch-1 latency, batch-`--throughput-batch` throughput and batch-1 prefill speed at `context`.
 
-    Decode steps end at `context`: the state enters `steps / 2` tokens before it, so the timed steps
-    straddle a chunk boundary (contexts in the default grids are multiples of the chunk size).
+    Where the transformer's cache does not fit the throughput batch, its row also holds the largest
+    batch that fits (`throughput_largest_fit`), and a TTT row given that `baseline_batch` is timed at it
+    too (`throughput_at_baseline_batch`): the comparison at the batch the transformer can serve.
     """
-    start = context - args.steps // 2
     prefilled = context <= args.prefill_up_to
     row: dict = {"state": "prefilled" if prefilled else "random (size independent of context)"}
-    for batch, label in ((1, "latency"), (args.throughput_batch, "throughput")):
-        reset_peak(device)
-        try:
-            if isinstance(model, BaselineLM):
-                decoder = baseline_decoder(model, batch, start, context + args.steps, prefilled and batch == 1)
-            else:
-                decoder = ttt_decoder(model, batch, start, prefilled and batch == 1, prefill_block_call(args))
-            timed = time_decoder(decoder, args, device)
-        except torch.cuda.OutOfMemoryError:
-            row[label] = {"out_of_memory": True}
-            continue
-        del decoder  # frees the batch-1 state (and its graphs) before the larger batch allocates
-        if label == "throughput":
-            timed["tokens_per_s"] = batch * 1e3 / timed["median_ms"]
-        row[label] = timed
+    row["latency"] = time_batch(model, 1, context, args, device, prefilled)
+    row["throughput"] = time_batch(model, args.throughput_batch, context, args, device, prefilled=False)
+    if isinstance(model, BaselineLM) and row["throughput"].get("out_of_memory"):
+        row["throughput_largest_fit"] = largest_fitting_batch(model, context, args, device)
+    if baseline_batch is not None and not isinstance(model, BaselineLM):
+        row["throughput_at_baseline_batch"] = time_batch(model, baseline_batch, context, args, device, prefilled=False)
     if prefilled:
         prompt = torch.randint(0, model.cfg.vocab_size, (1, context), device=device)
         call_block = prefill_block_call(args)
@@ -221,7 +242,27 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"{cell(latency, 'max_ms')} | {kernel_cell(latency)} | {cell(latency, 'peak_mb')} | {cell(throughput, 'tokens_per_s')} | "
             f"{cell(throughput, 'peak_mb')} | {fmt(r.get('prefill_tokens_per_s'))} | {fmt(r.get('prefill_peak_mb'))} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + at_baseline_batch(rows)) + "\n"
+
+
+def at_baseline_batch(rows: list[dict]) -> list[str]:
+    """Lines comparing the models at the largest batch the transformer's cache fits, where the
+    throughput batch does not."""
+    lines = []
+    for base in rows:
+        fit = base.get("throughput_largest_fit")
+        if base["model"] != "sdpa-kv-cache" or "throughput_largest_fit" not in base:
+            continue
+        if fit is None:
+            lines.append(f"* {base['context']} tokens: the transformer's cache does not fit even one row.")
+            continue
+        ttt = [f"{r['model']} {r['throughput_at_baseline_batch']['tokens_per_s']:.0f} tokens/s "
+               f"({r['throughput_at_baseline_batch']['tokens_per_s'] / fit['tokens_per_s']:.1f}x)"
+               for r in rows if r["context"] == base["context"]
+               and not r.get("throughput_at_baseline_batch", {}).get("out_of_memory", True)]  # fmt: skip
+        lines.append(f"* {base['context']} tokens: the transformer's cache fits at most batch {fit['batch']} (largest "
+                     f"power of two): {fit['tokens_per_s']:.0f} tokens/s; at that batch " + ", ".join(ttt) + ".")
+    return ["", "At the largest batch the transformer fits:", *lines] if lines else []
 
 
 FULL = {
@@ -276,15 +317,21 @@ def main(argv: list[str]) -> None:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)
     rows = []
-    models = {f"ttt-{name}": TTTLM(load_model_config(args.config, args.override + VARIANTS[name])) for name in args.variants}
-    models["sdpa-kv-cache"] = BaselineLM(load_model_config(args.config, args.override))
+    # The transformer first: where its cache does not fit the throughput batch, the TTT models are also
+    # timed at the largest batch it fits.
+    models = {"sdpa-kv-cache": BaselineLM(load_model_config(args.config, args.override))}
+    models.update({f"ttt-{name}": TTTLM(load_model_config(args.config, args.override + VARIANTS[name])) for name in args.variants})
+    baseline_batch: dict[int, int] = {}
     for name, model in models.items():
         model.to(device=device, dtype=dtype).eval()
         for context in args.contexts:
-            row = {"model": name, "context": context, **bench_model(model, context, args, device)}
+            row = {"model": name, "context": context, **bench_model(model, context, args, device, baseline_batch.get(context))}
+            if row.get("throughput_largest_fit"):
+                baseline_batch[context] = row["throughput_largest_fit"]["batch"]
             rows.append(row)
             print(json.dumps(row))
         model.to("cpu")
+    rows = rows[len(args.contexts):] + rows[: len(args.contexts)]  # the table lists the TTT models first
     meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     meta["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     args.out.parent.mkdir(parents=True, exist_ok=True)

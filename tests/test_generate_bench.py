@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
+import benchmarks.decode as decode_bench
 from benchmarks.decode import kernel_summary, main
+from model.baseline import BaselineLM
 
 
 def test_quick_benchmark_shows_constant_state_against_a_growing_cache(tmp_path) -> None:
@@ -27,3 +29,23 @@ def test_kernel_summary_counts_and_ranks_the_kernels_of_a_step() -> None:
     assert summary["kernels"] == 4 and abs(summary["kernel_ms"] - 0.0135) < 1e-12
     assert [(k["name"], k["count"], k["us"]) for k in summary["top_kernels"]] == [
         ("gemv", 2, 7.0), ("sdpa", 1, 5.5), ("triton_poi_fused_add", 1, 1.0)]
+
+
+def test_where_the_cache_does_not_fit_the_models_meet_at_the_largest_batch_it_fits(tmp_path, monkeypatch) -> None:
+    """A transformer whose cache fits at most 2 rows (out of memory above, as a long context's does on
+    a GPU): its row records batch 2 as the largest fit, and the TTT rows are timed at batch 2 too."""
+    timed = decode_bench.time_batch
+
+    def limited(model, batch, *args, **kwargs):
+        if isinstance(model, BaselineLM) and batch > 2:
+            return {"out_of_memory": True}
+        return timed(model, batch, *args, **kwargs)
+
+    monkeypatch.setattr(decode_bench, "time_batch", limited)
+    main(["--quick", "--variants", "parallel", "--contexts", "64", "--prefill-up-to", "0", "--throughput-batch", "8",
+          "--out", str(tmp_path / "decode")])  # fmt: skip
+    rows = {row["model"]: row for row in json.loads((tmp_path / "decode.json").read_text())["rows"]}
+    base, ttt = rows["sdpa-kv-cache"], rows["ttt-parallel"]
+    assert base["throughput"] == {"out_of_memory": True} and base["throughput_largest_fit"]["batch"] == 2
+    assert ttt["throughput"]["batch"] == 8 and ttt["throughput_at_baseline_batch"]["batch"] == 2
+    assert "fits at most batch 2" in (tmp_path / "decode.md").read_text()
