@@ -1,4 +1,4 @@
-"""`python -m tests.mutations`: break the layer on purpose, one way at a time, and check the tests notice.
+"""`python -m tests.mutations`: break the layer and its decoding kernels on purpose, one way at a time, and check the tests notice.
 
 Each mutation is a text patch applied to a fresh copy of the tracked tree in a temporary folder; the
 layer's tests then run in that copy (`pytest -x`), and the first failing test is reported. A
@@ -29,8 +29,11 @@ TESTS = [
     "tests/test_layer.py",
     "tests/test_generate_decode.py",
     "tests/test_document_resets.py",
+    "tests/test_token_step.py",
+    "tests/test_ring_attention.py",
 ]
 LACT, REFERENCE = "kernels/lact.py", "kernels/reference.py"
+TOKEN_STEP, RING = "kernels/token_step.py", "kernels/ring_attention.py"
 LAYER, LOW_RANK, DECODE = "model/ttt_layer.py", "model/low_rank.py", "decoding/decode.py"
 
 
@@ -75,6 +78,14 @@ MUTATIONS = [
     Mutation("output scale removed", ((LAYER, "return normed if output_scale is None else normed * output_scale[..., None]", "return normed"),)),
     Mutation("qk offset removed", ((LAYER, "q = q * self.qk_scale[:, 0] + self.qk_offset[:, 0]", "q = q * self.qk_scale[:, 0]"),)),
     Mutation("low-rank W0/W2 without the 0.5 I", ((LOW_RANK, "return self.w_left @ self.w_right + 0.5 * eye", "return self.w_left @ self.w_right"),)),
+    Mutation("decode kernel (W1 only) reads W1 without the token-causal term", (
+        (TOKEN_STEP, "            read = read - sign * g1\n", "            read = read\n"),)),
+    Mutation("decode kernel (LaCT) takes silu' as the sigmoid", (
+        (TOKEN_STEP, "silu_grad = sig_k * (1.0 + a_k * (1.0 - sig_k))", "silu_grad = sig_k"),)),
+    Mutation("ring attention skips the newest filled slot", (
+        (RING, "slot_ok = (slots < W) & (slots <= last)", "slot_ok = (slots < W) & (slots < last)"),)),
+    Mutation("ring attention merges splits without rescaling them", (
+        (RING, 'tl.where(m == float("-inf"), 0.0, tl.exp2(m - top))', 'tl.where(m == float("-inf"), 0.0, 1.0)'),)),
 ]  # fmt: skip
 
 
