@@ -42,9 +42,9 @@ from kernels.fast_weights import ChunkGradients, FastWeights
 from kernels.lact import lact_chunk_gradients, swiglu_features
 from kernels.triton_utils import cdiv, new_buffer, next_power_of_2, use_triton
 
-# Rows of the [d, dh] state a program owns at batch 1; larger batches give each program more rows
-# (`_rows_per_program`), down to one program per (row, head) once those fill the GPU.
-MIN_ROWS_PER_PROGRAM = 32
+# Rows of the [d, dh] state a W1 program owns: few at batch 1, so the state is read by about
+# TARGET_PROGRAMS programs; more at larger batches, up to a tile that stays in registers.
+MIN_ROWS_PER_PROGRAM, MAX_ROWS_PER_PROGRAM = 16, 64
 TARGET_PROGRAMS = 128
 # Feature columns (dh) and the reduction over d taken per pass.
 COLUMN_TILE, REDUCTION_TILE = 64, 64
@@ -111,10 +111,10 @@ def w1_token_step_kernel(
 
 
 def _rows_per_program(rows: int, programs_per_block: int) -> int:
-    """A power of two of state rows per program: few enough that batch-1 steps spread over enough
-    programs, all of them once the (row, head) programs alone reach `TARGET_PROGRAMS`."""
+    """A power of two of state rows per program: few enough that batch-1 steps spread over about
+    `TARGET_PROGRAMS` programs, at most `MAX_ROWS_PER_PROGRAM` (a [rows, dh tile] fp32 tile in registers)."""
     split = max(1, TARGET_PROGRAMS // max(programs_per_block, 1))
-    return max(MIN_ROWS_PER_PROGRAM, next_power_of_2(cdiv(rows, split)))
+    return min(MAX_ROWS_PER_PROGRAM, max(MIN_ROWS_PER_PROGRAM, next_power_of_2(cdiv(rows, split))))
 
 
 def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
