@@ -19,13 +19,18 @@ RUN=runs/125m_16k_gpu
 STEPS=${STEPS:-40}
 mkdir -p "$RESULTS"
 
-stage() {  # stage NAME COMMAND...: run, log, report the exit code and the last lines
+stage() {  # stage NAME COMMAND...: run, log, report the exit code and the last lines, refresh the archive
   local name=$1; shift
   echo "== $name: $*"
   local start=$SECONDS
   "$@" >"$RESULTS/$name.log" 2>&1
   echo "== $name: exit $? after $((SECONDS - start)) s"
   tail -n 4 "$RESULTS/$name.log"
+  archive
+}
+
+archive() {  # one tarball of everything so far ($ARCHIVE, default $RESULTS.tgz): a run cut short keeps its finished stages
+  tar czf "${ARCHIVE:-$RESULTS.tgz}" -C "$(dirname "$RESULTS")" "$(basename "$RESULTS")" 2>/dev/null || true
 }
 
 run_train() {
@@ -106,5 +111,5 @@ run_slow() {
 for what in "${@:-train decode}"; do
   for s in $what; do "run_$s"; done
 done
-[ -n "${ARCHIVE:-}" ] && tar czf "$ARCHIVE" -C "$(dirname "$RESULTS")" "$(basename "$RESULTS")"
+archive
 exit 0
