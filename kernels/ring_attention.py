@@ -29,7 +29,11 @@ import triton.language as tl
 from kernels.triton_utils import cdiv, new_buffer, next_power_of_2, use_triton
 
 SLOT_TILE = 64  # ring slots a program scores at once
-TARGET_PROGRAMS = 512  # splits per (row, head) are chosen to give about this many programs
+TARGET_PROGRAMS = 512  # splits per (row, head) are chosen to give at least about this many programs
+# and to leave each program at most this many tiles: a program walks its tiles one after the other, so
+# long walks leave the memory system idle (at batch 64 one split per head read the ring at about a
+# third of the H100's bandwidth).
+MAX_TILES_PER_PROGRAM = 4
 LOG2E = 1.4426950408889634
 
 
@@ -95,9 +99,10 @@ def ring_merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, SPLITS, DH: tl.constexpr, 
 
 
 def split_count(rows_x_heads: int, window: int) -> int:
-    """Splits of the ring per (row, head): about TARGET_PROGRAMS programs in all, at least one tile each."""
+    """Splits of the ring per (row, head): about TARGET_PROGRAMS programs in all and at most
+    MAX_TILES_PER_PROGRAM tiles a program, at least one tile each."""
     tiles = cdiv(window, SLOT_TILE)
-    return max(1, min(tiles, cdiv(TARGET_PROGRAMS, rows_x_heads)))
+    return max(1, min(tiles, max(cdiv(TARGET_PROGRAMS, rows_x_heads), cdiv(tiles, MAX_TILES_PER_PROGRAM))))
 
 
 def _launch(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

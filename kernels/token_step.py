@@ -46,8 +46,10 @@ from kernels.triton_utils import cdiv, new_buffer, next_power_of_2, use_triton
 # TARGET_PROGRAMS programs; more at larger batches, up to a tile that stays in registers.
 MIN_ROWS_PER_PROGRAM, MAX_ROWS_PER_PROGRAM = 16, 64
 TARGET_PROGRAMS = 128
-# Feature columns (dh) and the reduction over d taken per pass.
-COLUMN_TILE, REDUCTION_TILE = 64, 64
+# Feature columns (dh) per pass, and the reduction over d per pass: the whole of d at model sizes, so
+# a program's feature pass is one wide load of W0 and W2 rather than a chain of dependent small ones
+# (at 64 a batch-1 launch took about 15 us on an H100, its programs waiting on nine loads in turn).
+COLUMN_TILE, REDUCTION_TILE = 64, 256
 # Features per program of the LaCT step (it holds [BE, d] tiles of W0, W2, G0, G2 and [d, BE] of W1, G1).
 LACT_FEATURE_TILE = 32
 
@@ -133,7 +135,7 @@ def _launch(q, k, v, eta1, w0, w2, w1, g1, update_sign: float, token_causal: boo
         q, k, v, eta1, w0.contiguous(), w2.contiguous(), w1.contiguous(), g1, out, heads, float(update_sign),
         *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *eta1.stride(), D=d, DH=dh, BD=rows_per_program,
         BE=min(COLUMN_TILE, next_power_of_2(dh)), BK=min(REDUCTION_TILE, next_power_of_2(d)),
-        SWIGLU=swiglu, TOKEN_CAUSAL=token_causal,
+        SWIGLU=swiglu, TOKEN_CAUSAL=token_causal, num_warps=8,
     )
     return out
 

@@ -38,7 +38,7 @@ def random_case(seed: int) -> dict:
 
 
 @pytest.mark.parametrize("seed", range(20))
-@pytest.mark.parametrize("programs", [1, ring.TARGET_PROGRAMS])  # one split looping over every tile; many splits merged
+@pytest.mark.parametrize("programs", [1, ring.TARGET_PROGRAMS])  # few splits, each walking several tiles; many splits
 def test_kernel_equals_float64_sdpa(seed: int, programs: int, monkeypatch) -> None:
     monkeypatch.setenv("TTTLA_KERNELS", "triton")
     monkeypatch.setattr(ring, "TARGET_PROGRAMS", programs)
