@@ -328,8 +328,9 @@ class TTTMixer(nn.Module):
             tq, tk = self.rotate(tq.reshape(blocks), tk.reshape(blocks), position_offset, positions)
             tq, tk = tq.reshape(shape), tk.reshape(shape)
         state_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        if self.lr_proj is not None:
-            logits = self.lr_proj(x).to(state_dtype).reshape(batch, seq_len, self.num_heads, 3)
+        lr_logits, gate_logits, scale_logits = self.token_heads(x)
+        if lr_logits is not None:
+            logits = lr_logits.to(state_dtype).reshape(batch, seq_len, self.num_heads, 3)
         else:
             logits = self.lr_bias.to(state_dtype).reshape(self.num_heads, 3).expand(batch, seq_len, -1, -1)
         # [B, T, 3, H]; softplus runs on a contiguous tensor: on a transposed view its backward's output
@@ -338,8 +339,27 @@ class TTTMixer(nn.Module):
         if self.records_learning_rates:
             with torch.no_grad():
                 self.mean_learning_rates.copy_(etas.detach().mean(dim=(0, 1, 3)))
-        gate = None
-        if self.momentum_proj is not None:
-            gate = torch.sigmoid(self.momentum_proj(x).to(state_dtype))
-        scale = F.silu(self.ttt_scale_proj(x)) if self.ttt_scale_proj is not None else None
+        gate = torch.sigmoid(gate_logits.to(state_dtype)) if gate_logits is not None else None
+        scale = F.silu(scale_logits) if scale_logits is not None else None
         return TTTInputs(tq, tk, tv, etas, gate, scale)
+
+    def token_heads(self, x: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+        """The small per-token heads of x [B, T, D]: learning-rate, momentum and output-scale logits
+        ([B, T, 3H], [B, T, H], [B, T, H]; None where off), as one matrix product over their stacked
+        weights. Three tiny linear layers cost three launches each where a token is decoded (a split-K
+        product, its reduction, a bias epilogue); one product without bias costs one or two, and the
+        biases join the elementwise work that follows. Each logit keeps the product's dtype."""
+        layers = (self.lr_proj, self.momentum_proj, self.ttt_scale_proj)
+        present = [layer for layer in layers if layer is not None]
+        if not present:
+            return None, None, None
+        weight = torch.cat([layer.weight for layer in present]) if len(present) > 1 else present[0].weight
+        products = iter(F.linear(x, weight).split([layer.out_features for layer in present], dim=-1))
+        logits = []
+        for layer in layers:
+            if layer is not None:
+                product = next(products)
+                logits.append((product + layer.bias).to(product.dtype))
+            else:
+                logits.append(None)
+        return tuple(logits)
