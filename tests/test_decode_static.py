@@ -8,6 +8,7 @@ applies the chunk update through `torch.where`; both compute the same terms, so 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 from functools import partial
 
@@ -48,6 +49,27 @@ def static_logits(model, prompts: list[list[int]], continuations: torch.Tensor, 
         runner.step()
         steps.append(decoder.logits.clone())
     return torch.stack(steps, dim=1)
+
+
+def assert_kernel_decoding_equals_float64(mode: str, module, kernel: str, prompt_lengths: list[int], steps: int,
+                                          seed: int, monkeypatch) -> None:
+    """An fp32 copy of the mode's float64 model decodes rows of `prompt_lengths` (different chunk and
+    window phases) `steps` tokens through `module.kernel` (TTTLA_KERNELS=triton): every token step of
+    every layer launches it once, and the logits equal the float64 model's decoder (the torch forms)."""
+    model64 = make_model(copy.deepcopy(MODES[mode]))
+    model32 = copy.deepcopy(model64).float()
+    prompts = [t.tolist() for t in forced_tokens(model64, len(prompt_lengths), seed=seed)]
+    prompts = [prompt[:length] for prompt, length in zip(prompts, prompt_lengths)]
+    continuations = forced_tokens(model64, len(prompt_lengths), seed=seed + 1)[:, :steps]
+    launches, launch = [], getattr(module, kernel)
+    monkeypatch.setattr(module, kernel, lambda *args: launches.append(1) or launch(*args))
+    monkeypatch.setenv("TTTLA_KERNELS", "triton")
+    decoded = static_logits(model32, prompts, continuations)
+    monkeypatch.setenv("TTTLA_KERNELS", "reference")
+    assert len(launches) == steps * len(model32.blocks)
+    for row, prompt in enumerate(prompts):
+        expected = reference_logits(model64, prompt, continuations[row])[:steps]
+        assert relative_error(decoded[row].double(), expected) < 1e-4  # fp32 through two layers
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))

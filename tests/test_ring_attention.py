@@ -7,7 +7,6 @@ dims that are not multiples of the tiles; strided queries) and compare with the 
 
 from __future__ import annotations
 
-import copy
 import os
 import random
 
@@ -15,8 +14,7 @@ import pytest
 import torch
 
 from kernels import ring_attention as ring
-from tests.test_decode_static import forced_tokens, reference_logits, static_logits
-from tests.test_generate_decode import MODES, make_model
+from tests.test_decode_static import assert_kernel_decoding_equals_float64
 from verification.proof import relative_error
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
@@ -66,17 +64,5 @@ def test_splits_cover_the_ring(batch: int, monkeypatch) -> None:
 def test_static_decoding_through_the_kernel_equals_the_float64_decoder(monkeypatch) -> None:
     """An fp32 model decoding rows before, at and past the window's end through the kernels (every
     layer's window attention of every step launches them) gives the float64 decoder's logits."""
-    model64 = make_model(copy.deepcopy(MODES["parallel"]))
-    model32 = copy.deepcopy(model64).float()
-    prompts = [t.tolist() for t in forced_tokens(model64, 3, seed=9)[:, :13]]  # the window is 12 slots
-    prompts = [prompts[0][:1], prompts[1][:11], prompts[2]]
-    continuations = forced_tokens(model64, 3, seed=10)[:, :6]
-    launches, launch = [], ring._launch
-    monkeypatch.setattr(ring, "_launch", lambda *args: launches.append(1) or launch(*args))
-    monkeypatch.setenv("TTTLA_KERNELS", "triton")
-    decoded = static_logits(model32, prompts, continuations)
-    monkeypatch.setenv("TTTLA_KERNELS", "reference")
-    assert len(launches) == continuations.shape[1] * len(model32.blocks)
-    for row, prompt in enumerate(prompts):
-        expected = reference_logits(model64, prompt, continuations[row])[: continuations.shape[1]]
-        assert relative_error(decoded[row].double(), expected) < 1e-4  # fp32 through two layers
+    assert_kernel_decoding_equals_float64("parallel", ring, "_launch", prompt_lengths=[1, 11, 13], steps=6, seed=9,
+                                          monkeypatch=monkeypatch)  # the window is 12 slots

@@ -19,7 +19,7 @@ import torch
 from kernels import token_step
 from kernels.fast_weights import ChunkGradients, FastWeights
 from kernels.token_step import lact_token_step, w1_token_step, w1_token_step_reference
-from tests.test_decode_static import forced_tokens, reference_logits, static_logits
+from tests.test_decode_static import assert_kernel_decoding_equals_float64, forced_tokens, static_logits
 from tests.test_generate_decode import MODES, make_model
 from verification.proof import relative_error
 
@@ -89,20 +89,8 @@ def test_static_decoding_through_the_kernel_equals_the_float64_decoder(mode: str
     """An fp32 model decoding three rows at different chunk phases through the mode's kernel (every
     token step of every layer launches it) gives the logits of the float64 model's decoder (the torch
     form), W1 alone fast or all three (momentum, Muon, weight norm in the chunk updates between)."""
-    model64 = make_model(copy.deepcopy(MODES[mode]))
-    model32 = copy.deepcopy(model64).float()
-    prompts = [t.tolist() for t in forced_tokens(model64, 3, seed=5)[:, :13]]
-    prompts = [prompts[0][:1], prompts[1][:8], prompts[2]]
-    continuations = forced_tokens(model64, 3, seed=6)[:, :12]
-    launches, launch = [], getattr(token_step, KERNEL_OF_MODE[mode])
-    monkeypatch.setattr(token_step, KERNEL_OF_MODE[mode], lambda *args: launches.append(1) or launch(*args))
-    monkeypatch.setenv("TTTLA_KERNELS", "triton")
-    decoded = static_logits(model32, prompts, continuations)
-    monkeypatch.setenv("TTTLA_KERNELS", "reference")
-    assert len(launches) == continuations.shape[1] * len(model32.blocks)
-    for row, prompt in enumerate(prompts):
-        expected = reference_logits(model64, prompt, continuations[row])[: continuations.shape[1]]
-        assert relative_error(decoded[row].double(), expected) < 1e-4  # fp32 through two layers
+    assert_kernel_decoding_equals_float64(mode, token_step, KERNEL_OF_MODE[mode], prompt_lengths=[1, 8, 13], steps=12,
+                                          seed=5, monkeypatch=monkeypatch)
 
 
 @pytest.mark.parametrize("mode", ["parallel-token-causal-momentum-muon", "recurrent-released"])
