@@ -34,7 +34,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -149,9 +148,7 @@ def w1_token_step_reference(
     q, k, v, eta1 = (x.to(dtype) for x in (q, k, v, eta1))
 
     def features(x: torch.Tensor) -> torch.Tensor:  # [B, H, d] -> [B, H, dh]
-        if w0 is None:
-            return x
-        return F.silu(torch.einsum("bhd,hed->bhe", x, w0.to(dtype))) * torch.einsum("bhd,hed->bhe", x, w2.to(dtype))
+        return x if w0 is None else swiglu_features(x[:, None], w0.to(dtype), w2.to(dtype))[:, 0]
 
     hq, hk = features(q), features(k)
     g1.sub_(torch.einsum("bhd,bhe->bhde", v * eta1[..., None], hk))
