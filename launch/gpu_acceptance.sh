@@ -43,7 +43,8 @@ run_train() {
 }
 
 run_decode_tests() {
-  stage decode_tests "$PYTHON" -m pytest -q -m gpu tests/gpu/test_decode_graphs_gpu.py --durations=0
+  stage decode_tests "$PYTHON" -m pytest -q -m gpu tests/gpu/test_token_step_gpu.py tests/gpu/test_ring_attention_gpu.py \
+    tests/gpu/test_decode_graphs_gpu.py --durations=0
 }
 
 run_decode() {
