@@ -3,12 +3,13 @@
 # resumes from its sharded checkpoint, exports, then generation and decoding are benchmarked.
 # Every stage logs to $RESULTS/<stage>.log and a failing stage does not stop the others.
 #   launch/gpu_acceptance.sh [train] [decode_tests] [decode] [quality] [entry] [speed] [bench_train] [overhead] [saved]
-#                            [memory] [suite] [slow]
+#                            [memory] [window] [suite] [slow]
 #   (default: train decode)
 # entry: the trainer-through-the-launcher GPU test; speed: the 125M/16K run through launch/ with the
 # blocks compiled beside the benchmark's row of the same shape; memory: what one block saves for
 # backward, tttla beside the transformer (saved); memory: the step's peak with and without the recomputations;
 # bench_train: one preset of `make bench-train` (PRESET, default 125m);
+# window: the sliding window's kernel options and fla's window kernel beside full attention;
 # overhead: the trainer's step split into its parts (benchmarks/trainer_overhead.py);
 # suite: the GPU suite with test durations; slow: its long cases.
 set -uo pipefail
@@ -72,6 +73,10 @@ run_speed() {
 
 run_bench_train() {  # PRESET=125m|760m|long|selective (benchmarks/step.py), ceiling columns included
   stage bench_train "$PYTHON" -m benchmarks.step --preset "${PRESET:-125m}" --out "$RESULTS/train_step"
+}
+
+run_window() {  # the window's kernel choices beside full attention (benchmarks/window_attention.py; WINDOW_ARGS)
+  stage window "$PYTHON" -m benchmarks.window_attention --out "$RESULTS/window_attention.json" ${WINDOW_ARGS:-}
 }
 
 run_overhead() {
