@@ -79,12 +79,17 @@ def summary(times: list[float], warmup: int) -> dict:
     return {"mean_ms": statistics.mean(timed), "median_ms": statistics.median(timed), "max_ms": max(timed)}
 
 
-def time_prefill(run: Callable[[], object], tokens: int, device: torch.device) -> dict:
-    """Tokens per second of one prefill call (after one untimed call that warms up kernels) and its peak memory."""
+def time_prefill(run: Callable[[], object], tokens: int, device: torch.device, calls: int = 3) -> dict:
+    """Tokens per second of the median of `calls` prefill calls (after one untimed call that warms up
+    kernels), their peak memory and, on CUDA, the kernels of one call and their summed device time
+    (`prefill_kernels`): a wall time far above the kernels' is host time."""
     run()
     reset_peak(device)
-    seconds = time_steps(run, 1, device)[0] / 1e3
-    return {"prefill_tokens_per_s": tokens / seconds, "prefill_peak_mb": peak_mb(device)}
+    seconds = sorted(time_steps(run, calls, device))[calls // 2] / 1e3
+    timed = {"prefill_tokens_per_s": tokens / seconds, "prefill_peak_mb": peak_mb(device), "prefill_ms": seconds * 1e3}
+    if device.type == "cuda":
+        timed["prefill_kernels"] = count_kernels(run, device)
+    return timed
 
 
 def time_decoder(decoder, args: argparse.Namespace, device: torch.device) -> dict:
@@ -242,7 +247,15 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"{cell(latency, 'max_ms')} | {kernel_cell(latency)} | {cell(latency, 'peak_mb')} | {cell(throughput, 'tokens_per_s')} | "
             f"{cell(throughput, 'peak_mb')} | {fmt(r.get('prefill_tokens_per_s'))} | {fmt(r.get('prefill_peak_mb'))} |"
         )
-    return "\n".join(lines + at_baseline_batch(rows)) + "\n"
+    return "\n".join(lines + at_baseline_batch(rows) + prefill_breakdown(rows)) + "\n"
+
+
+def prefill_breakdown(rows: list[dict]) -> list[str]:
+    """One line per prefilled row: its wall time beside its kernels' count and summed device time (the
+    difference is host time: launches, Python, the compiled graphs' guards)."""
+    lines = [f"* {r['model']} at {r['context']}: {r['prefill_ms']:.1f} ms, {r['prefill_kernels']['kernels']} kernels "
+             f"taking {r['prefill_kernels']['kernel_ms']:.1f} ms" for r in rows if "prefill_kernels" in r]
+    return ["", "Prefill, wall time against its kernels' device time:", *lines] if lines else []
 
 
 def at_baseline_batch(rows: list[dict]) -> list[str]:

@@ -49,3 +49,12 @@ def test_where_the_cache_does_not_fit_the_models_meet_at_the_largest_batch_it_fi
     assert base["throughput"] == {"out_of_memory": True} and base["throughput_largest_fit"]["batch"] == 2
     assert ttt["throughput"]["batch"] == 8 and ttt["throughput_at_baseline_batch"]["batch"] == 2
     assert "fits at most batch 2" in (tmp_path / "decode.md").read_text()
+
+
+def test_prefill_breakdown_lists_wall_time_beside_kernel_time() -> None:
+    rows = [{"model": "ttt-parallel", "context": 4096, "prefill_ms": 35.04,
+             "prefill_kernels": {"kernels": 812, "kernel_ms": 9.51, "top_kernels": []}},
+            {"model": "sdpa-kv-cache", "context": 1048576}]  # fmt: skip
+    lines = decode_bench.prefill_breakdown(rows)
+    assert lines[-1] == "* ttt-parallel at 4096: 35.0 ms, 812 kernels taking 9.5 ms"
+    assert len(lines) == 3 and decode_bench.prefill_breakdown(rows[1:]) == []
