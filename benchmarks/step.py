@@ -17,6 +17,7 @@ causal attention). A row that runs out of memory is reported as such, not droppe
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import time
@@ -94,14 +95,16 @@ def matmul_peak_tflops() -> float:
 
 
 def measure_row(impl: str, size: str, seq_len: int, batch: int, checkpointing: str, compile_on: bool,
-                peaks: tuple[float, float], warmup: int, steps: int, overrides: tuple[str, ...] = ()) -> dict:
+                peaks: tuple[float, float], warmup: int, steps: int, overrides: tuple[str, ...] = (),
+                memory_budget: float = 1.0) -> dict:
     cfg = model_config(impl, size, overrides)
-    row = dict(impl=impl, config=" ".join([size, *overrides]), T=seq_len, B=batch, checkpointing=checkpointing,
+    budget = [f"activation_memory_budget={memory_budget}"] if compile_on and memory_budget < 1 else []
+    row = dict(impl=impl, config=" ".join([size, *overrides, *budget]), T=seq_len, B=batch, checkpointing=checkpointing,
                compile=compile_on)  # fmt: skip
     torch.cuda.reset_peak_memory_stats()
     model = None
     try:
-        model = build(impl, cfg, checkpointing, compile_function() if compile_on else None)
+        model = build(impl, cfg, checkpointing, compile_function(memory_budget) if compile_on else None)
         seconds = time_steps(model, batch, seq_len, cfg.vocab_size, warmup, steps)
         tokens = batch * seq_len
         achieved = flops_per_token(impl, cfg, seq_len) * tokens / seconds
@@ -117,11 +120,11 @@ def measure_row(impl: str, size: str, seq_len: int, batch: int, checkpointing: s
     return row
 
 
-def compile_function() -> Callable[[nn.Module], int]:
-    """The trainer's own block compilation (`train.compile`)."""
+def compile_function(memory_budget: float = 1.0) -> Callable[[nn.Module], int]:
+    """The trainer's own block compilation (`train.compile`, `train.activation_memory_budget`)."""
     from train.compile import compile_blocks
 
-    return compile_blocks
+    return functools.partial(compile_blocks, memory_budget=memory_budget)
 
 
 def row_key(row: dict) -> tuple:
@@ -217,6 +220,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-ceiling", action="store_true", help="skip timing the mixer's parts alone")
     parser.add_argument("--model-overrides", nargs="*", default=[], metavar="KEY=VALUE",
                         help="model config overrides for every row, e.g. ttt.save_feature_projections=false")
+    parser.add_argument("--memory-budget", type=float, default=1.0,
+                        help="train.activation_memory_budget of the compiled blocks, every row (1: the default partitioner)")
     parser.add_argument("--out", default="docs/bench/train_step", help="results file stem; rows merge into it")
     args = parser.parse_args()
     if args.preset:
@@ -234,7 +239,7 @@ def measure_all(args: argparse.Namespace, peaks: tuple[float, float]) -> list[di
                     if impl == "tttla_recurrent" and not (CONFIG_DIR / f"lact_{size}.yaml").exists():
                         continue
                     row = measure_row(impl, size, seq_len, batch, checkpointing, args.compile == "on", peaks,
-                                      args.warmup, args.steps, tuple(args.model_overrides))  # fmt: skip
+                                      args.warmup, args.steps, tuple(args.model_overrides), args.memory_budget)  # fmt: skip
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     return rows
@@ -256,7 +261,9 @@ def command_line(args: argparse.Namespace) -> str:
         words = [f"--preset {args.preset}"]
     else:
         words = [f"--{k} {' '.join(v) if isinstance(v, list) else v}" for k, v in vars(args).items()
-                 if k not in ("out", "preset", "no_ceiling", "model_overrides")]  # fmt: skip
+                 if k not in ("out", "preset", "no_ceiling", "model_overrides", "memory_budget")]  # fmt: skip
+    if args.memory_budget < 1:
+        words.append(f"--memory-budget {args.memory_budget}")
     if args.model_overrides:
         words.append("--model-overrides " + " ".join(args.model_overrides))
     return " ".join(["python -m benchmarks.step", *words])

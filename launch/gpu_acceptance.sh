@@ -93,7 +93,7 @@ run_saved() {
     --out "$RESULTS/saved_tensors_125m_16k_recompute.json" ttt.save_feature_projections=false
 }
 
-run_memory() {  # the step's peak memory, three rows (the saved-tensor breakdown is its own stage: saved)
+run_memory() {  # the step's peak memory: recomputations and the compiler's memory budget (the saved-tensor breakdown is its own stage: saved)
   stage bench_memory "$PYTHON" -m benchmarks.step --configs 125m --seqs 16384x1 --impls tttla sdpa \
     --checkpointing none --compile on --no-ceiling --out "$RESULTS/train_step_memory"
   stage bench_memory_recompute "$PYTHON" -m benchmarks.step --configs 125m --seqs 16384x1 --impls tttla \
@@ -102,6 +102,8 @@ run_memory() {  # the step's peak memory, three rows (the saved-tensor breakdown
   stage bench_memory_recompute_features "$PYTHON" -m benchmarks.step --configs 125m --seqs 16384x1 --impls tttla \
     --checkpointing none --compile on --no-ceiling --model-overrides ttt.recompute_features=true \
     --out "$RESULTS/train_step_memory"
+  stage bench_memory_budget "$PYTHON" -m benchmarks.step --configs 125m --seqs 16384x1 --impls tttla sdpa \
+    --checkpointing none --compile on --no-ceiling --memory-budget 0.8 --out "$RESULTS/train_step_memory"
   grep '^{' "$RESULTS"/bench_memory*.log || true
 }
 

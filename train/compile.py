@@ -28,6 +28,7 @@ Decoding (`decoding.decode`) calls each block's own forward (`TTTLM.hidden_state
 from __future__ import annotations
 
 import torch
+import torch._functorch.config as functorch_config
 from torch import nn
 
 from model.baseline import BaselineBlock, BaselineLM
@@ -51,13 +52,19 @@ def blocks_are_one_graph(cfg: RunConfig, sp: int) -> bool:
     return sp == 1 and not cfg.data.reset_at_doc_boundaries and cfg.zero.stage < 3 and not t.activation_checkpointing
 
 
-def compile_blocks(model: nn.Module, *, fullgraph: bool = True, backend: str = "inductor") -> int:
+def compile_blocks(model: nn.Module, *, fullgraph: bool = True, backend: str = "inductor", memory_budget: float = 1.0) -> int:
     """Compile every block of `model` (a TTTLM's, or the baseline transformer's, so both are measured alike)
     in place, and the elementwise work of the chunked loss (`model.loss.chunk_terms`); returns how many
     blocks were compiled.
 
+    `memory_budget` (`train.activation_memory_budget`) is the share of a block's activations the
+    min-cut partitioner may keep for backward; below 1 it recomputes the cheapest (elementwise glue,
+    norms) in the backward graph. It is torch's process-wide setting, read when a block first compiles.
+
     `backend` other than Inductor is for tests ("aot_eager" traces forward and backward like
-    Inductor but runs the traced ops eagerly, so results are bit-identical to eager)."""
+    Inductor but runs the traced ops eagerly, so results are bit-identical to eager;
+    "aot_eager_decomp_partition" also partitions as Inductor does, memory budget included)."""
+    functorch_config.activation_memory_budget = memory_budget
     blocks = [module for module in model.modules() if isinstance(module, (Block, BaselineBlock))]
     for block in blocks:
         block.compile(fullgraph=fullgraph, backend=backend)

@@ -76,6 +76,10 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each block in the backward pass
     activation_checkpointing_policy: str = "full"  # full: the whole block; selective: keep GEMM outputs
     compile: str = "auto"  # torch.compile each block: auto (on CUDA, off on CPU) | true | false
+    # Compiled blocks: the share of their activations the compiler may keep for backward (torch's
+    # min-cut partitioner); below 1 it recomputes the cheapest ones (elementwise glue first) until the
+    # rest fits. 1: what the default partitioner keeps.
+    activation_memory_budget: float = 1.0
     seed: int = 0
     resume: str = "none"  # none | auto (newest complete checkpoint) | a checkpoint folder
     max_nonfinite_steps: int = 5  # consecutive skipped (non-finite) steps before the run stops
@@ -171,6 +175,8 @@ class RunConfig:
         _require(0 < t.decay_fraction <= 1, "train.decay_fraction", t.decay_fraction, "must be in (0, 1]")
         _require(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "must be >= 0 (0 turns clipping off)")
         _require(t.precision in PRECISIONS, "train.precision", t.precision, f"must be one of {PRECISIONS}")
+        _require(0 < t.activation_memory_budget <= 1, "train.activation_memory_budget", t.activation_memory_budget,
+                 "must be in (0, 1] (1: keep what the compiler keeps by default)")
         _require(t.compile.lower() in COMPILE_SETTINGS, "train.compile", t.compile, f"must be one of {COMPILE_SETTINGS}")
         _require(
             t.resume in RESUME_MODES or Path(t.resume).is_dir(),

@@ -71,7 +71,8 @@ def build_model(cfg: RunConfig, dims: ParallelDims) -> tuple[nn.Module, TTTLM]:
     if cfg.train.activation_checkpointing:
         checkpoint_blocks(model, selective=cfg.train.activation_checkpointing_policy == "selective")
     if compile_enabled(cfg.train.compile, dims.device, cfg.train.activation_checkpointing):
-        compile_blocks(model, fullgraph=blocks_are_one_graph(cfg, dims.sp))
+        compile_blocks(model, fullgraph=blocks_are_one_graph(cfg, dims.sp),
+                       memory_budget=cfg.train.activation_memory_budget)
     if dims.sp == 1:
         return model, model
     return SequenceParallelLM(model, dims), model
