@@ -93,17 +93,14 @@ run_saved() {
     --out "$RESULTS/saved_tensors_125m_16k_recompute.json" ttt.save_feature_projections=false
 }
 
-run_memory() {  # the step's peak memory: recomputations and the compiler's memory budget (the saved-tensor breakdown is its own stage: saved)
-  stage bench_memory "$PYTHON" -m benchmarks.step --configs 125m --seqs 16384x1 --impls tttla sdpa \
-    --checkpointing none --compile on --no-ceiling --out "$RESULTS/train_step_memory"
-  stage bench_memory_recompute "$PYTHON" -m benchmarks.step --configs 125m --seqs 16384x1 --impls tttla \
-    --checkpointing none --compile on --no-ceiling --model-overrides ttt.save_feature_projections=false \
-    --out "$RESULTS/train_step_memory"
-  stage bench_memory_recompute_features "$PYTHON" -m benchmarks.step --configs 125m --seqs 16384x1 --impls tttla \
-    --checkpointing none --compile on --no-ceiling --model-overrides ttt.recompute_features=true \
-    --out "$RESULTS/train_step_memory"
-  stage bench_memory_budget "$PYTHON" -m benchmarks.step --configs 125m --seqs 16384x1 --impls tttla sdpa \
-    --checkpointing none --compile on --no-ceiling --memory-budget 0.8 --out "$RESULTS/train_step_memory"
+run_memory() {  # the step's peak memory: recomputations and the compiler's memory budget, the newest rows first (the saved-tensor breakdown is its own stage: saved)
+  local common=(--configs 125m --seqs 16384x1 --checkpointing none --compile on --no-ceiling --out "$RESULTS/train_step_memory")
+  stage bench_memory_recompute_features "$PYTHON" -m benchmarks.step --impls tttla "${common[@]}" \
+    --model-overrides ttt.recompute_features=true
+  stage bench_memory_budget "$PYTHON" -m benchmarks.step --impls tttla sdpa "${common[@]}" --memory-budget 0.8
+  stage bench_memory "$PYTHON" -m benchmarks.step --impls tttla sdpa "${common[@]}"
+  stage bench_memory_recompute "$PYTHON" -m benchmarks.step --impls tttla "${common[@]}" \
+    --model-overrides ttt.save_feature_projections=false
   grep '^{' "$RESULTS"/bench_memory*.log || true
 }
 
