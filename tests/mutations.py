@@ -31,9 +31,10 @@ TESTS = [
     "tests/test_document_resets.py",
     "tests/test_token_step.py",
     "tests/test_ring_attention.py",
+    "tests/test_window_attention.py",
 ]
 LACT, REFERENCE = "kernels/lact.py", "kernels/reference.py"
-TOKEN_STEP, RING = "kernels/token_step.py", "kernels/ring_attention.py"
+TOKEN_STEP, RING, WINDOW = "kernels/token_step.py", "kernels/ring_attention.py", "kernels/window_attention.py"
 LAYER, LOW_RANK, DECODE = "model/ttt_layer.py", "model/low_rank.py", "decoding/decode.py"
 
 
@@ -86,6 +87,12 @@ MUTATIONS = [
         (RING, "slot_ok = (slots < W) & (slots <= last)", "slot_ok = (slots < W) & (slots < last)"),)),
     Mutation("ring attention merges splits without rescaling them", (
         (RING, 'tl.where(m == float("-inf"), 0.0, tl.exp2(m - top))', 'tl.where(m == float("-inf"), 0.0, 1.0)'),)),
+    Mutation("window kernel attends one key too far back", (
+        (WINDOW, "(distance >= 0) & (distance < WINDOW)", "(distance >= 0) & (distance <= WINDOW)"),)),
+    Mutation("window kernel's dK misses the last query that reads a key tile", (
+        (WINDOW, "hi = tl.minimum((block + 1) * BN + WINDOW - 1, T)", "hi = tl.minimum((block + 1) * BN + WINDOW - 2, T)"),)),
+    Mutation("window kernel ignores packed documents", (
+        (WINDOW, "keep = keep & (row_doc[:, None] == col_doc[None, :])", "keep = keep"),)),
 ]  # fmt: skip
 
 
