@@ -9,6 +9,7 @@ times, forward + backward at the model's shapes, in one process on one GPU:
     flex_window[...]   the same with FlexAttention kernel options (block sizes, warps, stages, TMA, mask hints)
     flex_autotune      the same compiled with Inductor's max-autotune (the best FlexAttention config it finds)
     fla_window         fla's Triton attention with its window argument (`fla.ops.attn.parallel_attn`), if installed
+    triton_window      this project's kernels (`kernels.window_attention`): the band as loop bounds, no block mask
 
 Each row: milliseconds, TFLOP/s over the pairs it really attends (4 * pairs * head_dim a forward, 2.5x
 that backward) and its largest deviation from `flex_window` in the output and the three input
@@ -88,6 +89,12 @@ def median_ms(attend: Attend, q, k, v, warmup: int = 2, steps: int = 5) -> float
     return 1e3 * time_step(step, q.device, warmup, steps)
 
 
+def triton_window(window: int) -> Attend:
+    from kernels.window_attention import window_attention
+
+    return lambda q, k, v: window_attention(q, k, v, window)
+
+
 def run_once(attend: Attend, q, k, v) -> list[torch.Tensor]:
     """The output and the gradients of q, k, v for a fixed random cotangent (the output alone where the
     inputs take no gradient: the CPU smoke test, FlexAttention having no CPU backward)."""
@@ -139,7 +146,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     rows = [measure("sdpa_causal", sdpa_causal(), q, k, v, None, full)]
     print(json.dumps(rows[-1]), flush=True)
     reference = run_once(flex_window(mask), q, k, v)
-    variants: list[tuple[str, Optional[Attend]]] = [("flex_window", flex_window(mask))]
+    variants: list[tuple[str, Optional[Attend]]] = [("flex_window", flex_window(mask)), ("triton_window", triton_window(args.window))]
     variants += [(f"flex_window{json.dumps(options, separators=(',', ':'))}", flex_window(mask, options)) for options in OPTION_SETS]
     if not args.no_autotune:
         variants.append(("flex_autotune", flex_window(mask, mode="max-autotune-no-cudagraphs")))
