@@ -21,6 +21,7 @@ FAST_WEIGHT_SETS = ("all", "w1")
 FEATURE_MAPS = ("swiglu", "identity")
 NS_SCHEDULE_NAMES = ("lact", "classic")  # kernels.lact.NS_SCHEDULES
 ROPE_LAYOUTS = ("half", "interleaved")
+WINDOW_KERNELS = ("flex", "triton")  # LMConfig.window_kernel
 
 
 class ConfigError(ValueError):
@@ -206,6 +207,9 @@ class LMConfig:
     mlp_hidden_size: Optional[int] = None  # defaults to the SwiGLU 8/3 rule, rounded up to 64
     num_attn_heads: int = 4
     window_size: int = 64  # sliding-window attention; 0 turns the attention branch off
+    # The window's GPU kernel: FlexAttention over a block mask (flex), or kernels.window_attention (triton).
+    # Elsewhere (CPU, float64) the blockwise SDPA band runs either way.
+    window_kernel: str = "flex"
     rope_theta: float = 1e6  # the released LaCT configs' theta, shared by the attention branch and the TTT q/k
     rope_layout: str = "half"  # pairs (i, i + D/2) as fla's RotaryEmbedding in the released code; "interleaved": (2i, 2i+1)
     norm_eps: float = 1e-6
@@ -223,6 +227,8 @@ class LMConfig:
         _require(self.hidden_size >= 1, f"{prefix}.hidden_size", self.hidden_size, "must be >= 1")
         _require(self.num_layers >= 1, f"{prefix}.num_layers", self.num_layers, "must be >= 1")
         _require(self.window_size >= 0, f"{prefix}.window_size", self.window_size, "must be >= 0 (0 disables it)")
+        _require(self.window_kernel in WINDOW_KERNELS, f"{prefix}.window_kernel", self.window_kernel,
+                 f"must be one of {WINDOW_KERNELS}")
         _require(self.rope_layout in ROPE_LAYOUTS, f"{prefix}.rope_layout", self.rope_layout, f"must be one of {ROPE_LAYOUTS}")
         if self.window_size > 0 or self.ttt.rope:
             _require(self.num_attn_heads >= 1, f"{prefix}.num_attn_heads", self.num_attn_heads, "must be >= 1")

@@ -159,7 +159,7 @@ class TTTLM(nn.Module):
         """The sliding-window block mask every layer shares, built once per forward where FlexAttention
         runs (CUDA) and the mixers' window strategies read it; None elsewhere (the blockwise path needs
         none; a halo exchange or a decoder attends over keys of its own)."""
-        if self.cfg.window_size <= 0 or not input_ids.is_cuda or flex_attention is None:
+        if self.cfg.window_size <= 0 or self.cfg.window_kernel != "flex" or not input_ids.is_cuda or flex_attention is None:
             return None
         if not any(block.mixer.window.reads_window_mask for block in self.blocks):
             return None

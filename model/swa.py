@@ -4,10 +4,12 @@ Token t attends to keys s with t - window < s <= t (and, with packed documents, 
 document). The large-chunk TTT branch only sees earlier chunks, so this branch is what makes the layer
 causal token by token inside a chunk.
 
-Three paths compute the same function:
+Four paths compute the same function:
 * `band_attention_reference`: one SDPA call with a [T, T] band mask (tests, short sequences);
 * `blockwise_band_attention`: queries in blocks of `window`, each against at most 2 * window keys, so
   memory is O(T * window) rather than O(T^2) (CPU, and the reference the GPU path is tested against);
+* `kernels.window_attention`: the project's Triton kernels, the band as their loop bounds (no mask
+  built), chosen by `model.window_kernel=triton`;
 * `flex_window_attention`: FlexAttention with a block-sparse mask, the default on CUDA in 16-bit: only
   the 128 x 128 tiles that touch the band are computed, so its cost is T * window, not the dense
   masked kernel's T * 2 * window with a boolean mask read per element.
@@ -23,6 +25,9 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
+
+from kernels import window_attention as window_kernels
+from kernels.triton_utils import use_triton
 
 try:  # FlexAttention: torch >= 2.5
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
@@ -144,12 +149,22 @@ def use_flex_attention(x: torch.Tensor) -> bool:
     return flex_attention is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
 
 
+def use_window_kernel(x: torch.Tensor, kernel: str) -> bool:
+    """The project's Triton window kernels (`kernels.window_attention`) when the config asks for them and
+    `kernels.triton_utils.use_triton` allows them on x (CUDA; the CPU tests force them through the
+    interpreter) in a dtype they serve."""
+    return kernel == "triton" and window_kernels.supports(x) and use_triton(x)
+
+
 def sliding_window_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, doc_ids: Optional[torch.Tensor] = None,
-    block_mask: Optional[Any] = None,
+    block_mask: Optional[Any] = None, kernel: str = "flex",
 ) -> torch.Tensor:
-    """Dispatch: FlexAttention on CUDA in 16-bit (with the caller's `block_mask` when it built one),
-    else the blockwise SDPA path. Both mask across documents when doc_ids [B, T] is given."""
+    """Dispatch: the Triton window kernels where `kernel` is "triton" and they run, else FlexAttention
+    on CUDA in 16-bit (with the caller's `block_mask` when it built one), else the blockwise SDPA path.
+    All mask across documents when doc_ids [B, T] is given."""
+    if use_window_kernel(q, kernel):
+        return window_kernels.window_attention(q, k, v, window, doc_ids)
     if use_flex_attention(q):
         return flex_window_attention(q, k, v, window, doc_ids, block_mask)
     return blockwise_band_attention(q, k, v, window, doc_ids)

@@ -302,7 +302,8 @@ class TTTMixer(nn.Module):
         batch, seq_len, hidden = q.shape
         heads = self.attention_heads(q, k, v, position_offset, token_positions(position_offset, seq_len, segments))
         doc_ids = None if segments is None else segments.doc_ids
-        out = sliding_window_attention(*heads, self.cfg.window_size, doc_ids=doc_ids, block_mask=window_mask)
+        out = sliding_window_attention(*heads, self.cfg.window_size, doc_ids=doc_ids, block_mask=window_mask,
+                                       kernel=self.cfg.window_kernel)
         return out.reshape(batch, seq_len, hidden)
 
     def ttt_inputs(

@@ -79,3 +79,36 @@ def test_window_block_mask_is_built_once_per_length_and_window():
     first = window_block_mask(256, 64, torch.device("cpu"))
     assert window_block_mask(256, 64, torch.device("cpu")) is first
     assert window_block_mask(256, 32, torch.device("cpu")) is not first
+
+
+@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1",
+                    reason="the Triton kernels run on CPU only under TRITON_INTERPRET=1")  # fmt: skip
+@pytest.mark.parametrize("packed", [False, True])
+def test_model_with_the_triton_window_equals_the_blockwise_one(packed, monkeypatch):
+    """`model.window_kernel=triton`: the same LM, its window through the Triton kernels (fp32, interpreter),
+    gives the blockwise path's loss and parameter gradients, packed documents included."""
+    from model.config import LMConfig, TTTConfig
+    from model.lm import TTTLM
+
+    def loss_and_grads(window_kernel: str) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        cfg = LMConfig(vocab_size=64, hidden_size=64, num_layers=2, num_attn_heads=4, window_size=24,
+                       window_kernel=window_kernel, ttt=TTTConfig(num_heads=2, chunk_size=16))  # fmt: skip
+        model = TTTLM(cfg)
+        ids = torch.randint(0, 64, (2, 51), generator=torch.Generator().manual_seed(1))
+        doc_ids = (torch.arange(50)[None, :] >= torch.tensor([[20], [33]])).long() if packed else None
+        loss = model(ids[:, :-1], ids[:, 1:], doc_ids=doc_ids).loss
+        loss.backward()
+        return [loss.detach(), *(p.grad for p in model.parameters())]
+
+    import model.swa as swa
+
+    monkeypatch.setenv("TTTLA_KERNELS", "triton")  # both runs: the TTT kernels alike, only the window differs
+    expected = loss_and_grads("flex")  # on the CPU: the blockwise SDPA band
+    calls = []
+    kernel = swa.window_kernels.window_attention
+    monkeypatch.setattr(swa.window_kernels, "window_attention", lambda *args, **kw: calls.append(1) or kernel(*args, **kw))
+    got = loss_and_grads("triton")
+    assert len(calls) == 2  # one per layer
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
