@@ -46,3 +46,27 @@ def test_window_kernels_on_the_gpu(seq_len: int, heads: int, head_dim: int, wind
     for name, got, expected in zip(("output", "dq", "dk", "dv"), *results):
         assert got.dtype == torch.bfloat16, name
         assert relative_error(got.double(), expected) < BF16_TOLERANCE, name
+
+
+@requires_cuda
+def test_compiled_model_with_the_triton_window_equals_the_flex_one() -> None:
+    """`model.window_kernel=triton` in the trainer's compiled blocks (fullgraph, Inductor, bf16 autocast):
+    the loss and parameter gradients of a small LM match those with FlexAttention's window."""
+    from model.config import LMConfig, TTTConfig
+    from model.lm import TTTLM
+    from train.compile import compile_blocks
+
+    def loss_and_grads(window_kernel: str) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        cfg = LMConfig(vocab_size=512, hidden_size=256, num_layers=2, num_attn_heads=4, window_size=256,
+                       window_kernel=window_kernel, ttt=TTTConfig(num_heads=2, chunk_size=256))  # fmt: skip
+        model = TTTLM(cfg).cuda()
+        compile_blocks(model)
+        ids = torch.randint(0, 512, (1, 2049), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(ids[:, :-1], ids[:, 1:]).loss
+        loss.backward()
+        return [loss.detach(), *(p.grad for p in model.parameters())]
+
+    for got, expected in zip(loss_and_grads("triton"), loss_and_grads("flex")):
+        assert relative_error(got.double(), expected.double()) < 3e-2
