@@ -52,6 +52,16 @@ def _band(rows, cols, row_ok, col_ok, doc_ptr, doc_row, WINDOW, HAS_DOCS: tl.con
 
 
 @triton.jit
+def _needs_mask(row0, col0, WINDOW, BM: tl.constexpr, BN: tl.constexpr, HAS_DOCS: tl.constexpr):
+    """Whether tile (rows row0.., cols col0..) holds a pair outside the band (or documents are packed):
+    interior tiles of the band skip the mask, as causal FlashAttention skips it off the diagonal.
+
+    The sequence's end needs no test here: an interior tile's columns end at or before row0 < T, and its
+    rows past T read zeros, so they add nothing to dK and dV and their outputs are never stored."""
+    return (col0 + BN - 1 > row0) | (row0 + BM - 1 - col0 >= WINDOW) | HAS_DOCS
+
+
+@triton.jit
 def window_fwd_kernel(
     q_ptr, k_ptr, v_ptr, doc_ptr, o_ptr, lse_ptr, T, A, WINDOW, scale_log2,
     s_b, s_t, s_a, o_b, o_t, o_a, d_b,
@@ -80,8 +90,9 @@ def window_fwd_kernel(
         kv_ok = col_ok[:, None] & dim_ok[None, :]
         k = tl.load(k_ptr + kv_offsets, mask=kv_ok, other=0.0)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-        keep = _band(rows, cols, row_ok, col_ok, doc_ptr, b.to(tl.int64) * d_b, WINDOW, HAS_DOCS)
-        scores = tl.where(keep, scores, float("-inf"))
+        if _needs_mask(block * BM, start, WINDOW, BM, BN, HAS_DOCS):
+            keep = _band(rows, cols, row_ok, col_ok, doc_ptr, b.to(tl.int64) * d_b, WINDOW, HAS_DOCS)
+            scores = tl.where(keep, scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet keeps every weight 0
         p = tl.exp2(scores - m_safe[:, None])
@@ -131,8 +142,10 @@ def window_dkdv_kernel(
         lse = tl.load(lse_ptr + bh.to(tl.int64) * T + rows, mask=row_ok, other=0.0)
         delta = tl.load(delta_ptr + bh.to(tl.int64) * T + rows, mask=row_ok, other=0.0)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-        keep = _band(rows, cols, row_ok, col_ok, doc_ptr, b.to(tl.int64) * d_b, WINDOW, HAS_DOCS)
-        p = tl.where(keep, tl.exp2(scores - lse[:, None]), 0.0)  # [BM, BN]
+        p = tl.exp2(scores - lse[:, None])  # [BM, BN]
+        if _needs_mask(start, block * BN, WINDOW, BM, BN, HAS_DOCS):
+            keep = _band(rows, cols, row_ok, col_ok, doc_ptr, b.to(tl.int64) * d_b, WINDOW, HAS_DOCS)
+            p = tl.where(keep, p, 0.0)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -174,8 +187,10 @@ def window_dq_kernel(
         k = tl.load(k_ptr + kv_offsets, mask=kv_ok, other=0.0)
         v = tl.load(v_ptr + kv_offsets, mask=kv_ok, other=0.0)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-        keep = _band(rows, cols, row_ok, col_ok, doc_ptr, b.to(tl.int64) * d_b, WINDOW, HAS_DOCS)
-        p = tl.where(keep, tl.exp2(scores - lse[:, None]), 0.0)
+        p = tl.exp2(scores - lse[:, None])
+        if _needs_mask(block * BM, start, WINDOW, BM, BN, HAS_DOCS):
+            keep = _band(rows, cols, row_ok, col_ok, doc_ptr, b.to(tl.int64) * d_b, WINDOW, HAS_DOCS)
+            p = tl.where(keep, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)

@@ -91,6 +91,8 @@ MUTATIONS = [
         (WINDOW, "(distance >= 0) & (distance < WINDOW)", "(distance >= 0) & (distance <= WINDOW)"),)),
     Mutation("window kernel's dK misses the last query that reads a key tile", (
         (WINDOW, "hi = tl.minimum((block + 1) * BN + WINDOW - 1, T)", "hi = tl.minimum((block + 1) * BN + WINDOW - 2, T)"),)),
+    Mutation("window kernel skips the mask on tiles crossing the window's far edge", (
+        (WINDOW, "| (row0 + BM - 1 - col0 >= WINDOW)", "| (row0 - col0 >= WINDOW)"),)),
     Mutation("window kernel ignores packed documents", (
         (WINDOW, "keep = keep & (row_doc[:, None] == col_doc[None, :])", "keep = keep"),)),
 ]  # fmt: skip

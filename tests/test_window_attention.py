@@ -81,8 +81,12 @@ def cotangent_for(case: dict, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("seed", range(24))
-def test_kernels_equal_float64_sdpa_forward_and_backward(seed: int, monkeypatch) -> None:
+@pytest.mark.parametrize("tiles", ["default", "small"])  # small: windows of several tiles, unmasked interior tiles
+def test_kernels_equal_float64_sdpa_forward_and_backward(seed: int, tiles: str, monkeypatch) -> None:
     monkeypatch.setenv("TTTLA_KERNELS", "triton")
+    if tiles == "small":
+        monkeypatch.setattr(swa, "FORWARD_TILES", (16, 16))
+        monkeypatch.setattr(swa, "BACKWARD_TILES", (16, 32))
     case = random_case(seed)
     cotangent = cotangent_for(case, seed + 1000)
     got = forward_backward(case, torch.float32, cotangent, swa.window_attention)
