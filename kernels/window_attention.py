@@ -39,6 +39,12 @@ BACKWARD_TILES = (64, 64)
 MAX_HEAD_DIM = 256
 
 
+def warps_for(block_head_dim: int) -> int:
+    """Warps per program: 4 hold a tile's fp32 accumulators up to head dim 64 in registers; wider heads
+    take 8 so that they do not spill."""
+    return 4 if block_head_dim <= 64 else 8
+
+
 @triton.jit
 def _band(rows, cols, row_ok, col_ok, doc_ptr, doc_row, WINDOW, HAS_DOCS: tl.constexpr):
     """[BM, BN] mask of the pairs (row t, col s) with 0 <= t - s < WINDOW, both in range, same document."""
@@ -221,11 +227,12 @@ def _forward(q, k, v, doc_ids, window: int) -> tuple[torch.Tensor, torch.Tensor]
     out = new_buffer((batch, seq_len, heads, head_dim), q.dtype, q.device)
     lse = new_buffer((batch, heads, seq_len), torch.float32, q.device)
     block_m, block_n = FORWARD_TILES
+    block_head_dim = max(16, next_power_of_2(head_dim))
     window_fwd_kernel[(cdiv(seq_len, block_m), batch * heads)](
         q, k, v, docs, out, lse, seq_len, heads, window, LOG2E / math.sqrt(head_dim),
         q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2), doc_stride,
-        DH=head_dim, BDH=max(16, next_power_of_2(head_dim)), BM=block_m, BN=block_n, HAS_DOCS=doc_ids is not None,
-        PRECISION=dot_precision(q.dtype), num_warps=4,
+        DH=head_dim, BDH=block_head_dim, BM=block_m, BN=block_n, HAS_DOCS=doc_ids is not None,
+        PRECISION=dot_precision(q.dtype), num_warps=warps_for(block_head_dim),
     )
     return out, lse
 
@@ -238,8 +245,9 @@ def _backward(do, q, k, v, out, lse, doc_ids, window: int) -> tuple[torch.Tensor
     delta = (out.float() * do.float()).sum(-1).transpose(1, 2).contiguous()  # [B, A, T]
     dq, dk, dv = (new_buffer(do.shape, q.dtype, q.device) for _ in range(3))
     block_m, block_n = BACKWARD_TILES
-    common = dict(DH=head_dim, BDH=max(16, next_power_of_2(head_dim)), BM=block_m, BN=block_n,
-                  HAS_DOCS=doc_ids is not None, PRECISION=dot_precision(q.dtype), num_warps=4)  # fmt: skip
+    block_head_dim = max(16, next_power_of_2(head_dim))
+    common = dict(DH=head_dim, BDH=block_head_dim, BM=block_m, BN=block_n, HAS_DOCS=doc_ids is not None,
+                  PRECISION=dot_precision(q.dtype), num_warps=warps_for(block_head_dim))  # fmt: skip
     scale = 1.0 / math.sqrt(head_dim)
     strides = (q.stride(0), q.stride(1), q.stride(2), do.stride(0), do.stride(1), do.stride(2), doc_stride)
     window_dkdv_kernel[(cdiv(seq_len, block_n), batch * heads)](
