@@ -56,10 +56,12 @@ def full_attention_ms(cfg: LMConfig, batch: int, seq_len: int) -> float:
 
 
 def window_ms(cfg: LMConfig, batch: int, seq_len: int) -> float:
-    """The sliding window over the same heads, as a tttla mixer calls it (the LM's shared block mask), all layers."""
+    """The sliding window over the same heads, as a tttla mixer calls it (`model.window_kernel`; the LM's
+    shared block mask for FlexAttention), all layers."""
     q, k, v = attention_inputs(cfg, batch, seq_len)
-    mask = window_block_mask(seq_len, cfg.window_size, q.device)
-    attend = torch.compile(lambda: sliding_window_attention(q, k, v, cfg.window_size, block_mask=mask))
+    mask = window_block_mask(seq_len, cfg.window_size, q.device) if cfg.window_kernel == "flex" else None
+    attend = torch.compile(lambda: sliding_window_attention(q, k, v, cfg.window_size, block_mask=mask,
+                                                            kernel=cfg.window_kernel))
     return cfg.num_layers * median_ms(attend)
 
 
