@@ -49,6 +49,7 @@ def test_window_kernels_on_the_gpu(seq_len: int, heads: int, head_dim: int, wind
 
 
 @requires_cuda
+@pytest.mark.gpu_slow  # two models compiled by Inductor: about a minute or two
 def test_compiled_model_with_the_triton_window_equals_the_flex_one() -> None:
     """`model.window_kernel=triton` in the trainer's compiled blocks (fullgraph, Inductor, bf16 autocast):
     the loss and parameter gradients of a small LM match those with FlexAttention's window."""
