@@ -1,4 +1,4 @@
-"""`python -m benchmarks.saved_tensors [--config 125m] [--seq-len 16384] [--compile on] [KEY=VALUE ...]`: what one
+"""`python -m benchmarks.saved_tensors [--config 125m] [--seq-len 16384] [--compile on] [--memory-budget B] [KEY=VALUE ...]`: what one
 block keeps for its backward, tttla beside the transformer.
 
 Peak training memory without recomputation is the tensors each block saves for its backward, times
@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch._functorch.config
 from torch import nn
 
 from benchmarks.step import PARALLEL_FORM
@@ -78,10 +79,13 @@ def main() -> None:
     parser.add_argument("--config", default="125m")
     parser.add_argument("--seq-len", type=int, default=16384)
     parser.add_argument("--compile", choices=["on", "off"], default="on")
+    parser.add_argument("--memory-budget", type=float, default=1.0,
+                        help="train.activation_memory_budget of the compiled blocks (with --compile on)")
     parser.add_argument("--out", help="write the lists as JSON here")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="model config overrides, e.g. ttt.save_feature_projections=false")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch._functorch.config.activation_memory_budget = args.memory_budget  # read when the blocks compile
     blocks = block_pair(args.config, device, args.compile == "on", tuple(args.overrides))
     hidden = blocks["tttla"].mlp_norm.weight.numel()
     report = {}

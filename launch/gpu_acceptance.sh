@@ -93,6 +93,8 @@ run_saved() {
     --out "$RESULTS/saved_tensors_125m_16k.json"
   stage saved_tensors_recompute "$PYTHON" -m benchmarks.saved_tensors --config 125m --seq-len 16384 \
     --out "$RESULTS/saved_tensors_125m_16k_recompute.json" ttt.save_feature_projections=false
+  stage saved_tensors_budget "$PYTHON" -m benchmarks.saved_tensors --config 125m --seq-len 16384 --memory-budget 0.8 \
+    --out "$RESULTS/saved_tensors_125m_16k_budget.json"
 }
 
 run_memory() {  # the step's peak memory: recomputations and the compiler's memory budget, the newest rows first (the saved-tensor breakdown is its own stage: saved)
