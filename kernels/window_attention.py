@@ -116,6 +116,20 @@ def window_fwd_kernel(
 
 
 @triton.jit
+def _backward_tile(q, k, v, do, lse, delta, rows, cols, row_ok, col_ok, row0, col0, doc_ptr, doc_row, WINDOW,
+                   scale_log2, BM: tl.constexpr, BN: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr):
+    """One [BM, BN] tile of the backward, shared by the dK/dV and dQ kernels: the probabilities P
+    (recomputed from the forward's lse, 0 outside the band) and dS = P * (dO V^T - delta)."""
+    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+    p = tl.exp2(scores - lse[:, None])
+    if _needs_mask(row0, col0, WINDOW, BM, BN, HAS_DOCS):
+        keep = _band(rows, cols, row_ok, col_ok, doc_ptr, doc_row, WINDOW, HAS_DOCS)
+        p = tl.where(keep, p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    return p, p * (dp - delta[:, None])
+
+
+@triton.jit
 def window_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, doc_ptr, dk_ptr, dv_ptr, T, A, WINDOW, scale_log2, scale,
     s_b, s_t, s_a, g_b, g_t, g_a, d_b,
@@ -147,14 +161,9 @@ def window_dkdv_kernel(
         do = tl.load(do_ptr + grad_base + rows[:, None] * g_t + dims[None, :], mask=q_ok, other=0.0)
         lse = tl.load(lse_ptr + bh.to(tl.int64) * T + rows, mask=row_ok, other=0.0)
         delta = tl.load(delta_ptr + bh.to(tl.int64) * T + rows, mask=row_ok, other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-        p = tl.exp2(scores - lse[:, None])  # [BM, BN]
-        if _needs_mask(start, block * BN, WINDOW, BM, BN, HAS_DOCS):
-            keep = _band(rows, cols, row_ok, col_ok, doc_ptr, b.to(tl.int64) * d_b, WINDOW, HAS_DOCS)
-            p = tl.where(keep, p, 0.0)
+        p, ds = _backward_tile(q, k, v, do, lse, delta, rows, cols, row_ok, col_ok, start, block * BN, doc_ptr,
+                               b.to(tl.int64) * d_b, WINDOW, scale_log2, BM, BN, HAS_DOCS, PRECISION)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     store_base = grad_base + cols[:, None] * g_t + dims[None, :]
     tl.store(dk_ptr + store_base, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_ok)
@@ -192,13 +201,8 @@ def window_dq_kernel(
         kv_ok = col_ok[:, None] & dim_ok[None, :]
         k = tl.load(k_ptr + kv_offsets, mask=kv_ok, other=0.0)
         v = tl.load(v_ptr + kv_offsets, mask=kv_ok, other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-        p = tl.exp2(scores - lse[:, None])
-        if _needs_mask(block * BM, start, WINDOW, BM, BN, HAS_DOCS):
-            keep = _band(rows, cols, row_ok, col_ok, doc_ptr, b.to(tl.int64) * d_b, WINDOW, HAS_DOCS)
-            p = tl.where(keep, p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
+        _, ds = _backward_tile(q, k, v, do, lse, delta, rows, cols, row_ok, col_ok, block * BM, start, doc_ptr,
+                               b.to(tl.int64) * d_b, WINDOW, scale_log2, BM, BN, HAS_DOCS, PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     tl.store(dq_ptr + grad_base + rows[:, None] * g_t + dims[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
              mask=q_ok)
