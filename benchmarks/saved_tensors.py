@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch._functorch.config
 from torch import nn
 
 from benchmarks.step import PARALLEL_FORM
@@ -25,6 +24,7 @@ from model.baseline import BaselineBlock
 from model.config import LMConfig, load_model_config
 from model.lm import Block
 from model.swa import window_block_mask
+from train.compile import compile_blocks
 
 CONFIG_DIR = Path("configs/model")
 
@@ -55,12 +55,15 @@ def saved_for_backward(block: nn.Module, x: torch.Tensor, call) -> list[SavedTen
     return sorted(seen.values(), key=lambda t: -t.mib)
 
 
-def block_pair(size: str, device: torch.device, compile_blocks: bool, overrides: tuple[str, ...] = ()) -> dict[str, nn.Module]:
+def block_pair(size: str, device: torch.device, compile_on: bool, overrides: tuple[str, ...] = (),
+               memory_budget: float = 1.0) -> dict[str, nn.Module]:
+    """One block of each model, compiled as the trainer compiles them (`train.compile.compile_blocks`,
+    with its memory budget) when `compile_on`."""
     cfg: LMConfig = load_model_config(str(CONFIG_DIR / f"{size}.yaml"), [*PARALLEL_FORM, *overrides])
     blocks = {"tttla": Block(cfg).to(device), "sdpa": BaselineBlock(cfg).to(device)}
-    if compile_blocks:
+    if compile_on:
         for block in blocks.values():
-            block.compile(fullgraph=True)
+            compile_blocks(block, memory_budget=memory_budget)
     return blocks
 
 
@@ -85,8 +88,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="model config overrides, e.g. ttt.save_feature_projections=false")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch._functorch.config.activation_memory_budget = args.memory_budget  # read when the blocks compile
-    blocks = block_pair(args.config, device, args.compile == "on", tuple(args.overrides))
+    blocks = block_pair(args.config, device, args.compile == "on", tuple(args.overrides), args.memory_budget)
     hidden = blocks["tttla"].mlp_norm.weight.numel()
     report = {}
     for name, block in blocks.items():
