@@ -76,6 +76,7 @@ run_bench_train() {  # PRESET=125m|760m|long|selective (benchmarks/step.py), cei
 }
 
 run_window() {  # the window's kernel choices beside full attention (benchmarks/window_attention.py; WINDOW_ARGS)
+  stage window_tests "$PYTHON" -m pytest -q -m "gpu and not gpu_slow" tests/gpu/test_window_attention_gpu.py --durations=0
   stage window "$PYTHON" -m benchmarks.window_attention --out "$RESULTS/window_attention.json" ${WINDOW_ARGS:-}
   stage window_step "$PYTHON" -m benchmarks.step --configs 125m --seqs 16384x1 65536x1 --impls tttla \
     --checkpointing none --compile on --no-ceiling --model-overrides window_kernel=triton --out "$RESULTS/train_step_window"
