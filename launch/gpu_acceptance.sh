@@ -12,6 +12,7 @@
 # window: the sliding window's kernel options and fla's window kernel beside full attention;
 # overhead: the trainer's step split into its parts (benchmarks/trainer_overhead.py);
 # suite: the GPU suite with test durations; slow: its long cases.
+# STAGE_TIMEOUT (seconds, default none) stops a stage that runs longer, so one hang does not cost the rest.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHON=${PYTHON:-python3} PYTHONUNBUFFERED=1
@@ -24,7 +25,7 @@ stage() {  # stage NAME COMMAND...: run, log, report the exit code and the last 
   local name=$1; shift
   echo "== $name: $*"
   local start=$SECONDS
-  "$@" >"$RESULTS/$name.log" 2>&1
+  timeout "${STAGE_TIMEOUT:-0}" "$@" >"$RESULTS/$name.log" 2>&1
   echo "== $name: exit $? after $((SECONDS - start)) s"
   tail -n 4 "$RESULTS/$name.log"
   archive
