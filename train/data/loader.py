@@ -132,6 +132,9 @@ def build_loader(data: DataConfig, split: str, micro_batch_size: int, sp: int, s
         collate_fn=_collate,
         drop_last=True,
         persistent_workers=data.num_workers > 0,
+        # Pinned batches: a copy from pageable memory waits for the device's queue to drain first, so
+        # each micro-batch's `.to(device, non_blocking=True)` would stop the host from running ahead.
+        pin_memory=torch.cuda.is_available(),
     )
 
 
@@ -144,7 +147,7 @@ def input_doc_ids(batch: dict[str, torch.Tensor], data: DataConfig, device: torc
     """The documents of the input positions [B, L-1] when `data.reset_at_doc_boundaries`, else None."""
     if not data.reset_at_doc_boundaries:
         return None
-    return batch["doc_ids"][:, :-1].to(device, non_blocking=True)
+    return batch["doc_ids"].to(device, non_blocking=True)[:, :-1]  # sliced on the device: a strided host slice copies via pageable memory
 
 
 def endless(loader: StreamingDataLoader) -> Iterator[dict[str, torch.Tensor]]:
