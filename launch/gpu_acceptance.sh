@@ -12,7 +12,9 @@
 # window: the sliding window's kernel options and fla's window kernel beside full attention;
 # overhead: the trainer's step split into its parts (benchmarks/trainer_overhead.py);
 # suite: the GPU suite with test durations; slow: its long cases.
-# STAGE_TIMEOUT (seconds, default none) stops a stage that runs longer, so one hang does not cost the rest.
+# STAGE_TIMEOUT (seconds, default none) stops a stage that runs longer, so one hang does not cost the rest;
+# DEADLINE (seconds since the script started) stops the stage running at that time and skips the rest,
+# so a visit with a hard time limit ends with its archive written.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHON=${PYTHON:-python3} PYTHONUNBUFFERED=1
@@ -23,9 +25,15 @@ mkdir -p "$RESULTS"
 
 stage() {  # stage NAME COMMAND...: run, log, report the exit code and the last lines, refresh the archive
   local name=$1; shift
+  local limit=${STAGE_TIMEOUT:-0}
+  if [ -n "${DEADLINE:-}" ]; then  # what is left of the visit bounds the stage; none left skips it
+    local left=$((DEADLINE - SECONDS))
+    if [ "$left" -le 5 ]; then echo "== $name: skipped, ${DEADLINE} s deadline reached"; return; fi
+    if [ "$limit" -eq 0 ] || [ "$limit" -gt "$left" ]; then limit=$left; fi
+  fi
   echo "== $name: $*"
   local start=$SECONDS
-  timeout "${STAGE_TIMEOUT:-0}" "$@" >"$RESULTS/$name.log" 2>&1
+  timeout "$limit" "$@" >"$RESULTS/$name.log" 2>&1
   echo "== $name: exit $? after $((SECONDS - start)) s"
   tail -n 4 "$RESULTS/$name.log"
   archive
