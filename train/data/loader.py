@@ -147,7 +147,8 @@ def input_doc_ids(batch: dict[str, torch.Tensor], data: DataConfig, device: torc
     """The documents of the input positions [B, L-1] when `data.reset_at_doc_boundaries`, else None."""
     if not data.reset_at_doc_boundaries:
         return None
-    return batch["doc_ids"].to(device, non_blocking=True)[:, :-1]  # sliced on the device: a strided host slice copies via pageable memory
+    # Sliced on the device: copying a strided host slice would first gather it into pageable memory.
+    return batch["doc_ids"].to(device, non_blocking=True)[:, :-1]
 
 
 def endless(loader: StreamingDataLoader) -> Iterator[dict[str, torch.Tensor]]:
