@@ -103,12 +103,16 @@ run_saved() {
     --out "$RESULTS/saved_tensors_125m_16k.json"
   stage saved_tensors_recompute "$PYTHON" -m benchmarks.saved_tensors --config 125m --seq-len 16384 \
     --out "$RESULTS/saved_tensors_125m_16k_recompute.json" ttt.save_feature_projections=false
+  stage saved_tensors_recompute_inputs "$PYTHON" -m benchmarks.saved_tensors --config 125m --seq-len 16384 \
+    --out "$RESULTS/saved_tensors_125m_16k_recompute_inputs.json" ttt.recompute_features=true ttt.recompute_inputs=true
   stage saved_tensors_budget "$PYTHON" -m benchmarks.saved_tensors --config 125m --seq-len 16384 --memory-budget 0.8 \
     --out "$RESULTS/saved_tensors_125m_16k_budget.json"
 }
 
 run_memory() {  # the step's peak memory: recomputations and the compiler's memory budget, the newest rows first (the saved-tensor breakdown is its own stage: saved)
   local common=(--configs 125m --seqs 16384x1 --checkpointing none --compile on --no-ceiling --out "$RESULTS/train_step_memory")
+  stage bench_memory_recompute_inputs "$PYTHON" -m benchmarks.step --impls tttla "${common[@]}" \
+    --model-overrides ttt.recompute_features=true ttt.recompute_inputs=true
   stage bench_memory_recompute_features "$PYTHON" -m benchmarks.step --impls tttla "${common[@]}" \
     --model-overrides ttt.recompute_features=true
   stage bench_memory_budget "$PYTHON" -m benchmarks.step --impls tttla sdpa "${common[@]}" --memory-budget 0.8

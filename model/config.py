@@ -91,6 +91,10 @@ class TTTConfig:
     # projections) instead of kept: 6 dh bytes less per token and head in bf16, two feature kernels more
     # per layer (kernels/feature_scan.py; the Triton path without packed documents or sequence parallelism).
     recompute_features: bool = False
+    # The branch's q, k, v (silu, l2 norm and RoPE of the qkv projection the block keeps anyway) recomputed
+    # in the compiled blocks' backward instead of kept: 3 d bytes x 2 less per token and head in bf16.
+    # Only where the blocks are compiled (the partitioner recomputes them); eager blocks keep them.
+    recompute_inputs: bool = False
     rope: bool = True
     ns_coefficients: str = "lact"
     output_scale: bool = True

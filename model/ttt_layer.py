@@ -36,6 +36,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from kernels.fast_weights import FastWeights
 from kernels.lact import identity_features, swiglu_features
@@ -318,16 +319,12 @@ class TTTMixer(nn.Module):
         """
         ttt = self.cfg.ttt
         batch, seq_len, hidden = x.shape
-        if ttt.qk_affine:
-            q = q * self.qk_scale[:, 0] + self.qk_offset[:, 0]
-            k = k * self.qk_scale[:, 1] + self.qk_offset[:, 1]
-        shape = (batch, seq_len, self.num_heads, self.head_dim)
-        tq, tk, tv = (F.silu(t).reshape(shape) for t in (q, k, v))
-        tq, tk = l2_normalise(tq, ttt.l2_eps), l2_normalise(tk, ttt.l2_eps)
-        if ttt.rope:  # the attention branch's RoPE over blocks of its head dim, as released
-            blocks = (batch, seq_len, self.cfg.num_attn_heads, hidden // self.cfg.num_attn_heads)
-            tq, tk = self.rotate(tq.reshape(blocks), tk.reshape(blocks), position_offset, positions)
-            tq, tk = tq.reshape(shape), tk.reshape(shape)
+        if ttt.recompute_inputs and torch.is_grad_enabled() and torch.compiler.is_compiling():
+            # A checkpointed region inside a compiled graph: the partitioner recomputes its outputs in
+            # the backward from q, k, v, which the graph keeps for the silu's own backward anyway.
+            tq, tk, tv = checkpoint(self.branch_qkv, q, k, v, position_offset, positions, use_reentrant=False)
+        else:
+            tq, tk, tv = self.branch_qkv(q, k, v, position_offset, positions)
         state_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         lr_logits, gate_logits, scale_logits = self.token_heads(x)
         if lr_logits is not None:
@@ -343,6 +340,28 @@ class TTTMixer(nn.Module):
         gate = torch.sigmoid(gate_logits.to(state_dtype)) if gate_logits is not None else None
         scale = F.silu(scale_logits) if scale_logits is not None else None
         return TTTInputs(tq, tk, tv, etas, gate, scale)
+
+    def branch_qkv(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_offset: Union[int, torch.Tensor] = 0,
+        positions: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The fast-weight branch's q, k, v heads [B, T, H, d] from the [B, T, D] projections: the affine
+        (when on), silu, q and k l2-normalised and rotated (when `ttt.rope`). Elementwise work over
+        tensors the block keeps anyway, so `ttt.recompute_inputs` can recompute it instead of keeping
+        three more [B, T, D] tensors for the backward."""
+        ttt = self.cfg.ttt
+        batch, seq_len, hidden = q.shape
+        if ttt.qk_affine:
+            q = q * self.qk_scale[:, 0] + self.qk_offset[:, 0]
+            k = k * self.qk_scale[:, 1] + self.qk_offset[:, 1]
+        shape = (batch, seq_len, self.num_heads, self.head_dim)
+        tq, tk, tv = (F.silu(t).reshape(shape) for t in (q, k, v))
+        tq, tk = l2_normalise(tq, ttt.l2_eps), l2_normalise(tk, ttt.l2_eps)
+        if ttt.rope:  # the attention branch's RoPE over blocks of its head dim, as released
+            blocks = (batch, seq_len, self.cfg.num_attn_heads, hidden // self.cfg.num_attn_heads)
+            tq, tk = self.rotate(tq.reshape(blocks), tk.reshape(blocks), position_offset, positions)
+            tq, tk = tq.reshape(shape), tk.reshape(shape)
+        return tq, tk, tv
 
     def token_heads(self, x: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
         """The small per-token heads of x [B, T, D]: learning-rate, momentum and output-scale logits

@@ -32,6 +32,7 @@ TESTS = [
     "tests/test_token_step.py",
     "tests/test_ring_attention.py",
     "tests/test_window_attention.py",
+    "tests/test_memory_budget.py",
 ]
 LACT, REFERENCE = "kernels/lact.py", "kernels/reference.py"
 TOKEN_STEP, RING, WINDOW = "kernels/token_step.py", "kernels/ring_attention.py", "kernels/window_attention.py"
@@ -95,6 +96,10 @@ MUTATIONS = [
         (WINDOW, "| (row0 + BM - 1 - col0 >= WINDOW)", "| (row0 - col0 >= WINDOW)"),)),
     Mutation("window kernel ignores packed documents", (
         (WINDOW, "keep = keep & (row_doc[:, None] == col_doc[None, :])", "keep = keep"),)),
+    Mutation("recomputed branch inputs swap q and k", (
+        (LAYER, "checkpoint(self.branch_qkv, q, k, v,", "checkpoint(self.branch_qkv, k, q, v,"),)),
+    Mutation("ttt.recompute_inputs ignored", (
+        (LAYER, "if ttt.recompute_inputs and torch.is_grad_enabled()", "if False and torch.is_grad_enabled()"),)),
 ]  # fmt: skip
 
 

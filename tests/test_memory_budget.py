@@ -13,7 +13,7 @@ import torch
 import torch._functorch.config as functorch_config
 
 from benchmarks.saved_tensors import saved_for_backward
-from tests.test_compile import assert_same, make_block, run
+from tests.test_compile import assert_same, interpreted, make_block, run
 from train.compile import compile_blocks
 from train.config import ConfigError, load_run_config
 
@@ -57,3 +57,38 @@ def test_recomputed_activations_give_the_eager_gradients(budget):
 def test_a_budget_outside_zero_to_one_is_a_config_error(budget):
     with pytest.raises(ConfigError, match="train.activation_memory_budget"):
         load_run_config("configs/train/tiny_cpu.yaml", [f"train.activation_memory_budget={budget}"])
+
+
+def inputs_block(recompute_inputs: bool) -> torch.nn.Module:
+    """The compile tests' block with `ttt.recompute_inputs` set (the same weights either way)."""
+    block = make_block()
+    block.mixer.cfg.ttt.recompute_inputs = recompute_inputs
+    return block
+
+
+@interpreted
+def test_recomputed_branch_inputs_are_not_kept(monkeypatch):
+    """`ttt.recompute_inputs` on the kernel path (the GPU's): the compiled block no longer keeps the
+    branch's q, k, v, three [B, T, D] tensors, so what it keeps falls by at least 2.5 of them (the
+    partitioner may shift a few small tensors)."""
+    monkeypatch.setenv("TTTLA_KERNELS", "triton")
+    x = torch.randn(2, 256, 64)
+    saved = {}
+    for recompute in (False, True):
+        torch._dynamo.reset()
+        block = inputs_block(recompute)
+        compile_blocks(block, backend=BACKEND)
+        saved[recompute] = sum(t.mib for t in saved_for_backward(block, x.clone().requires_grad_(),
+                                                                 lambda b, y: b(y, None, 0)[0]))
+    branch_tensor_mib = x.numel() * 4 / 2**20
+    assert saved[True] <= saved[False] - 2.5 * branch_tensor_mib, saved
+
+
+@pytest.mark.parametrize("kernels", ["reference", pytest.param("triton", marks=interpreted)])
+def test_recomputed_branch_inputs_give_the_eager_gradients(kernels, monkeypatch):
+    monkeypatch.setenv("TTTLA_KERNELS", kernels)
+    x = torch.randn(2, 40, 64)
+    expected = run(make_block(), x)
+    block = inputs_block(True)
+    compile_blocks(block, backend=BACKEND)
+    assert_same(expected, run(block, x))

@@ -113,11 +113,16 @@ def test_block_with_the_kernels_is_one_graph():
     reason="torch 2.11 Inductor: 'Argument neg of Node output does not belong to this Graph' on a checkpointed "
            "block; train.compile=auto leaves checkpointed blocks uncompiled", strict=False))],
     ids=["plain", "activation_checkpointing"])
-def test_compiled_model_matches_eager(checkpointed):
+@pytest.mark.parametrize("recompute_inputs", [False, True], ids=["", "recompute_inputs"])
+def test_compiled_model_matches_eager(checkpointed, recompute_inputs):
     """Logits and every parameter gradient of the compiled bf16 model against eager bf16, both
-    measured against fp32 (see the module docstring for the tolerance)."""
+    measured against fp32 (see the module docstring for the tolerance); `ttt.recompute_inputs` makes
+    the compiled blocks recompute the branch's q, k, v in their backward."""
+    if checkpointed and recompute_inputs:
+        pytest.skip("checkpointed blocks recompute everything already")
     ids = tokens()
     plain = small_125m()
+    plain.cfg.ttt.recompute_inputs = recompute_inputs
     exact = logits_and_gradients(copy.deepcopy(plain), ids)
     eager_model, compiled_model = copy.deepcopy(plain).bfloat16(), copy.deepcopy(plain).bfloat16()
     if checkpointed:
