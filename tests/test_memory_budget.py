@@ -13,6 +13,7 @@ import torch
 import torch._functorch.config as functorch_config
 
 from benchmarks.saved_tensors import saved_for_backward
+from parallel.activation_checkpointing import checkpoint_blocks
 from tests.test_compile import assert_same, interpreted, make_block, run
 from train.compile import compile_blocks
 from train.config import ConfigError, load_run_config
@@ -92,3 +93,16 @@ def test_recomputed_branch_inputs_give_the_eager_gradients(kernels, monkeypatch)
     block = inputs_block(True)
     compile_blocks(block, backend=BACKEND)
     assert_same(expected, run(block, x))
+
+
+@pytest.mark.parametrize("selective", [False, True], ids=["full", "selective"])
+def test_recomputed_branch_inputs_inside_a_checkpointed_block(selective):
+    """With activation checkpointing too (`train.compile=true` with `train.activation_checkpointing=true`),
+    the region nests inside the block's checkpoint and the compiled block still gives the eager gradients."""
+    x = torch.randn(2, 40, 64)
+    expected = run(make_block(), x)
+    holder = torch.nn.Module()
+    holder.blocks = torch.nn.ModuleList([inputs_block(True)])
+    checkpoint_blocks(holder, selective=selective)
+    compile_blocks(holder.blocks[0], backend=BACKEND, fullgraph=True)
+    assert_same(expected, run(holder.blocks[0], x))
