@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import cdiv, dot_precision, new_buffer, next_power_of_2, use_triton
+from kernels.triton_utils import cdiv, dot_precision, new_buffer, tile, use_triton
 
 LOG2E = 1.4426950408889634
 # Tile sides (query rows BM, key rows BN); the window's loop bounds are whole tiles, masked at the edges.
@@ -231,7 +231,7 @@ def _forward(q, k, v, doc_ids, window: int) -> tuple[torch.Tensor, torch.Tensor]
     out = new_buffer((batch, seq_len, heads, head_dim), q.dtype, q.device)
     lse = new_buffer((batch, heads, seq_len), torch.float32, q.device)
     block_m, block_n = FORWARD_TILES
-    block_head_dim = max(16, next_power_of_2(head_dim))
+    block_head_dim = tile(head_dim, MAX_HEAD_DIM)  # head dims beyond it never reach the op (`supports`)
     window_fwd_kernel[(cdiv(seq_len, block_m), batch * heads)](
         q, k, v, docs, out, lse, seq_len, heads, window, LOG2E / math.sqrt(head_dim),
         q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2), doc_stride,
@@ -249,7 +249,7 @@ def _backward(do, q, k, v, out, lse, doc_ids, window: int) -> tuple[torch.Tensor
     delta = (out.float() * do.float()).sum(-1).transpose(1, 2).contiguous()  # [B, A, T]
     dq, dk, dv = (new_buffer(do.shape, q.dtype, q.device) for _ in range(3))
     block_m, block_n = BACKWARD_TILES
-    block_head_dim = max(16, next_power_of_2(head_dim))
+    block_head_dim = tile(head_dim, MAX_HEAD_DIM)  # head dims beyond it never reach the op (`supports`)
     common = dict(DH=head_dim, BDH=block_head_dim, BM=block_m, BN=block_n, HAS_DOCS=doc_ids is not None,
                   PRECISION=dot_precision(q.dtype), num_warps=warps_for(block_head_dim))  # fmt: skip
     scale = 1.0 / math.sqrt(head_dim)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from model.swa import band_attention_reference, band_mask, blockwise_band_attention, sliding_window_attention
+from tests.test_compile import interpreted
 from verification.proof import relative_error
 
 TOLERANCE = 1e-12  # float64; both paths are softmax over the same keys, summed in another order
@@ -81,8 +82,7 @@ def test_window_block_mask_is_built_once_per_length_and_window():
     assert window_block_mask(256, 32, torch.device("cpu")) is not first
 
 
-@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1",
-                    reason="the Triton kernels run on CPU only under TRITON_INTERPRET=1")  # fmt: skip
+@interpreted
 @pytest.mark.parametrize("packed", [False, True])
 def test_model_with_the_triton_window_equals_the_blockwise_one(packed, monkeypatch):
     """`model.window_kernel=triton`: the same LM, its window through the Triton kernels (fp32, interpreter),

@@ -1,6 +1,6 @@
 """The training loader's batches reach the GPU without stopping the host.
 
-A copy from pageable host memory first waits for everything queued on the device; on a step whose
+A copy from pageable host memory may first wait for everything queued on the device; on a step whose
 host time is close to its device time (the 125M trainer at 16K), one such wait per micro-batch leaves
 the GPU idle while the host queues the next forward. The loader pins its batches, so the copy joins
 the queue and returns at once. The test queues a long device sleep, then times the copies the

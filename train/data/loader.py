@@ -132,8 +132,9 @@ def build_loader(data: DataConfig, split: str, micro_batch_size: int, sp: int, s
         collate_fn=_collate,
         drop_last=True,
         persistent_workers=data.num_workers > 0,
-        # Pinned batches: a copy from pageable memory waits for the device's queue to drain first, so
-        # each micro-batch's `.to(device, non_blocking=True)` would stop the host from running ahead.
+        # Pinned batches: a copy from pageable memory may wait for the device's queue to drain first
+        # (CUDA allows it to), so each micro-batch's `.to(device, non_blocking=True)` could stop the host
+        # from running ahead.
         pin_memory=torch.cuda.is_available(),
     )
 
