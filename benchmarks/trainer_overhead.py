@@ -16,6 +16,9 @@ into its causes:
 Every variant is built first; then they take turns (``--rounds``), so that the device's clocks
 drifting over a run (or another machine) cannot favour one. Prints and writes (``--out``) one JSON
 row per variant: the median step's wall time, tokens/s and the ratio to the first; ``--profile DIR`` also writes each variant's op table for one step.
+``--syncs FILE`` runs one more step of each variant with CUDA's sync debug mode on and writes where
+the host waited for the device (each call site with its count): on a step whose host time is about
+its device time, every such wait leaves the device idle while the host queues the next kernels.
 ``--engine-configs`` adds an `engine` row per set of config overrides (comma-separated), to try the
 engine's settings (ZeRO stage, buckets, overlap) in the same process.
 """
@@ -23,6 +26,7 @@ engine's settings (ZeRO stage, buckets, overlap) in the same process.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import re
 import tempfile
@@ -147,6 +151,45 @@ def profile_table(step: Step, device: torch.device) -> str:
     return averages.table(sort_by=sort_by, row_limit=30) + "\n\n" + averages.table(sort_by="self_cpu_time_total", row_limit=30)
 
 
+def sync_sites(step: Step, device: torch.device) -> collections.Counter:
+    """The call sites where one call of `step` made the host wait for the device, with their counts:
+    each synchronising CUDA operation under `torch.cuda.set_sync_debug_mode("warn")`, named by the
+    innermost frames of the stack outside torch itself (where the project or a library asked for it)."""
+    import traceback
+    import warnings
+
+    sites: collections.Counter = collections.Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None) -> None:
+        if "synchronizing" not in str(message):
+            return
+        frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename and "warnings" not in f.filename]
+        sites[" <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in frames[-3:][::-1])] += 1
+
+    synchronize(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    synchronize(device)
+    return sites
+
+
+def write_sync_sites(variants: list["Variant"], device: torch.device, path: Path) -> None:
+    lines = []
+    for variant in variants:
+        sites = sync_sites(variant.step, device)
+        lines.append(f"## {variant.label}: {sum(sites.values())} synchronising calls in one step")
+        lines += [f"{count:5d}  {site}" for site, count in sites.most_common()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    print(f"wrote {path}")
+
+
 @dataclass
 class Variant:
     label: str
@@ -199,6 +242,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     parser.add_argument("--rounds", type=int, default=3, help="rounds in which the variants take turns")
     parser.add_argument("--out", type=Path, help="write the rows here (JSON)")
     parser.add_argument("--profile", type=Path, help="write each variant's op table for one step here")
+    parser.add_argument("--syncs", type=Path, help="write where each variant's step waits for the device here (CUDA)")
     args = parser.parse_args(argv)
     torch._dynamo.config.recompile_limit = 64  # one model per variant: fp32 and bf16 weights each compile once
     with tempfile.TemporaryDirectory() as run_dir:
@@ -221,6 +265,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
             print(f"peak memory of all variants together: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
         if args.profile is not None:
             write_profiles(variants, dims.device, args.profile)
+        if args.syncs is not None and dims.device.type == "cuda":
+            write_sync_sites(variants, dims.device, args.syncs)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(dict(config=args.config, overrides=args.overrides, rows=rows), indent=1) + "\n")

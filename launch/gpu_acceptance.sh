@@ -94,7 +94,7 @@ run_window() {  # the window's kernel choices beside full attention (benchmarks/
 run_overhead() {
   [ -f data/stdlib_16k/manifest.json ] || "$PYTHON" -m train.data.prepare --stdlib --out data/stdlib_16k --seq-len 16384
   stage trainer_overhead "$PYTHON" -m benchmarks.trainer_overhead configs/train/125m_16k.yaml \
-    --out "$RESULTS/trainer_overhead_125m_16k.json" --profile "$RESULTS/trainer_overhead_profile" ${OVERHEAD_ARGS:-}
+    --out "$RESULTS/trainer_overhead_125m_16k.json" --profile "$RESULTS/trainer_overhead_profile" --syncs "$RESULTS/trainer_overhead_syncs.txt" ${OVERHEAD_ARGS:-}
   cat "$RESULTS/trainer_overhead.log" | grep '^{' || true
 }
 

@@ -27,3 +27,29 @@ def test_every_variant_times_a_step(tmp_path):
     assert rows[0]["of_first"] == 1.0
     tables = [(tmp_path / "profile" / f"{name}.txt") for name in [*variants[:6], "engine_zero.stage_1_zero.overlap_comm_false_"]]
     assert all(table.read_text().count("aten::") > 5 for table in tables)
+
+
+def test_sync_sites_name_each_synchronising_call_and_count_it(monkeypatch):
+    """`--syncs` on the GPU: each synchronising-call warning is counted under the frames that raised
+    it, and other warnings are not (the sync debug mode itself needs CUDA, so here the step raises
+    the warning the mode would)."""
+    import warnings
+
+    import torch
+
+    from benchmarks.trainer_overhead import sync_sites
+
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: None)
+
+    def waits() -> None:
+        warnings.warn("called a synchronizing CUDA operation")
+
+    def step() -> None:
+        for _ in range(2):
+            waits()  # one site, twice
+        warnings.warn("an unrelated warning")
+
+    sites = sync_sites(step, torch.device("cpu"))
+    assert sum(sites.values()) == 2 and len(sites) == 1, sites
+    assert next(iter(sites)).startswith("test_bench_trainer_overhead.py:"), sites
+    assert [frame.split(" ")[-1] for frame in next(iter(sites)).split(" <- ")] == ["waits", "step", "sync_sites"], sites
