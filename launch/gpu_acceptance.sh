@@ -113,10 +113,10 @@ run_memory() {  # the step's peak memory: recomputations and the compiler's memo
   local common=(--configs 125m --seqs 16384x1 --checkpointing none --compile on --no-ceiling --out "$RESULTS/train_step_memory")
   stage bench_memory_recompute_inputs "$PYTHON" -m benchmarks.step --impls tttla "${common[@]}" \
     --model-overrides ttt.recompute_features=true ttt.recompute_inputs=true
+  stage bench_memory "$PYTHON" -m benchmarks.step --impls tttla sdpa "${common[@]}"
   stage bench_memory_recompute_features "$PYTHON" -m benchmarks.step --impls tttla "${common[@]}" \
     --model-overrides ttt.recompute_features=true
   stage bench_memory_budget "$PYTHON" -m benchmarks.step --impls tttla sdpa "${common[@]}" --memory-budget 0.8
-  stage bench_memory "$PYTHON" -m benchmarks.step --impls tttla sdpa "${common[@]}"
   stage bench_memory_recompute "$PYTHON" -m benchmarks.step --impls tttla "${common[@]}" \
     --model-overrides ttt.save_feature_projections=false
   grep '^{' "$RESULTS"/bench_memory*.log || true
