@@ -15,7 +15,8 @@ into its causes:
 
 Every variant is built first; then they take turns (``--rounds``), so that the device's clocks
 drifting over a run (or another machine) cannot favour one. Prints and writes (``--out``) one JSON
-row per variant: the median step's wall time, tokens/s and the ratio to the first; ``--profile DIR`` also writes each variant's op table for one step.
+row per variant: the median step's wall time, the host's share of it (host_ms: until the step's
+work is queued), tokens/s and the ratio to the first; ``--profile DIR`` also writes each variant's op table for one step.
 ``--syncs FILE`` runs one more step of each variant with CUDA's sync debug mode on and writes where
 the host waited for the device (each call site with its count): on a step whose host time is about
 its device time, every such wait leaves the device idle while the host queues the next kernels.
@@ -54,17 +55,20 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_step(step: Step, device: torch.device, warmup: int, steps: int) -> float:
-    """Median wall seconds of `step` (host and device both done), after `warmup` calls."""
+def time_step(step: Step, device: torch.device, warmup: int, steps: int) -> list[tuple[float, float]]:
+    """(wall, host) seconds of each of `steps` calls of `step` after `warmup`: wall until host and device
+    are both done; host until `step` returns, before waiting for the device. A host time close to
+    the wall time means the host, not the device, sets the pace: the device's queue ran empty."""
     times = []
     for i in range(warmup + steps):
         synchronize(device)
         start = time.perf_counter()
         step()
+        host = time.perf_counter() - start
         synchronize(device)
         if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+            times.append((time.perf_counter() - start, host))
+    return times
 
 
 def random_batches(cfg: RunConfig, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -195,7 +199,7 @@ class Variant:
     label: str
     step: Step
     tokens: int  # per call of `step`
-    times: list[float] = field(default_factory=list)
+    times: list[tuple[float, float]] = field(default_factory=list)  # (wall, host) seconds per timed step
 
 
 def build(name: str, cfg: RunConfig, dims: ParallelDims, label: Optional[str] = None) -> Variant:
@@ -210,17 +214,25 @@ def measure_interleaved(variants: list[Variant], device: torch.device, warmup: i
     """Each variant's step `steps` times per round, the variants taking turns for `rounds` rounds, so a
     drift of the device's clocks over the run spreads over all of them instead of favouring the first."""
     for variant in variants:
-        time_step(variant.step, device, warmup, 1)
+        time_step(variant.step, device, warmup, 0)
     for _ in range(rounds):
         for variant in variants:
-            variant.times += [time_step(variant.step, device, 0, 1) for _ in range(steps)]
+            variant.times += time_step(variant.step, device, 0, steps)
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
 
 
 def row(variant: Variant, first: Variant) -> dict:
-    seconds = sorted(variant.times)[len(variant.times) // 2]
+    """The median step's wall time and tokens/s, over the first variant's; host_ms: the median time the
+    host took to queue a step (equal to step_ms when the device waits for the host)."""
+    seconds = median([wall for wall, _ in variant.times])
     tok_s = variant.tokens / seconds
-    first_tok_s = first.tokens / sorted(first.times)[len(first.times) // 2]
-    return dict(variant=variant.label, step_ms=round(seconds * 1e3, 1), tok_s=round(tok_s), of_first=round(tok_s / first_tok_s, 3))
+    first_tok_s = first.tokens / median([wall for wall, _ in first.times])
+    host_ms = median([host for _, host in variant.times]) * 1e3
+    return dict(variant=variant.label, step_ms=round(seconds * 1e3, 1), host_ms=round(host_ms, 1), tok_s=round(tok_s),
+                of_first=round(tok_s / first_tok_s, 3))
 
 
 def write_profiles(variants: list[Variant], device: torch.device, folder: Path) -> None:
