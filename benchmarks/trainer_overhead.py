@@ -55,7 +55,7 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_step(step: Step, device: torch.device, warmup: int, steps: int) -> list[tuple[float, float]]:
+def timed_calls(step: Step, device: torch.device, warmup: int, steps: int) -> list[tuple[float, float]]:
     """(wall, host) seconds of each of `steps` calls of `step` after `warmup`: wall until host and device
     are both done; host until `step` returns, before waiting for the device. A host time close to
     the wall time means the host, not the device, sets the pace: the device's queue ran empty."""
@@ -69,6 +69,15 @@ def time_step(step: Step, device: torch.device, warmup: int, steps: int) -> list
         if i >= warmup:
             times.append((time.perf_counter() - start, host))
     return times
+
+
+def time_step(step: Step, device: torch.device, warmup: int, steps: int) -> float:
+    """Median wall seconds of `step` (host and device both done), after `warmup` calls."""
+    return median([wall for wall, _ in timed_calls(step, device, warmup, steps)])
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
 
 
 def random_batches(cfg: RunConfig, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -214,14 +223,10 @@ def measure_interleaved(variants: list[Variant], device: torch.device, warmup: i
     """Each variant's step `steps` times per round, the variants taking turns for `rounds` rounds, so a
     drift of the device's clocks over the run spreads over all of them instead of favouring the first."""
     for variant in variants:
-        time_step(variant.step, device, warmup, 0)
+        timed_calls(variant.step, device, warmup, 0)
     for _ in range(rounds):
         for variant in variants:
-            variant.times += time_step(variant.step, device, 0, steps)
-
-
-def median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
+            variant.times += timed_calls(variant.step, device, 0, steps)
 
 
 def row(variant: Variant, first: Variant) -> dict:
