@@ -2,11 +2,11 @@
 # GPU acceptance run on one H100/H200: the 125M model at 16K context trains (loss, tokens/s, MFU),
 # resumes from its sharded checkpoint, exports, then generation and decoding are benchmarked.
 # Every stage logs to $RESULTS/<stage>.log and a failing stage does not stop the others.
-#   launch/gpu_acceptance.sh [train] [decode_tests] [decode] [quality] [entry] [speed] [bench_train] [overhead] [saved]
+#   launch/gpu_acceptance.sh [train] [decode_tests] [decode] [quality] [entry] [speed] [speed760] [bench_train] [overhead] [saved]
 #                            [memory] [window] [suite] [slow]
 #   (default: train decode)
 # entry: the trainer-through-the-launcher GPU test; speed: the 125M/16K run through launch/ with the
-# blocks compiled beside the benchmark's row of the same shape; memory: what one block saves for
+# blocks compiled beside the benchmark's row of the same shape (speed760: the same at 760M/16K); memory: what one block saves for
 # backward, tttla beside the transformer (saved); memory: the step's peak with and without the recomputations;
 # bench_train: one preset of `make bench-train` (PRESET, default 125m);
 # window: the sliding window's kernel options and fla's window kernel beside full attention;
@@ -78,6 +78,16 @@ run_speed() {
   grep -E "^step " "$RESULTS/trainer_speed.log" | tail -n 3
   stage bench_speed "$PYTHON" -m benchmarks.step --configs 125m --seqs 16384x1 --impls tttla sdpa \
     --checkpointing none --compile on --out "$RESULTS/train_step_125m_16k"
+}
+
+run_speed760() {  # the same comparison at 760M/16K (the trainer should come within 10 % of the benchmark)
+  local run=runs/760m_16k_speed
+  rm -rf "$run"
+  stage trainer_speed_760m launch/h100_760m_16k.sh "train.steps=${SPEED_STEPS_760M:-12}" train.compile=true \
+    logging.log_every=4 eval.every=0 checkpoint.every=100000 "logging.run_dir=$run"
+  grep -E "^step " "$RESULTS/trainer_speed_760m.log" | tail -n 3
+  stage bench_speed_760m "$PYTHON" -m benchmarks.step --configs 760m --seqs 16384x1 --impls tttla sdpa \
+    --checkpointing none --compile on --out "$RESULTS/train_step_760m_16k"
 }
 
 run_bench_train() {  # PRESET=125m|760m|long|selective (benchmarks/step.py), ceiling columns included
