@@ -132,13 +132,15 @@ run_memory() {  # the step's peak memory: recomputations and the compiler's memo
   grep '^{' "$RESULTS"/bench_memory*.log || true
 }
 
-run_suite() {
-  stage suite "$PYTHON" -m pytest -q -m "gpu and not gpu_slow" tests/gpu --durations=0 --timeout=${SUITE_TIMEOUT:-300}
+run_suite() {  # suite_times.tsv: each case's time as it ends, kept when the stage is stopped (tests/conftest.py)
+  TTTLA_TEST_TIMES="$RESULTS/suite_times.tsv" \
+    stage suite "$PYTHON" -m pytest -q -m "gpu and not gpu_slow" tests/gpu --durations=0 --timeout=${SUITE_TIMEOUT:-300}
   grep -E "passed|failed|error" "$RESULTS/suite.log" | tail -n 3
 }
 
 run_slow() {
-  stage suite_slow "$PYTHON" -m pytest -q -m gpu_slow tests/gpu --durations=0 --timeout=${SUITE_TIMEOUT:-300}
+  TTTLA_TEST_TIMES="$RESULTS/suite_slow_times.tsv" \
+    stage suite_slow "$PYTHON" -m pytest -q -m gpu_slow tests/gpu --durations=0 --timeout=${SUITE_TIMEOUT:-300}
 }
 
 for what in "${@:-train decode}"; do
