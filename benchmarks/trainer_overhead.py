@@ -32,6 +32,8 @@ import json
 import re
 import tempfile
 import time
+import traceback
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -168,9 +170,6 @@ def sync_sites(step: Step, device: torch.device) -> collections.Counter:
     """The call sites where one call of `step` made the host wait for the device, with their counts:
     each synchronising CUDA operation under `torch.cuda.set_sync_debug_mode("warn")`, named by the
     innermost frames of the stack outside torch itself (where the project or a library asked for it)."""
-    import traceback
-    import warnings
-
     sites: collections.Counter = collections.Counter()
 
     def record(message, category, filename, lineno, file=None, line=None) -> None:

@@ -70,24 +70,24 @@ run_entry() {
   stage entry "$PYTHON" -m pytest -q -x -m gpu tests/gpu/test_train_entry_gpu.py -k zero2 --durations=0
 }
 
-run_speed() {
-  local run=runs/125m_16k_speed
+speed_against_benchmark() {  # SIZE LAUNCHER STEPS LOG_EVERY SUFFIX [OVERRIDE...]: the run through launch/ with the
+  # blocks compiled, then the benchmark's rows of its shape (the trainer should come within 10 % of them)
+  local size=$1 launcher=$2 steps=$3 every=$4 suffix=$5; shift 5
+  local run=runs/${size}_16k_speed
   rm -rf "$run"
-  stage trainer_speed launch/h100_125m_16k.sh "train.steps=${SPEED_STEPS:-30}" train.activation_checkpointing=false \
-    train.compile=true logging.log_every=10 eval.every=0 checkpoint.every=100000 "logging.run_dir=$run"
-  grep -E "^step " "$RESULTS/trainer_speed.log" | tail -n 3
-  stage bench_speed "$PYTHON" -m benchmarks.step --configs 125m --seqs 16384x1 --impls tttla sdpa \
-    --checkpointing none --compile on --out "$RESULTS/train_step_125m_16k"
+  stage "trainer_speed$suffix" "$launcher" "train.steps=$steps" "$@" train.compile=true "logging.log_every=$every" \
+    eval.every=0 checkpoint.every=100000 "logging.run_dir=$run"
+  grep -E "^step " "$RESULTS/trainer_speed$suffix.log" | tail -n 3
+  stage "bench_speed$suffix" "$PYTHON" -m benchmarks.step --configs "$size" --seqs 16384x1 --impls tttla sdpa \
+    --checkpointing none --compile on --out "$RESULTS/train_step_${size}_16k"
 }
 
-run_speed760() {  # the same comparison at 760M/16K (the trainer should come within 10 % of the benchmark)
-  local run=runs/760m_16k_speed
-  rm -rf "$run"
-  stage trainer_speed_760m launch/h100_760m_16k.sh "train.steps=${SPEED_STEPS_760M:-12}" train.compile=true \
-    logging.log_every=4 eval.every=0 checkpoint.every=100000 "logging.run_dir=$run"
-  grep -E "^step " "$RESULTS/trainer_speed_760m.log" | tail -n 3
-  stage bench_speed_760m "$PYTHON" -m benchmarks.step --configs 760m --seqs 16384x1 --impls tttla sdpa \
-    --checkpointing none --compile on --out "$RESULTS/train_step_760m_16k"
+run_speed() {
+  speed_against_benchmark 125m launch/h100_125m_16k.sh "${SPEED_STEPS:-30}" 10 "" train.activation_checkpointing=false
+}
+
+run_speed760() {
+  speed_against_benchmark 760m launch/h100_760m_16k.sh "${SPEED_STEPS_760M:-12}" 4 _760m
 }
 
 run_bench_train() {  # PRESET=125m|760m|long|selective (benchmarks/step.py), ceiling columns included

@@ -318,7 +318,7 @@ class TTTMixer(nn.Module):
         inputs to its partial chunk's running sums as they arrive.
         """
         ttt = self.cfg.ttt
-        batch, seq_len, hidden = x.shape
+        batch, seq_len = x.shape[:2]
         if ttt.recompute_inputs and torch.is_grad_enabled() and torch.compiler.is_compiling():
             # A checkpointed region inside a compiled graph: the partitioner recomputes its outputs in
             # the backward from q, k, v, which the graph keeps for the silu's own backward anyway.
