@@ -336,6 +336,10 @@ def main(argv: list[str]) -> None:
     models.update({f"ttt-{name}": TTTLM(load_model_config(args.config, args.override + VARIANTS[name])) for name in args.variants})
     baseline_batch: dict[int, int] = {}
     for name, model in models.items():
+        # Each model compiles its own graphs: its prefill one per prompt shape, its step one per batch
+        # size. Left to accumulate across models they pass Dynamo's recompile limit on the shared
+        # `Block.forward`, which `fullgraph=True` turns into a hard failure.
+        torch._dynamo.reset()
         model.to(device=device, dtype=dtype).eval()
         for context in args.contexts:
             row = {"model": name, "context": context, **bench_model(model, context, args, device, baseline_batch.get(context))}

@@ -11,7 +11,7 @@
 # bench_train: one preset of `make bench-train` (PRESET, default 125m);
 # window: the sliding window's kernel options and fla's window kernel beside full attention;
 # overhead: the trainer's step split into its parts (benchmarks/trainer_overhead.py);
-# suite: the GPU suite with test durations; slow: its long cases.
+# suite: the GPU suite with test durations (SUITE_PATHS: only these files or cases); slow: its long cases.
 # STAGE_TIMEOUT (seconds, default none) stops a stage that runs longer, so one hang does not cost the rest;
 # DEADLINE (seconds since the script started) stops the stage running at that time and skips the rest,
 # so a visit with a hard time limit ends with its archive written.
@@ -113,28 +113,24 @@ run_saved() {
     --out "$RESULTS/saved_tensors_125m_16k.json"
   stage saved_tensors_recompute "$PYTHON" -m benchmarks.saved_tensors --config 125m --seq-len 16384 \
     --out "$RESULTS/saved_tensors_125m_16k_recompute.json" ttt.save_feature_projections=false
-  stage saved_tensors_recompute_inputs "$PYTHON" -m benchmarks.saved_tensors --config 125m --seq-len 16384 \
-    --out "$RESULTS/saved_tensors_125m_16k_recompute_inputs.json" ttt.recompute_features=true ttt.recompute_inputs=true
+  stage saved_tensors_keep "$PYTHON" -m benchmarks.saved_tensors --config 125m --seq-len 16384 \
+    --out "$RESULTS/saved_tensors_125m_16k_keep.json" ttt.recompute_features=false ttt.recompute_inputs=false
   stage saved_tensors_budget "$PYTHON" -m benchmarks.saved_tensors --config 125m --seq-len 16384 --memory-budget 0.8 \
     --out "$RESULTS/saved_tensors_125m_16k_budget.json"
 }
 
-run_memory() {  # the step's peak memory: recomputations and the compiler's memory budget, the newest rows first (the saved-tensor breakdown is its own stage: saved)
-  local common=(--configs 125m --seqs 16384x1 --checkpointing none --compile on --no-ceiling --out "$RESULTS/train_step_memory")
-  stage bench_memory_recompute_inputs "$PYTHON" -m benchmarks.step --impls tttla "${common[@]}" \
-    --model-overrides ttt.recompute_features=true ttt.recompute_inputs=true
-  stage bench_memory "$PYTHON" -m benchmarks.step --impls tttla sdpa "${common[@]}"
-  stage bench_memory_recompute_features "$PYTHON" -m benchmarks.step --impls tttla "${common[@]}" \
-    --model-overrides ttt.recompute_features=true
-  stage bench_memory_budget "$PYTHON" -m benchmarks.step --impls tttla sdpa "${common[@]}" --memory-budget 0.8
-  stage bench_memory_recompute "$PYTHON" -m benchmarks.step --impls tttla "${common[@]}" \
-    --model-overrides ttt.save_feature_projections=false
+run_memory() {  # the step's peak memory at the defaults (features and inputs recomputed) beside the transformer at 16K, 64K and 128K, then what the recomputations and the compiler's budget change at 16K (the saved-tensor breakdown is its own stage: saved)
+  local common=(--configs 125m --checkpointing none --compile on --no-ceiling --out "$RESULTS/train_step_memory")
+  stage bench_memory "$PYTHON" -m benchmarks.step --impls tttla sdpa --seqs 16384x1 65536x1 131072x1 "${common[@]}"
+  stage bench_memory_keep "$PYTHON" -m benchmarks.step --impls tttla --seqs 16384x1 "${common[@]}" \
+    --model-overrides ttt.recompute_features=false ttt.recompute_inputs=false
+  stage bench_memory_budget "$PYTHON" -m benchmarks.step --impls tttla sdpa --seqs 16384x1 "${common[@]}" --memory-budget 0.8
   grep '^{' "$RESULTS"/bench_memory*.log || true
 }
 
-run_suite() {  # suite_times.tsv: each case's time as it ends, kept when the stage is stopped (tests/conftest.py)
+run_suite() {  # suite_times.tsv: each case's time as it ends, kept when the stage is stopped (tests/conftest.py); SUITE_PATHS narrows it
   TTTLA_TEST_TIMES="$RESULTS/suite_times.tsv" \
-    stage suite "$PYTHON" -m pytest -q -m "gpu and not gpu_slow" tests/gpu --durations=0 --timeout=${SUITE_TIMEOUT:-300}
+    stage suite "$PYTHON" -m pytest -q -m "gpu and not gpu_slow" ${SUITE_PATHS:-tests/gpu} --durations=0 --timeout=${SUITE_TIMEOUT:-300}
   grep -E "passed|failed|error" "$RESULTS/suite.log" | tail -n 3
 }
 

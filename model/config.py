@@ -90,11 +90,14 @@ class TTTConfig:
     # The linear-attention scan's features h(q), h(k) recomputed in its backward from q and k (with their
     # projections) instead of kept: 6 dh bytes less per token and head in bf16, two feature kernels more
     # per layer (kernels/feature_scan.py; the Triton path without packed documents or sequence parallelism).
-    recompute_features: bool = False
+    # On by default: at 125M/16K on an H100 it took the compiled step's peak from 11.64 to 9.96 GiB at the
+    # same speed (docs/bench/memory.md); elsewhere it does nothing.
+    recompute_features: bool = True
     # The branch's q, k, v (silu, l2 norm and RoPE of the qkv projection the block keeps anyway) recomputed
     # in the compiled blocks' backward instead of kept: 3 d bytes x 2 less per token and head in bf16.
     # Only where the blocks are compiled (the partitioner recomputes them); eager blocks keep them.
-    recompute_inputs: bool = False
+    # On by default: with recompute_features, 9.62 GiB (1.16x the transformer's 8.32) for +0.7 % step time.
+    recompute_inputs: bool = True
     rope: bool = True
     ns_coefficients: str = "lact"
     output_scale: bool = True
