@@ -271,8 +271,8 @@ def at_baseline_batch(rows: list[dict]) -> list[str]:
             continue
         ttt = [f"{r['model']} {r['throughput_at_baseline_batch']['tokens_per_s']:.0f} tokens/s "
                f"({r['throughput_at_baseline_batch']['tokens_per_s'] / fit['tokens_per_s']:.1f}x)"
-               for r in rows if r["context"] == base["context"]
-               and not r.get("throughput_at_baseline_batch", {}).get("out_of_memory", True)]  # fmt: skip
+               for r in rows if r["context"] == base["context"] and "throughput_at_baseline_batch" in r
+               and not r["throughput_at_baseline_batch"].get("out_of_memory")]  # fmt: skip
         lines.append(f"* {base['context']} tokens: the transformer's cache fits at most batch {fit['batch']} (largest "
                      f"power of two): {fit['tokens_per_s']:.0f} tokens/s; at that batch " + ", ".join(ttt) + ".")
     return ["", "At the largest batch the transformer fits:", *lines] if lines else []

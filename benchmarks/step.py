@@ -220,6 +220,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-ceiling", action="store_true", help="skip timing the mixer's parts alone")
     parser.add_argument("--model-overrides", nargs="*", default=[], metavar="KEY=VALUE",
                         help="model config overrides for every row, e.g. ttt.save_feature_projections=false")
+    parser.add_argument("--also-with", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="measure each tttla row a second time with these model overrides added, right after "
+                             "it in the same process (an A/B of one setting, free of the drift between runs)")
     parser.add_argument("--memory-budget", type=float, default=1.0,
                         help="train.activation_memory_budget of the compiled blocks, every row (1: the default partitioner)")
     parser.add_argument("--out", default="docs/bench/train_step", help="results file stem; rows merge into it")
@@ -238,11 +241,21 @@ def measure_all(args: argparse.Namespace, peaks: tuple[float, float]) -> list[di
                 for impl in args.impls:
                     if impl == "tttla_recurrent" and not (CONFIG_DIR / f"lact_{size}.yaml").exists():
                         continue
-                    row = measure_row(impl, size, seq_len, batch, checkpointing, args.compile == "on", peaks,
-                                      args.warmup, args.steps, tuple(args.model_overrides), args.memory_budget)  # fmt: skip
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
+                    for overrides in override_sets(impl, args.model_overrides, args.also_with):
+                        row = measure_row(impl, size, seq_len, batch, checkpointing, args.compile == "on", peaks,
+                                          args.warmup, args.steps, overrides, args.memory_budget)  # fmt: skip
+                        rows.append(row)
+                        print(json.dumps(row), flush=True)
     return rows
+
+
+def override_sets(impl: str, overrides: list[str], also_with: list[str]) -> list[tuple[str, ...]]:
+    """The model overrides an implementation's row is measured at: the run's, and for tttla (the model
+    the settings belong to) the run's plus `--also-with`."""
+    sets = [tuple(overrides)]
+    if also_with and impl == "tttla":
+        sets.append((*overrides, *also_with))
+    return sets
 
 
 def merge_results(path: Path, rows: list[dict], command: str) -> tuple[list[dict], list[str]]:
@@ -261,11 +274,13 @@ def command_line(args: argparse.Namespace) -> str:
         words = [f"--preset {args.preset}"]
     else:
         words = [f"--{k} {' '.join(v) if isinstance(v, list) else v}" for k, v in vars(args).items()
-                 if k not in ("out", "preset", "no_ceiling", "model_overrides", "memory_budget")]  # fmt: skip
+                 if k not in ("out", "preset", "no_ceiling", "model_overrides", "memory_budget", "also_with")]  # fmt: skip
     if args.memory_budget < 1:
         words.append(f"--memory-budget {args.memory_budget}")
     if args.model_overrides:
         words.append("--model-overrides " + " ".join(args.model_overrides))
+    if args.also_with:
+        words.append("--also-with " + " ".join(args.also_with))
     return " ".join(["python -m benchmarks.step", *words])
 
 

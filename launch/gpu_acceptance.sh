@@ -3,13 +3,14 @@
 # resumes from its sharded checkpoint, exports, then generation and decoding are benchmarked.
 # Every stage logs to $RESULTS/<stage>.log and a failing stage does not stop the others.
 #   launch/gpu_acceptance.sh [train] [decode_tests] [decode] [quality] [entry] [speed] [speed760] [bench_train] [overhead] [saved]
-#                            [memory] [window] [suite] [slow]
+#                            [memory] [window] [window_ab] [suite] [slow]
 #   (default: train decode)
 # entry: the trainer-through-the-launcher GPU test; speed: the 125M/16K run through launch/ with the
 # blocks compiled beside the benchmark's row of the same shape (speed760: the same at 760M/16K); memory: what one block saves for
 # backward, tttla beside the transformer (saved); memory: the step's peak with and without the recomputations;
 # bench_train: one preset of `make bench-train` (PRESET, default 125m);
-# window: the sliding window's kernel options and fla's window kernel beside full attention;
+# window: the sliding window's kernel options and fla's window kernel beside full attention, then window_ab:
+# the model's step with FlexAttention and with our window kernel in one process;
 # overhead: the trainer's step split into its parts (benchmarks/trainer_overhead.py);
 # suite: the GPU suite with test durations (SUITE_PATHS: only these files or cases); slow: its long cases.
 # STAGE_TIMEOUT (seconds, default none) stops a stage that runs longer, so one hang does not cost the rest;
@@ -97,8 +98,12 @@ run_bench_train() {  # PRESET=125m|760m|long|selective (benchmarks/step.py), cei
 run_window() {  # the window's kernel choices beside full attention (benchmarks/window_attention.py; WINDOW_ARGS)
   stage window_tests "$PYTHON" -m pytest -q -m "gpu and not gpu_slow" tests/gpu/test_window_attention_gpu.py --durations=0
   stage window "$PYTHON" -m benchmarks.window_attention --out "$RESULTS/window_attention.json" ${WINDOW_ARGS:-}
-  stage window_step "$PYTHON" -m benchmarks.step --configs 125m --seqs 16384x1 65536x1 --impls tttla \
-    --checkpointing none --compile on --no-ceiling --model-overrides window_kernel=triton --out "$RESULTS/train_step_window"
+  run_window_ab
+}
+
+run_window_ab() {  # the model's step with each window kernel, one process: FlexAttention, then ours (window_kernel=triton)
+  stage window_step "$PYTHON" -m benchmarks.step --configs 125m --seqs 16384x1 65536x1 --impls tttla sdpa \
+    --checkpointing none --compile on --no-ceiling --also-with window_kernel=triton --out "$RESULTS/train_step_window"
 }
 
 run_overhead() {

@@ -1,10 +1,12 @@
-"""The training-step benchmark's ceiling columns (`benchmarks.components`, `step.add_ceilings`).
+"""The training-step benchmark's ceiling columns (`benchmarks.components`, `step.add_ceilings`) and its rows.
 
 The timings need a GPU; what the CPU can check is that the branch timed alone is the mixer's own
 TTT branch, and that the ceiling is the formula the benchmark states.
 """
 
 from __future__ import annotations
+
+import argparse
 
 import pytest
 import torch
@@ -47,3 +49,26 @@ def test_ceiling_columns_go_on_the_tttla_rows_without_recomputation(monkeypatch)
     table = step.markdown(rows, (700.0, 989.0), ["cmd"], "GPU")
     tttla_line = next(line for line in table.splitlines() if line.startswith("| tttla | 125m | 16384 x 1 | none"))
     assert tttla_line.endswith("| 50.0 / 5.0 / 15.0 | 1.43x | 105% |"), tttla_line
+
+
+def test_also_with_measures_each_tttla_row_again_right_after_it(monkeypatch) -> None:
+    """`--also-with` A/Bs one setting within the process: each tttla row is followed by its twin with
+    the extra overrides; the transformer and the released layer are measured once."""
+    calls = []
+
+    def fake_row(impl, size, seq_len, batch, checkpointing, compile_on, peaks, warmup, steps, overrides, budget):
+        calls.append((impl, seq_len, overrides))
+        return {"impl": impl, "config": " ".join([size, *overrides]), "T": seq_len}
+
+    monkeypatch.setattr(step, "measure_row", fake_row)
+    args = argparse.Namespace(configs=["125m"], seqs=["16384x1", "65536x1"], checkpointing=["none"],
+                              impls=["tttla", "sdpa"], compile="on", warmup=1, steps=1, memory_budget=1.0,
+                              model_overrides=["ttt.chunk_size=1024"], also_with=["window_kernel=triton"])  # fmt: skip
+    step.measure_all(args, (700.0, 989.0))
+    base, twin = ("ttt.chunk_size=1024",), ("ttt.chunk_size=1024", "window_kernel=triton")
+    assert calls == [("tttla", 16384, base), ("tttla", 16384, twin), ("sdpa", 16384, base),
+                     ("tttla", 65536, base), ("tttla", 65536, twin), ("sdpa", 65536, base)]  # fmt: skip
+    args.also_with = []
+    calls.clear()
+    step.measure_all(args, (700.0, 989.0))
+    assert [c[2] for c in calls] == [base] * 4

@@ -71,19 +71,29 @@ def test_block_compiles_as_one_graph_on_the_reference_path(checkpointed):
     assert_same(expected, run(block, x))
 
 
+def traced_code(graph: torch.fx.GraphModule) -> str:
+    """The code of a traced graph and of the subgraphs it calls (an autograd function's forward and
+    backward are subgraphs of the one graph, not breaks)."""
+    return "\n".join(module.code for module in graph.modules() if isinstance(module, torch.fx.GraphModule))
+
+
 @interpreted
-def test_block_with_the_kernel_ops_is_one_graph(monkeypatch):
+@pytest.mark.parametrize("recompute_features", [True, False], ids=["recompute_features", "two_ops"])
+def test_block_with_the_kernel_ops_is_one_graph(monkeypatch, recompute_features):
     """The Triton feature and scan kernels as tttla:: ops: no graph break, the ops in the graph, and
-    compiled results equal to the eager kernel path. The model takes the kernel path on CUDA only,
-    so it is forced here (the kernels run in the interpreter)."""
+    compiled results equal to the eager kernel path, with the features recomputed in the scan's
+    backward (`kernels.feature_scan`, the default) and as two ops. The model takes the kernel path on
+    CUDA only, so it is forced here (the kernels run in the interpreter)."""
     monkeypatch.setenv("TTTLA_KERNELS", "triton")
     x = torch.randn(2, 40, 64, generator=torch.Generator().manual_seed(2))
     block = make_block()
+    block.mixer.cfg.ttt.recompute_features = recompute_features
     expected = run(block, x)
     explanation = torch._dynamo.explain(block)(x, None, 0)
     assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
-    graph_code = explanation.graphs[0].code
+    graph_code = traced_code(explanation.graphs[0])
     assert "tttla.chunk_scan" in graph_code and "tttla.swiglu_features" in graph_code
+    assert ("autograd_function_apply" in graph_code) == recompute_features
     block.zero_grad()
     compile_blocks(block, fullgraph=True, backend="aot_eager")
     assert_same(expected, run(block, x))
@@ -95,7 +105,7 @@ def test_rotary_tables_are_one_op_in_the_graph():
     ops, Inductor evaluated them inside every element of the rotated q and k."""
     x = torch.randn(2, 40, 64, generator=torch.Generator().manual_seed(4))
     explanation = torch._dynamo.explain(make_block())(x, None, 0)
-    graph_code = explanation.graphs[0].code
+    graph_code = traced_code(explanation.graphs[0])  # with ttt.recompute_inputs the TTT q/k's are in a subgraph
     assert graph_code.count("tttla.rotary_tables") == 2, graph_code
     assert ".cos(" not in graph_code and ".sin(" not in graph_code and "torch.cos" not in graph_code
 

@@ -48,7 +48,10 @@ def test_where_the_cache_does_not_fit_the_models_meet_at_the_largest_batch_it_fi
     base, ttt = rows["sdpa-kv-cache"], rows["ttt-parallel"]
     assert base["throughput"] == {"out_of_memory": True} and base["throughput_largest_fit"]["batch"] == 2
     assert ttt["throughput"]["batch"] == 8 and ttt["throughput_at_baseline_batch"]["batch"] == 2
-    assert "fits at most batch 2" in (tmp_path / "decode.md").read_text()
+    ratio = ttt["throughput_at_baseline_batch"]["tokens_per_s"] / base["throughput_largest_fit"]["tokens_per_s"]
+    line = next(line for line in (tmp_path / "decode.md").read_text().splitlines() if "fits at most batch 2" in line)
+    assert line.endswith(f"at that batch ttt-parallel {ttt['throughput_at_baseline_batch']['tokens_per_s']:.0f} "
+                         f"tokens/s ({ratio:.1f}x).")
 
 
 def test_prefill_breakdown_lists_wall_time_beside_kernel_time() -> None:

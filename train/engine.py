@@ -37,7 +37,7 @@ def deepspeed_config(cfg: RunConfig, dims: ParallelDims, bf16: bool) -> dict[str
     t, z = cfg.train, cfg.zero
     zero: dict[str, Any] = {
         "stage": z.stage,
-        "overlap_comm": z.overlap_comm,
+        "overlap_comm": dims.world > 1 if z.overlap_comm is None else z.overlap_comm,
         "contiguous_gradients": True,
         "reduce_bucket_size": z.bucket_size,
     }
