@@ -89,7 +89,23 @@ def time_prefill(run: Callable[[], object], tokens: int, device: torch.device, c
     timed = {"prefill_tokens_per_s": tokens / seconds, "prefill_peak_mb": peak_mb(device), "prefill_ms": seconds * 1e3}
     if device.type == "cuda":
         timed["prefill_kernels"] = count_kernels(run, device)
+    timed["prefill_host"] = host_summary(run, device)
     return timed
+
+
+def host_summary(run: Callable[[], object], device: torch.device) -> dict:
+    """Where one call's host time goes: the operators (aten ops, the project's custom ops, compiled
+    regions) by their own host time, most first. Beside the kernels' device time this says which
+    calls keep the host from queueing ahead."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+        synchronize(device)
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    return {"host_ms": sum(e.self_cpu_time_total for e in events) / 1e3,
+            "top_host_ops": [{"name": e.key[:TOP_KERNEL_NAME], "count": e.count, "self_us": round(e.self_cpu_time_total, 1)}
+                             for e in events[:TOP_KERNELS]]}  # fmt: skip
 
 
 def time_decoder(decoder, args: argparse.Namespace, device: torch.device) -> dict:
@@ -254,8 +270,14 @@ def prefill_breakdown(rows: list[dict]) -> list[str]:
     """One line per prefilled row: its wall time beside its kernels' count and summed device time (the
     difference is host time: launches, Python, the compiled graphs' guards)."""
     lines = [f"* {r['model']} at {r['context']}: {r['prefill_ms']:.1f} ms, {r['prefill_kernels']['kernels']} kernels "
-             f"taking {r['prefill_kernels']['kernel_ms']:.1f} ms" for r in rows if "prefill_kernels" in r]
+             f"taking {r['prefill_kernels']['kernel_ms']:.1f} ms{host_ops(r)}" for r in rows if "prefill_kernels" in r]
     return ["", "Prefill, wall time against its kernels' device time:", *lines] if lines else []
+
+
+def host_ops(row: dict, top: int = 3) -> str:
+    """The operators that take the most host time in a row's prefill, as a clause (empty without them)."""
+    ops = row.get("prefill_host", {}).get("top_host_ops", [])[:top]
+    return "; most host time: " + ", ".join(f"{op['name']} {op['self_us'] / 1e3:.1f} ms ({op['count']}x)" for op in ops) if ops else ""
 
 
 def at_baseline_batch(rows: list[dict]) -> list[str]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 import benchmarks.decode as decode_bench
 from benchmarks.decode import kernel_summary, main
 from model.baseline import BaselineLM
@@ -61,3 +63,28 @@ def test_prefill_breakdown_lists_wall_time_beside_kernel_time() -> None:
     lines = decode_bench.prefill_breakdown(rows)
     assert lines[-1] == "* ttt-parallel at 4096: 35.0 ms, 812 kernels taking 9.5 ms"
     assert len(lines) == 3 and decode_bench.prefill_breakdown(rows[1:]) == []
+
+
+def test_host_summary_ranks_the_operators_by_their_own_host_time() -> None:
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+
+    def run() -> None:
+        for _ in range(3):
+            torch.mm(a, b)
+        a.add(1.0)
+
+    summary = decode_bench.host_summary(run, torch.device("cpu"))
+    ops = {op["name"]: op for op in summary["top_host_ops"]}
+    assert ops["aten::mm"]["count"] == 3 and ops["aten::add"]["count"] == 1
+    assert summary["top_host_ops"][0]["name"] == "aten::mm"  # three 256^3 products outweigh one add
+    assert summary["host_ms"] >= sum(op["self_us"] for op in summary["top_host_ops"]) / 1e3 * 0.999
+
+
+def test_prefill_breakdown_names_where_the_host_time_goes() -> None:
+    row = {"model": "ttt-parallel", "context": 4096, "prefill_ms": 25.9,
+           "prefill_kernels": {"kernels": 964, "kernel_ms": 6.4, "top_kernels": []},
+           "prefill_host": {"host_ms": 20.0, "top_host_ops": [{"name": "tttla::chunk_scan", "count": 12, "self_us": 6100.0},
+                                                              {"name": "aten::copy_", "count": 90, "self_us": 900.0}]}}  # fmt: skip
+    assert decode_bench.prefill_breakdown([row])[-1] == (
+        "* ttt-parallel at 4096: 25.9 ms, 964 kernels taking 6.4 ms; most host time: tttla::chunk_scan 6.1 ms (12x), "
+        "aten::copy_ 0.9 ms (90x)")
