@@ -91,7 +91,7 @@ class TTTConfig:
     # projections) instead of kept: 6 dh bytes less per token and head in bf16, two feature kernels more
     # per layer (kernels/feature_scan.py; the Triton path without packed documents or sequence parallelism).
     # On by default: at 125M/16K on an H100 it took the compiled step's peak from 11.64 to 9.96 GiB at the
-    # same speed (docs/bench/memory.md); elsewhere it does nothing.
+    # same speed (docs/bench/trainer_125m_16k_compiled.md, Memory); elsewhere it does nothing.
     recompute_features: bool = True
     # The branch's q, k, v (silu, l2 norm and RoPE of the qkv projection the block keeps anyway) recomputed
     # in the compiled blocks' backward instead of kept: 3 d bytes x 2 less per token and head in bf16.
