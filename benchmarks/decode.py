@@ -97,12 +97,9 @@ def host_summary(run: Callable[[], object], device: torch.device) -> dict:
     """Where one call's host time goes: the operators (aten ops, the project's custom ops, compiled
     regions) by their own host time, most first. Beside the kernels' device time this says which
     calls keep the host from queueing ahead."""
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        run()
-        synchronize(device)
-    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    events = sorted(profiled(run, device, ProfilerActivity.CPU).key_averages(), key=lambda e: -e.self_cpu_time_total)
     return {"host_ms": sum(e.self_cpu_time_total for e in events) / 1e3,
             "top_host_ops": [{"name": e.key[:TOP_KERNEL_NAME], "count": e.count, "self_us": round(e.self_cpu_time_total, 1)}
                              for e in events[:TOP_KERNELS]]}  # fmt: skip
@@ -125,13 +122,21 @@ def time_decoder(decoder, args: argparse.Namespace, device: torch.device) -> dic
 def count_kernels(step: Callable[[], None], device: torch.device) -> dict:
     """The kernels one token step launches (run outside the graphs, which replay the same ones) and
     their summed device time: what a graph replay pays per kernel shows as their count."""
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
-        synchronize(device)
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    events = profiled(step, device, ProfilerActivity.CUDA).events()
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     return kernel_summary([(e.name, e.time_range.elapsed_us()) for e in kernels])
+
+
+def profiled(run: Callable[[], object], device: torch.device, activity) -> "torch.profiler.profile":
+    """The profiler's record of one call of `run` (device work finished inside it) for `activity`."""
+    from torch.profiler import profile
+
+    with profile(activities=[activity]) as prof:
+        run()
+        synchronize(device)
+    return prof
 
 
 def kernel_summary(kernels: list[tuple[str, float]]) -> dict:

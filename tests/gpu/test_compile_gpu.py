@@ -24,6 +24,7 @@ from model.config import load_model_config
 from model.lm import TTTLM
 from parallel.activation_checkpointing import checkpoint_blocks
 from tests.op_cases import SCAN_VARIANTS, op_cases
+from tests.test_compile import traced_code
 from train.compile import compile_blocks
 from train.generation.generate import generate_batch
 
@@ -100,7 +101,7 @@ def test_block_with_the_kernels_is_one_graph():
     mask = model.window_mask(torch.zeros(1, SEQ_LEN, dtype=torch.long, device="cuda"), None)
     explanation = torch._dynamo.explain(block)(x, None, 0, None, mask)
     assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
-    graph_code = "\n".join(m.code for m in explanation.graphs[0].modules() if isinstance(m, torch.fx.GraphModule))
+    graph_code = traced_code(explanation.graphs[0])
     assert "tttla.chunk_scan" in graph_code and "tttla.swiglu_features" in graph_code  # in the feature scan's subgraphs
     compile_blocks(block, fullgraph=True)
     out, _ = block(x, None, 0, None, mask)
