@@ -36,6 +36,7 @@ from decoding.graphs import DecodeRunner
 from decoding.sampling import sample_tokens
 from decoding.static import StaticDecoder, prefill_rows
 from decoding.kv_cache import StaticKVDecoder
+from benchmarks.profiling import count_kernels, host_summary, synchronize
 from model.baseline import BaselineLM
 from model.config import load_model_config
 from model.lm import BlockCall, TTTLM
@@ -45,11 +46,6 @@ VARIANTS = {
     "recurrent": ["ttt.mode=recurrent", "ttt.fast_weights=all", "ttt.weight_norm=true", "ttt.token_causal=false"],
 }
 MB = 2**20
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_steps(step: Callable[[], None], steps: int, device: torch.device) -> list[float]:
@@ -93,18 +89,6 @@ def time_prefill(run: Callable[[], object], tokens: int, device: torch.device, c
     return timed
 
 
-def host_summary(run: Callable[[], object], device: torch.device) -> dict:
-    """Where one call's host time goes: the operators (aten ops, the project's custom ops, compiled
-    regions) by their own host time, most first. Beside the kernels' device time this says which
-    calls keep the host from queueing ahead."""
-    from torch.profiler import ProfilerActivity
-
-    events = sorted(profiled(run, device, ProfilerActivity.CPU).key_averages(), key=lambda e: -e.self_cpu_time_total)
-    return {"host_ms": sum(e.self_cpu_time_total for e in events) / 1e3,
-            "top_host_ops": [{"name": e.key[:TOP_KERNEL_NAME], "count": e.count, "self_us": round(e.self_cpu_time_total, 1)}
-                             for e in events[:TOP_KERNELS]]}  # fmt: skip
-
-
 def time_decoder(decoder, args: argparse.Namespace, device: torch.device) -> dict:
     """Per-step times of the static decoder's step (CUDA graphs on CUDA unless --no-graphs; compiled unless
     --no-compile), greedy sampling included. The first steps, untimed, compile and capture."""
@@ -119,38 +103,6 @@ def time_decoder(decoder, args: argparse.Namespace, device: torch.device) -> dic
     return timed
 
 
-def count_kernels(step: Callable[[], None], device: torch.device) -> dict:
-    """The kernels one token step launches (run outside the graphs, which replay the same ones) and
-    their summed device time: what a graph replay pays per kernel shows as their count."""
-    from torch.profiler import ProfilerActivity
-
-    events = profiled(step, device, ProfilerActivity.CUDA).events()
-    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
-    return kernel_summary([(e.name, e.time_range.elapsed_us()) for e in kernels])
-
-
-def profiled(run: Callable[[], object], device: torch.device, activity) -> "torch.profiler.profile":
-    """The profiler's record of one call of `run` (device work finished inside it) for `activity`."""
-    from torch.profiler import profile
-
-    with profile(activities=[activity]) as prof:
-        run()
-        synchronize(device)
-    return prof
-
-
-def kernel_summary(kernels: list[tuple[str, float]]) -> dict:
-    """(name, microseconds) of each kernel launched -> their count, summed ms, and the names that take
-    the most time (with how often each ran): which kernels a step is made of."""
-    by_name: dict[str, list[float]] = {}
-    for name, us in kernels:
-        by_name.setdefault(name[:TOP_KERNEL_NAME], []).append(us)
-    top = sorted(by_name.items(), key=lambda item: -sum(item[1]))[:TOP_KERNELS]
-    return {"kernels": len(kernels), "kernel_ms": sum(us for _, us in kernels) / 1e3,
-            "top_kernels": [{"name": name, "count": len(times), "us": round(sum(times), 1)} for name, times in top]}
-
-
-TOP_KERNELS, TOP_KERNEL_NAME = 25, 90  # the kernels a row lists (by their summed time), and the width of a name
 
 
 def ttt_decoder(model: TTTLM, batch: int, start: int, prefilled: bool, call_block: BlockCall) -> StaticDecoder:

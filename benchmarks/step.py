@@ -27,6 +27,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from benchmarks.profiling import count_kernels
 from model.baseline import BaselineLM
 from model.config import LMConfig, load_model_config
 from model.lm import TTTLM
@@ -60,20 +61,29 @@ def build(impl: str, cfg: LMConfig, checkpointing: str, compile_blocks: Optional
     return model
 
 
-def time_steps(model: nn.Module, batch: int, seq_len: int, vocab: int, warmup: int, steps: int) -> float:
-    """Seconds per optimizer step (median of `steps` after `warmup`), on random token ids."""
+def training_step(model: nn.Module, batch: int, seq_len: int, vocab: int) -> Callable[[], None]:
+    """One optimizer step of `model` on random token ids (forward, backward, fused AdamW), as a call."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     ids = torch.randint(0, vocab, (batch, seq_len + 1), device="cuda")
     inputs, targets = ids[:, :-1], ids[:, 1:]
-    times = []
-    for i in range(warmup + steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+
+    def step() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(inputs, targets, return_logits=False).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def time_steps(step: Callable[[], None], warmup: int, steps: int) -> float:
+    """Seconds per call of `step` (median of `steps` after `warmup`)."""
+    times = []
+    for i in range(warmup + steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
         end.record()
         torch.cuda.synchronize()
         if i >= warmup:
@@ -96,7 +106,10 @@ def matmul_peak_tflops() -> float:
 
 def measure_row(impl: str, size: str, seq_len: int, batch: int, checkpointing: str, compile_on: bool,
                 peaks: tuple[float, float], warmup: int, steps: int, overrides: tuple[str, ...] = (),
-                memory_budget: float = 1.0) -> dict:
+                memory_budget: float = 1.0, profile: bool = False) -> dict:
+    """One row: tok/s, step ms, peak memory and MFU; with `profile`, also the kernels of one more step and
+    their summed device time (`benchmarks.profiling`): a step whose kernels take much less than its wall
+    time is bound by the host launching them, not by the GPU."""
     cfg = model_config(impl, size, overrides)
     budget = [f"activation_memory_budget={memory_budget}"] if compile_on and memory_budget < 1 else []
     row = dict(impl=impl, config=" ".join([size, *overrides, *budget]), T=seq_len, B=batch, checkpointing=checkpointing,
@@ -105,12 +118,16 @@ def measure_row(impl: str, size: str, seq_len: int, batch: int, checkpointing: s
     model = None
     try:
         model = build(impl, cfg, checkpointing, compile_function(memory_budget) if compile_on else None)
-        seconds = time_steps(model, batch, seq_len, cfg.vocab_size, warmup, steps)
+        step = training_step(model, batch, seq_len, cfg.vocab_size)
+        seconds = time_steps(step, warmup, steps)
         tokens = batch * seq_len
         achieved = flops_per_token(impl, cfg, seq_len) * tokens / seconds
         row.update(tok_s=round(tokens / seconds), step_ms=round(seconds * 1e3, 1),
                    peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                    mfu=round(achieved / (peaks[0] * 1e12), 4), mfu_spec=round(achieved / (peaks[1] * 1e12), 4))
+        if profile:
+            kernels = count_kernels(step, torch.device("cuda"))
+            row.update(kernels=kernels["kernels"], kernel_ms=round(kernels["kernel_ms"], 1), top_kernels=kernels["top_kernels"])
     except torch.cuda.OutOfMemoryError:
         row.update(tok_s=None, step_ms=None, peak_gib=None, mfu=None, mfu_spec=None, error="out of memory")
     finally:
@@ -189,7 +206,16 @@ def markdown(rows: list[dict], peaks: tuple[float, float], commands: list[str], 
             cells = (f"{r['tok_s']:,} | {r['step_ms']} | {r['peak_gib']} | {r['mfu']:.1%} / {r['mfu_spec']:.1%} | {ratio} "
                      f"| {parts} | {ceiling_cells}")  # fmt: skip
         lines.append(f"| {r['impl']} | {r['config']} | {r['T']} x {r['B']} | {r['checkpointing']} | {r['compile']} | {cells} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + device_time_lines(rows)) + "\n"
+
+
+def device_time_lines(rows: list[dict]) -> list[str]:
+    """For the profiled rows: one step's kernels and their summed device time against its wall time."""
+    profiled = [r for r in rows if r.get("kernel_ms") is not None and r.get("step_ms")]
+    lines = ["", "One profiled step (`--profile`): its kernels' summed device time against the step's wall time.", ""]
+    lines += [f"* {r['impl']} {r['config']} {r['T']} x {r['B']}: {r['kernels']} kernels, {r['kernel_ms']} ms of "
+              f"{r['step_ms']} ms ({r['kernel_ms'] / r['step_ms']:.0%})" for r in profiled]  # fmt: skip
+    return lines if profiled else []
 
 
 def parse_seq(text: str) -> tuple[int, int]:
@@ -225,6 +251,8 @@ def parse_args() -> argparse.Namespace:
                              "it in the same process (an A/B of one setting, free of the drift between runs)")
     parser.add_argument("--memory-budget", type=float, default=1.0,
                         help="train.activation_memory_budget of the compiled blocks, every row (1: the default partitioner)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one step of each row: its kernels and their summed device time")
     parser.add_argument("--out", default="docs/bench/train_step", help="results file stem; rows merge into it")
     args = parser.parse_args()
     if args.preset:
@@ -243,7 +271,7 @@ def measure_all(args: argparse.Namespace, peaks: tuple[float, float]) -> list[di
                         continue
                     for overrides in override_sets(impl, args.model_overrides, args.also_with):
                         row = measure_row(impl, size, seq_len, batch, checkpointing, args.compile == "on", peaks,
-                                          args.warmup, args.steps, overrides, args.memory_budget)  # fmt: skip
+                                          args.warmup, args.steps, overrides, args.memory_budget, args.profile)  # fmt: skip
                         rows.append(row)
                         print(json.dumps(row), flush=True)
     return rows
@@ -274,7 +302,7 @@ def command_line(args: argparse.Namespace) -> str:
         words = [f"--preset {args.preset}"]
     else:
         words = [f"--{k} {' '.join(v) if isinstance(v, list) else v}" for k, v in vars(args).items()
-                 if k not in ("out", "preset", "no_ceiling", "model_overrides", "memory_budget", "also_with")]  # fmt: skip
+                 if k not in ("out", "preset", "no_ceiling", "model_overrides", "memory_budget", "also_with", "profile")]  # fmt: skip
     if args.memory_budget < 1:
         words.append(f"--memory-budget {args.memory_budget}")
     if args.model_overrides:

@@ -12,7 +12,8 @@
 # window: the sliding window's kernel options and fla's window kernel beside full attention, then window_ab:
 # the model's step with FlexAttention and with our window kernel in one process;
 # overhead: the trainer's step split into its parts (benchmarks/trainer_overhead.py);
-# suite: the GPU suite with test durations (SUITE_PATHS: only these files or cases); slow: its long cases.
+# suite: the GPU suite with test durations (SUITE_PATHS: only these files or cases; GPU_WORKERS processes, as
+# `make test-gpu`); slow: its long cases.
 # STAGE_TIMEOUT (seconds, default none) stops a stage that runs longer, so one hang does not cost the rest;
 # DEADLINE (seconds since the script started) stops the stage running at that time and skips the rest,
 # so a visit with a hard time limit ends with its archive written.
@@ -135,7 +136,7 @@ run_memory() {  # the step's peak memory at the defaults (features and inputs re
 
 run_suite() {  # suite_times.tsv: each case's time as it ends, kept when the stage is stopped (tests/conftest.py); SUITE_PATHS narrows it
   TTTLA_TEST_TIMES="$RESULTS/suite_times.tsv" \
-    stage suite "$PYTHON" -m pytest -q -m "gpu and not gpu_slow" ${SUITE_PATHS:-tests/gpu} --durations=0 --timeout=${SUITE_TIMEOUT:-300}
+    stage suite "$PYTHON" -m pytest -q -m "gpu and not gpu_slow" -n "${GPU_WORKERS:-4}" ${SUITE_PATHS:-tests/gpu} --durations=0 --timeout=${SUITE_TIMEOUT:-300}
   grep -E "passed|failed|error" "$RESULTS/suite.log" | tail -n 3
 }
 

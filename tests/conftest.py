@@ -20,8 +20,9 @@ def pytest_runtest_logreport(report) -> None:
     """With TTTLA_TEST_TIMES=FILE, append each test phase's time to FILE the moment it ends
     (seconds, phase, outcome, test id; tab-separated). `--durations` prints only when the session
     ends, so a GPU run stopped by its time limit would otherwise keep no times at all, and the times
-    are what decides which cases leave `make test-gpu` for `make test-gpu-slow`."""
+    are what decides which cases leave `make test-gpu` for `make test-gpu-slow`. Under pytest-xdist the
+    controller receives every worker's reports, so only it writes (a worker writing too doubles each line)."""
     path = os.environ.get(TIMES_ENV)
-    if path:
+    if path and "PYTEST_XDIST_WORKER" not in os.environ:
         with open(path, "a") as times:
             times.write(f"{report.duration:.2f}\t{report.when}\t{report.outcome}\t{report.nodeid}\n")

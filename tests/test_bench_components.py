@@ -56,14 +56,15 @@ def test_also_with_measures_each_tttla_row_again_right_after_it(monkeypatch) -> 
     the extra overrides; the transformer and the released layer are measured once."""
     calls = []
 
-    def fake_row(impl, size, seq_len, batch, checkpointing, compile_on, peaks, warmup, steps, overrides, budget):
+    def fake_row(impl, size, seq_len, batch, checkpointing, compile_on, peaks, warmup, steps, overrides, budget, profile):
         calls.append((impl, seq_len, overrides))
         return {"impl": impl, "config": " ".join([size, *overrides]), "T": seq_len}
 
     monkeypatch.setattr(step, "measure_row", fake_row)
     args = argparse.Namespace(configs=["125m"], seqs=["16384x1", "65536x1"], checkpointing=["none"],
                               impls=["tttla", "sdpa"], compile="on", warmup=1, steps=1, memory_budget=1.0,
-                              model_overrides=["ttt.chunk_size=1024"], also_with=["window_kernel=triton"])  # fmt: skip
+                              model_overrides=["ttt.chunk_size=1024"], also_with=["window_kernel=triton"],
+                              profile=False)  # fmt: skip
     step.measure_all(args, (700.0, 989.0))
     base, twin = ("ttt.chunk_size=1024",), ("ttt.chunk_size=1024", "window_kernel=triton")
     assert calls == [("tttla", 16384, base), ("tttla", 16384, twin), ("sdpa", 16384, base),
@@ -72,3 +73,14 @@ def test_also_with_measures_each_tttla_row_again_right_after_it(monkeypatch) -> 
     calls.clear()
     step.measure_all(args, (700.0, 989.0))
     assert [c[2] for c in calls] == [base] * 4
+
+
+def test_profiled_rows_list_their_device_time_against_the_wall_time() -> None:
+    """A profiled row says how much of its step the kernels take (host-bound when far below 100 %);
+    rows without a profile add nothing to the table."""
+    common = dict(config="125m", B=1, checkpointing="none", compile=True, peak_gib=1.0, mfu=0.1, mfu_spec=0.08)
+    rows = [dict(impl="tttla", T=16384, tok_s=150, step_ms=80.0, kernels=2400, kernel_ms=60.0, **common),
+            dict(impl="sdpa", T=16384, tok_s=100, step_ms=100.0, **common)]  # fmt: skip
+    table = step.markdown(rows, (700.0, 989.0), ["cmd"], "GPU")
+    assert table.splitlines()[-1] == "* tttla 125m 16384 x 1: 2400 kernels, 60.0 ms of 80.0 ms (75%)"
+    assert "profiled step" not in step.markdown(rows[1:], (700.0, 989.0), ["cmd"], "GPU")

@@ -7,7 +7,8 @@ import json
 import torch
 
 import benchmarks.decode as decode_bench
-from benchmarks.decode import kernel_summary, main
+from benchmarks.decode import main
+from benchmarks.profiling import host_summary, kernel_summary
 from model.baseline import BaselineLM
 
 
@@ -73,7 +74,7 @@ def test_host_summary_ranks_the_operators_by_their_own_host_time() -> None:
             torch.mm(a, b)
         a.add(1.0)
 
-    summary = decode_bench.host_summary(run, torch.device("cpu"))
+    summary = host_summary(run, torch.device("cpu"))
     ops = {op["name"]: op for op in summary["top_host_ops"]}
     assert ops["aten::mm"]["count"] == 3 and ops["aten::add"]["count"] == 1
     assert summary["top_host_ops"][0]["name"] == "aten::mm"  # three 256^3 products outweigh one add

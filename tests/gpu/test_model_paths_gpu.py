@@ -24,7 +24,11 @@ def rel_err(ref, got):
     return ((ref.double() - got.double()).norm() / ref.double().norm()).item()
 
 
-@pytest.mark.parametrize("seq_len, window, packed", [(4099, 512, False), (4099, 512, True), (1000, 2048, False)])
+# The 4099-token cases compile FlexAttention for their shapes cold (about 60-80 s each on an H100), so
+# they run with the slow cases; the quick suite keeps an odd length with and without packed documents.
+@pytest.mark.parametrize("seq_len, window, packed", [
+    pytest.param(4099, 512, False, marks=pytest.mark.gpu_slow), pytest.param(4099, 512, True, marks=pytest.mark.gpu_slow),
+    (1000, 2048, False), (1000, 384, True)])
 def test_flex_window_attention_matches_band(seq_len, window, packed):
     g = torch.Generator(device="cuda").manual_seed(seq_len + window)
     q, k, v = (torch.randn(2, seq_len, 4, 64, device="cuda", generator=g).bfloat16().requires_grad_() for _ in range(3))
