@@ -36,6 +36,7 @@ from decoding.graphs import DecodeRunner
 from decoding.sampling import sample_tokens
 from decoding.static import StaticDecoder, prefill_rows
 from decoding.kv_cache import StaticKVDecoder
+from decoding.pending import defers_chunk_gradients
 from benchmarks.profiling import count_kernels, host_summary, synchronize
 from model.baseline import BaselineLM
 from model.config import load_model_config
@@ -105,12 +106,16 @@ def time_decoder(decoder, args: argparse.Namespace, device: torch.device) -> dic
 
 
 
-def ttt_decoder(model: TTTLM, batch: int, start: int, prefilled: bool, call_block: BlockCall) -> StaticDecoder:
-    """A static decoder at position `start`: really prefilled, or a random state of the right shapes."""
+def ttt_decoder(model: TTTLM, batch: int, start: int, prefilled: bool, call_block: BlockCall,
+                deferred: Optional[bool] = None) -> StaticDecoder:  # fmt: skip
+    """A static decoder at position `start`: really prefilled, or a random state of the right shapes;
+    `deferred` as in `decoding.static.prefill_prompts` (None: the default for the batch)."""
+    if deferred is None:
+        deferred = defers_chunk_gradients(model.cfg.ttt, batch)
     if prefilled:
         prompt = torch.randint(0, model.cfg.vocab_size, (batch, start)).tolist()
-        return prefill_rows(model, prompt, call_block)[1]
-    return StaticDecoder.from_states(model, [random_state(model, batch, start)])
+        return prefill_rows(model, prompt, call_block, deferred)[1]
+    return StaticDecoder.from_states(model, [random_state(model, batch, start, deferred=deferred)])
 
 
 def baseline_decoder(model: BaselineLM, batch: int, start: int, capacity: int, prefilled: bool) -> StaticKVDecoder:
@@ -132,16 +137,17 @@ def prefill_block_call(args: argparse.Namespace) -> BlockCall:
 
 
 def time_batch(model: "TTTLM | BaselineLM", batch: int, context: int, args: argparse.Namespace, device: torch.device,
-               prefilled: bool) -> dict:
+               prefilled: bool, deferred: Optional[bool] = None) -> dict:
     """Decode steps of `batch` rows ending at `context` (the state enters `steps / 2` tokens before it, so
-    the timed steps straddle a chunk boundary); {"out_of_memory": True} when the state does not fit."""
+    the timed steps straddle a chunk boundary); {"out_of_memory": True} when the state does not fit.
+    `deferred`: how a TTT decoder keeps the partial chunk (None: its default for the batch)."""
     start = context - args.steps // 2
     reset_peak(device)
     try:
         if isinstance(model, BaselineLM):
             decoder = baseline_decoder(model, batch, start, context + args.steps, prefilled)
         else:
-            decoder = ttt_decoder(model, batch, start, prefilled, prefill_block_call(args))
+            decoder = ttt_decoder(model, batch, start, prefilled, prefill_block_call(args), deferred)
         timed = time_decoder(decoder, args, device)
     except torch.cuda.OutOfMemoryError:
         return {"out_of_memory": True}
@@ -166,7 +172,9 @@ def bench_model(model: "TTTLM | BaselineLM", context: int, args: argparse.Namesp
 
     Where the transformer's cache does not fit the throughput batch, its row also holds the largest
     batch that fits (`throughput_largest_fit`), and a TTT row given that `baseline_batch` is timed at it
-    too (`throughput_at_baseline_batch`): the comparison at the batch the transformer can serve.
+    too (`throughput_at_baseline_batch`): the comparison at the batch the transformer can serve. A TTT
+    row whose throughput batch keeps pending tokens (`decoding.pending`) is also timed with running
+    sums at that batch (`throughput_running_sums`): the two ways of holding the partial chunk, A/B.
     """
     prefilled = context <= args.prefill_up_to
     row: dict = {"state": "prefilled" if prefilled else "random (size independent of context)"}
@@ -174,6 +182,8 @@ def bench_model(model: "TTTLM | BaselineLM", context: int, args: argparse.Namesp
     row["throughput"] = time_batch(model, args.throughput_batch, context, args, device, prefilled=False)
     if isinstance(model, BaselineLM) and row["throughput"].get("out_of_memory"):
         row["throughput_largest_fit"] = largest_fitting_batch(model, context, args, device)
+    if not isinstance(model, BaselineLM) and defers_chunk_gradients(model.cfg.ttt, args.throughput_batch):
+        row["throughput_running_sums"] = time_batch(model, args.throughput_batch, context, args, device, False, False)
     if baseline_batch is not None and not isinstance(model, BaselineLM):
         row["throughput_at_baseline_batch"] = time_batch(model, baseline_batch, context, args, device, prefilled=False)
     if prefilled:
@@ -220,7 +230,21 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"{cell(latency, 'max_ms')} | {kernel_cell(latency)} | {cell(latency, 'peak_mb')} | {cell(throughput, 'tokens_per_s')} | "
             f"{cell(throughput, 'peak_mb')} | {fmt(r.get('prefill_tokens_per_s'))} | {fmt(r.get('prefill_peak_mb'))} |"
         )
-    return "\n".join(lines + at_baseline_batch(rows) + prefill_breakdown(rows)) + "\n"
+    return "\n".join(lines + at_baseline_batch(rows) + chunk_gradient_modes(rows) + prefill_breakdown(rows)) + "\n"
+
+
+def chunk_gradient_modes(rows: list[dict]) -> list[str]:
+    """The throughput batch's tokens/s with the partial chunk kept as pending tokens (the default there)
+    against running sums, per TTT row, with each mode's chunk-completing (max) step."""
+    lines = []
+    for row in rows:
+        pending, running = row.get("throughput", {}), row.get("throughput_running_sums", {})
+        if "tokens_per_s" not in pending or "tokens_per_s" not in running:
+            continue
+        lines.append(f"* {row['model']} at {row['context']}: pending tokens {pending['tokens_per_s']:.0f} tokens/s "
+                     f"(max step {pending['max_ms']:.2f} ms), running sums {running['tokens_per_s']:.0f} "
+                     f"(max {running['max_ms']:.2f} ms): {pending['tokens_per_s'] / running['tokens_per_s']:.2f}x")
+    return ["", "The partial chunk at the throughput batch, pending tokens against running sums:", *lines] if lines else []
 
 
 def prefill_breakdown(rows: list[dict]) -> list[str]:

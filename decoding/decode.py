@@ -2,9 +2,10 @@
 
 Per layer the decoder keeps
 * the fast weights (and momenta) left by the last *complete* chunk,
-* the pending partial chunk's running sums: its gradient so far, sum over its tokens of
+* the pending partial chunk, as running sums: its gradient so far, sum over its tokens of
   eta_i,t * grad_{W_i} l_t at those fast weights (`ChunkGradients`, one [B, H, *, *] tensor per fast
-  weight), and with momentum the sum of its momentum gates [B, H],
+  weight), or as its tokens' inputs, from which the chunk's end forms that gradient
+  (`decoding.pending`); with momentum also the sum of its momentum gates [B, H],
 * the sliding-window attention's rotated keys and values in a ring buffer of `window` slots.
 
 The semantics are exactly the chunk form's (`TTTLM.forward`): a token of chunk c is answered by
@@ -36,7 +37,8 @@ import torch.nn.functional as F
 
 from kernels.fast_weights import FAST_WEIGHT_NAMES, ChunkGradients, FastWeights
 from kernels.lact import apply_chunk_gradients, chunk_gradients, swiglu_features
-from kernels.token_step import lact_token_step, w1_token_step
+from decoding.pending import PendingTokens
+from kernels.token_step import lact_token_step, w1_token_read, w1_token_step
 from model.config import TTTConfig
 from model.fast_weight_scan import ScanWeights, TTTInputs, chunk_step, fast_weight_scan
 from model.lm import Block, BlockCall, TTTLM
@@ -48,18 +50,22 @@ class LayerCache:
     """One layer's decoding state; every tensor has a size fixed by the config, not the context."""
 
     fast_weights: FastWeights  # after the last complete chunk, [B, H, *, *] (fp32; fp64 in the tests)
-    chunk_gradients: ChunkGradients  # the partial chunk's gradient so far at fast_weights, [B, H, *, *] per fast weight
+    # The partial chunk's gradient so far at fast_weights, [B, H, *, *] per fast weight (None: `pending` holds the chunk)
+    chunk_gradients: Optional[ChunkGradients]
     gate_sum: Optional[torch.Tensor]  # [B, H] sum of the partial chunk's momentum gates (None: momentum off)
     keys: Optional[torch.Tensor]  # [B, A, W, Dh] rotated keys, ring buffer indexed by position % W (None: no window)
     values: Optional[torch.Tensor]  # [B, A, W, Dh]
+    pending: Optional[PendingTokens] = None  # the partial chunk's token inputs instead of its running gradient
 
     def chunk_sums(self) -> list[torch.Tensor]:
         """The partial chunk's running sums, which restart from zero when its update is applied."""
-        return self.chunk_gradients.tensors() + ([self.gate_sum] if self.gate_sum is not None else [])
+        gradients = self.chunk_gradients.tensors() if self.chunk_gradients is not None else []
+        return gradients + ([self.gate_sum] if self.gate_sum is not None else [])
 
     def buffers(self) -> list[torch.Tensor]:
         """The preallocated tensors (everything but the fast weights), updated in place while decoding."""
-        return self.chunk_sums() + [t for t in (self.keys, self.values) if t is not None]
+        pending = self.pending.tensors() if self.pending is not None else []
+        return self.chunk_sums() + [t for t in (self.keys, self.values) if t is not None] + pending
 
     def tensors(self) -> list[torch.Tensor]:
         return self.fast_weights.tensors() + self.buffers()
@@ -90,9 +96,13 @@ def decoding_weights(ttt: TTTConfig, fast: FastWeights) -> FastWeights:
     return fast.with_momenta(FAST_WEIGHT_NAMES[ttt.fast_weights])
 
 
-def empty_cache(mixer: TTTMixer, fast: FastWeights) -> LayerCache:
-    """A cache with zeroed buffers around the given fast weights (batch, device and state dtype from them)."""
+def empty_cache(mixer: TTTMixer, fast: FastWeights, deferred: bool = False) -> LayerCache:
+    """A cache with zeroed buffers around the given fast weights (batch, device and state dtype from them);
+    `deferred`: the partial chunk kept as its tokens (`decoding.pending`) rather than its running gradient."""
     cfg = mixer.cfg
+    if deferred and cfg.ttt.token_causal:
+        raise ValueError("token-causal decoding reads the partial chunk's running W1 gradient every token: "
+                         "it cannot defer the chunk's gradient to the chunk's end (decode with deferred=False)")
     fast = decoding_weights(cfg.ttt, fast)
     batch, device, state_dtype = fast.w1.shape[0], fast.w1.device, fast.w1.dtype
 
@@ -104,12 +114,17 @@ def empty_cache(mixer: TTTMixer, fast: FastWeights) -> LayerCache:
         head_dim = cfg.hidden_size // mixer.attn_heads
         model_dtype = mixer.qkv.weight.dtype
         keys, values = (zeros(batch, mixer.attn_heads, cfg.window_size, head_dim, dtype=model_dtype) for _ in range(2))
+    pending = None
+    if deferred:
+        pending = PendingTokens.zeros(batch, cfg.ttt, mixer.num_heads, mixer.head_dim, mixer.qkv.weight.dtype,
+                                      state_dtype, device)  # fmt: skip
     return LayerCache(
         fast_weights=fast,
-        chunk_gradients=ChunkGradients.zeros(fast, FAST_WEIGHT_NAMES[cfg.ttt.fast_weights]),
+        chunk_gradients=None if deferred else ChunkGradients.zeros(fast, FAST_WEIGHT_NAMES[cfg.ttt.fast_weights]),
         gate_sum=zeros(batch, mixer.num_heads) if mixer.momentum_proj is not None else None,
         keys=keys,
         values=values,
+        pending=pending,
     )
 
 
@@ -122,21 +137,33 @@ def feature_weights_of_rows(weights: ScanWeights, fast: FastWeights) -> FastWeig
     return replace(fast, w0=weights.initial.w0[0], w2=weights.initial.w2[0])
 
 
-def absorb_tokens(weights: ScanWeights, cache: LayerCache, inputs: TTTInputs) -> None:
-    """Add the tokens' ([B, n]) terms of their chunk's gradient, at the weights entering the chunk, and
-    their momentum gates to the partial chunk's running sums, in place (state dtype)."""
+def token_gradients(
+    weights: ScanWeights, cache: LayerCache, k: torch.Tensor, v: torch.Tensor, etas: torch.Tensor
+) -> ChunkGradients:
+    """The tokens' ([B, n]: k, v [B, n, H, d], etas [B, n, 3, H]) summed terms of their chunk's gradient at
+    the weights entering the chunk (state dtype)."""
     fast, dtype = feature_weights_of_rows(weights, cache.fast_weights), cache.fast_weights.w1.dtype
-    eta0, eta1, eta2 = inputs.etas.to(dtype).unbind(dim=2)  # [B, n, H] each
-    k, v = inputs.k.to(dtype), inputs.v.to(dtype)
-    cache.chunk_gradients.add_(chunk_gradients(k, v, eta0, eta1, eta2, fast, weights.ttt.fast_weights, weights.features))
+    eta0, eta1, eta2 = etas.to(dtype).unbind(dim=2)  # [B, n, H] each
+    return chunk_gradients(k.to(dtype), v.to(dtype), eta0, eta1, eta2, fast, weights.ttt.fast_weights, weights.features)
+
+
+def absorb_tokens(weights: ScanWeights, cache: LayerCache, inputs: TTTInputs, positions: torch.Tensor) -> None:
+    """Add the tokens at `positions` [B, n] to the partial chunk, in place: their terms of its gradient
+    to the running sums, or their inputs to its pending slots; and their momentum gates."""
+    if cache.pending is not None:
+        cache.pending.write(positions, inputs.k, inputs.v, inputs.etas)
+    else:
+        cache.chunk_gradients.add_(token_gradients(weights, cache, inputs.k, inputs.v, inputs.etas))
     add_momentum_gates(cache, inputs)
 
 
-def ttt_token_output(weights: ScanWeights, cache: LayerCache, inputs: TTTInputs) -> torch.Tensor:
-    """The fast-weight branch for one token per row -> [B, 1, H, d]. The token joins its chunk's running
-    sums first; then W1 after the last complete chunk answers it, plus (token-causal) the partial
+def ttt_token_output(weights: ScanWeights, cache: LayerCache, inputs: TTTInputs, positions: torch.Tensor) -> torch.Tensor:
+    """The fast-weight branch for one token per row at `positions` [B, 1] -> [B, 1, H, d]. The token joins
+    its chunk first; then W1 after the last complete chunk answers it, plus (token-causal) the partial
     chunk's W1 step so far, -update_sign * G1 (the chunk form's intra-chunk term): one fused op
     (`kernels.token_step`) where the Triton kernels run (`model.ttt.use_kernel`), its torch form elsewhere."""
+    if cache.pending is not None:
+        return pending_token_output(weights, cache, inputs, positions)
     if weights.ttt.fast_weights == "w1":
         return w1_token_output(weights, cache, inputs)
     ttt = weights.ttt
@@ -160,6 +187,23 @@ def w1_token_output(weights: ScanWeights, cache: LayerCache, inputs: TTTInputs) 
     return out[:, None]
 
 
+def pending_token_output(
+    weights: ScanWeights, cache: LayerCache, inputs: TTTInputs, positions: torch.Tensor
+) -> torch.Tensor:
+    """`ttt_token_output` where the cache keeps pending tokens: the token's inputs go to its slot, and
+    the fast weights after the last complete chunk answer it, W1 h(q) (never token-causal here): the
+    read alone, with the learned W0, W2 in one kernel (`kernels.token_step.w1_token_read`) where only W1
+    is fast, with the rows' own W0, W2 in torch otherwise."""
+    cache.pending.write(positions, inputs.k, inputs.v, inputs.etas)
+    add_momentum_gates(cache, inputs)
+    ttt, fast = weights.ttt, cache.fast_weights
+    if ttt.fast_weights == "w1":
+        w0, w2 = weights.feature_weights if weights.features is swiglu_features else (None, None)
+        return w1_token_read(inputs.q[:, 0], w0, w2, fast.w1, allow_triton=ttt.use_kernel)[:, None]
+    hq = weights.features(inputs.q.to(fast.w1.dtype), fast.w0, fast.w2)  # [B, 1, H, dh], the rows' own W0, W2
+    return torch.einsum("bhde,bnhe->bnhd", fast.w1, hq)
+
+
 def add_momentum_gates(cache: LayerCache, inputs: TTTInputs) -> None:
     """Add the tokens' ([B, n]) momentum gates to the partial chunk's sum (no-op with momentum off)."""
     if cache.gate_sum is not None:
@@ -167,12 +211,16 @@ def add_momentum_gates(cache: LayerCache, inputs: TTTInputs) -> None:
 
 
 def chunk_update(weights: ScanWeights, cache: LayerCache) -> FastWeights:
-    """The fast weights after the partial chunk's update, made from its running sums alone, for every
-    row [B, H, *, *] (rows whose chunk is not complete discard it): momentum decay = the mean of the
-    chunk's C gates, then momentum, Muon, the signed step and weight norm. No token is revisited."""
+    """The fast weights after the partial chunk's update, for every row [B, H, *, *] (rows whose chunk is
+    not complete discard it): its gradient (the running sums, or formed now from the pending tokens of
+    all C slots), then momentum decay = the mean of the chunk's C gates, momentum, Muon, the signed
+    step and weight norm."""
     beta = None if cache.gate_sum is None else cache.gate_sum / weights.ttt.chunk_size  # [B, H]
     step = chunk_step(weights, cache.fast_weights.w1.dtype)
-    return apply_chunk_gradients(cache.fast_weights, cache.chunk_gradients, beta, step)
+    grads = cache.chunk_gradients
+    if cache.pending is not None:
+        grads = token_gradients(weights, cache, cache.pending.k, cache.pending.v, cache.pending.etas)
+    return apply_chunk_gradients(cache.fast_weights, grads, beta, step)
 
 
 def restart_chunk_sums(cache: LayerCache, rows: Optional[torch.Tensor] = None) -> None:
@@ -203,7 +251,7 @@ class PrefillScan(LocalScan):
     """The scan over a whole prompt [B, P] from position 0, filling `cache`.
 
     Complete chunks run in the chunk form (their final state becomes the cache's fast weights); the
-    remainder is answered as one short chunk from that state, and its tokens join the running sums
+    remainder is answered as one short chunk from that state, and its tokens join the partial chunk
     (its update waits for the chunk's last token).
     """
 
@@ -223,7 +271,8 @@ class PrefillScan(LocalScan):
         if complete < prompt_len:
             remainder = _slice_inputs(inputs, complete, prompt_len)
             outputs.append(fast_weight_scan(weights, remainder, cache.fast_weights, w1_chunk_scan)[0])
-            absorb_tokens(weights, cache, remainder)
+            positions = torch.arange(complete, prompt_len, device=x.device).expand(x.shape[0], -1) + rows.offset
+            absorb_tokens(weights, cache, remainder, positions)
         return torch.cat(outputs, dim=1), cache.fast_weights
 
 
@@ -273,7 +322,7 @@ class StepScan(LocalScan):
         """x [B, 1, D] and its inputs at the int position `rows.offset` -> ([B, 1, H, d] output, the cache's
         fast weights)."""
         cache, chunk = self.cache, weights.ttt.chunk_size
-        ttt_out = ttt_token_output(weights, cache, inputs)
+        ttt_out = ttt_token_output(weights, cache, inputs, torch.full((x.shape[0], 1), rows.offset, device=x.device))
         if rows.offset % chunk == chunk - 1:  # the chunk is complete: apply its update
             cache.fast_weights = chunk_update(weights, cache)
             restart_chunk_sums(cache)
@@ -334,14 +383,17 @@ def decoding_logits(
 
 @torch.no_grad()
 def prefill(
-    model: TTTLM, input_ids: torch.Tensor, keep_last: Optional[int] = None, call_block: BlockCall = Block.forward
+    model: TTTLM, input_ids: torch.Tensor, keep_last: Optional[int] = None, call_block: BlockCall = Block.forward,
+    deferred: bool = False,
 ) -> tuple[torch.Tensor, DecodeState]:
     """Run a batch of equal-length prompts [B, P] (P >= 1) -> (logits [B, P, V], or of the last
     `keep_last` positions, and the state ready for position P). `call_block` runs each block (its
-    compiled form: `decoding.compiled.block_step`, one graph per prompt length)."""
+    compiled form: `decoding.compiled.block_step`, one graph per prompt length); `deferred`: the state
+    keeps the partial chunk as pending tokens (`decoding.pending`)."""
     if input_ids.shape[1] < 1:
         raise ValueError("prefill needs at least one prompt token per sequence")
-    caches = [empty_cache(block.mixer, block.mixer.initial_state(input_ids.shape[0])) for block in model.blocks]
+    batch = input_ids.shape[0]
+    caches = [empty_cache(block.mixer, block.mixer.initial_state(batch), deferred) for block in model.blocks]
     strategies = [(PrefillScan(cache), PrefillWindow(cache)) for cache in caches]
     logits = decoding_logits(model, strategies, input_ids, 0, keep_last, call_block)
     for cache in caches:
@@ -358,8 +410,11 @@ def decode_step(model: TTTLM, state: DecodeState, token_ids: torch.Tensor) -> to
     return logits[:, 0]
 
 
-def random_state(model: TTTLM, batch: int, position: int, generator: Optional[torch.Generator] = None) -> DecodeState:
-    """A state as if `position` tokens had been consumed, with random contents (for timing only).
+def random_state(
+    model: TTTLM, batch: int, position: int, generator: Optional[torch.Generator] = None, deferred: bool = False
+) -> DecodeState:
+    """A state as if `position` tokens had been consumed, with random contents (for timing only;
+    `deferred`: pending tokens, as `prefill`'s).
 
     Its size does not depend on `position`, so benchmarks at a 1M-token context can skip the prefill.
     `generator` is a CPU generator; the values are moved to the model's device.
@@ -372,7 +427,7 @@ def random_state(model: TTTLM, batch: int, position: int, generator: Optional[to
     caches = []
     for block in model.blocks:
         fast = decoding_weights(block.mixer.cfg.ttt, block.mixer.initial_state(batch)).map(lambda w: w + 0.01 * noise(w))
-        cache = empty_cache(block.mixer, fast)
+        cache = empty_cache(block.mixer, fast, deferred)
         for buffer in cache.buffers():
             buffer.copy_(noise(buffer))
         caches.append(cache)

@@ -16,7 +16,9 @@ the same computation in the shape a CUDA graph can replay:
 
 Every token adds its terms of its chunk's gradient to the running sums inside `forward_token`, so
 the chunk update `apply_chunk_updates` reads no token: momentum, Muon, the signed step and weight
-norm on [B, H, d, dh]-sized sums, the work of about one token (`decoding/decode.py`). It runs at the
+norm on [B, H, d, dh]-sized sums, the work of about one token (`decoding/decode.py`). From
+`decoding.pending.DEFER_FROM_BATCH` rows on, the tokens are kept instead and the chunk update forms
+their gradient first: lighter token steps, a heavier boundary (`decoding.pending`). It runs at the
 steps where some row completes a chunk, which the host knows from its own count of the steps
 without reading the device (`decoding.graphs` launches it with the token step as one graph).
 `forward_token` runs the model's own blocks with each mixer's strategies set to `RowStepScan` /
@@ -32,6 +34,7 @@ import torch
 
 from decoding.compiled import block_step, chunk_update_step
 from decoding.decode import DecodeState, LayerCache, decoding_logits, prefill, store_window, ttt_token_output
+from decoding.pending import defers_chunk_gradients
 from kernels.fast_weights import FastWeights, PerSequenceTensors
 from kernels.ring_attention import ring_attention
 from model.fast_weight_scan import ScanWeights, TTTInputs
@@ -51,7 +54,7 @@ class RowStepScan(LocalScan):
         self, weights: ScanWeights, x: torch.Tensor, inputs: TTTInputs, state: Optional[FastWeights], rows: RowPositions
     ) -> tuple[torch.Tensor, FastWeights]:
         """x [B, 1, D] and its inputs -> ([B, 1, H, d] output, the cache's fast weights)."""
-        return ttt_token_output(weights, self.cache, inputs), self.cache.fast_weights
+        return ttt_token_output(weights, self.cache, inputs, rows.offset[:, None]), self.cache.fast_weights
 
 
 @dataclass
@@ -186,14 +189,19 @@ def _stack_layer(caches: list[LayerCache], order: torch.Tensor) -> LayerCache:
 
 @torch.no_grad()
 def prefill_prompts(
-    model: TTTLM, prompts: list[list[int]], keep_last: Optional[int] = None, call_block: BlockCall = Block.forward
+    model: TTTLM, prompts: list[list[int]], keep_last: Optional[int] = None, call_block: BlockCall = Block.forward,
+    deferred: Optional[bool] = None,
 ) -> tuple[list[torch.Tensor], StaticDecoder]:
     """Prefill prompts of any lengths (each >= 1 token) -> (per prompt its logits [P_i, V], or of its
     last `keep_last` positions, and the prompts' decoder, rows in the prompts' order).
 
     Prompts of one length are prefilled together in the chunk form (rows never interact, so this is
     exact); the states are then stacked in the prompts' order, each row at its own position.
+    `deferred` (None: `decoding.pending.defers_chunk_gradients` for this many rows) keeps each
+    partial chunk as pending tokens rather than running sums.
     """
+    if deferred is None:
+        deferred = defers_chunk_gradients(model.cfg.ttt, len(prompts))
     device = model.embed.weight.device
     by_length: dict[int, list[int]] = {}
     for index, prompt in enumerate(prompts):
@@ -203,7 +211,7 @@ def prefill_prompts(
     states, logits = [], [torch.empty(0)] * len(prompts)
     for indices in by_length.values():
         group_ids = torch.tensor([prompts[i] for i in indices], device=device)
-        group_logits, state = prefill(model, group_ids, keep_last, call_block)
+        group_logits, state = prefill(model, group_ids, keep_last, call_block, deferred)
         states.append(state)
         for row, index in enumerate(indices):
             logits[index] = group_logits[row]
@@ -213,9 +221,9 @@ def prefill_prompts(
 
 
 def prefill_rows(
-    model: TTTLM, prompts: list[list[int]], call_block: BlockCall = Block.forward
+    model: TTTLM, prompts: list[list[int]], call_block: BlockCall = Block.forward, deferred: Optional[bool] = None
 ) -> tuple[torch.Tensor, StaticDecoder]:
     """Prefill prompts of any lengths (each >= 1 token) -> (last-token logits [B, V], their decoder);
-    `call_block` as in `decoding.decode.prefill`."""
-    logits, decoder = prefill_prompts(model, prompts, keep_last=1, call_block=call_block)
+    `call_block` as in `decoding.decode.prefill`, `deferred` as in `prefill_prompts`."""
+    logits, decoder = prefill_prompts(model, prompts, keep_last=1, call_block=call_block, deferred=deferred)
     return torch.stack([row[-1] for row in logits]), decoder

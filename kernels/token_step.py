@@ -15,7 +15,8 @@ W1 only (`w1_token_step`), per (row b, head h), with eta = eta1[b, h] and s = up
 
 A program owns `BD` rows of one (row, head)'s [d, dh] state: it computes h(q), h(k) itself from the
 learned W0, W2 (4 d dh multiply-adds, read from L2 by every program of the head), updates its rows of
-G1 in place and answers its rows of the output.
+G1 in place and answers its rows of the output. `w1_token_read` is the same kernel without G1 (o = W1 hq,
+h(q) alone): the step of a decoder that keeps the partial chunk as its tokens (`decoding.pending`).
 
 All three fast (`lact_token_step`, the recurrent LaCT form), with a = W0 k, b = W2 k, g = W1^T v and the
 row's own W0, W1, W2 (`kernels.lact.lact_chunk_gradients` for one token):
@@ -58,11 +59,12 @@ def w1_token_step_kernel(
     q_ptr, k_ptr, v_ptr, eta_ptr, w0_ptr, w2_ptr, w1_ptr, g1_ptr, o_ptr, H, sign,
     q_row, q_head, k_row, k_head, v_row, v_head, eta_row, eta_head,
     D: tl.constexpr, DH: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr,
-    SWIGLU: tl.constexpr, TOKEN_CAUSAL: tl.constexpr,
+    SWIGLU: tl.constexpr, TOKEN_CAUSAL: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
     """q, k, v: [B, H, D] (strides *_row, *_head, 1); eta: [B, H] (strides eta_row, eta_head);
     w0, w2: [H, DH, D]; w1, g1 (in place): [B, H, D, DH] fp32; o: [B, H, D] fp32.
-    Program (b * H + h, row block) owns rows [BD * block, + BD) of W1 and G1."""
+    Program (b * H + h, row block) owns rows [BD * block, + BD) of W1 and G1. Without ACCUMULATE
+    (never token-causal) k, v, eta and g1 are not read: o = W1 h(q)."""
     bh = tl.program_id(0)
     row, head = bh // H, bh % H
     q_ptr += row * q_row + head * q_head
@@ -71,8 +73,9 @@ def w1_token_step_kernel(
     rows = tl.program_id(1) * BD + tl.arange(0, BD)
     row_ok = rows < D
     state = bh.to(tl.int64) * D * DH
-    eta = tl.load(eta_ptr + row * eta_row + head * eta_head).to(tl.float32)
-    v_rows = tl.load(v_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    if ACCUMULATE:
+        eta = tl.load(eta_ptr + row * eta_row + head * eta_head).to(tl.float32)
+        v_rows = tl.load(v_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     out = tl.zeros([BD], dtype=tl.float32)
     for e0 in range(0, DH, BE):
         cols = e0 + tl.arange(0, BE)
@@ -90,23 +93,26 @@ def w1_token_step_kernel(
                 w0 = tl.load(w0_ptr + w_offsets, mask=w_ok, other=0.0).to(tl.float32)  # [BE, BK]
                 w2 = tl.load(w2_ptr + w_offsets, mask=w_ok, other=0.0).to(tl.float32)
                 xq = tl.load(q_ptr + red, mask=red_ok, other=0.0).to(tl.float32)[None, :]
-                xk = tl.load(k_ptr + red, mask=red_ok, other=0.0).to(tl.float32)[None, :]
                 aq += tl.sum(w0 * xq, axis=1)
                 bq += tl.sum(w2 * xq, axis=1)
-                ak += tl.sum(w0 * xk, axis=1)
-                bk += tl.sum(w2 * xk, axis=1)
+                if ACCUMULATE:
+                    xk = tl.load(k_ptr + red, mask=red_ok, other=0.0).to(tl.float32)[None, :]
+                    ak += tl.sum(w0 * xk, axis=1)
+                    bk += tl.sum(w2 * xk, axis=1)
             hq = aq * tl.sigmoid(aq) * bq
             hk = ak * tl.sigmoid(ak) * bk
         else:  # the identity map: D == DH
             hq = tl.load(q_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-            hk = tl.load(k_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            if ACCUMULATE:
+                hk = tl.load(k_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         offsets = state + rows[:, None] * DH + cols[None, :]
         tile_ok = row_ok[:, None] & col_ok[None, :]
-        g1 = tl.load(g1_ptr + offsets, mask=tile_ok, other=0.0) - eta * v_rows[:, None] * hk[None, :]
-        tl.store(g1_ptr + offsets, g1, mask=tile_ok)
         read = tl.load(w1_ptr + offsets, mask=tile_ok, other=0.0)
-        if TOKEN_CAUSAL:
-            read = read - sign * g1
+        if ACCUMULATE:
+            g1 = tl.load(g1_ptr + offsets, mask=tile_ok, other=0.0) - eta * v_rows[:, None] * hk[None, :]
+            tl.store(g1_ptr + offsets, g1, mask=tile_ok)
+            if TOKEN_CAUSAL:
+                read = read - sign * g1
         out += tl.sum(read * hq[None, :], axis=1)
     tl.store(o_ptr + bh * D + rows, out, mask=row_ok)
 
@@ -123,7 +129,8 @@ def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _launch(q, k, v, eta1, w0, w2, w1, g1, update_sign: float, token_causal: bool, swiglu: bool) -> torch.Tensor:
+def _launch(q, k, v, eta1, w0, w2, w1, g1, update_sign: float, token_causal: bool, swiglu: bool,
+            accumulate: bool = True) -> torch.Tensor:  # fmt: skip
     batch, heads, d = v.shape
     q, k, v = (_unit_last_stride(x) for x in (q, k, v))
     dh = w1.shape[-1]
@@ -134,7 +141,7 @@ def _launch(q, k, v, eta1, w0, w2, w1, g1, update_sign: float, token_causal: boo
         q, k, v, eta1, w0.contiguous(), w2.contiguous(), w1.contiguous(), g1, out, heads, float(update_sign),
         *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *eta1.stride(), D=d, DH=dh, BD=rows_per_program,
         BE=min(COLUMN_TILE, next_power_of_2(dh)), BK=min(REDUCTION_TILE, next_power_of_2(d)),
-        SWIGLU=swiglu, TOKEN_CAUSAL=token_causal, num_warps=8,
+        SWIGLU=swiglu, TOKEN_CAUSAL=token_causal, ACCUMULATE=accumulate, num_warps=8,
     )
     return out
 
@@ -190,6 +197,39 @@ def w1_token_step(
     if not g1.is_contiguous():
         raise ValueError("the token step updates g1 in place: it must be a contiguous [B, H, d, dh] tensor")
     return w1_token_step_op(q, k, v, eta1, w0, w2, w1, g1, float(update_sign), bool(token_causal))
+
+
+def w1_token_read_reference(
+    q: torch.Tensor, w0: Optional[torch.Tensor], w2: Optional[torch.Tensor], w1: torch.Tensor
+) -> torch.Tensor:
+    """The torch form of the read alone, o = W1 h(q), in the state's dtype (w0 None: the identity map)."""
+    dtype = w1.dtype
+    hq = q.to(dtype) if w0 is None else swiglu_features(q.to(dtype)[:, None], w0.to(dtype), w2.to(dtype))[:, 0]
+    return torch.einsum("bhde,bhe->bhd", w1, hq)
+
+
+@torch.library.custom_op("tttla::w1_token_read", mutates_args=())
+def w1_token_read_op(q: torch.Tensor, w0: Optional[torch.Tensor], w2: Optional[torch.Tensor], w1: torch.Tensor) -> torch.Tensor:
+    """The read-only kernel as an op a compiled decode step keeps whole."""
+    swiglu = w0 is not None
+    features = (w0, w2) if swiglu else (w1, w1)  # unread without SWIGLU; k, v, eta, g1 unread without ACCUMULATE
+    return _launch(q, q, q, q[..., 0], *features, w1, w1, 1.0, False, swiglu, False)  # accumulate=False
+
+
+@w1_token_read_op.register_fake
+def _(q, w0, w2, w1):
+    return q.new_empty(q.shape, dtype=torch.float32)
+
+
+def w1_token_read(
+    q: torch.Tensor, w0: Optional[torch.Tensor], w2: Optional[torch.Tensor], w1: torch.Tensor, allow_triton: bool = True
+) -> torch.Tensor:
+    """One token per row read from the fast weight alone, o = W1 h(q) -> [B, H, d] (w1's dtype): q [B, H, d]
+    (any float dtype), w0, w2 the learned feature weights [H, dh, d] (None: the identity map), w1
+    [B, H, d, dh]. The Triton kernel for fp32 states where `use_triton(w1, allow_triton)` says so."""
+    if w1.dtype != torch.float32 or not use_triton(w1, allow_triton):
+        return w1_token_read_reference(q, w0, w2, w1)
+    return w1_token_read_op(q, w0, w2, w1)
 
 
 @triton.jit

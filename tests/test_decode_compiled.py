@@ -38,14 +38,16 @@ def fresh_compile_caches():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("mode", sorted(MODES))
-def test_compiled_steps_equal_the_reference_decoder(mode: str) -> None:
-    """Rows at three chunk phases, decoded across three chunk boundaries with compiled steps."""
+@pytest.mark.parametrize("mode, deferred", [(mode, False) for mode in sorted(MODES)] + [
+    ("parallel", True), ("recurrent-released", True)])
+def test_compiled_steps_equal_the_reference_decoder(mode: str, deferred: bool) -> None:
+    """Rows at three chunk phases, decoded across three chunk boundaries with compiled steps (running
+    sums, or pending tokens written in place inside the graph)."""
     model = make_model(MODES[mode])
     prompts = [t.tolist() for t in forced_tokens(model, 3, seed=5)[:, : CHUNK + 3]]
     prompts = [prompts[0][:1], prompts[1][:CHUNK], prompts[2]]
     continuations = forced_tokens(model, 3, seed=6)
-    batched = static_logits(model, prompts, continuations, step_backend="aot_eager")
+    batched = static_logits(model, prompts, continuations, step_backend="aot_eager", deferred=deferred)
     for row, prompt in enumerate(prompts):
         assert relative_error(batched[row], reference_logits(model, prompt, continuations[row])) < TOLERANCE
 

@@ -19,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from decoding.decode import decode_step, prefill
 from decoding.graphs import DecodeRunner
+from decoding.pending import DEFER_FROM_BATCH
 from decoding.sampling import sample_tokens
 from decoding.static import prefill_rows
 from tests.test_generate_decode import CHUNK, MODES, make_model
@@ -38,10 +39,11 @@ def reference_logits(model, prompt: list[int], continuation: torch.Tensor) -> to
     return torch.stack([decode_step(model, state, continuation[None, t])[0] for t in range(len(continuation))])
 
 
-def static_logits(model, prompts: list[list[int]], continuations: torch.Tensor, step_backend=None) -> torch.Tensor:
+def static_logits(model, prompts: list[list[int]], continuations: torch.Tensor, step_backend=None,
+                  deferred: bool = False) -> torch.Tensor:  # fmt: skip
     """All prompts as one batch of static rows, fed the continuations: [B, STEPS, V] (the steps compiled
-    by `step_backend`, if given)."""
-    _, decoder = prefill_rows(model, prompts)
+    by `step_backend`, if given; `deferred`: the partial chunks kept as pending tokens)."""
+    _, decoder = prefill_rows(model, prompts, deferred=deferred)
     runner = DecodeRunner(decoder, partial(sample_tokens, temperature=0.0, top_p=1.0), graphs=False, step_backend=step_backend)
     steps = []
     for t in range(continuations.shape[1]):
@@ -52,10 +54,11 @@ def static_logits(model, prompts: list[list[int]], continuations: torch.Tensor, 
 
 
 def assert_kernel_decoding_equals_float64(mode: str, module, kernel: str, prompt_lengths: list[int], steps: int,
-                                          seed: int, monkeypatch) -> None:
+                                          seed: int, monkeypatch, deferred: bool = False) -> None:
     """An fp32 copy of the mode's float64 model decodes rows of `prompt_lengths` (different chunk and
     window phases) `steps` tokens through `module.kernel` (TTTLA_KERNELS=triton): every token step of
-    every layer launches it once, and the logits equal the float64 model's decoder (the torch forms)."""
+    every layer launches it once, and the logits equal the float64 model's decoder (the torch forms,
+    running sums; `deferred`: the fp32 decoder keeps pending tokens)."""
     model64 = make_model(copy.deepcopy(MODES[mode]))
     model32 = copy.deepcopy(model64).float()
     prompts = [t.tolist() for t in forced_tokens(model64, len(prompt_lengths), seed=seed)]
@@ -64,7 +67,7 @@ def assert_kernel_decoding_equals_float64(mode: str, module, kernel: str, prompt
     launches, launch = [], getattr(module, kernel)
     monkeypatch.setattr(module, kernel, lambda *args: launches.append(1) or launch(*args))
     monkeypatch.setenv("TTTLA_KERNELS", "triton")
-    decoded = static_logits(model32, prompts, continuations)
+    decoded = static_logits(model32, prompts, continuations, deferred=deferred)
     monkeypatch.setenv("TTTLA_KERNELS", "reference")
     assert len(launches) == steps * len(model32.blocks)
     for row, prompt in enumerate(prompts):
@@ -82,6 +85,41 @@ def test_static_rows_of_mixed_lengths_equal_the_decoder_one_prompt_at_a_time(mod
     batched = static_logits(model, prompts, continuations)
     for row, prompt in enumerate(prompts):
         assert relative_error(batched[row], reference_logits(model, prompt, continuations[row])) < TOLERANCE
+
+
+DEFERRABLE = sorted(mode for mode, ttt in MODES.items() if not ttt.token_causal)
+
+
+@pytest.mark.parametrize("mode", DEFERRABLE)
+def test_pending_tokens_decode_as_the_running_sums_do(mode: str) -> None:
+    """The partial chunk kept as its tokens, its gradient formed at the chunk's end (`decoding.pending`),
+    gives the logits of the running-sum decoder one prompt at a time: rows at four chunk phases, three
+    boundaries each, every mode that can defer (W1 alone or all three fast, momentum, Muon, weight norm)."""
+    model = make_model(MODES[mode])
+    prompts = [t.tolist() for t in forced_tokens(model, 4, seed=11)[:, : 2 * CHUNK - 1]]
+    prompts = [prompts[0][:1], prompts[1][:CHUNK], prompts[2], prompts[3][: CHUNK - 3]]
+    continuations = forced_tokens(model, 4, seed=12)
+    deferred = static_logits(model, prompts, continuations, deferred=True)
+    for row, prompt in enumerate(prompts):
+        assert relative_error(deferred[row], reference_logits(model, prompt, continuations[row])) < TOLERANCE
+
+
+def test_token_causal_decoding_refuses_pending_tokens() -> None:
+    """Token-causal reads need the running W1 gradient every token: asking to defer it is an error, and
+    the default for a large batch keeps the running sums."""
+    model = make_model(MODES["parallel-token-causal-momentum-muon"])
+    with pytest.raises(ValueError, match="token-causal"):
+        prefill_rows(model, [[1, 2]], deferred=True)
+    _, decoder = prefill_rows(model, [[1, 2]] * DEFER_FROM_BATCH)
+    assert all(layer.pending is None and layer.chunk_gradients is not None for layer in decoder.layers)
+
+
+def test_large_batches_keep_pending_tokens_by_default() -> None:
+    model = make_model(MODES["parallel"])
+    for batch, deferred in ((DEFER_FROM_BATCH - 1, False), (DEFER_FROM_BATCH, True)):
+        _, decoder = prefill_rows(model, [[1, 2, 3]] * batch)
+        assert all((layer.pending is not None) == deferred for layer in decoder.layers)
+        assert all((layer.chunk_gradients is None) == deferred for layer in decoder.layers)
 
 
 @pytest.mark.parametrize(

@@ -89,3 +89,16 @@ def test_prefill_breakdown_names_where_the_host_time_goes() -> None:
     assert decode_bench.prefill_breakdown([row])[-1] == (
         "* ttt-parallel at 4096: 25.9 ms, 964 kernels taking 6.4 ms; most host time: tttla::chunk_scan 6.1 ms (12x), "
         "aten::copy_ 0.9 ms (90x)")
+
+
+def test_the_chunk_gradient_modes_are_listed_where_both_were_timed() -> None:
+    """A TTT row timed both ways at the throughput batch gets one line: pending tokens against running
+    sums, tokens/s and the chunk-completing (max) step of each; a row timed one way gets none."""
+    both = {"model": "ttt-parallel", "context": 4096,
+            "throughput": {"tokens_per_s": 22000.0, "max_ms": 9.5},
+            "throughput_running_sums": {"tokens_per_s": 18000.0, "max_ms": 4.25}}  # fmt: skip
+    one = {"model": "ttt-recurrent", "context": 4096, "throughput": {"tokens_per_s": 15000.0, "max_ms": 5.0}}
+    lines = decode_bench.chunk_gradient_modes([both, one])
+    assert lines[-1] == ("* ttt-parallel at 4096: pending tokens 22000 tokens/s (max step 9.50 ms), "
+                         "running sums 18000 (max 4.25 ms): 1.22x")
+    assert len(lines) == 3 and decode_bench.chunk_gradient_modes([one]) == []

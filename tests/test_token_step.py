@@ -18,7 +18,7 @@ import torch
 
 from kernels import token_step
 from kernels.fast_weights import ChunkGradients, FastWeights
-from kernels.token_step import lact_token_step, w1_token_step, w1_token_step_reference
+from kernels.token_step import lact_token_step, w1_token_read, w1_token_step, w1_token_step_reference
 from tests.test_decode_static import assert_kernel_decoding_equals_float64, forced_tokens, static_logits
 from tests.test_generate_decode import MODES, make_model
 from verification.proof import relative_error
@@ -67,6 +67,27 @@ def test_kernel_equals_float64_form(seed: int, monkeypatch) -> None:
     assert out.dtype == torch.float32 and out.shape == case["v"].shape
     assert relative_error(out.double(), expected_out) < FP32_TOLERANCE
     assert relative_error(g1.double(), expected_g1) < FP32_TOLERANCE
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_read_kernel_equals_the_float64_step_without_its_update(seed: int, monkeypatch) -> None:
+    """`w1_token_read` (the kernel without G1) answers what the float64 step answers when it is not
+    token-causal, W1 h(q), whatever k, v and the learning rate are."""
+    monkeypatch.setenv("TTTLA_KERNELS", "triton")
+    case = random_case(seed) | dict(token_causal=False)
+    expected, _ = run(case, w1_token_step_reference, torch.float64)
+    w0, w2 = (None if w is None else w.float() for w in (case["w0"], case["w2"]))
+    out = w1_token_read(case["q"].float(), w0, w2, case["w1"].float())
+    assert out.dtype == torch.float32 and out.shape == case["v"].shape
+    assert relative_error(out.double(), expected) < FP32_TOLERANCE
+
+
+@pytest.mark.parametrize("mode", ["parallel", "parallel-identity-per-head-lr"])
+def test_decoding_with_pending_tokens_through_the_read_kernel_equals_the_float64_decoder(mode: str, monkeypatch) -> None:
+    """Pending tokens (`decoding.pending`): every token step reads through the kernel without G1, the
+    chunk's gradient is formed at its end, and the logits are the float64 running-sum decoder's."""
+    assert_kernel_decoding_equals_float64(mode, token_step, "_launch", prompt_lengths=[1, 8, 13], steps=12, seed=9,
+                                          monkeypatch=monkeypatch, deferred=True)
 
 
 def test_every_row_of_the_state_is_updated(monkeypatch) -> None:

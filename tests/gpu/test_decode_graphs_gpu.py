@@ -44,10 +44,11 @@ def run(decoder, graphs: bool, step_backend: Optional[str] = None) -> tuple[list
     return torch.stack(tokens, dim=1).tolist(), torch.stack(logits, dim=1)
 
 
-def ttt_decoder(prompts: list[list[int]], variant: tuple[str, ...] = (), dtype: torch.dtype = torch.bfloat16):
+def ttt_decoder(prompts: list[list[int]], variant: tuple[str, ...] = (), dtype: torch.dtype = torch.bfloat16,
+                deferred: Optional[bool] = None):  # fmt: skip
     torch.manual_seed(0)
     model = TTTLM(load_model_config("configs/model/125m.yaml", OVERRIDES + list(variant))).cuda().to(dtype).eval()
-    first, decoder = prefill_rows(model, prompts)
+    first, decoder = prefill_rows(model, prompts, deferred=deferred)
     decoder.tokens.copy_(GREEDY(first))
     return decoder
 
@@ -70,6 +71,20 @@ def test_compiled_graph_decoding_equals_eager_ttt(variant: tuple[str, ...]) -> N
     prompts = [list(range(1, 101)), list(range(5, 42)), list(range(7, 71))]
     eager_tokens, eager_logits = run(ttt_decoder(prompts, variant, torch.float32), graphs=False)
     fused_tokens, fused_logits = run(ttt_decoder(prompts, variant, torch.float32), graphs=True, step_backend="inductor")
+    assert fused_tokens == eager_tokens
+    assert relative_error(fused_logits, eager_logits) < 1e-4
+
+
+@requires_cuda
+@pytest.mark.parametrize("variant", [(), ("ttt.mode=recurrent", "ttt.fast_weights=all", "ttt.weight_norm=true", "ttt.token_causal=false")])
+def test_pending_tokens_under_graphs_equal_eager_running_sums(variant: tuple[str, ...]) -> None:
+    """The partial chunk kept as pending tokens (the read kernel, the chunk's gradient formed at its end),
+    compiled and replayed from graphs, against eager steps with running sums, fp32: the two hold the
+    same chunk and sum its gradient in another order (~1e-6 relative)."""
+    prompts = [list(range(1, 101)), list(range(5, 42)), list(range(7, 71))]
+    eager_tokens, eager_logits = run(ttt_decoder(prompts, variant, torch.float32, deferred=False), graphs=False)
+    pending = ttt_decoder(prompts, variant, torch.float32, deferred=True)
+    fused_tokens, fused_logits = run(pending, graphs=True, step_backend="inductor")
     assert fused_tokens == eager_tokens
     assert relative_error(fused_logits, eager_logits) < 1e-4
 

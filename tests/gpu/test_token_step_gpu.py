@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from kernels.fast_weights import ChunkGradients, FastWeights
-from kernels.token_step import lact_token_step, lact_token_step_reference, w1_token_step, w1_token_step_reference
+from kernels.token_step import (lact_token_step, lact_token_step_reference, w1_token_read, w1_token_step,
+                                w1_token_step_reference)
 from verification.proof import relative_error
 
 pytestmark = pytest.mark.gpu
@@ -38,6 +39,23 @@ def test_token_step_kernel_on_the_gpu(batch: int, heads: int, d: int, dh: int, s
     expected = w1_token_step_reference(**as64, g1=expected_g1)
     assert relative_error(out.double(), expected) < FP32_TOLERANCE
     assert relative_error(g1.double(), expected_g1) < FP32_TOLERANCE
+
+
+@requires_cuda
+@pytest.mark.parametrize("batch,heads,d,dh,swiglu", [(1, 4, 192, 192, True), (64, 4, 192, 192, True),
+                                                       (3, 2, 72, 136, True), (5, 4, 192, 192, False)])
+def test_token_read_kernel_on_the_gpu(batch: int, heads: int, d: int, dh: int, swiglu: bool) -> None:
+    """The read alone (pending tokens, `decoding.pending`) against the float64 step's output, not token-causal."""
+    g = torch.Generator(device="cuda").manual_seed(batch * 1000 + d + 2)
+    dh = dh if swiglu else d
+    draw = lambda *shape, scale=1.0: torch.randn(*shape, generator=g, device="cuda") * scale  # noqa: E731
+    q = draw(batch, heads, d).bfloat16()
+    w0, w2 = (draw(heads, dh, d, scale=d**-0.5) if swiglu else None for _ in range(2))
+    w1 = draw(batch, heads, d, dh, scale=dh**-0.5)
+    out = w1_token_read(q, w0, w2, w1)
+    as64 = [None if t is None else t.double() for t in (q, q, q, q[..., 0], w0, w2, w1)]
+    expected = w1_token_step_reference(*as64, torch.zeros_like(w1, dtype=torch.float64), 1.0, False)
+    assert out.dtype == torch.float32 and relative_error(out.double(), expected) < FP32_TOLERANCE
 
 
 @requires_cuda
