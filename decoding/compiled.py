@@ -7,10 +7,11 @@ fuses that elementwise glue around the matmuls, so a replayed CUDA graph (`decod
 several times fewer kernels.
 
 The compiled functions are the plain ones, `Block.forward` under the decoder's strategies and
-`layer_chunk_update`, so eager and compiled steps compute the same thing and the tests compare them.
-One graph serves every layer: the layers share their code and shapes, and each layer's module and
-cache are inputs of the graph, not constants of it. Compiling therefore costs one layer's graph per
-batch size (not one per layer), and a new decoder of a batch size already seen compiles nothing.
+`chunk_updates`, so eager and compiled steps compute the same thing and the tests compare them.
+One token-step graph serves every layer: the layers share their code and shapes, and each layer's
+module and cache are inputs of the graph, not constants of it. Compiling therefore costs one layer's
+graph per batch size (not one per layer), and a new decoder of a batch size already seen compiles
+nothing. The chunk update is one graph for all layers at once, so their Muon products batch together.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from typing import Callable, Optional
 
 import torch
 
-from decoding.decode import LayerCache, chunk_update, restart_chunk_sums
+from decoding.decode import LayerCache, chunk_gradient, restart_chunk_sums
+from kernels.lact import chunk_directions, newton_schulz5_many, step_weights
+from model.fast_weight_scan import chunk_step
 from model.lm import Block, BlockCall
 from model.ttt_layer import TTTMixer
 
@@ -40,20 +43,32 @@ def block_step(backend: Optional[str]) -> BlockCall:
     return Block.forward if backend is None else compiled(Block.forward, backend)
 
 
-def layer_chunk_update(mixer: TTTMixer, cache: LayerCache, completes: torch.Tensor) -> None:
-    """Apply the layer's chunk update to the rows whose last token completed a chunk (`completes` [B]
+def chunk_updates(mixers: list[TTTMixer], caches: list[LayerCache], completes: torch.Tensor) -> None:
+    """Apply every layer's chunk update to the rows whose last token completed a chunk (`completes` [B]
     bool), and restart their running sums; other rows keep their weights and sums bit for bit.
 
-    The update (`decoding.decode.chunk_update`, from the running sums alone) is computed for every row
-    and kept only where the flag is set, so its shapes never depend on which rows complete. A weight
-    the update carries over (a frozen one) is the same tensor and is not copied."""
-    updated = chunk_update(mixer.scan_weights(), cache)
+    Each layer's update (`decoding.decode.chunk_update`: its gradient, momentum, Muon, the signed step,
+    weight norm) is computed for every row and kept only where the flag is set, so its shapes never
+    depend on which rows complete. The layers' Muon iterations run as one (`newton_schulz5_many`):
+    its products are the update's only matmuls, and one per weight and layer would be 15 small
+    launches each. A weight the update carries over (a frozen one) is the same tensor and is not copied."""
+    steps = []
+    for mixer, cache in zip(mixers, caches):
+        weights = mixer.scan_weights()
+        directions, updated = chunk_directions(cache.fast_weights, *chunk_gradient(weights, cache))
+        steps.append((chunk_step(weights, cache.fast_weights.w1.dtype), directions, updated))
+    muon = steps[0][0].muon
+    if muon is not None:
+        done = iter(newton_schulz5_many([d for _, directions, _ in steps for d in directions.values()], muon))
+        steps = [(step, {name: next(done) for name in directions}, updated) for step, directions, updated in steps]
     rows = completes[:, None, None, None]
-    for name, current in cache.fast_weights.named_tensors():
-        if getattr(updated, name) is not current:
-            current.copy_(torch.where(rows, getattr(updated, name), current))
-    restart_chunk_sums(cache, completes)
+    for cache, (step, updates, updated) in zip(caches, steps):
+        new = step_weights(updated, updates, step)
+        for name, current in cache.fast_weights.named_tensors():
+            if getattr(new, name) is not current:
+                current.copy_(torch.where(rows, getattr(new, name), current))
+        restart_chunk_sums(cache, completes)
 
 
-def chunk_update_step(backend: Optional[str]) -> Callable[[TTTMixer, LayerCache, torch.Tensor], None]:
-    return layer_chunk_update if backend is None else compiled(layer_chunk_update, backend)
+def chunk_update_step(backend: Optional[str]) -> Callable[[list[TTTMixer], list[LayerCache], torch.Tensor], None]:
+    return chunk_updates if backend is None else compiled(chunk_updates, backend)

@@ -212,15 +212,19 @@ def add_momentum_gates(cache: LayerCache, inputs: TTTInputs) -> None:
 
 def chunk_update(weights: ScanWeights, cache: LayerCache) -> FastWeights:
     """The fast weights after the partial chunk's update, for every row [B, H, *, *] (rows whose chunk is
-    not complete discard it): its gradient (the running sums, or formed now from the pending tokens of
-    all C slots), then momentum decay = the mean of the chunk's C gates, momentum, Muon, the signed
-    step and weight norm."""
-    beta = None if cache.gate_sum is None else cache.gate_sum / weights.ttt.chunk_size  # [B, H]
-    step = chunk_step(weights, cache.fast_weights.w1.dtype)
-    grads = cache.chunk_gradients
-    if cache.pending is not None:
-        grads = token_gradients(weights, cache, cache.pending.k, cache.pending.v, cache.pending.etas)
-    return apply_chunk_gradients(cache.fast_weights, grads, beta, step)
+    not complete discard it): its gradient and momentum decay (`chunk_gradient`), then momentum, Muon,
+    the signed step and weight norm."""
+    grads, beta = chunk_gradient(weights, cache)
+    return apply_chunk_gradients(cache.fast_weights, grads, beta, chunk_step(weights, cache.fast_weights.w1.dtype))
+
+
+def chunk_gradient(weights: ScanWeights, cache: LayerCache) -> tuple[ChunkGradients, Optional[torch.Tensor]]:
+    """The partial chunk's gradient (the running sums, or formed now from the pending tokens of all C
+    slots) and its momentum decay, the mean of its C gates ([B, H]; None with momentum off)."""
+    beta = None if cache.gate_sum is None else cache.gate_sum / weights.ttt.chunk_size
+    if cache.pending is None:
+        return cache.chunk_gradients, beta
+    return token_gradients(weights, cache, cache.pending.k, cache.pending.v, cache.pending.etas), beta
 
 
 def restart_chunk_sums(cache: LayerCache, rows: Optional[torch.Tensor] = None) -> None:

@@ -137,10 +137,8 @@ class StaticDecoder:
     @torch.no_grad()
     def apply_chunk_updates(self) -> None:
         """Apply each layer's chunk update to the rows whose last token completed a chunk, and restart
-        their running sums (`decoding.compiled.layer_chunk_update`)."""
-        update = chunk_update_step(self.step_backend)
-        for block, cache in zip(self.model.blocks, self.layers):
-            update(block.mixer, cache, self.completes)
+        their running sums, all layers in one call (`decoding.compiled.chunk_updates`)."""
+        chunk_update_step(self.step_backend)([block.mixer for block in self.model.blocks], self.layers, self.completes)
 
     @torch.no_grad()
     def consume(self, tokens: torch.Tensor) -> torch.Tensor:

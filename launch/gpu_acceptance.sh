@@ -3,7 +3,7 @@
 # resumes from its sharded checkpoint, exports, then generation and decoding are benchmarked.
 # Every stage logs to $RESULTS/<stage>.log and a failing stage does not stop the others.
 #   launch/gpu_acceptance.sh [train] [decode_tests] [decode] [quality] [entry] [speed] [speed760] [bench_train] [overhead] [saved]
-#                            [memory] [window] [window_ab] [suite] [slow]
+#                            [memory] [window] [window_ab] [profile] [suite] [slow]
 #   (default: train decode)
 # entry: the trainer-through-the-launcher GPU test; speed: the 125M/16K run through launch/ with the
 # blocks compiled beside the benchmark's row of the same shape (speed760: the same at 760M/16K); memory: what one block saves for
@@ -11,7 +11,8 @@
 # bench_train: one preset of `make bench-train` (PRESET, default 125m);
 # window: the sliding window's kernel options and fla's window kernel beside full attention, then window_ab:
 # the model's step with FlexAttention and with our window kernel in one process;
-# overhead: the trainer's step split into its parts (benchmarks/trainer_overhead.py);
+# overhead: the trainer's step split into its parts (benchmarks/trainer_overhead.py); profile: the 125M/16K
+# step of tttla and the transformer with one profiled step each (kernels and their device time against the wall time);
 # suite: the GPU suite with test durations (SUITE_PATHS: only these files or cases; GPU_WORKERS processes, as
 # `make test-gpu`); slow: its long cases.
 # STAGE_TIMEOUT (seconds, default none) stops a stage that runs longer, so one hang does not cost the rest;
@@ -105,6 +106,12 @@ run_window() {  # the window's kernel choices beside full attention (benchmarks/
 run_window_ab() {  # the model's step with each window kernel, one process: FlexAttention, then ours (window_kernel=triton)
   stage window_step "$PYTHON" -m benchmarks.step --configs 125m --seqs 16384x1 65536x1 --impls tttla sdpa \
     --checkpointing none --compile on --no-ceiling --also-with window_kernel=triton --out "$RESULTS/train_step_window"
+}
+
+run_profile() {  # PROFILE_SEQS (default 16384x1): whether the step is bound by its kernels or by the host launching them
+  stage step_profile "$PYTHON" -m benchmarks.step --configs 125m --seqs ${PROFILE_SEQS:-16384x1} --impls tttla sdpa \
+    --checkpointing none --compile on --no-ceiling --profile --out "$RESULTS/train_step_profile"
+  grep -E "kernels, " "$RESULTS/train_step_profile.md" || true
 }
 
 run_overhead() {

@@ -151,6 +151,36 @@ def test_the_chunk_update_costs_the_same_at_any_chunk_size() -> None:
     assert flops[0] == flops[1] > 0
 
 
+class MatmulCount(TorchDispatchMode):
+    """Counts the matrix products run inside it (each a kernel launch on a GPU)."""
+
+    PRODUCTS = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.matmul.default}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in self.PRODUCTS
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_chunk_update_runs_every_layers_muon_as_one_iteration() -> None:
+    """The boundary's matrix products do not grow with the layers: Newton-Schulz runs once for all the
+    layers' W0, W1, W2 updates (15 products: 5 steps of 3), not 15 per weight and layer. (Full-rank
+    learned W0, W2: low-rank ones add their own factor products per layer.)"""
+    counts = []
+    for layers in (1, 3):
+        model = make_model(MODES["recurrent-all-muon"])
+        for seed in range(1, layers):
+            model.blocks.extend(make_model(MODES["recurrent-all-muon"], seed=seed).blocks)
+        _, decoder = prefill_rows(model, [[1] * (CHUNK - 1), [2] * 3])
+        with MatmulCount() as products:
+            decoder.apply_chunk_updates()
+        counts.append(products.count)
+    assert counts == [15, 15], counts
+
+
 def test_rows_without_a_completed_chunk_keep_their_fast_weights() -> None:
     """The update runs for every row but lands only where the device flag is set."""
     model = make_model(MODES["recurrent-all-momentum-weightnorm"])

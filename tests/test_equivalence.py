@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kernels.fast_weights import FastWeights
-from kernels.lact import RecurrentTrace, ScanOptions, lact_recurrent, newton_schulz5, swiglu_features
+from kernels.lact import RecurrentTrace, ScanOptions, lact_recurrent, newton_schulz5, newton_schulz5_many, swiglu_features
 from kernels.reference import ttt_la_parallel_reference
 from verification.proof import make_layer_inputs, relative_error
 from verification.unrolled import newton_schulz5_factor, unrolled_lact_output
@@ -88,6 +88,21 @@ def test_newton_schulz_is_a_matrix_product(rows, cols):
     product = factor @ update if side == "left" else update @ factor
     assert side == ("right" if rows > cols else "left")
     assert relative_error(product, newton_schulz5(update)) < TOLERANCE
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_newton_schulz_of_many_tensors_at_once_is_each_ones(seed):
+    """`newton_schulz5_many` stacks matrices of one wide shape (tall ones transposed) into one batch:
+    every tensor still gets its own NS5, checked against the product form L M / M R of each alone.
+    Random tensors of wide, tall and square matrices, some of a shared wide shape, leading dims varied."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(2, 3, 5, 8), (2, 3, 8, 5), (4, 5, 8), (3, 6, 6), (1, 7, 3), (5, 3, 7)]
+    order = torch.randperm(len(shapes), generator=g).tolist()
+    updates = [torch.randn(*shapes[i], generator=g, dtype=torch.float64) for i in order]
+    for update, result in zip(updates, newton_schulz5_many(updates), strict=True):
+        side, factor = newton_schulz5_factor(update)
+        expected = factor @ update if side == "left" else update @ factor
+        assert result.shape == update.shape and relative_error(result, expected) < TOLERANCE
 
 
 def test_token_causal_parallel_equals_masked_linear_attention():
