@@ -30,6 +30,7 @@ from typing import Callable, Optional
 
 import torch
 
+from benchmarks.profiling import count_kernels, host_summary, synchronize
 from decoding.compiled import block_step
 from decoding.decode import prefill, random_state
 from decoding.graphs import DecodeRunner
@@ -37,7 +38,6 @@ from decoding.sampling import sample_tokens
 from decoding.static import StaticDecoder, prefill_rows
 from decoding.kv_cache import StaticKVDecoder
 from decoding.pending import defers_chunk_gradients
-from benchmarks.profiling import count_kernels, host_summary, synchronize
 from model.baseline import BaselineLM
 from model.config import load_model_config
 from model.lm import BlockCall, TTTLM

@@ -35,9 +35,9 @@ from typing import Any, Iterator, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from decoding.pending import PendingTokens
 from kernels.fast_weights import FAST_WEIGHT_NAMES, ChunkGradients, FastWeights
 from kernels.lact import apply_chunk_gradients, chunk_gradients, swiglu_features
-from decoding.pending import PendingTokens
 from kernels.token_step import lact_token_step, w1_token_read, w1_token_step
 from model.config import TTTConfig
 from model.fast_weight_scan import ScanWeights, TTTInputs, chunk_step, fast_weight_scan

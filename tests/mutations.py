@@ -28,6 +28,7 @@ TESTS = [
     "tests/test_lact_update.py",
     "tests/test_layer.py",
     "tests/test_generate_decode.py",
+    "tests/test_decode_static.py",
     "tests/test_document_resets.py",
     "tests/test_token_step.py",
     "tests/test_ring_attention.py",
@@ -80,6 +81,10 @@ MUTATIONS = [
     Mutation("output scale removed", ((LAYER, "return normed if output_scale is None else normed * output_scale[..., None]", "return normed"),)),
     Mutation("qk offset removed", ((LAYER, "q = q * self.qk_scale[:, 0] + self.qk_offset[:, 0]", "q = q * self.qk_scale[:, 0]"),)),
     Mutation("low-rank W0/W2 without the 0.5 I", ((LOW_RANK, "return self.w_left @ self.w_right + 0.5 * eye", "return self.w_left @ self.w_right"),)),
+    Mutation("pending tokens drop the prefill's partial chunk", (
+        (DECODE, "        cache.pending.write(positions, inputs.k, inputs.v, inputs.etas)\n    else:", "        pass\n    else:"),)),
+    Mutation("Muon normalises a stack of matrices as one", (
+        (LACT, "x = x / (torch.linalg.matrix_norm(x, keepdim=True) + NS_EPS)", "x = x / (x.norm() + NS_EPS)"),)),
     Mutation("decode kernel (W1 only) reads W1 without the token-causal term", (
         (TOKEN_STEP, "            read = read - sign * g1\n", "            read = read\n"),)),
     Mutation("decode kernel (LaCT) takes silu' as the sigmoid", (
