@@ -28,11 +28,26 @@ from model.lm import Block, BlockCall
 from model.ttt_layer import TTTMixer
 
 
+# How many graphs one compiled decode function may hold: one per batch size (and model) a process
+# decodes with. They all specialise the one shared code object (`Block.forward`, `chunk_updates`), and
+# past Dynamo's default of 8 per code object `fullgraph=True` turns the next batch size into a hard
+# failure: an evaluation that generates in batches of whatever size its tasks leave would stop there.
+RECOMPILE_LIMIT = 64
+
+
 @functools.cache
 def compiled(function: Callable, backend: str) -> Callable:
     """`function` through torch.compile: one graph (a break would split the fusion), static shapes (a
-    decoder's shapes never change; each batch size gets its own specialised graph)."""
-    return torch.compile(function, fullgraph=True, dynamic=False, backend=backend)
+    decoder's shapes never change; each batch size gets its own specialised graph), up to
+    `RECOMPILE_LIMIT` graphs (the limit applies to these calls only)."""
+    step = torch.compile(function, fullgraph=True, dynamic=False, backend=backend)
+
+    @functools.wraps(function)
+    def run(*args, **kwargs):
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            return step(*args, **kwargs)
+
+    return run
 
 
 def block_step(backend: Optional[str]) -> BlockCall:

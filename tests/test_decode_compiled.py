@@ -95,3 +95,14 @@ def test_compiled_prefill_equals_the_eager_one(mode: str) -> None:
             assert relative_error(tensor, expected_tensor) < TOLERANCE
         for tensor in cache.fast_weights.tensors():
             assert tensor.untyped_storage().nbytes() <= tensor.numel() * tensor.element_size()
+
+
+def test_each_batch_size_compiles_past_the_global_recompile_limit() -> None:
+    """Decoding with compiled steps at more batch sizes than Dynamo's per-code-object recompile limit
+    (here 1; 8 by default) still compiles each: its graphs are specialised per batch size, and a
+    harness that generates in batches of whatever size its tasks leave must not stop at the ninth."""
+    model = make_model(MODES["parallel"])
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for rows in (1, 2, 3):
+            prompts = [t.tolist() for t in forced_tokens(model, rows, seed=rows)[:, :CHUNK - 1]]
+            static_logits(model, prompts, forced_tokens(model, rows, seed=9)[:, :2], step_backend="aot_eager")
