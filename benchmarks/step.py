@@ -17,6 +17,7 @@ causal attention). A row that runs out of memory is reported as such, not droppe
 from __future__ import annotations
 
 import argparse
+import ast
 import functools
 import gc
 import json
@@ -106,13 +107,14 @@ def matmul_peak_tflops() -> float:
 
 def measure_row(impl: str, size: str, seq_len: int, batch: int, checkpointing: str, compile_on: bool,
                 peaks: tuple[float, float], warmup: int, steps: int, overrides: tuple[str, ...] = (),
-                memory_budget: float = 1.0, profile: bool = False) -> dict:
+                memory_budget: float = 1.0, profile: bool = False, inductor: tuple[str, ...] = ()) -> dict:
     """One row: tok/s, step ms, peak memory and MFU; with `profile`, also the kernels of one more step and
     their summed device time (`benchmarks.profiling`): a step whose kernels take much less than its wall
     time is bound by the host launching them, not by the GPU."""
     cfg = model_config(impl, size, overrides)
     budget = [f"activation_memory_budget={memory_budget}"] if compile_on and memory_budget < 1 else []
-    row = dict(impl=impl, config=" ".join([size, *overrides, *budget]), T=seq_len, B=batch, checkpointing=checkpointing,
+    compiler = [f"inductor.{option}" for option in inductor] if compile_on else []
+    row = dict(impl=impl, config=" ".join([size, *overrides, *budget, *compiler]), T=seq_len, B=batch, checkpointing=checkpointing,
                compile=compile_on)  # fmt: skip
     torch.cuda.reset_peak_memory_stats()
     model = None
@@ -251,6 +253,9 @@ def parse_args() -> argparse.Namespace:
                              "it in the same process (an A/B of one setting, free of the drift between runs)")
     parser.add_argument("--memory-budget", type=float, default=1.0,
                         help="train.activation_memory_budget of the compiled blocks, every row (1: the default partitioner)")
+    parser.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="Inductor config for every compiled row, e.g. cpp_wrapper=True (launches kernels from C++, "
+                             "less host time a kernel) or triton.cudagraphs=True")
     parser.add_argument("--profile", action="store_true",
                         help="also profile one step of each row: its kernels and their summed device time")
     parser.add_argument("--out", default="docs/bench/train_step", help="results file stem; rows merge into it")
@@ -270,11 +275,25 @@ def measure_all(args: argparse.Namespace, peaks: tuple[float, float]) -> list[di
                     if impl == "tttla_recurrent" and not (CONFIG_DIR / f"lact_{size}.yaml").exists():
                         continue
                     for overrides in override_sets(impl, args.model_overrides, args.also_with):
-                        row = measure_row(impl, size, seq_len, batch, checkpointing, args.compile == "on", peaks,
-                                          args.warmup, args.steps, overrides, args.memory_budget, args.profile)  # fmt: skip
+                        with torch._inductor.config.patch(inductor_options(args.inductor)):
+                            row = measure_row(impl, size, seq_len, batch, checkpointing, args.compile == "on", peaks, args.warmup,
+                                              args.steps, overrides, args.memory_budget, args.profile, tuple(args.inductor))  # fmt: skip
                         rows.append(row)
                         print(json.dumps(row), flush=True)
     return rows
+
+
+def inductor_options(pairs: list[str]) -> dict:
+    """KEY=VALUE words -> Inductor config options (`torch._inductor.config`), values read as Python literals
+    (True, 64, 0.5) or else kept as text."""
+    options = {}
+    for pair in pairs:
+        key, _, text = pair.partition("=")
+        try:
+            options[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            options[key] = text
+    return options
 
 
 def override_sets(impl: str, overrides: list[str], also_with: list[str]) -> list[tuple[str, ...]]:
@@ -302,13 +321,16 @@ def command_line(args: argparse.Namespace) -> str:
         words = [f"--preset {args.preset}"]
     else:
         words = [f"--{k} {' '.join(v) if isinstance(v, list) else v}" for k, v in vars(args).items()
-                 if k not in ("out", "preset", "no_ceiling", "model_overrides", "memory_budget", "also_with", "profile")]  # fmt: skip
+                 if k not in ("out", "preset", "no_ceiling", "model_overrides", "memory_budget", "also_with", "profile",
+                              "inductor")]  # fmt: skip
     if args.memory_budget < 1:
         words.append(f"--memory-budget {args.memory_budget}")
     if args.model_overrides:
         words.append("--model-overrides " + " ".join(args.model_overrides))
     if args.also_with:
         words.append("--also-with " + " ".join(args.also_with))
+    if args.inductor:
+        words.append("--inductor " + " ".join(args.inductor))
     return " ".join(["python -m benchmarks.step", *words])
 
 

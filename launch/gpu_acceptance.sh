@@ -108,9 +108,13 @@ run_window_ab() {  # the model's step with each window kernel, one process: Flex
     --checkpointing none --compile on --no-ceiling --also-with window_kernel=triton --out "$RESULTS/train_step_window"
 }
 
-run_profile() {  # PROFILE_SEQS (default 16384x1): whether the step is bound by its kernels or by the host launching them
-  stage step_profile "$PYTHON" -m benchmarks.step --configs 125m --seqs ${PROFILE_SEQS:-16384x1} --impls tttla sdpa \
-    --checkpointing none --compile on --no-ceiling --profile --out "$RESULTS/train_step_profile"
+run_profile() {  # PROFILE_SEQS (default 16384x1): whether the step is bound by its kernels or by the host launching
+  # them, then the same rows with Inductor's C++ kernel launcher and with its CUDA graphs (less host time a kernel)
+  local common=(--configs 125m --seqs ${PROFILE_SEQS:-16384x1} --impls tttla sdpa --checkpointing none --compile on
+                --no-ceiling --profile --out "$RESULTS/train_step_profile")
+  stage step_profile "$PYTHON" -m benchmarks.step "${common[@]}"
+  stage step_profile_cpp_wrapper "$PYTHON" -m benchmarks.step "${common[@]}" --inductor cpp_wrapper=True
+  stage step_profile_cudagraphs "$PYTHON" -m benchmarks.step "${common[@]}" --inductor triton.cudagraphs=True
   grep -E "kernels, " "$RESULTS/train_step_profile.md" || true
 }
 

@@ -56,7 +56,8 @@ def test_also_with_measures_each_tttla_row_again_right_after_it(monkeypatch) -> 
     the extra overrides; the transformer and the released layer are measured once."""
     calls = []
 
-    def fake_row(impl, size, seq_len, batch, checkpointing, compile_on, peaks, warmup, steps, overrides, budget, profile):
+    def fake_row(impl, size, seq_len, batch, checkpointing, compile_on, peaks, warmup, steps, overrides, budget, profile,
+                 inductor):
         calls.append((impl, seq_len, overrides))
         return {"impl": impl, "config": " ".join([size, *overrides]), "T": seq_len}
 
@@ -64,7 +65,7 @@ def test_also_with_measures_each_tttla_row_again_right_after_it(monkeypatch) -> 
     args = argparse.Namespace(configs=["125m"], seqs=["16384x1", "65536x1"], checkpointing=["none"],
                               impls=["tttla", "sdpa"], compile="on", warmup=1, steps=1, memory_budget=1.0,
                               model_overrides=["ttt.chunk_size=1024"], also_with=["window_kernel=triton"],
-                              profile=False)  # fmt: skip
+                              profile=False, inductor=[])  # fmt: skip
     step.measure_all(args, (700.0, 989.0))
     base, twin = ("ttt.chunk_size=1024",), ("ttt.chunk_size=1024", "window_kernel=triton")
     assert calls == [("tttla", 16384, base), ("tttla", 16384, twin), ("sdpa", 16384, base),
@@ -84,3 +85,8 @@ def test_profiled_rows_list_their_device_time_against_the_wall_time() -> None:
     table = step.markdown(rows, (700.0, 989.0), ["cmd"], "GPU")
     assert table.splitlines()[-1] == "* tttla 125m 16384 x 1: 2400 kernels, 60.0 ms of 80.0 ms (75%)"
     assert "profiled step" not in step.markdown(rows[1:], (700.0, 989.0), ["cmd"], "GPU")
+
+
+def test_inductor_options_are_read_as_python_literals() -> None:
+    options = step.inductor_options(["cpp_wrapper=True", "max_autotune_gemm_backends=TRITON", "combo_kernels_autotune=2"])
+    assert options == {"cpp_wrapper": True, "max_autotune_gemm_backends": "TRITON", "combo_kernels_autotune": 2}
