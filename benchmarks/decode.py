@@ -30,6 +30,7 @@ from typing import Callable, Optional
 
 import torch
 
+from benchmarks.compiler_options import inductor_options
 from benchmarks.profiling import count_kernels, host_summary, synchronize
 from decoding.compiled import block_step
 from decoding.decode import prefill, random_state
@@ -202,7 +203,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "# Decode latency, throughput, prefill and memory: TTT state vs SDPA KV cache",
         "",
         f"Config `{meta['config']}` {' '.join(meta['override'])}, {meta['dtype']}, device: {meta['device']}, "
-        f"CUDA graphs: {meta['graphs']}, compiled TTT steps: {meta.get('compile', False)}, compiled transformer steps: {meta.get('compile_baseline', False)}. {meta['steps'] - meta['warmup']} timed steps per cell straddling a chunk "
+        f"CUDA graphs: {meta['graphs']}, compiled TTT steps: {meta.get('compile', False)}, compiled transformer steps: {meta.get('compile_baseline', False)}{inductor_clause(meta)}. {meta['steps'] - meta['warmup']} timed steps per cell straddling a chunk "
         "boundary (`max` includes the step that applies the chunk update), greedy sampling on the device included. "
         f"Latency at batch 1; throughput at batch {meta['throughput_batch']} (batch x 1000 / median ms). TTT contexts "
         f"above {meta['prefill_up_to']} tokens, and every throughput row, start from a random state of the right "
@@ -231,6 +232,11 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"{cell(throughput, 'peak_mb')} | {fmt(r.get('prefill_tokens_per_s'))} | {fmt(r.get('prefill_peak_mb'))} |"
         )
     return "\n".join(lines + at_baseline_batch(rows) + chunk_gradient_modes(rows) + prefill_breakdown(rows)) + "\n"
+
+
+def inductor_clause(meta: dict) -> str:
+    """The Inductor options the run compiled with (`--inductor`), as a clause of the table's header."""
+    return f", Inductor options: {' '.join(meta['inductor'])}" if meta.get("inductor") else ""
 
 
 def chunk_gradient_modes(rows: list[dict]) -> list[str]:
@@ -309,6 +315,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--compile-baseline", action="store_true",
                         help="compile the transformer's step too; off by default: on an H100 its masked attention "
                              "over the cache compiled ran slower than eager (docs/bench/decode.md)")
+    parser.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="Inductor config for the compiled steps and prefill, e.g. cpp_wrapper=True")
     parser.add_argument("--steps", type=int, help="decode steps per row (the first --warmup are not timed)")
     parser.add_argument("--warmup", type=int)
     parser.add_argument("--dtype", choices=("bfloat16", "float32"))
@@ -345,7 +353,8 @@ def main(argv: list[str]) -> None:
         torch._dynamo.reset()
         model.to(device=device, dtype=dtype).eval()
         for context in args.contexts:
-            row = {"model": name, "context": context, **bench_model(model, context, args, device, baseline_batch.get(context))}
+            with torch._inductor.config.patch(inductor_options(args.inductor)):
+                row = {"model": name, "context": context, **bench_model(model, context, args, device, baseline_batch.get(context))}
             if row.get("throughput_largest_fit"):
                 baseline_batch[context] = row["throughput_largest_fit"]["batch"]
             rows.append(row)

@@ -17,7 +17,6 @@ causal attention). A row that runs out of memory is reported as such, not droppe
 from __future__ import annotations
 
 import argparse
-import ast
 import functools
 import gc
 import json
@@ -28,6 +27,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from benchmarks.compiler_options import inductor_options
 from benchmarks.profiling import count_kernels
 from model.baseline import BaselineLM
 from model.config import LMConfig, load_model_config
@@ -281,19 +281,6 @@ def measure_all(args: argparse.Namespace, peaks: tuple[float, float]) -> list[di
                         rows.append(row)
                         print(json.dumps(row), flush=True)
     return rows
-
-
-def inductor_options(pairs: list[str]) -> dict:
-    """KEY=VALUE words -> Inductor config options (`torch._inductor.config`), values read as Python literals
-    (True, 64, 0.5) or else kept as text."""
-    options = {}
-    for pair in pairs:
-        key, _, text = pair.partition("=")
-        try:
-            options[key] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            options[key] = text
-    return options
 
 
 def override_sets(impl: str, overrides: list[str], also_with: list[str]) -> list[tuple[str, ...]]:

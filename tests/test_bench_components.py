@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from benchmarks import step
+from benchmarks.compiler_options import inductor_options
 from benchmarks.components import ceiling, ttt_branch
 from model.config import LMConfig, TTTConfig
 from model.ttt_layer import TTTMixer
@@ -88,5 +89,5 @@ def test_profiled_rows_list_their_device_time_against_the_wall_time() -> None:
 
 
 def test_inductor_options_are_read_as_python_literals() -> None:
-    options = step.inductor_options(["cpp_wrapper=True", "max_autotune_gemm_backends=TRITON", "combo_kernels_autotune=2"])
+    options = inductor_options(["cpp_wrapper=True", "max_autotune_gemm_backends=TRITON", "combo_kernels_autotune=2"])
     assert options == {"cpp_wrapper": True, "max_autotune_gemm_backends": "TRITON", "combo_kernels_autotune": 2}
