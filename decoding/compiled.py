@@ -65,8 +65,8 @@ def chunk_updates(mixers: list[TTTMixer], caches: list[LayerCache], completes: t
     Each layer's update (`decoding.decode.chunk_update`: its gradient, momentum, Muon, the signed step,
     weight norm) is computed for every row and kept only where the flag is set, so its shapes never
     depend on which rows complete. The layers' Muon iterations run as one (`newton_schulz5_many`):
-    its products are the update's only matmuls, and one per weight and layer would be 15 small
-    launches each. A weight the update carries over (a frozen one) is the same tensor and is not copied."""
+    run per weight and layer they would be 15 small products each, launches of a few microseconds
+    for a few MFLOP. A weight the update carries over (a frozen one) is the same tensor and is not copied."""
     steps = []
     for mixer, cache in zip(mixers, caches):
         weights = mixer.scan_weights()
