@@ -9,7 +9,7 @@ import pytest
 from model.config import ConfigError
 from train.__main__ import DEFAULT_CONFIG, split_arguments
 from parallel.groups import ParallelDims
-from train.config import load_run_config
+from train.config import inductor_options, load_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_CONFIGS = sorted((REPO / "configs/train").glob("*.yaml"))
@@ -52,6 +52,7 @@ def test_nested_includes_resolve_relative_to_their_file(tmp_path: Path) -> None:
         ("train.schedule=linear", "train.schedule"),
         ("model.ttt.chunk_size=0", "model.ttt.chunk_size"),
         ("eval.every=-1", "eval.every"),
+        ("train.compile_options.cpp_wraper=true", "train.compile_options.cpp_wraper"),  # not an Inductor option
     ],
 )
 def test_bad_values_name_their_key(override: str, key: str) -> None:
@@ -99,3 +100,19 @@ def test_cli_takes_config_then_overrides_and_drops_launcher_local_rank() -> None
     assert split_arguments(["--local_rank=3", "c.yaml", "train.lr=1"]) == ("c.yaml", ["train.lr=1"])
     assert split_arguments(["c.yaml", "--local_rank", "0"]) == ("c.yaml", [])
     assert split_arguments(["train.lr=1"]) == (DEFAULT_CONFIG, ["train.lr=1"])
+
+
+def test_compile_options_reach_inductor_when_the_blocks_compile(monkeypatch) -> None:
+    """`train.compile_options` (dotted names for Inductor's sub-configs) load from overrides and are set
+    process-wide before the blocks compile."""
+    import torch._inductor.config as inductor_config
+
+    from train.compile import set_inductor_options
+
+    cfg = load_run_config(REPO / "configs/train/tiny_cpu.yaml",
+                          ["train.compile_options.cpp_wrapper=true", "train.compile_options.triton.cudagraphs=true"])
+    assert inductor_options(cfg.train.compile_options) == {"cpp_wrapper": True, "triton.cudagraphs": True}
+    with inductor_config.patch({"cpp_wrapper": False, "triton.cudagraphs": False}):  # restores both on exit
+        set_inductor_options(cfg.train.compile_options)
+        assert inductor_config.cpp_wrapper and inductor_config.triton.cudagraphs
+    assert not inductor_config.cpp_wrapper

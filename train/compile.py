@@ -27,13 +27,16 @@ Decoding (`decoding.decode`) calls each block's own forward (`TTTLM.hidden_state
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch._functorch.config as functorch_config
+import torch._inductor.config as inductor_config
 from torch import nn
 
 from model.baseline import BaselineBlock, BaselineLM
 from model.lm import Block, TTTLM
-from train.config import RunConfig
+from train.config import RunConfig, inductor_options
 
 
 def compile_enabled(setting: str, device: torch.device, activation_checkpointing: bool = False) -> bool:
@@ -50,6 +53,18 @@ def blocks_are_one_graph(cfg: RunConfig, sp: int) -> bool:
     """Whether a block traces as one graph in this run (see the module docstring for the exceptions)."""
     t = cfg.train
     return sp == 1 and not cfg.data.reset_at_doc_boundaries and cfg.zero.stage < 3 and not t.activation_checkpointing
+
+
+def set_inductor_options(options: Any) -> None:
+    """Set Inductor options (`train.compile_options`: names like "cpp_wrapper", a sub-config's nested or
+    dotted as "triton.cudagraphs") for the process: Inductor reads them when a graph first compiles,
+    which is a block's first call."""
+    for name, value in inductor_options(options).items():
+        *path, leaf = name.split(".")
+        target: Any = inductor_config
+        for part in path:
+            target = getattr(target, part)
+        setattr(target, leaf, value)
 
 
 def compile_blocks(model: nn.Module, *, fullgraph: bool = True, backend: str = "inductor", memory_budget: float = 1.0) -> int:

@@ -19,7 +19,7 @@ from model.lm import TTTLM
 from parallel.activation_checkpointing import checkpoint_blocks
 from parallel.groups import ParallelDims
 from parallel.sequence_parallel import SequenceParallelLM
-from train.compile import blocks_are_one_graph, compile_blocks, compile_enabled
+from train.compile import blocks_are_one_graph, compile_blocks, compile_enabled, set_inductor_options
 from train.config import RunConfig
 from train.schedule import scheduler_factory
 
@@ -71,6 +71,7 @@ def build_model(cfg: RunConfig, dims: ParallelDims) -> tuple[nn.Module, TTTLM]:
     if cfg.train.activation_checkpointing:
         checkpoint_blocks(model, selective=cfg.train.activation_checkpointing_policy == "selective")
     if compile_enabled(cfg.train.compile, dims.device, cfg.train.activation_checkpointing):
+        set_inductor_options(cfg.train.compile_options)
         compile_blocks(model, fullgraph=blocks_are_one_graph(cfg, dims.sp),
                        memory_budget=cfg.train.activation_memory_budget)
     if dims.sp == 1:
