@@ -85,8 +85,8 @@ speed_against_benchmark() {  # SIZE LAUNCHER STEPS LOG_EVERY SUFFIX [OVERRIDE...
     --checkpointing none --compile on --out "$RESULTS/train_step_${size}_16k"
 }
 
-run_speed() {
-  speed_against_benchmark 125m launch/h100_125m_16k.sh "${SPEED_STEPS:-30}" 10 "" train.activation_checkpointing=false
+run_speed() {  # SPEED_ARGS: more trainer overrides, e.g. train.compile_options.cpp_wrapper=true
+  speed_against_benchmark 125m launch/h100_125m_16k.sh "${SPEED_STEPS:-30}" 10 "" train.activation_checkpointing=false ${SPEED_ARGS:-}
 }
 
 run_speed760() {
