@@ -110,7 +110,8 @@ def measure_row(impl: str, size: str, seq_len: int, batch: int, checkpointing: s
                 memory_budget: float = 1.0, profile: bool = False, inductor: tuple[str, ...] = ()) -> dict:
     """One row: tok/s, step ms, peak memory and MFU; with `profile`, also the kernels of one more step and
     their summed device time (`benchmarks.profiling`): a step whose kernels take much less than its wall
-    time is bound by the host launching them, not by the GPU."""
+    time is bound by the host launching them, not by the GPU. `inductor`: KEY=VALUE Inductor options the
+    row compiles with (named in its config), through the trainer's own `compile_blocks`."""
     cfg = model_config(impl, size, overrides)
     budget = [f"activation_memory_budget={memory_budget}"] if compile_on and memory_budget < 1 else []
     compiler = [f"inductor.{option}" for option in inductor] if compile_on else []
@@ -119,7 +120,8 @@ def measure_row(impl: str, size: str, seq_len: int, batch: int, checkpointing: s
     torch.cuda.reset_peak_memory_stats()
     model = None
     try:
-        model = build(impl, cfg, checkpointing, compile_function(memory_budget) if compile_on else None)
+        compile_blocks = compile_function(memory_budget, inductor_options(list(inductor))) if compile_on else None
+        model = build(impl, cfg, checkpointing, compile_blocks)
         step = training_step(model, batch, seq_len, cfg.vocab_size)
         seconds = time_steps(step, warmup, steps)
         tokens = batch * seq_len
@@ -139,11 +141,12 @@ def measure_row(impl: str, size: str, seq_len: int, batch: int, checkpointing: s
     return row
 
 
-def compile_function(memory_budget: float = 1.0) -> Callable[[nn.Module], int]:
-    """The trainer's own block compilation (`train.compile`, `train.activation_memory_budget`)."""
+def compile_function(memory_budget: float = 1.0, options: Optional[dict] = None) -> Callable[[nn.Module], int]:
+    """The trainer's own block compilation (`train.compile`, `train.activation_memory_budget`,
+    `train.compile_options`)."""
     from train.compile import compile_blocks
 
-    return functools.partial(compile_blocks, memory_budget=memory_budget)
+    return functools.partial(compile_blocks, memory_budget=memory_budget, options=options)
 
 
 def row_key(row: dict) -> tuple:
@@ -275,9 +278,8 @@ def measure_all(args: argparse.Namespace, peaks: tuple[float, float]) -> list[di
                     if impl == "tttla_recurrent" and not (CONFIG_DIR / f"lact_{size}.yaml").exists():
                         continue
                     for overrides in override_sets(impl, args.model_overrides, args.also_with):
-                        with torch._inductor.config.patch(inductor_options(args.inductor)):
-                            row = measure_row(impl, size, seq_len, batch, checkpointing, args.compile == "on", peaks, args.warmup,
-                                              args.steps, overrides, args.memory_budget, args.profile, tuple(args.inductor))  # fmt: skip
+                        row = measure_row(impl, size, seq_len, batch, checkpointing, args.compile == "on", peaks, args.warmup,
+                                          args.steps, overrides, args.memory_budget, args.profile, tuple(args.inductor))  # fmt: skip
                         rows.append(row)
                         print(json.dumps(row), flush=True)
     return rows

@@ -21,9 +21,8 @@ from typing import Callable, Optional
 
 import torch
 
-from decoding.decode import LayerCache, chunk_gradient, restart_chunk_sums
-from kernels.lact import chunk_directions, newton_schulz5_many, step_weights
-from model.fast_weight_scan import chunk_step
+from decoding.decode import LayerCache, chunk_update_inputs, restart_chunk_sums
+from kernels.lact import apply_chunk_gradients_many
 from model.lm import Block, BlockCall
 from model.ttt_layer import TTTMixer
 
@@ -64,21 +63,13 @@ def chunk_updates(mixers: list[TTTMixer], caches: list[LayerCache], completes: t
 
     Each layer's update (`decoding.decode.chunk_update`: its gradient, momentum, Muon, the signed step,
     weight norm) is computed for every row and kept only where the flag is set, so its shapes never
-    depend on which rows complete. The layers' Muon iterations run as one (`newton_schulz5_many`):
-    run per weight and layer they would be 15 small products each, launches of a few microseconds
-    for a few MFLOP. A weight the update carries over (a frozen one) is the same tensor and is not copied."""
-    steps = []
-    for mixer, cache in zip(mixers, caches):
-        weights = mixer.scan_weights()
-        directions, updated = chunk_directions(cache.fast_weights, *chunk_gradient(weights, cache))
-        steps.append((chunk_step(weights, cache.fast_weights.w1.dtype), directions, updated))
-    muon = steps[0][0].muon
-    if muon is not None:
-        done = iter(newton_schulz5_many([d for _, directions, _ in steps for d in directions.values()], muon))
-        steps = [(step, {name: next(done) for name in directions}, updated) for step, directions, updated in steps]
+    depend on which rows complete. The layers' updates run together (`apply_chunk_gradients_many`), so
+    their Muon iterations are one: run per weight and layer they would be 15 small products each,
+    launches of a few microseconds for a few MFLOP. A weight the update carries over (a frozen one)
+    is the same tensor and is not copied."""
+    chunks = [chunk_update_inputs(mixer.scan_weights(), cache) for mixer, cache in zip(mixers, caches)]
     rows = completes[:, None, None, None]
-    for cache, (step, updates, updated) in zip(caches, steps):
-        new = step_weights(updated, updates, step)
+    for cache, new in zip(caches, apply_chunk_gradients_many(chunks)):
         for name, current in cache.fast_weights.named_tensors():
             if getattr(new, name) is not current:
                 current.copy_(torch.where(rows, getattr(new, name), current))

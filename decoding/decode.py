@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from decoding.pending import PendingTokens
 from kernels.fast_weights import FAST_WEIGHT_NAMES, ChunkGradients, FastWeights
-from kernels.lact import apply_chunk_gradients, chunk_gradients, swiglu_features
+from kernels.lact import ChunkStep, apply_chunk_gradients, chunk_gradients, swiglu_features
 from kernels.token_step import lact_token_step, w1_token_read, w1_token_step
 from model.config import TTTConfig
 from model.fast_weight_scan import ScanWeights, TTTInputs, chunk_step, fast_weight_scan
@@ -178,13 +178,18 @@ def w1_token_output(weights: ScanWeights, cache: LayerCache, inputs: TTTInputs) 
     features (from the learned W0, W2), its term of the chunk's gradient and its read in one kernel
     where the Triton kernels run (`model.ttt.use_kernel`), the same maths in torch elsewhere."""
     ttt = weights.ttt
-    swiglu = weights.features is swiglu_features
-    w0, w2 = weights.feature_weights if swiglu else (None, None)  # as learned: the kernel reads them in fp32
+    w0, w2 = learned_feature_weights(weights)
     eta1 = inputs.etas[:, 0, 1]  # [B, H]
     out = w1_token_step(inputs.q[:, 0], inputs.k[:, 0], inputs.v[:, 0], eta1, w0, w2, cache.fast_weights.w1,
                         cache.chunk_gradients.g1, ttt.update_sign, ttt.token_causal, allow_triton=ttt.use_kernel)
     add_momentum_gates(cache, inputs)
     return out[:, None]
+
+
+def learned_feature_weights(weights: ScanWeights) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The learned W0, W2 [H, dh, d] the W1-only token kernels featurise with, as learned (they read them
+    in fp32); (None, None) for the identity map."""
+    return weights.feature_weights if weights.features is swiglu_features else (None, None)
 
 
 def pending_token_output(
@@ -198,8 +203,7 @@ def pending_token_output(
     add_momentum_gates(cache, inputs)
     ttt, fast = weights.ttt, cache.fast_weights
     if ttt.fast_weights == "w1":
-        w0, w2 = weights.feature_weights if weights.features is swiglu_features else (None, None)
-        return w1_token_read(inputs.q[:, 0], w0, w2, fast.w1, allow_triton=ttt.use_kernel)[:, None]
+        return w1_token_read(inputs.q[:, 0], *learned_feature_weights(weights), fast.w1, allow_triton=ttt.use_kernel)[:, None]
     hq = weights.features(inputs.q.to(fast.w1.dtype), fast.w0, fast.w2)  # [B, 1, H, dh], the rows' own W0, W2
     return torch.einsum("bhde,bnhe->bnhd", fast.w1, hq)
 
@@ -212,19 +216,21 @@ def add_momentum_gates(cache: LayerCache, inputs: TTTInputs) -> None:
 
 def chunk_update(weights: ScanWeights, cache: LayerCache) -> FastWeights:
     """The fast weights after the partial chunk's update, for every row [B, H, *, *] (rows whose chunk is
-    not complete discard it): its gradient and momentum decay (`chunk_gradient`), then momentum, Muon,
-    the signed step and weight norm."""
-    grads, beta = chunk_gradient(weights, cache)
-    return apply_chunk_gradients(cache.fast_weights, grads, beta, chunk_step(weights, cache.fast_weights.w1.dtype))
+    not complete discard it): momentum, Muon, the signed step and weight norm (`chunk_update_inputs`)."""
+    return apply_chunk_gradients(*chunk_update_inputs(weights, cache))
 
 
-def chunk_gradient(weights: ScanWeights, cache: LayerCache) -> tuple[ChunkGradients, Optional[torch.Tensor]]:
-    """The partial chunk's gradient (the running sums, or formed now from the pending tokens of all C
-    slots) and its momentum decay, the mean of its C gates ([B, H]; None with momentum off)."""
+def chunk_update_inputs(
+    weights: ScanWeights, cache: LayerCache
+) -> tuple[FastWeights, ChunkGradients, Optional[torch.Tensor], ChunkStep]:
+    """What `kernels.lact.apply_chunk_gradients` takes for the partial chunk: the fast weights, the chunk's
+    gradient (the running sums, or formed now from the pending tokens of all C slots), its momentum
+    decay (the mean of its C gates, [B, H]; None with momentum off) and the step's options."""
     beta = None if cache.gate_sum is None else cache.gate_sum / weights.ttt.chunk_size
-    if cache.pending is None:
-        return cache.chunk_gradients, beta
-    return token_gradients(weights, cache, cache.pending.k, cache.pending.v, cache.pending.etas), beta
+    grads = cache.chunk_gradients
+    if cache.pending is not None:
+        grads = token_gradients(weights, cache, cache.pending.k, cache.pending.v, cache.pending.etas)
+    return cache.fast_weights, grads, beta, chunk_step(weights, cache.fast_weights.w1.dtype)
 
 
 def restart_chunk_sums(cache: LayerCache, rows: Optional[torch.Tensor] = None) -> None:

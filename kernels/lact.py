@@ -250,7 +250,7 @@ def _momentum_update(
     return new_momentum, new_momentum
 
 
-def chunk_directions(
+def _chunk_directions(
     w: FastWeights, grads: ChunkGradients, beta_c: Optional[torch.Tensor]
 ) -> tuple[dict[str, torch.Tensor], FastWeights]:
     """The first half of a chunk's step: each stepped weight's direction ({"w0": M0, ...}: the momentum
@@ -263,9 +263,9 @@ def chunk_directions(
     return directions, updated
 
 
-def step_weights(updated: FastWeights, updates: dict[str, torch.Tensor], step: ChunkStep) -> FastWeights:
+def _step_weights(updated: FastWeights, updates: dict[str, torch.Tensor], step: ChunkStep) -> FastWeights:
     """The second half: W <- W - update_sign * U for each weight's update U (its direction, through Muon
-    when on), rows renormalised (weight norm); `updated` from `chunk_directions` (modified in place)."""
+    when on), rows renormalised (weight norm); `updated` from `_chunk_directions` (modified in place)."""
     for name, update in updates.items():
         weight = getattr(updated, name) - step.update_sign * update
         if step.row_norms is not None:
@@ -285,10 +285,22 @@ def apply_chunk_gradients(
     left as it is); weights without a gradient are carried over. No token is read here: this is all
     that remains of a chunk's update once its gradient has been summed.
     """
-    directions, updated = chunk_directions(w, grads, beta_c)
-    if step.muon is not None:
-        directions = {name: newton_schulz5(direction, step.muon) for name, direction in directions.items()}
-    return step_weights(updated, directions, step)
+    return apply_chunk_gradients_many([(w, grads, beta_c, step)])[0]
+
+
+def apply_chunk_gradients_many(
+    chunks: Sequence[tuple[FastWeights, ChunkGradients, Optional[torch.Tensor], ChunkStep]],
+) -> list[FastWeights]:
+    """`apply_chunk_gradients` of several independent states (w, grads, beta_c, step), such as every
+    layer of a decoder, with their Muon iterations run as one (`newton_schulz5_many`): per weight and
+    state they would be 15 small products each. The steps share their Muon setting (one model's
+    layers do); each keeps its own sign and weight-norm targets."""
+    halves = [_chunk_directions(w, grads, beta_c) for w, grads, beta_c, _ in chunks]
+    muon = chunks[0][3].muon
+    if muon is not None:
+        done = iter(newton_schulz5_many([d for directions, _ in halves for d in directions.values()], muon))
+        halves = [({name: next(done) for name in directions}, updated) for directions, updated in halves]
+    return [_step_weights(updated, updates, chunk[3]) for (updates, updated), chunk in zip(halves, chunks)]
 
 
 @dataclass

@@ -9,7 +9,7 @@ import pytest
 from model.config import ConfigError
 from train.__main__ import DEFAULT_CONFIG, split_arguments
 from parallel.groups import ParallelDims
-from train.config import inductor_options, load_run_config
+from train.config import flat_compile_options, load_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_CONFIGS = sorted((REPO / "configs/train").glob("*.yaml"))
@@ -103,16 +103,17 @@ def test_cli_takes_config_then_overrides_and_drops_launcher_local_rank() -> None
 
 
 def test_compile_options_reach_inductor_when_the_blocks_compile(monkeypatch) -> None:
-    """`train.compile_options` (dotted names for Inductor's sub-configs) load from overrides and are set
-    process-wide before the blocks compile."""
+    """`train.compile_options` (a sub-config's options nested, as the dotted override gives them) load
+    from overrides and are set process-wide when the blocks are compiled."""
     import torch._inductor.config as inductor_config
+    from torch import nn
 
-    from train.compile import set_inductor_options
+    from train.compile import compile_blocks
 
     cfg = load_run_config(REPO / "configs/train/tiny_cpu.yaml",
                           ["train.compile_options.cpp_wrapper=true", "train.compile_options.triton.cudagraphs=true"])
-    assert inductor_options(cfg.train.compile_options) == {"cpp_wrapper": True, "triton.cudagraphs": True}
+    assert flat_compile_options(cfg.train.compile_options) == {"cpp_wrapper": True, "triton.cudagraphs": True}
     with inductor_config.patch({"cpp_wrapper": False, "triton.cudagraphs": False}):  # restores both on exit
-        set_inductor_options(cfg.train.compile_options)
+        compile_blocks(nn.Linear(2, 2), options=cfg.train.compile_options)
         assert inductor_config.cpp_wrapper and inductor_config.triton.cudagraphs
     assert not inductor_config.cpp_wrapper

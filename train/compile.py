@@ -27,7 +27,7 @@ Decoding (`decoding.decode`) calls each block's own forward (`TTTLM.hidden_state
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch._functorch.config as functorch_config
@@ -36,7 +36,7 @@ from torch import nn
 
 from model.baseline import BaselineBlock, BaselineLM
 from model.lm import Block, TTTLM
-from train.config import RunConfig, inductor_options
+from train.config import RunConfig, flat_compile_options
 
 
 def compile_enabled(setting: str, device: torch.device, activation_checkpointing: bool = False) -> bool:
@@ -55,31 +55,23 @@ def blocks_are_one_graph(cfg: RunConfig, sp: int) -> bool:
     return sp == 1 and not cfg.data.reset_at_doc_boundaries and cfg.zero.stage < 3 and not t.activation_checkpointing
 
 
-def set_inductor_options(options: Any) -> None:
-    """Set Inductor options (`train.compile_options`: names like "cpp_wrapper", a sub-config's nested or
-    dotted as "triton.cudagraphs") for the process: Inductor reads them when a graph first compiles,
-    which is a block's first call."""
-    for name, value in inductor_options(options).items():
-        *path, leaf = name.split(".")
-        target: Any = inductor_config
-        for part in path:
-            target = getattr(target, part)
-        setattr(target, leaf, value)
-
-
-def compile_blocks(model: nn.Module, *, fullgraph: bool = True, backend: str = "inductor", memory_budget: float = 1.0) -> int:
+def compile_blocks(model: nn.Module, *, fullgraph: bool = True, backend: str = "inductor", memory_budget: float = 1.0,
+                   options: Optional[dict[str, Any]] = None) -> int:  # fmt: skip
     """Compile every block of `model` (a TTTLM's, or the baseline transformer's, so both are measured alike)
     in place, and the elementwise work of the chunked loss (`model.loss.chunk_terms`); returns how many
     blocks were compiled.
 
     `memory_budget` (`train.activation_memory_budget`) is the share of a block's activations the
     min-cut partitioner may keep for backward; below 1 it recomputes the cheapest (elementwise glue,
-    norms) in the backward graph. It is torch's process-wide setting, read when a block first compiles.
+    norms) in the backward graph. It is torch's process-wide setting, read when a block first compiles;
+    so are `options` (`train.compile_options`: Inductor options by name, e.g. cpp_wrapper).
 
     `backend` other than Inductor is for tests ("aot_eager" traces forward and backward like
     Inductor but runs the traced ops eagerly, so results are bit-identical to eager;
     "aot_eager_decomp_partition" also partitions as Inductor does, memory budget included)."""
     functorch_config.activation_memory_budget = memory_budget
+    for name, value in flat_compile_options(options or {}).items():
+        setattr(inductor_config, name, value)
     blocks = [module for module in model.modules() if isinstance(module, (Block, BaselineBlock))]
     for block in blocks:
         block.compile(fullgraph=fullgraph, backend=backend)

@@ -89,35 +89,18 @@ class TrainConfig:
     max_nonfinite_steps: int = 5  # consecutive skipped (non-finite) steps before the run stops
 
 
-def inductor_options(options: Any, prefix: str = "") -> dict[str, Any]:
+def flat_compile_options(options: Any, prefix: str = "") -> dict[str, Any]:
     """`train.compile_options` as {dotted name: value}: a sub-config's options may be written nested
     (`triton: {cudagraphs: true}`, which is also what the override `train.compile_options.triton.cudagraphs=true`
-    becomes) or dotted (`triton.cudagraphs: true`)."""
+    becomes) or dotted (`triton.cudagraphs: true`); torch._inductor.config takes the dotted names."""
     flat: dict[str, Any] = {}
     for key, value in dict(options).items():
         name = f"{prefix}{key}"
         if isinstance(value, (dict, DictConfig)):
-            flat.update(inductor_options(value, f"{name}."))
+            flat.update(flat_compile_options(value, f"{name}."))
         else:
             flat[name] = value
     return flat
-
-
-def is_inductor_option(name: str) -> bool:
-    """Whether `name` ("cpp_wrapper", "triton.cudagraphs") names an option of torch._inductor.config."""
-    import torch._inductor.config as inductor_config
-
-    *path, leaf = name.split(".")
-    target: Any = inductor_config
-    for part in path:
-        target = getattr(target, part, None)
-        if target is None:
-            return False
-    try:
-        getattr(target, leaf)
-    except AttributeError:
-        return False
-    return True
 
 
 @dataclass
@@ -217,8 +200,10 @@ class RunConfig:
         _require(0 < t.activation_memory_budget <= 1, "train.activation_memory_budget", t.activation_memory_budget,
                  "must be in (0, 1] (1: keep what the compiler keeps by default)")
         _require(t.compile.lower() in COMPILE_SETTINGS, "train.compile", t.compile, f"must be one of {COMPILE_SETTINGS}")
-        for name, value in inductor_options(t.compile_options).items():
-            _require(is_inductor_option(name), f"train.compile_options.{name}", value,
+        import torch._inductor.config as inductor_config
+
+        for name, value in flat_compile_options(t.compile_options).items():
+            _require(hasattr(inductor_config, name), f"train.compile_options.{name}", value,
                      "is not an Inductor option (a name in torch._inductor.config, e.g. cpp_wrapper)")
         _require(
             t.resume in RESUME_MODES or Path(t.resume).is_dir(),

@@ -19,7 +19,7 @@ from model.lm import TTTLM
 from parallel.activation_checkpointing import checkpoint_blocks
 from parallel.groups import ParallelDims
 from parallel.sequence_parallel import SequenceParallelLM
-from train.compile import blocks_are_one_graph, compile_blocks, compile_enabled, set_inductor_options
+from train.compile import blocks_are_one_graph, compile_blocks, compile_enabled
 from train.config import RunConfig
 from train.schedule import scheduler_factory
 
@@ -71,9 +71,8 @@ def build_model(cfg: RunConfig, dims: ParallelDims) -> tuple[nn.Module, TTTLM]:
     if cfg.train.activation_checkpointing:
         checkpoint_blocks(model, selective=cfg.train.activation_checkpointing_policy == "selective")
     if compile_enabled(cfg.train.compile, dims.device, cfg.train.activation_checkpointing):
-        set_inductor_options(cfg.train.compile_options)
         compile_blocks(model, fullgraph=blocks_are_one_graph(cfg, dims.sp),
-                       memory_budget=cfg.train.activation_memory_budget)
+                       memory_budget=cfg.train.activation_memory_budget, options=cfg.train.compile_options)
     if dims.sp == 1:
         return model, model
     return SequenceParallelLM(model, dims), model
