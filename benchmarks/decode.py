@@ -34,6 +34,7 @@ from benchmarks.compiler_options import inductor_options
 from benchmarks.profiling import count_kernels, host_summary, synchronize
 from decoding.compiled import block_step
 from decoding.decode import prefill, random_state
+from decoding.captured_prefill import CapturedPrefill
 from decoding.graphs import DecodeRunner
 from decoding.sampling import sample_tokens
 from decoding.static import StaticDecoder, prefill_rows
@@ -189,13 +190,25 @@ def bench_model(model: "TTTLM | BaselineLM", context: int, args: argparse.Namesp
         row["throughput_at_baseline_batch"] = time_batch(model, baseline_batch, context, args, device, prefilled=False)
     if prefilled:
         prompt = torch.randint(0, model.cfg.vocab_size, (1, context), device=device)
-        call_block = prefill_block_call(args)
-        run = (lambda: model.prefill(prompt, context)) if isinstance(model, BaselineLM) else (lambda: prefill(model, prompt, call_block=call_block))
+        run = prefill_call(model, context, args)
         try:
-            row.update(time_prefill(run, context, device))
+            row.update(time_prefill(lambda: run(prompt), context, device))
+            if args.graphs:
+                captured = CapturedPrefill(run, prompt)
+                row["prefill_captured"] = time_prefill(lambda: captured(prompt), context, device)
+                del captured  # frees the graph's memory pool before the next row
         except torch.cuda.OutOfMemoryError:
             row["prefill_tokens_per_s"] = None
     return row
+
+
+def prefill_call(model: "TTTLM | BaselineLM", context: int, args: argparse.Namespace) -> Callable[[torch.Tensor], object]:
+    """The model's prefill of a [B, context] prompt: the transformer's into a cache of `context` tokens,
+    the TTT model's with its blocks run as `prefill_block_call` says."""
+    if isinstance(model, BaselineLM):
+        return lambda ids: model.prefill(ids, context)
+    call_block = prefill_block_call(args)
+    return lambda ids: prefill(model, ids, call_block=call_block)
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
@@ -257,8 +270,17 @@ def prefill_breakdown(rows: list[dict]) -> list[str]:
     """One line per prefilled row: its wall time beside its kernels' count and summed device time (the
     difference is host time: launches, Python, the compiled graphs' guards)."""
     lines = [f"* {r['model']} at {r['context']}: {r['prefill_ms']:.1f} ms, {r['prefill_kernels']['kernels']} kernels "
-             f"taking {r['prefill_kernels']['kernel_ms']:.1f} ms{host_ops(r)}" for r in rows if "prefill_kernels" in r]
+             f"taking {r['prefill_kernels']['kernel_ms']:.1f} ms{host_ops(r)}{captured_clause(r)}"
+             for r in rows if "prefill_kernels" in r]  # fmt: skip
     return ["", "Prefill, wall time against its kernels' device time:", *lines] if lines else []
+
+
+def captured_clause(row: dict) -> str:
+    """A row's prefill replayed from one CUDA graph (`decoding.captured_prefill`), as a clause (empty without it)."""
+    captured = row.get("prefill_captured")
+    if not captured:
+        return ""
+    return f"; captured in one CUDA graph: {captured['prefill_ms']:.1f} ms ({captured['prefill_tokens_per_s'] / 1e3:.0f}k tokens/s)"
 
 
 def host_ops(row: dict, top: int = 3) -> str:

@@ -17,6 +17,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from decoding.captured_prefill import CapturedPrefill
 from decoding.decode import decode_step, prefill
 from decoding.graphs import DecodeRunner
 from decoding.pending import DEFER_FROM_BATCH
@@ -227,3 +228,26 @@ def test_the_host_read_check_catches_an_item_call() -> None:
     """Guards the test above: the mode does see a host read."""
     with pytest.raises(AssertionError, match="_local_scalar_dense"), HostReads():
         torch.ones(2).sum().item()
+
+
+def test_captured_prefill_needs_a_cuda_prompt() -> None:
+    """The graph-captured prefill (`decoding.captured_prefill`, proven equal to eager on the GPU) says
+    what it needs on a CPU prompt instead of failing inside the capture."""
+    model = make_model(MODES["parallel"])
+    with pytest.raises(ValueError, match="CUDA device"):
+        CapturedPrefill(lambda ids: prefill(model, ids), torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_a_copied_prefill_state_is_the_callers_own() -> None:
+    """What a captured prefill returns is a deep copy of the graph's outputs: equal values in new
+    storage (a later replay cannot change it), decoding on exactly as the original does."""
+    model = make_model(MODES["recurrent-released"])
+    prompt = forced_tokens(model, 2, seed=3)[:, : CHUNK + 5]
+    logits, state = prefill(model, prompt)
+    copied_logits, copied_state = copy.deepcopy((logits, state))
+    for original, copied in zip((t for layer in state.layers for t in layer.tensors()),
+                                (t for layer in copied_state.layers for t in layer.tensors())):  # fmt: skip
+        assert copied.untyped_storage().data_ptr() != original.untyped_storage().data_ptr()
+        assert torch.equal(copied, original)
+    token = prompt[:, -1]
+    assert torch.equal(decode_step(model, copied_state, token), decode_step(model, state, token))
