@@ -10,6 +10,10 @@ from model.lm import TTTLM
 from verification.proof import relative_error
 
 TOLERANCE = 1e-10  # float64 model; see tests/test_equivalence.py for why this margin
+# With Muon the parameter gradients pass back through five Newton-Schulz iterations, which multiply the
+# two forms' rounding differences by up to ~1e5: over 10 draws per case the worst gradient error was
+# 1.8e-10 (3e-15 without Muon), and it moves with the machine's BLAS. A slip in either form is O(1e-3) or more.
+MUON_TOLERANCE = 1e-8
 
 
 def twin_models(momentum: bool, muon: bool, window: int = 8):
@@ -28,9 +32,7 @@ def twin_models(momentum: bool, muon: bool, window: int = 8):
 @pytest.mark.parametrize("seq_len", [24, 29])
 @pytest.mark.parametrize("momentum,muon", [(False, False), (True, False), (True, True)])
 def test_lm_recurrent_equals_parallel_loss_and_parameter_gradients(seq_len, momentum, muon):
-    # The same draw whichever tests ran before: with Muon, Newton-Schulz multiplies rounding
-    # differences up to ~500x, and 1 draw in 30 lands above TOLERANCE (1.4e-10); these draws stay below 5e-11.
-    torch.manual_seed(seq_len)
+    torch.manual_seed(seq_len)  # the same draw whichever tests ran before
     recurrent, parallel = twin_models(momentum, muon)
     ids = torch.randint(0, 50, (2, seq_len + 1))
     out_r = recurrent(ids[:, :-1], ids[:, 1:])
@@ -41,7 +43,7 @@ def test_lm_recurrent_equals_parallel_loss_and_parameter_gradients(seq_len, mome
     grads_p = dict(parallel.named_parameters())
     for name, p in recurrent.named_parameters():
         assert p.grad is not None, name
-        assert relative_error(grads_p[name].grad, p.grad) < TOLERANCE, name
+        assert relative_error(grads_p[name].grad, p.grad) < (MUON_TOLERANCE if muon else TOLERANCE), name
 
 
 def test_state_carries_across_segments():
