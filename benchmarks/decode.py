@@ -31,7 +31,7 @@ from typing import Callable, Optional
 import torch
 
 from benchmarks.compiler_options import inductor_options
-from benchmarks.profiling import count_kernels, host_summary, synchronize
+from benchmarks.profiling import count_kernels, host_ops_clause, host_summary, synchronize
 from decoding.compiled import block_step
 from decoding.decode import prefill, random_state
 from decoding.captured_prefill import CapturedPrefill
@@ -270,7 +270,7 @@ def prefill_breakdown(rows: list[dict]) -> list[str]:
     """One line per prefilled row: its wall time beside its kernels' count and summed device time (the
     difference is host time: launches, Python, the compiled graphs' guards)."""
     lines = [f"* {r['model']} at {r['context']}: {r['prefill_ms']:.1f} ms, {r['prefill_kernels']['kernels']} kernels "
-             f"taking {r['prefill_kernels']['kernel_ms']:.1f} ms{host_ops(r)}{captured_clause(r)}"
+             f"taking {r['prefill_kernels']['kernel_ms']:.1f} ms{host_ops_clause(r.get('prefill_host', {}))}{captured_clause(r)}"
              for r in rows if "prefill_kernels" in r]  # fmt: skip
     return ["", "Prefill, wall time against its kernels' device time:", *lines] if lines else []
 
@@ -281,12 +281,6 @@ def captured_clause(row: dict) -> str:
     if not captured:
         return ""
     return f"; captured in one CUDA graph: {captured['prefill_ms']:.1f} ms ({captured['prefill_tokens_per_s'] / 1e3:.0f}k tokens/s)"
-
-
-def host_ops(row: dict, top: int = 3) -> str:
-    """The operators that take the most host time in a row's prefill, as a clause (empty without them)."""
-    ops = row.get("prefill_host", {}).get("top_host_ops", [])[:top]
-    return "; most host time: " + ", ".join(f"{op['name']} {op['self_us'] / 1e3:.1f} ms ({op['count']}x)" for op in ops) if ops else ""
 
 
 def at_baseline_batch(rows: list[dict]) -> list[str]:

@@ -57,3 +57,10 @@ def host_summary(run: Callable[[], object], device: torch.device) -> dict:
     return {"host_ms": sum(e.self_cpu_time_total for e in events) / 1e3,
             "top_host_ops": [{"name": e.key[:TOP_KERNEL_NAME], "count": e.count, "self_us": round(e.self_cpu_time_total, 1)}
                              for e in events[:TOP_KERNELS]]}  # fmt: skip
+
+
+def host_ops_clause(summary: dict, top: int = 3) -> str:
+    """A `host_summary`'s operators that take the most host time, as a clause of a results line (empty
+    without them): where a call's wall time exceeds its kernels', these are what to make cheaper or fewer."""
+    ops = summary.get("top_host_ops", [])[:top]
+    return "; most host time: " + ", ".join(f"{op['name']} {op['self_us'] / 1e3:.1f} ms ({op['count']}x)" for op in ops) if ops else ""

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from benchmarks.compiler_options import inductor_options
-from benchmarks.profiling import count_kernels
+from benchmarks.profiling import count_kernels, host_ops_clause, host_summary
 from model.baseline import BaselineLM
 from model.config import LMConfig, load_model_config
 from model.lm import TTTLM
@@ -131,7 +131,8 @@ def measure_row(impl: str, size: str, seq_len: int, batch: int, checkpointing: s
                    mfu=round(achieved / (peaks[0] * 1e12), 4), mfu_spec=round(achieved / (peaks[1] * 1e12), 4))
         if profile:
             kernels = count_kernels(step, torch.device("cuda"))
-            row.update(kernels=kernels["kernels"], kernel_ms=round(kernels["kernel_ms"], 1), top_kernels=kernels["top_kernels"])
+            row.update(kernels=kernels["kernels"], kernel_ms=round(kernels["kernel_ms"], 1), top_kernels=kernels["top_kernels"],
+                       host=host_summary(step, torch.device("cuda")))  # fmt: skip
     except torch.cuda.OutOfMemoryError:
         row.update(tok_s=None, step_ms=None, peak_gib=None, mfu=None, mfu_spec=None, error="out of memory")
     finally:
@@ -219,8 +220,9 @@ def device_time_lines(rows: list[dict]) -> list[str]:
     profiled = [r for r in rows if r.get("kernel_ms") is not None and r.get("step_ms")]
     lines = ["", "One profiled step (`--profile`): its kernels' summed device time against the step's wall time.", ""]
     lines += [f"* {r['impl']} {r['config']} {r['T']} x {r['B']}: {r['kernels']} kernels, {r['kernel_ms']} ms of "
-              f"{r['step_ms']} ms ({r['kernel_ms'] / r['step_ms']:.0%})" for r in profiled]  # fmt: skip
+              f"{r['step_ms']} ms ({r['kernel_ms'] / r['step_ms']:.0%}){host_ops_clause(r.get('host', {}), 4)}" for r in profiled]  # fmt: skip
     return lines if profiled else []
+
 
 
 def parse_seq(text: str) -> tuple[int, int]:

@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from torch._inductor import config as inductor_config
 
 from kernels import window_attention as window_kernels
 from kernels.triton_utils import use_triton
@@ -111,8 +112,12 @@ def window_block_mask(seq_len: int, window: int, device: torch.device, doc_ids: 
     if doc_ids is None and key in _WINDOW_MASKS:
         return _WINDOW_MASKS[key]
     batch = None if doc_ids is None else doc_ids.shape[0]
-    mask = create_block_mask(window_mask_mod(window, doc_ids), batch, None, seq_len, seq_len, device=device,
-                             _compile=device.type == "cuda")
+    # Built compiled on CUDA (eagerly it would materialise the [T, T] mask), never under Inductor's CUDA graphs
+    # (`train.compile_options.triton.cudagraphs`): their outputs live in the graphs' pool and the next replay
+    # overwrites them, while this mask is kept for every later step.
+    with inductor_config.patch({"triton.cudagraphs": False}):
+        mask = create_block_mask(window_mask_mod(window, doc_ids), batch, None, seq_len, seq_len, device=device,
+                                 _compile=device.type == "cuda")
     if doc_ids is None:
         _WINDOW_MASKS[key] = mask
     return mask
