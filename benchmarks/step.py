@@ -17,6 +17,7 @@ causal attention). A row that runs out of memory is reported as such, not droppe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gc
 import json
@@ -107,7 +108,8 @@ def matmul_peak_tflops() -> float:
 
 def measure_row(impl: str, size: str, seq_len: int, batch: int, checkpointing: str, compile_on: bool,
                 peaks: tuple[float, float], warmup: int, steps: int, overrides: tuple[str, ...] = (),
-                memory_budget: float = 1.0, profile: bool = False, inductor: tuple[str, ...] = ()) -> dict:
+                memory_budget: float = 1.0, profile: bool = False, inductor: tuple[str, ...] = (),
+                skip_guards: bool = False) -> dict:  # fmt: skip
     """One row: tok/s, step ms, peak memory and MFU; with `profile`, also the kernels of one more step and
     their summed device time (`benchmarks.profiling`): a step whose kernels take much less than its wall
     time is bound by the host launching them, not by the GPU. `inductor`: KEY=VALUE Inductor options the
@@ -115,6 +117,7 @@ def measure_row(impl: str, size: str, seq_len: int, batch: int, checkpointing: s
     cfg = model_config(impl, size, overrides)
     budget = [f"activation_memory_budget={memory_budget}"] if compile_on and memory_budget < 1 else []
     compiler = [f"inductor.{option}" for option in inductor] if compile_on else []
+    compiler += ["skip_guards"] if compile_on and skip_guards else []
     row = dict(impl=impl, config=" ".join([size, *overrides, *budget, *compiler]), T=seq_len, B=batch, checkpointing=checkpointing,
                compile=compile_on)  # fmt: skip
     torch.cuda.reset_peak_memory_stats()
@@ -123,16 +126,9 @@ def measure_row(impl: str, size: str, seq_len: int, batch: int, checkpointing: s
         compile_blocks = compile_function(memory_budget, inductor_options(list(inductor))) if compile_on else None
         model = build(impl, cfg, checkpointing, compile_blocks)
         step = training_step(model, batch, seq_len, cfg.vocab_size)
-        seconds = time_steps(step, warmup, steps)
-        tokens = batch * seq_len
-        achieved = flops_per_token(impl, cfg, seq_len) * tokens / seconds
-        row.update(tok_s=round(tokens / seconds), step_ms=round(seconds * 1e3, 1),
-                   peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                   mfu=round(achieved / (peaks[0] * 1e12), 4), mfu_spec=round(achieved / (peaks[1] * 1e12), 4))
-        if profile:
-            kernels = count_kernels(step, torch.device("cuda"))
-            row.update(kernels=kernels["kernels"], kernel_ms=round(kernels["kernel_ms"], 1), top_kernels=kernels["top_kernels"],
-                       host=host_summary(step, torch.device("cuda")))  # fmt: skip
+        with guard_stance(step, compile_on and skip_guards):
+            seconds = time_steps(step, warmup, steps)
+            row.update(measured(step, seconds, batch * seq_len, flops_per_token(impl, cfg, seq_len), peaks, profile))
     except torch.cuda.OutOfMemoryError:
         row.update(tok_s=None, step_ms=None, peak_gib=None, mfu=None, mfu_spec=None, error="out of memory")
     finally:
@@ -140,6 +136,33 @@ def measure_row(impl: str, size: str, seq_len: int, batch: int, checkpointing: s
         gc.collect()
         torch.cuda.empty_cache()
     return row
+
+
+def measured(step: Callable[[], None], seconds: float, tokens: int, flops_per_token: float,
+             peaks: tuple[float, float], profile: bool) -> dict:  # fmt: skip
+    """A row's numbers from its step's median `seconds` for `tokens` tokens: tok/s, step ms, peak memory,
+    MFU against the measured and the spec-sheet peak; with `profile`, one more step's kernels and their
+    device time, and its host operators (`benchmarks.profiling`)."""
+    achieved = flops_per_token * tokens / seconds
+    numbers = dict(tok_s=round(tokens / seconds), step_ms=round(seconds * 1e3, 1),
+                   peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                   mfu=round(achieved / (peaks[0] * 1e12), 4), mfu_spec=round(achieved / (peaks[1] * 1e12), 4))
+    if profile:
+        kernels = count_kernels(step, torch.device("cuda"))
+        numbers.update(kernels=kernels["kernels"], kernel_ms=round(kernels["kernel_ms"], 1), top_kernels=kernels["top_kernels"],
+                       host=host_summary(step, torch.device("cuda")))  # fmt: skip
+    return numbers
+
+
+def guard_stance(step: Callable[[], None], skip: bool) -> contextlib.AbstractContextManager:
+    """With `skip`, the compiled graphs' guards are no longer checked (`torch.compiler.set_stance`'s
+    skip_guard_eval_unsafe) once one call of `step` has compiled every graph it needs: what the host
+    saves per compiled call (Dynamo checks a block's guards, hundreds of them, before every forward).
+    Sound here because a timed step never needs another graph; without `skip`, nothing changes."""
+    if not skip:
+        return contextlib.nullcontext()
+    step()
+    return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
 
 
 def compile_function(memory_budget: float = 1.0, options: Optional[dict] = None) -> Callable[[nn.Module], int]:
@@ -261,6 +284,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
                         help="Inductor config for every compiled row, e.g. cpp_wrapper=True (launches kernels from C++, "
                              "less host time a kernel) or triton.cudagraphs=True")
+    parser.add_argument("--skip-guards", action="store_true",
+                        help="after one step has compiled every graph, stop checking the compiled blocks' guards "
+                             "(torch.compiler.set_stance skip_guard_eval_unsafe): what Dynamo's guards cost the host")
     parser.add_argument("--profile", action="store_true",
                         help="also profile one step of each row: its kernels and their summed device time")
     parser.add_argument("--out", default="docs/bench/train_step", help="results file stem; rows merge into it")
@@ -281,7 +307,8 @@ def measure_all(args: argparse.Namespace, peaks: tuple[float, float]) -> list[di
                         continue
                     for overrides in override_sets(impl, args.model_overrides, args.also_with):
                         row = measure_row(impl, size, seq_len, batch, checkpointing, args.compile == "on", peaks, args.warmup,
-                                          args.steps, overrides, args.memory_budget, args.profile, tuple(args.inductor))  # fmt: skip
+                                          args.steps, overrides, args.memory_budget, args.profile, tuple(args.inductor),
+                                          args.skip_guards)  # fmt: skip
                         rows.append(row)
                         print(json.dumps(row), flush=True)
     return rows
@@ -313,7 +340,7 @@ def command_line(args: argparse.Namespace) -> str:
     else:
         words = [f"--{k} {' '.join(v) if isinstance(v, list) else v}" for k, v in vars(args).items()
                  if k not in ("out", "preset", "no_ceiling", "model_overrides", "memory_budget", "also_with", "profile",
-                              "inductor")]  # fmt: skip
+                              "inductor", "skip_guards")]  # fmt: skip
     if args.memory_budget < 1:
         words.append(f"--memory-budget {args.memory_budget}")
     if args.model_overrides:
@@ -322,6 +349,8 @@ def command_line(args: argparse.Namespace) -> str:
         words.append("--also-with " + " ".join(args.also_with))
     if args.inductor:
         words.append("--inductor " + " ".join(args.inductor))
+    if args.skip_guards:
+        words.append("--skip-guards")
     return " ".join(["python -m benchmarks.step", *words])
 
 

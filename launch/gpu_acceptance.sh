@@ -109,12 +109,13 @@ run_window_ab() {  # the model's step with each window kernel, one process: Flex
 }
 
 run_profile() {  # PROFILE_SEQS (default 16384x1): whether the step is bound by its kernels or by the host launching
-  # them, then the same rows with Inductor's C++ kernel launcher and with its CUDA graphs (less host time a kernel)
+  # them (and which host operators take its time), then the same rows with less host time a kernel: Inductor's CUDA
+  # graphs, then its C++ kernel launcher with Dynamo's guards no longer checked after the first step
   local common=(--configs 125m --seqs ${PROFILE_SEQS:-16384x1} --impls tttla sdpa --checkpointing none --compile on
                 --no-ceiling --profile --out "$RESULTS/train_step_profile")
   stage step_profile "$PYTHON" -m benchmarks.step "${common[@]}"
-  stage step_profile_cpp_wrapper "$PYTHON" -m benchmarks.step "${common[@]}" --inductor cpp_wrapper=True
   stage step_profile_cudagraphs "$PYTHON" -m benchmarks.step "${common[@]}" --inductor triton.cudagraphs=True
+  stage step_profile_cpp_skip_guards "$PYTHON" -m benchmarks.step "${common[@]}" --inductor cpp_wrapper=True --skip-guards
   grep -E "kernels, " "$RESULTS/train_step_profile.md" || true
 }
 

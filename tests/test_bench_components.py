@@ -58,7 +58,7 @@ def test_also_with_measures_each_tttla_row_again_right_after_it(monkeypatch) -> 
     calls = []
 
     def fake_row(impl, size, seq_len, batch, checkpointing, compile_on, peaks, warmup, steps, overrides, budget, profile,
-                 inductor):
+                 inductor, skip_guards):
         calls.append((impl, seq_len, overrides))
         return {"impl": impl, "config": " ".join([size, *overrides]), "T": seq_len}
 
@@ -66,7 +66,7 @@ def test_also_with_measures_each_tttla_row_again_right_after_it(monkeypatch) -> 
     args = argparse.Namespace(configs=["125m"], seqs=["16384x1", "65536x1"], checkpointing=["none"],
                               impls=["tttla", "sdpa"], compile="on", warmup=1, steps=1, memory_budget=1.0,
                               model_overrides=["ttt.chunk_size=1024"], also_with=["window_kernel=triton"],
-                              profile=False, inductor=[])  # fmt: skip
+                              profile=False, inductor=[], skip_guards=False)  # fmt: skip
     step.measure_all(args, (700.0, 989.0))
     base, twin = ("ttt.chunk_size=1024",), ("ttt.chunk_size=1024", "window_kernel=triton")
     assert calls == [("tttla", 16384, base), ("tttla", 16384, twin), ("sdpa", 16384, base),
@@ -86,6 +86,29 @@ def test_profiled_rows_list_their_device_time_against_the_wall_time() -> None:
     table = step.markdown(rows, (700.0, 989.0), ["cmd"], "GPU")
     assert table.splitlines()[-1] == "* tttla 125m 16384 x 1: 2400 kernels, 60.0 ms of 80.0 ms (75%)"
     assert "profiled step" not in step.markdown(rows[1:], (700.0, 989.0), ["cmd"], "GPU")
+    rows[0]["host"] = {"top_host_ops": [{"name": "tttla::chunk_scan", "count": 12, "self_us": 4800.0}]}
+    assert step.markdown(rows, (700.0, 989.0), ["cmd"], "GPU").splitlines()[-1].endswith(
+        "(75%); most host time: tttla::chunk_scan 4.8 ms (12x)")
+
+
+def test_skipped_guards_start_after_one_compiling_step_and_end_with_the_row() -> None:
+    """`--skip-guards` stops Dynamo's guard checks only once a step has compiled its graphs, and only
+    for the row: afterwards guards are checked again (a later row's graphs compile as usual)."""
+    compiled = torch.compile(lambda x: x * 2 + 1, backend="eager")
+    calls = []
+
+    def one_step() -> None:
+        calls.append(compiled(torch.ones(3)))
+
+    def skipping() -> bool:
+        return torch._dynamo.eval_frame._stance.skip_guard_eval_unsafe
+
+    with step.guard_stance(one_step, skip=True):
+        assert len(calls) == 1 and skipping()
+        one_step()
+    assert torch.equal(calls[1], torch.full((3,), 3.0)) and not skipping()
+    with step.guard_stance(one_step, skip=False):
+        assert len(calls) == 2 and not skipping()
 
 
 def test_inductor_options_are_read_as_python_literals() -> None:
