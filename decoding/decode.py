@@ -35,7 +35,7 @@ from typing import Any, Iterator, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from decoding.pending import PendingTokens
+from decoding.pending import PendingTokens, forms_gradient_in_operand_dtype, w1_chunk_gradient
 from kernels.fast_weights import FAST_WEIGHT_NAMES, ChunkGradients, FastWeights
 from kernels.lact import ChunkStep, apply_chunk_gradients, chunk_gradients, swiglu_features
 from kernels.token_step import lact_token_step, w1_token_read, w1_token_step
@@ -224,12 +224,16 @@ def chunk_update_inputs(
     weights: ScanWeights, cache: LayerCache
 ) -> tuple[FastWeights, ChunkGradients, Optional[torch.Tensor], ChunkStep]:
     """What `kernels.lact.apply_chunk_gradients` takes for the partial chunk: the fast weights, the chunk's
-    gradient (the running sums, or formed now from the pending tokens of all C slots), its momentum
-    decay (the mean of its C gates, [B, H]; None with momentum off) and the step's options."""
+    gradient (the running sums, or formed now from the pending tokens of all C slots: in the state dtype
+    as the running sums form it, or with 16-bit operands as the training chunk form does where
+    `decoding.pending.forms_gradient_in_operand_dtype`), its momentum decay (the mean of its C gates,
+    [B, H]; None with momentum off) and the step's options."""
     beta = None if cache.gate_sum is None else cache.gate_sum / weights.ttt.chunk_size
-    grads = cache.chunk_gradients
-    if cache.pending is not None:
-        grads = token_gradients(weights, cache, cache.pending.k, cache.pending.v, cache.pending.etas)
+    grads, pending = cache.chunk_gradients, cache.pending
+    if pending is not None and forms_gradient_in_operand_dtype(weights.ttt, pending):
+        grads = ChunkGradients(g1=w1_chunk_gradient(pending, weights.features, weights.feature_weights))
+    elif pending is not None:
+        grads = token_gradients(weights, cache, pending.k, pending.v, pending.etas)
     return cache.fast_weights, grads, beta, chunk_step(weights, cache.fast_weights.w1.dtype)
 
 

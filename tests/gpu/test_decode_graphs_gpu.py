@@ -90,6 +90,25 @@ def test_pending_tokens_under_graphs_equal_eager_running_sums(variant: tuple[str
 
 
 @requires_cuda
+def test_bf16_pending_chunk_gradient_matches_running_sums() -> None:
+    """In bf16 the pending chunk's gradient is formed with bf16 operands and fp32 accumulation
+    (`decoding.pending.w1_chunk_gradient`), the running sums add fp32 terms token by token: the chunk's
+    update (W1 after it minus W1 before, every layer) agrees to the bf16 rounding of the operands
+    (2^-8 relative each, summed over 64 tokens: 2e-2 bounds it; a wrong sign, learning rate or slot is
+    order one). Eight rows of 63 tokens, so the first decoded token completes their chunk."""
+    prompts = [list(range(1 + row, 64 + row)) for row in range(8)]
+    updates = []
+    for deferred in (False, True):
+        decoder = ttt_decoder(prompts, dtype=torch.bfloat16, deferred=deferred)
+        before = [layer.fast_weights.w1.clone() for layer in decoder.layers]
+        DecodeRunner(decoder, GREEDY, graphs=True, step_backend="inductor").step()
+        updates.append(torch.stack([layer.fast_weights.w1 - w1 for layer, w1 in zip(decoder.layers, before)]))
+    running, pending = updates
+    assert running.abs().amax() > 0  # the step did complete the chunk
+    assert relative_error(pending, running) < BF16_TOLERANCE
+
+
+@requires_cuda
 def test_graph_decoding_equals_eager_transformer() -> None:
     def decoder():
         torch.manual_seed(0)
