@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import LMConfig
-from model.layers import RMSNorm, SwiGLUMLP, apply_rotary, rotary_tables
+from model.layers import RMSNorm, SwiGLUMLP, apply_rotary, rotary_range_tables, rotary_tables
 from model.lm import LMOutput
 from model.loss import head_and_loss
 
@@ -49,8 +49,9 @@ class CausalAttention(nn.Module):
         batch, seq_len, _ = x.shape
         q, k, v = (t.reshape(batch, seq_len, self.heads, self.head_dim) for t in self.qkv(x).chunk(3, dim=-1))
         if isinstance(positions, int):
-            positions = torch.arange(positions, positions + seq_len, device=x.device)
-        cos, sin = rotary_tables(positions, self.head_dim, self.rope_theta, q.dtype)
+            cos, sin = rotary_range_tables(positions, seq_len, self.head_dim, self.rope_theta, q.dtype, x.device)
+        else:
+            cos, sin = rotary_tables(positions, self.head_dim, self.rope_theta, q.dtype)
         rotated = (apply_rotary(t, cos, sin, self.rope_layout).transpose(1, 2) for t in (q, k))
         return *rotated, v.transpose(1, 2)
 

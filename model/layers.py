@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -75,6 +77,43 @@ def _rotary_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: 
 def _(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     shape = (*positions.shape, head_dim // 2)
     return positions.new_empty(shape, dtype=dtype), positions.new_empty(shape, dtype=dtype)
+
+
+def rotary_range_tables(
+    first: int, count: int, head_dim: int, theta: float, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rotary_tables` for the positions first .. first + count - 1 ([count, head_dim / 2] each): the
+    case of a training step and a prefill, where every row starts at the same position.
+
+    Such tables depend on ints alone, so they are built once per (first, count, ...) and each call
+    copies them: two copies where the position op runs about ten small ops, every call again. A
+    training step asks for them three times a layer (the window's heads, the fast-weight branch's,
+    and that branch again where its inputs are recomputed for the backward), and on a short step the
+    host's time per op is what the step waits for."""
+    if count <= FUSED_TABLE_POSITIONS:
+        return _tables(torch.arange(first, first + count, device=device), head_dim, float(theta), dtype)
+    return _rotary_range_tables(first, count, head_dim, float(theta), dtype, device)
+
+
+@torch.library.custom_op("tttla::rotary_range_tables", mutates_args=())
+def _rotary_range_tables(
+    first: int, count: int, head_dim: int, theta: float, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    cos, sin = _built_range_tables(first, count, head_dim, theta, dtype, device)
+    return cos.clone(), sin.clone()  # an op's outputs are its caller's: a compiled graph may write into them
+
+
+@functools.lru_cache(maxsize=16)
+def _built_range_tables(
+    first: int, count: int, head_dim: int, theta: float, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _tables(torch.arange(first, first + count, device=device), head_dim, theta, dtype)
+
+
+@_rotary_range_tables.register_fake
+def _(first: int, count: int, head_dim: int, theta: float, dtype: torch.dtype, device: torch.device):
+    shape = (count, head_dim // 2)
+    return torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str = "half") -> torch.Tensor:

@@ -49,7 +49,7 @@ from model.fast_weight_scan import (
     fast_weight_scan,
     local_w1_chunk_scan,
 )
-from model.layers import RMSNorm, apply_rotary, rotary_tables
+from model.layers import RMSNorm, apply_rotary, rotary_range_tables, rotary_tables
 from model.low_rank import LowRankFastWeight
 from model.segments import DocumentSegments
 from model.swa import sliding_window_attention
@@ -287,9 +287,12 @@ class TTTMixer(nn.Module):
         """RoPE on [B, T, A, Dh] heads at positions position_offset + t (or `positions` [B, T]), theta
         `model.rope_theta`; tables in the heads' dtype."""
         seq_len, head_dim = q.shape[1], q.shape[-1]
-        if positions is None:
-            positions = torch.arange(position_offset, position_offset + seq_len, device=q.device)
-        cos, sin = rotary_tables(positions, head_dim, self.cfg.rope_theta, q.dtype)
+        if positions is None and isinstance(position_offset, int):
+            cos, sin = rotary_range_tables(position_offset, seq_len, head_dim, self.cfg.rope_theta, q.dtype, q.device)
+        else:
+            if positions is None:
+                positions = torch.arange(position_offset, position_offset + seq_len, device=q.device)
+            cos, sin = rotary_tables(positions, head_dim, self.cfg.rope_theta, q.dtype)
         layout = self.cfg.rope_layout
         return apply_rotary(q, cos, sin, layout), apply_rotary(k, cos, sin, layout)
 

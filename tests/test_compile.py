@@ -100,23 +100,40 @@ def test_block_with_the_kernel_ops_is_one_graph(monkeypatch, recompute_features)
 
 
 def test_rotary_tables_are_one_op_in_the_graph():
-    """A compiled block computes the RoPE tables once, as the opaque `tttla::rotary_tables` op (one per
-    rotation: the attention heads and the TTT q/k), and traces no cos/sin of its own: traced as plain
-    ops, Inductor evaluated them inside every element of the rotated q and k."""
+    """A compiled block computes the RoPE tables of its position range once per rotation, as the opaque
+    `tttla::rotary_range_tables` op (the attention heads and the TTT q/k), and traces no cos/sin of its
+    own: traced as plain ops, Inductor evaluated them inside every element of the rotated q and k."""
     x = torch.randn(2, 40, 64, generator=torch.Generator().manual_seed(4))
     explanation = torch._dynamo.explain(make_block())(x, None, 0)
     graph_code = traced_code(explanation.graphs[0])  # with ttt.recompute_inputs the TTT q/k's are in a subgraph
-    assert graph_code.count("tttla.rotary_tables") == 2, graph_code
+    assert graph_code.count("tttla.rotary_range_tables") == 2, graph_code
     assert ".cos(" not in graph_code and ".sin(" not in graph_code and "torch.cos" not in graph_code
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_rotary_tables_op_passes_opcheck(dtype):
-    from model.layers import _rotary_tables
+def test_rotary_tables_ops_pass_opcheck(dtype):
+    from model.layers import _rotary_range_tables, _rotary_tables
 
-    positions = torch.arange(5, 45)
-    results = torch.library.opcheck(_rotary_tables, (positions, 32, 10000.0, dtype))
-    assert all(result == "SUCCESS" for result in results.values()), results
+    for op, args in ((_rotary_tables, (torch.arange(5, 45), 32, 10000.0, dtype)),
+                     (_rotary_range_tables, (5, 40, 32, 10000.0, dtype, torch.device("cpu")))):  # fmt: skip
+        results = torch.library.opcheck(op, args)
+        assert all(result == "SUCCESS" for result in results.values()), results
+
+
+@pytest.mark.parametrize("first,count", [(0, 40), (7, 33), (0, 3)])
+def test_range_tables_equal_the_tables_of_the_positions(first, count):
+    """The range's tables (built once, copied per call) are the position op's tables of arange(first,
+    first + count), bit for bit, and each call's are the caller's own (writing one leaves the next intact)."""
+    from model.layers import rotary_range_tables, rotary_tables
+
+    for dtype in (torch.float32, torch.float64):
+        expected = rotary_tables(torch.arange(first, first + count), 32, 10000.0, dtype)
+        first_call = rotary_range_tables(first, count, 32, 10000.0, dtype, torch.device("cpu"))
+        for table, reference in zip(first_call, expected):
+            assert torch.equal(table, reference)
+            table.zero_()
+        for table, reference in zip(rotary_range_tables(first, count, 32, 10000.0, dtype, torch.device("cpu")), expected):
+            assert torch.equal(table, reference)
 
 
 OP_CASES = ("swiglu_features", "swiglu_features_recompute", "swiglu_features_backward",
