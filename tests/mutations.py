@@ -37,7 +37,7 @@ TESTS = [
 ]
 LACT, REFERENCE = "kernels/lact.py", "kernels/reference.py"
 TOKEN_STEP, RING, WINDOW = "kernels/token_step.py", "kernels/ring_attention.py", "kernels/window_attention.py"
-LAYER, LOW_RANK, DECODE = "model/ttt_layer.py", "model/low_rank.py", "decoding/decode.py"
+LAYER, LOW_RANK, DECODE, LAYERS = "model/ttt_layer.py", "model/low_rank.py", "decoding/decode.py", "model/layers.py"
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,10 @@ MUTATIONS = [
     Mutation("output scale removed", ((LAYER, "return normed if output_scale is None else normed * output_scale[..., None]", "return normed"),)),
     Mutation("qk offset removed", ((LAYER, "q = q * self.qk_scale[:, 0] + self.qk_offset[:, 0]", "q = q * self.qk_scale[:, 0]"),)),
     Mutation("low-rank W0/W2 without the 0.5 I", ((LOW_RANK, "return self.w_left @ self.w_right + 0.5 * eye", "return self.w_left @ self.w_right"),)),
+    Mutation("RoPE range tables start at position 0", ((
+        LAYERS, "return _tables(torch.arange(first, first + count, device=device), head_dim, theta, dtype)",
+        "return _tables(torch.arange(0, count, device=device), head_dim, theta, dtype)"),)),
+    Mutation("RoPE range tables handed out without their copy", ((LAYERS, "return cos.clone(), sin.clone()", "return cos, sin"),)),
     Mutation("pending tokens drop the prefill's partial chunk", (
         (DECODE, "        cache.pending.write(positions, inputs.k, inputs.v, inputs.etas)\n    else:", "        pass\n    else:"),)),
     Mutation("Muon normalises a stack of matrices as one", (

@@ -65,3 +65,19 @@ def test_ttt_branch_sees_earlier_chunks():
     a, b = model(ids).logits, model(changed).logits
     assert not torch.allclose(a[0, 16:], b[0, 16:])
     assert torch.allclose(a[0, :2], b[0, :2])  # causality: nothing before the change moves
+
+
+@pytest.mark.parametrize("first,count", [(0, 40), (7, 33), (0, 3)])
+def test_range_tables_equal_the_tables_of_the_positions(first, count):
+    """The range's tables (built once, copied per call) are the position op's tables of arange(first,
+    first + count), bit for bit, and each call's are the caller's own (writing one leaves the next intact)."""
+    from model.layers import rotary_range_tables, rotary_tables
+
+    for dtype in (torch.float32, torch.float64):
+        expected = rotary_tables(torch.arange(first, first + count), 32, 10000.0, dtype)
+        first_call = rotary_range_tables(first, count, 32, 10000.0, dtype, torch.device("cpu"))
+        for table, reference in zip(first_call, expected):
+            assert torch.equal(table, reference)
+            table.zero_()
+        for table, reference in zip(rotary_range_tables(first, count, 32, 10000.0, dtype, torch.device("cpu")), expected):
+            assert torch.equal(table, reference)
