@@ -103,7 +103,12 @@ def _rotary_range_tables(
     return cos.clone(), sin.clone()  # an op's outputs are its caller's: a compiled graph may write into them
 
 
-@functools.lru_cache(maxsize=16)
+# Ranges kept: a training run asks for one or two (its steps, its evaluation), a server for a few prompt
+# lengths; each holds 2 x count x head_dim / 2 values on the device (32 MB at 128K tokens, head dim 64, fp32).
+RANGE_TABLES_KEPT = 4
+
+
+@functools.lru_cache(maxsize=RANGE_TABLES_KEPT)
 def _built_range_tables(
     first: int, count: int, head_dim: int, theta: float, dtype: torch.dtype, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
