@@ -247,7 +247,6 @@ def device_time_lines(rows: list[dict]) -> list[str]:
     return lines if profiled else []
 
 
-
 def parse_seq(text: str) -> tuple[int, int]:
     seq_len, _, batch = text.partition("x")
     return int(seq_len), int(batch or 1)

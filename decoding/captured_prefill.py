@@ -20,14 +20,14 @@ from typing import Callable, Generic, TypeVar
 
 import torch
 
-from decoding.graphs import WARMUP_STEPS
+from decoding.graphs import warm_up
 
 Result = TypeVar("Result")
 
 
 class CapturedPrefill(Generic[Result]):
     """`prefill(input_ids [B, P]) -> Result` captured for prompts of `example`'s shape (a CUDA tensor of
-    token ids). The first `WARMUP_STEPS` runs, on a side stream, compile and autotune what the prefill
+    token ids). The warm-up runs (`decoding.graphs.warm_up`) compile and autotune what the prefill
     runs; calls after the capture replay it. Gradients are never recorded."""
 
     @torch.no_grad()
@@ -35,12 +35,7 @@ class CapturedPrefill(Generic[Result]):
         if not example.is_cuda:
             raise ValueError(f"a captured prefill needs the prompt on a CUDA device, not {example.device}")
         self.input_ids = example.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_STEPS):
-                prefill(self.input_ids)
-        torch.cuda.current_stream().wait_stream(side)
+        warm_up(lambda: prefill(self.input_ids))
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.outputs = prefill(self.input_ids)

@@ -27,6 +27,18 @@ import torch
 WARMUP_STEPS = 3  # eager runs on a side stream before capture: lazy inits and kernel autotuning happen there
 
 
+def warm_up(run: Callable[[], object]) -> None:
+    """`WARMUP_STEPS` calls of `run` on a side stream, the current stream waiting for them: what a graph
+    will record is compiled, autotuned and lazily initialised before its capture, which would refuse
+    those (a capture records kernels; it must not run one-off work or read back from the device)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(WARMUP_STEPS):
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+
+
 class StaticStepDecoder(Protocol):
     tokens: torch.Tensor  # [B] int64
     logits: torch.Tensor  # [B, V]
@@ -88,12 +100,7 @@ class DecodeRunner:
         decoder's buffers), and a generator registered with both advances by whichever replays."""
         saved = [t.clone() for t in self.decoder.buffers()]
         generator_state = None if generator is None else generator.get_state()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_STEPS):
-                self.boundary_step()
-        torch.cuda.current_stream().wait_stream(side)
+        warm_up(self.boundary_step)
         pool = torch.cuda.graph_pool_handle()
         self.token_graph, self.boundary_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         for graph in (self.token_graph, self.boundary_graph) if generator is not None else ():

@@ -91,8 +91,14 @@ def rotary_range_tables(
     and that branch again where its inputs are recomputed for the backward), and on a short step the
     host's time per op is what the step waits for."""
     if count <= FUSED_TABLE_POSITIONS:
-        return _tables(torch.arange(first, first + count, device=device), head_dim, float(theta), dtype)
+        return _range_tables(first, count, head_dim, float(theta), dtype, device)
     return _rotary_range_tables(first, count, head_dim, float(theta), dtype, device)
+
+
+def _range_tables(
+    first: int, count: int, head_dim: int, theta: float, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _tables(torch.arange(first, first + count, device=device), head_dim, theta, dtype)
 
 
 @torch.library.custom_op("tttla::rotary_range_tables", mutates_args=())
@@ -106,13 +112,7 @@ def _rotary_range_tables(
 # Ranges kept: a training run asks for one or two (its steps, its evaluation), a server for a few prompt
 # lengths; each holds 2 x count x head_dim / 2 values on the device (32 MB at 128K tokens, head dim 64, fp32).
 RANGE_TABLES_KEPT = 4
-
-
-@functools.lru_cache(maxsize=RANGE_TABLES_KEPT)
-def _built_range_tables(
-    first: int, count: int, head_dim: int, theta: float, dtype: torch.dtype, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return _tables(torch.arange(first, first + count, device=device), head_dim, theta, dtype)
+_built_range_tables = functools.lru_cache(maxsize=RANGE_TABLES_KEPT)(_range_tables)
 
 
 @_rotary_range_tables.register_fake
