@@ -6,7 +6,10 @@ restart at every document start; the state resets there. A `ChunkTable` lists ev
 range and every document's range of chunks.
 
 Four kernels, each over all chunks at once except the scans (one program per document, head and
-state tile, walking its chunks in order):
+state tile, walking its chunks in order). B documents of T tokens each (a plain batch) need no table on
+the device: the kernels compute every chunk's range from T and C (`REGULAR`), so a call launches no
+kernel to build one and keeps no tensor between calls (a cached table allocated inside a CUDA graph's
+memory pool would be overwritten by its replays). Packed documents read their ranges from the table.
 
 * `chunk_outer_kernel`:  out[c] = sum_{t in c} eta_t x_t y_t^T      (chunk updates A(c), and dS(c) in the backward)
 * `state_scan_fwd_kernel`: S(c) = S(0) + sum_{c'<c} sign * M(c'), M(c) = beta_c M(c-1) + A(c)   (fp32)
@@ -38,31 +41,33 @@ from kernels.triton_utils import cdiv, dot_precision, new_buffer, tile
 class ChunkTable:
     """Token ranges of all chunks of all documents, in order.
 
-    starts, ends: [NC] int32 token offsets on the flat axis; doc_chunks: [D + 1] int32, document
-    i owns chunks doc_chunks[i] .. doc_chunks[i + 1] - 1.
+    Regular (`doc_len` > 0): `num_docs` documents of doc_len tokens each, chunk c of document i covering
+    i * doc_len + c * C .. min(+C, (i + 1) * doc_len), computed by the kernels. Packed (`doc_len` 0):
+    starts, ends: [NC] int32 token offsets on the flat axis; doc_chunks: [D + 1] int32, document i owns
+    chunks doc_chunks[i] .. doc_chunks[i + 1] - 1.
     """
 
-    starts: torch.Tensor
-    ends: torch.Tensor
-    doc_chunks: torch.Tensor
     num_docs: int
+    num_chunks: int
+    doc_len: int = 0
+    starts: Optional[torch.Tensor] = None
+    ends: Optional[torch.Tensor] = None
+    doc_chunks: Optional[torch.Tensor] = None
 
     @property
-    def num_chunks(self) -> int:
-        return self.starts.shape[0]
+    def regular(self) -> bool:
+        return self.doc_len > 0
+
+    def pointers(self, stand_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """starts, ends, doc_chunks as the kernels take them; `stand_in` for a regular table's (never read)."""
+        if self.regular:
+            return stand_in, stand_in, stand_in
+        return self.starts, self.ends, self.doc_chunks
 
 
-@functools.lru_cache(maxsize=64)
-def regular_chunk_table(batch: int, seq_len: int, chunk_size: int, device) -> ChunkTable:
-    """B documents of T tokens each (no host synchronisation). Kept per shape: every layer's forward and
-    backward ask for the same table, and building it launches about ten small kernels each time;
-    the kernels only read it."""
-    n = math.ceil(seq_len / chunk_size)
-    doc = torch.arange(batch, device=device, dtype=torch.int32)[:, None]
-    starts = doc * seq_len + torch.arange(n, device=device, dtype=torch.int32)[None, :] * chunk_size
-    ends = torch.minimum(starts + chunk_size, (doc + 1) * seq_len)
-    doc_chunks = torch.arange(batch + 1, device=device, dtype=torch.int32) * n
-    return ChunkTable(starts.flatten().contiguous(), ends.flatten().contiguous(), doc_chunks, batch)
+def regular_chunk_table(batch: int, seq_len: int, chunk_size: int) -> ChunkTable:
+    """B documents of T tokens each: nothing on the device, nothing to synchronise."""
+    return ChunkTable(batch, batch * math.ceil(seq_len / chunk_size), doc_len=seq_len)
 
 
 def varlen_chunk_table(cu_seqlens: torch.Tensor, chunk_size: int, device) -> ChunkTable:
@@ -75,7 +80,8 @@ def varlen_chunk_table(cu_seqlens: torch.Tensor, chunk_size: int, device) -> Chu
             ends.append(min(c + chunk_size, e))
         doc_chunks.append(len(starts))
     as_tensor = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
-    return ChunkTable(as_tensor(starts), as_tensor(ends), as_tensor(doc_chunks), len(bounds) - 1)
+    return ChunkTable(len(bounds) - 1, len(starts), starts=as_tensor(starts), ends=as_tensor(ends),
+                      doc_chunks=as_tensor(doc_chunks))
 
 
 # Tile shapes (tuned on H100 at d = 384, dh = 768, C = 2048; `benchmarks.kernel_ops --sweep` re-measures them).
@@ -107,10 +113,41 @@ def fuse_update_into_scan(chunk_size: int) -> bool:
 
 
 @triton.jit
+def _chunk_range(i_c, starts_ptr, ends_ptr, doc_len, chunk_size, REGULAR: tl.constexpr):
+    """Token range start .. end - 1 of chunk i_c on the flat axis (`ChunkTable`)."""
+    if REGULAR:
+        per_doc = (doc_len + chunk_size - 1) // chunk_size
+        doc = i_c // per_doc
+        start = doc * doc_len + (i_c - doc * per_doc) * chunk_size
+        end = tl.minimum(start + chunk_size, (doc + 1) * doc_len)
+    else:
+        start = tl.load(starts_ptr + i_c)
+        end = tl.load(ends_ptr + i_c)
+    return start, end
+
+
+@triton.jit
+def _doc_range(i_doc, starts_ptr, ends_ptr, doc_chunks_ptr, doc_len, chunk_size, REGULAR: tl.constexpr):
+    """Document i_doc's chunks c0 .. c1 - 1 and its tokens doc_start .. doc_end - 1 (`ChunkTable`)."""
+    if REGULAR:
+        per_doc = (doc_len + chunk_size - 1) // chunk_size
+        c0 = i_doc * per_doc
+        c1 = c0 + per_doc
+        doc_start = i_doc * doc_len
+        doc_end = doc_start + doc_len
+    else:
+        c0 = tl.load(doc_chunks_ptr + i_doc)
+        c1 = tl.load(doc_chunks_ptr + i_doc + 1)
+        doc_start = tl.load(starts_ptr + c0, mask=c1 > c0, other=0)
+        doc_end = tl.load(ends_ptr + c1 - 1, mask=c1 > c0, other=0)
+    return c0, c1, doc_start, doc_end
+
+
+@triton.jit
 def chunk_outer_kernel(
-    x_ptr, y_ptr, eta_ptr, out_ptr, starts_ptr, ends_ptr, H,
+    x_ptr, y_ptr, eta_ptr, out_ptr, starts_ptr, ends_ptr, doc_len, chunk_size, H,
     DX: tl.constexpr, DY: tl.constexpr, BT: tl.constexpr, BX: tl.constexpr, BY: tl.constexpr,
-    USE_ETA: tl.constexpr, PRECISION: tl.constexpr,
+    USE_ETA: tl.constexpr, PRECISION: tl.constexpr, REGULAR: tl.constexpr,
 ):
     i_c = tl.program_id(0)
     i_xy = tl.program_id(1)
@@ -118,8 +155,7 @@ def chunk_outer_kernel(
     NY: tl.constexpr = (DY + BY - 1) // BY
     i_x = i_xy // NY
     i_y = i_xy % NY
-    start = tl.load(starts_ptr + i_c)
-    end = tl.load(ends_ptr + i_c)
+    start, end = _chunk_range(i_c, starts_ptr, ends_ptr, doc_len, chunk_size, REGULAR)
     offs_x = i_x * BX + tl.arange(0, BX)
     offs_y = i_y * BY + tl.arange(0, BY)
     acc = tl.zeros([BX, BY], dtype=tl.float32)
@@ -138,7 +174,7 @@ def chunk_outer_kernel(
     tl.store(out, acc, mask=(offs_x[:, None] < DX) & (offs_y[None, :] < DY))
 
 
-def chunk_outer(x, y, eta, table: ChunkTable) -> torch.Tensor:
+def chunk_outer(x, y, eta, table: ChunkTable, chunk_size: int) -> torch.Tensor:
     """x: [TT, H, DX], y: [TT, H, DY], eta: [TT, H] or None -> [NC, H, DX, DY] fp32."""
     _, heads, dx = x.shape
     dy = y.shape[-1]
@@ -146,10 +182,12 @@ def chunk_outer(x, y, eta, table: ChunkTable) -> torch.Tensor:
     tiles = OUTER_TILES
     bx, by = tile(dx, tiles["BX"]), tile(dy, tiles["BY"])
     grid = (table.num_chunks, cdiv(dx, bx) * cdiv(dy, by), heads)
+    starts, ends, _ = table.pointers(x)
     chunk_outer_kernel[grid](
-        x, y, eta if eta is not None else x, out, table.starts, table.ends, heads,
+        x, y, eta if eta is not None else x, out, starts, ends, table.doc_len, chunk_size, heads,
         DX=dx, DY=dy, BT=tiles["BT"], BX=bx, BY=by, USE_ETA=eta is not None,
-        PRECISION=dot_precision(x.dtype), num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
+        PRECISION=dot_precision(x.dtype), REGULAR=table.regular, num_warps=tiles["num_warps"],
+        num_stages=tiles["num_stages"],
     )
     return out
 
@@ -197,12 +235,12 @@ def _chunk_outer_tile(x_ptr, y_ptr, eta_ptr, start, end, i_h, H, offs_1, offs_2,
 
 @triton.jit
 def state_scan_fwd_kernel(
-    upd_ptr, x_ptr, y_ptr, eta_ptr, starts_ptr, ends_ptr, chunk_size,
+    upd_ptr, x_ptr, y_ptr, eta_ptr, starts_ptr, ends_ptr, doc_len, chunk_size,
     states_ptr, init_ptr, final_ptr, beta_ptr, init_mom_ptr, final_mom_ptr, mom_ptr,
     doc_chunks_ptr, H, sign,
     D1: tl.constexpr, D2: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr,
     HAS_INIT: tl.constexpr, HAS_MOM: tl.constexpr, HAS_INIT_MOM: tl.constexpr,
-    FUSED: tl.constexpr, BT: tl.constexpr, NSUB: tl.constexpr, PRECISION: tl.constexpr,
+    FUSED: tl.constexpr, BT: tl.constexpr, NSUB: tl.constexpr, PRECISION: tl.constexpr, REGULAR: tl.constexpr,
 ):
     """FUSED: the chunk update A(c) = sum_t eta_t x_t y_t^T is computed here, from x = v [TT, H, D1]
     and y = h(k) [TT, H, D2], and never leaves registers; otherwise it is read from upd_ptr."""
@@ -213,11 +251,8 @@ def state_scan_fwd_kernel(
     momentum = tl.zeros([B1, B2], dtype=tl.float32)
     if HAS_INIT_MOM:
         momentum = tl.load(init_mom_ptr + doc_base + offs, mask=mask, other=0.0).to(tl.float32)
-    c0 = tl.load(doc_chunks_ptr + i_doc)
-    c1 = tl.load(doc_chunks_ptr + i_doc + 1)
-    if FUSED:  # chunk c of the document covers doc_start + (c - c0) C .. min(+C, doc_end)
-        doc_start = tl.load(starts_ptr + c0, mask=c1 > c0, other=0)
-        doc_end = tl.load(ends_ptr + c1 - 1, mask=c1 > c0, other=0)
+    # chunk c of the document covers doc_start + (c - c0) C .. min(+C, doc_end)
+    c0, c1, doc_start, doc_end = _doc_range(i_doc, starts_ptr, ends_ptr, doc_chunks_ptr, doc_len, chunk_size, REGULAR)
     for c in range(c0, c1):
         base = (c * H + i_h) * D1 * D2
         if FUSED:
@@ -241,12 +276,12 @@ def state_scan_fwd_kernel(
 
 @triton.jit
 def state_scan_bwd_kernel(
-    dstate_ptr, x_ptr, y_ptr, starts_ptr, ends_ptr, chunk_size,
+    dstate_ptr, x_ptr, y_ptr, starts_ptr, ends_ptr, doc_len, chunk_size,
     dupd_ptr, dfinal_ptr, dinit_ptr, beta_ptr, mom_ptr, dfinal_mom_ptr, dinit_mom_ptr,
     dbeta_ptr, doc_chunks_ptr, H, sign, NTILES,
     D1: tl.constexpr, D2: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr,
     HAS_DFINAL: tl.constexpr, HAS_MOM: tl.constexpr, HAS_DFINAL_MOM: tl.constexpr,
-    FUSED: tl.constexpr, BT: tl.constexpr, NSUB: tl.constexpr, PRECISION: tl.constexpr,
+    FUSED: tl.constexpr, BT: tl.constexpr, NSUB: tl.constexpr, PRECISION: tl.constexpr, REGULAR: tl.constexpr,
 ):
     """FUSED: dL/dS(c) = sum_t x_t y_t^T is computed here from x = dO [TT, H, D1] and y = h(q) [TT, H, D2];
     otherwise it is read from dstate_ptr."""
@@ -259,11 +294,7 @@ def state_scan_bwd_kernel(
     carry = tl.zeros([B1, B2], dtype=tl.float32)
     if HAS_DFINAL_MOM:
         carry = tl.load(dfinal_mom_ptr + doc_base + offs, mask=mask, other=0.0).to(tl.float32)
-    c0 = tl.load(doc_chunks_ptr + i_doc)
-    c1 = tl.load(doc_chunks_ptr + i_doc + 1)
-    if FUSED:
-        doc_start = tl.load(starts_ptr + c0, mask=c1 > c0, other=0)
-        doc_end = tl.load(ends_ptr + c1 - 1, mask=c1 > c0, other=0)
+    c0, c1, doc_start, doc_end = _doc_range(i_doc, starts_ptr, ends_ptr, doc_chunks_ptr, doc_len, chunk_size, REGULAR)
     for i in range(0, c1 - c0):
         c = c1 - 1 - i
         base = (c * H + i_h) * D1 * D2
@@ -302,10 +333,11 @@ def _scan_launch(d1: int, d2: int, chunk_size: int, fused: bool, dtype, docs_x_h
 
 
 def state_scan_fwd(table: ChunkTable, initial_state, beta, initial_momentum, sign: float, dtype, *,
-                   updates=None, v=None, hk=None, eta=None, chunk_size: int = 0):
+                   chunk_size: int, updates=None, v=None, hk=None, eta=None):
     """The state each chunk reads, from either the chunk updates A(c) (`updates` [NC, H, d, dh] fp32,
-    from `chunk_outer`) or, fused, from v [TT, H, d], hk [TT, H, dh], eta [TT, H] and chunk_size:
-    A(c) = sum_{t in c} eta_t v_t hk_t^T is then formed in registers and never stored.
+    from `chunk_outer`) or, fused, from v [TT, H, d], hk [TT, H, dh] and eta [TT, H]:
+    A(c) = sum_{t in c} eta_t v_t hk_t^T is then formed in registers and never stored. `chunk_size`
+    places the chunks (a regular table's, and the fused update's).
     beta: [NC, H] or None.
 
     Returns (states [NC, H, d, dh] in `dtype`: the state each chunk reads; final [D, H, d, dh] fp32;
@@ -327,19 +359,20 @@ def state_scan_fwd(table: ChunkTable, initial_state, beta, initial_momentum, sig
     launch = _scan_launch(d1, d2, chunk_size, fused, dtype, table.num_docs * heads)
     grid = (cdiv(d1, launch["B1"]) * cdiv(d2, launch["B2"]), table.num_docs, heads)
     any_ = states  # stands in for pointers a variant does not read
+    starts, ends, doc_chunks = table.pointers(any_)
     state_scan_fwd_kernel[grid](
         any_ if fused else updates, v if fused else any_, hk if fused else any_, eta if fused else any_,
-        table.starts, table.ends, chunk_size, states, initial_state if initial_state is not None else any_, final,
+        starts, ends, table.doc_len, chunk_size, states, initial_state if initial_state is not None else any_, final,
         beta if has_mom else any_, initial_momentum if initial_momentum is not None else any_,
         final_mom if has_mom else any_, momenta if has_mom else any_,
-        table.doc_chunks, heads, sign, D1=d1, D2=d2,
-        HAS_INIT=initial_state is not None, HAS_MOM=has_mom, HAS_INIT_MOM=initial_momentum is not None, **launch,
+        doc_chunks, heads, sign, D1=d1, D2=d2, HAS_INIT=initial_state is not None, HAS_MOM=has_mom,
+        HAS_INIT_MOM=initial_momentum is not None, REGULAR=table.regular, **launch,
     )
     return states, final, final_mom, momenta
 
 
 def state_scan_bwd(table: ChunkTable, dfinal, beta, momenta, dfinal_mom, sign: float, dtype, *,
-                   dstates=None, do=None, hq=None, chunk_size: int = 0):
+                   chunk_size: int, dstates=None, do=None, hq=None):
     """Mirror of `state_scan_fwd`. dL/dS(c) for the state each chunk read comes either from `dstates`
     ([NC, H, d, dh] fp32, from `chunk_outer`) or, fused, from do [TT, H, d] and hq [TT, H, dh]
     (dL/dS(c) = sum_{t in c} do_t hq_t^T, formed in registers).
@@ -364,14 +397,15 @@ def state_scan_bwd(table: ChunkTable, dfinal, beta, momenta, dfinal_mom, sign: f
     dbeta_tiles = new_buffer((nc, heads, ntiles), torch.float32, device) if has_mom else None
     grid = (ntiles, table.num_docs, heads)
     any_ = dupdates  # stands in for pointers a variant does not read
+    starts, ends, doc_chunks = table.pointers(any_)
     state_scan_bwd_kernel[grid](
-        any_ if fused else dstates, do if fused else any_, hq if fused else any_, table.starts, table.ends,
+        any_ if fused else dstates, do if fused else any_, hq if fused else any_, starts, ends, table.doc_len,
         chunk_size, dupdates, dfinal if dfinal is not None else any_, dinit,
         beta if has_mom else any_, momenta if has_mom else any_,
         dfinal_mom if dfinal_mom is not None else any_, dinit_mom if has_mom else any_,
-        dbeta_tiles if has_mom else any_, table.doc_chunks, heads, sign, ntiles,
+        dbeta_tiles if has_mom else any_, doc_chunks, heads, sign, ntiles,
         D1=d1, D2=d2, HAS_DFINAL=dfinal is not None, HAS_MOM=has_mom,
-        HAS_DFINAL_MOM=has_mom and dfinal_mom is not None, **launch,
+        HAS_DFINAL_MOM=has_mom and dfinal_mom is not None, REGULAR=table.regular, **launch,
     )
     dbeta = dbeta_tiles.sum(-1) if has_mom else None
     return dupdates, dinit, dinit_mom, dbeta
@@ -400,12 +434,12 @@ def _masked_scores_times_z(scores, z_ptr, eta_ptr, offs_t, offs_s, mask_s, offs_
 
 @triton.jit
 def chunk_apply_kernel(
-    x_ptr, y_ptr, z_ptr, w_ptr, eta_ptr, out_ptr, vdot_ptr, deta_ptr, starts_ptr, ends_ptr,
+    x_ptr, y_ptr, z_ptr, w_ptr, eta_ptr, out_ptr, vdot_ptr, deta_ptr, starts_ptr, ends_ptr, doc_len, chunk_size,
     H, sign, stride_wm, stride_wn,
     DX: tl.constexpr, DZ: tl.constexpr, NSUB: tl.constexpr,
     BT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     INTRA: tl.constexpr, REVERSE: tl.constexpr, ETA_ROW: tl.constexpr, ETA_COL: tl.constexpr,
-    ETA_DOT: tl.constexpr, PRECISION: tl.constexpr,
+    ETA_DOT: tl.constexpr, PRECISION: tl.constexpr, REGULAR: tl.constexpr,
 ):
     """x, y: [TT, H, DX]; z, out: [TT, H, DZ]; w: [NC, H, *] read as W^T[m, n] = w[m*stride_wm + n*stride_wn].
 
@@ -416,8 +450,7 @@ def chunk_apply_kernel(
     i_n = tl.program_id(1)
     i_h = tl.program_id(2)
     i_c = i_cb // NSUB
-    start = tl.load(starts_ptr + i_c)
-    end = tl.load(ends_ptr + i_c)
+    start, end = _chunk_range(i_c, starts_ptr, ends_ptr, doc_len, chunk_size, REGULAR)
     t0 = start + (i_cb % NSUB) * BT
     if t0 >= end:
         return
@@ -497,11 +530,12 @@ def chunk_apply(
     deta_tiles = new_buffer((tt, heads, nn), torch.float32, x.device) if vdot is not None else None
     stride_wm, stride_wn = (dz, 1) if w_transposed else (1, dx)
     grid = (table.num_chunks * launch["NSUB"], nn, heads)
+    starts, ends, _ = table.pointers(x)
     chunk_apply_kernel[grid](
         x, y, z, w, eta if eta is not None else x, out, vdot if vdot is not None else x,
-        deta_tiles if vdot is not None else out, table.starts, table.ends, heads, sign, stride_wm, stride_wn,
-        DX=dx, DZ=dz, INTRA=intra, REVERSE=reverse, ETA_ROW=eta_row, ETA_COL=eta_col, ETA_DOT=vdot is not None,
-        PRECISION=dot_precision(x.dtype), **launch,
+        deta_tiles if vdot is not None else out, starts, ends, table.doc_len, chunk_size, heads, sign,
+        stride_wm, stride_wn, DX=dx, DZ=dz, INTRA=intra, REVERSE=reverse, ETA_ROW=eta_row, ETA_COL=eta_col,
+        ETA_DOT=vdot is not None, PRECISION=dot_precision(x.dtype), REGULAR=table.regular, **launch,
     )
     return out, (deta_tiles.sum(-1) if vdot is not None else None)
 
@@ -531,8 +565,8 @@ def ttt_la_fwd(hq, hk, v, eta, initial_state, table: ChunkTable, chunk_size: int
     if fuse_update_into_scan(chunk_size):
         states, final, final_mom, momenta = state_scan_fwd(*scan_args, v=v, hk=hk, eta=eta, chunk_size=chunk_size)
     else:
-        updates = chunk_outer(v, hk, eta, table)  # A(c): [NC, H, d, dh] fp32
-        states, final, final_mom, momenta = state_scan_fwd(*scan_args, updates=updates)
+        updates = chunk_outer(v, hk, eta, table, chunk_size)  # A(c): [NC, H, d, dh] fp32
+        states, final, final_mom, momenta = state_scan_fwd(*scan_args, updates=updates, chunk_size=chunk_size)
         del updates
     o, _ = chunk_apply(hq, hk, v, states, False, eta, table, chunk_size, intra=token_causal, eta_col=True,
                        sign=sign)
@@ -548,8 +582,8 @@ def ttt_la_bwd(do, hq, hk, v, eta, states, momenta, beta, table: ChunkTable, chu
     if fuse_update_into_scan(chunk_size):
         dupdates, dinit, dinit_mom, dbeta = state_scan_bwd(*scan_args, do=do, hq=hq, chunk_size=chunk_size)
     else:
-        dstates = chunk_outer(do, hq, None, table)  # dL/dS(c) = sum_t do_t hq_t^T, [NC, H, d, dh] fp32
-        dupdates, dinit, dinit_mom, dbeta = state_scan_bwd(*scan_args, dstates=dstates)
+        dstates = chunk_outer(do, hq, None, table, chunk_size)  # dL/dS(c) = sum_t do_t hq_t^T, [NC, H, d, dh] fp32
+        dupdates, dinit, dinit_mom, dbeta = state_scan_bwd(*scan_args, dstates=dstates, chunk_size=chunk_size)
         del dstates
     # dhq_t = S(c)^T do_t + sign * sum_{s <= t} eta_s (do_t . v_s) hk_s
     dhq, _ = chunk_apply(do, v, hk, states, True, eta, table, chunk_size, intra=token_causal, eta_col=True,

@@ -29,7 +29,7 @@ MIN_HEAD_DIM, MAX_HEAD_DIM, HEAD_DIM_MULTIPLE = 16, 1024, 16
 def _chunk_table(tokens: int, rows: int, cu_seqlens: Optional[torch.Tensor], chunk_size: int, device):
     """`rows` documents of tokens / rows tokens each, or the packed documents of cu_seqlens."""
     if cu_seqlens is None:
-        return chunk_kernels.regular_chunk_table(rows, tokens // rows, chunk_size, device)
+        return chunk_kernels.regular_chunk_table(rows, tokens // rows, chunk_size)
     return chunk_kernels.varlen_chunk_table(cu_seqlens, chunk_size, device)
 
 

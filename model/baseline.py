@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import LMConfig
-from model.layers import RMSNorm, SwiGLUMLP, apply_rotary, rotary_range_tables, rotary_tables
+from model.layers import RMSNorm, RotaryTables, SwiGLUMLP, apply_rotary, rotary_tables, shared_rotary_tables
 from model.lm import LMOutput
 from model.loss import head_and_loss
 
@@ -44,19 +44,24 @@ class CausalAttention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)
         self.o_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
 
-    def heads_at(self, x: torch.Tensor, positions: "int | torch.Tensor") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [B, T, D] at positions offset + t (an int offset) or `positions` [B, T] -> q, k (rotated), v as [B, A, T, Dh]."""
+    def heads_at(
+        self, x: torch.Tensor, positions: "int | torch.Tensor", rope: Optional[RotaryTables] = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, D] at positions offset + t (an int offset) or `positions` [B, T] -> q, k (rotated), v as
+        [B, A, T, Dh]; `rope`: those positions' tables where the LM built them for every layer."""
         batch, seq_len, _ = x.shape
         q, k, v = (t.reshape(batch, seq_len, self.heads, self.head_dim) for t in self.qkv(x).chunk(3, dim=-1))
-        if isinstance(positions, int):
-            cos, sin = rotary_range_tables(positions, seq_len, self.head_dim, self.rope_theta, q.dtype, x.device)
+        if rope is not None:
+            cos, sin = rope.cos.to(q.dtype), rope.sin.to(q.dtype)
         else:
+            if isinstance(positions, int):
+                positions = torch.arange(positions, positions + seq_len, device=x.device)
             cos, sin = rotary_tables(positions, self.head_dim, self.rope_theta, q.dtype)
         rotated = (apply_rotary(t, cos, sin, self.rope_layout).transpose(1, 2) for t in (q, k))
         return *rotated, v.transpose(1, 2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.heads_at(x, 0)
+    def forward(self, x: torch.Tensor, rope: Optional[RotaryTables] = None) -> torch.Tensor:
+        q, k, v = self.heads_at(x, 0, rope)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, A, T, Dh]
         return self.o_proj(out.transpose(1, 2).flatten(2))
 
@@ -69,8 +74,8 @@ class BaselineBlock(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.resolved_mlp_hidden_size())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.mixer_norm(x))
+    def forward(self, x: torch.Tensor, rope: Optional[RotaryTables] = None) -> torch.Tensor:
+        x = x + self.attention(self.mixer_norm(x), rope)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -101,11 +106,19 @@ class BaselineLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, targets: Optional[torch.Tensor] = None, return_logits: bool = True) -> LMOutput:
         """input_ids, targets: [B, T]; the same LMOutput as TTTLM (no states), with the same head and loss."""
         x = self.embed(input_ids)
+        rope = self.rotary_tables(input_ids.shape[1])
         for block in self.blocks:
-            x = block(x)
+            x = block(x, rope)
         logits, loss_sum, num_targets = head_and_loss(self.final_norm(x), self.output_weight(), targets, return_logits, self.loss_backend)
         loss = None if loss_sum is None else loss_sum / num_targets.clamp(min=1)
         return LMOutput(logits, loss, loss_sum, num_targets, [])
+
+    def rotary_tables(self, seq_len: int) -> Optional[RotaryTables]:
+        """The RoPE tables of positions 0 .. seq_len - 1 in the embeddings' dtype, built once per forward
+        for every layer, as `TTTLM.rotary_tables` builds its own."""
+        weight = self.embed.weight
+        positions = torch.arange(seq_len, device=weight.device)
+        return shared_rotary_tables(positions, self.cfg.hidden_size // self.cfg.num_attn_heads, self.cfg.rope_theta, weight.dtype)
 
     def empty_cache(self, batch: int, capacity: int) -> KVCache:
         """A zeroed KV cache for `capacity` tokens: its memory is linear in the context, unlike TTT's state."""
@@ -147,9 +160,10 @@ class BaselineLM(nn.Module):
         if capacity < prompt_len:
             raise ValueError(f"capacity={capacity} must hold the prompt's {prompt_len} tokens")
         cache = self.empty_cache(batch, capacity)
+        rope = self.rotary_tables(prompt_len)
 
         def attend(index: int, attention: CausalAttention, h: torch.Tensor) -> torch.Tensor:
-            q, k, v = attention.heads_at(h, 0)
+            q, k, v = attention.heads_at(h, 0, rope)
             cache.keys[index, :, :, :prompt_len] = k
             cache.values[index, :, :, :prompt_len] = v
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import functools
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -79,46 +79,28 @@ def _(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) 
     return positions.new_empty(shape, dtype=dtype), positions.new_empty(shape, dtype=dtype)
 
 
-def rotary_range_tables(
-    first: int, count: int, head_dim: int, theta: float, dtype: torch.dtype, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`rotary_tables` for the positions first .. first + count - 1 ([count, head_dim / 2] each): the
-    case of a training step and a prefill, where every row starts at the same position.
+class RotaryTables(NamedTuple):
+    """cos, sin [T, Dh/2] (or [B, T, Dh/2] where rows differ) of the rows' positions in the dtype of the
+    model's activations (fp32 under autocast); each rotation casts them to its heads' dtype, the tables
+    `rotary_tables` builds for those heads.
 
-    Such tables depend on ints alone, so they are built once per (first, count, ...) and each call
-    copies them: two copies where the position op runs about ten small ops, every call again. A
-    training step asks for them three times a layer (the window's heads, the fast-weight branch's,
-    and that branch again where its inputs are recomputed for the backward), and on a short step the
-    host's time per op is what the step waits for."""
-    if count <= FUSED_TABLE_POSITIONS:
-        return _range_tables(first, count, head_dim, float(theta), dtype, device)
-    return _rotary_range_tables(first, count, head_dim, float(theta), dtype, device)
+    The LM builds them once per forward for all its layers (`shared_rotary_tables`) and hands them to
+    every block, a plain input of its compiled graph: a training step then computes them once instead of
+    three times a layer (the window's heads, the fast-weight branch's, and that branch again where its
+    inputs are recomputed for the backward), and a compiled block holds no op or cache of its own for
+    them, so Inductor's CUDA graphs and its C++ launcher take the block as it is."""
 
-
-def _range_tables(
-    first: int, count: int, head_dim: int, theta: float, dtype: torch.dtype, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return _tables(torch.arange(first, first + count, device=device), head_dim, theta, dtype)
+    cos: torch.Tensor
+    sin: torch.Tensor
 
 
-@torch.library.custom_op("tttla::rotary_range_tables", mutates_args=())
-def _rotary_range_tables(
-    first: int, count: int, head_dim: int, theta: float, dtype: torch.dtype, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    cos, sin = _built_range_tables(first, count, head_dim, theta, dtype, device)
-    return cos.clone(), sin.clone()  # an op's outputs are its caller's: a compiled graph may write into them
-
-
-# Ranges kept: a training run asks for one or two (its steps, its evaluation), a server for a few prompt
-# lengths; each holds 2 x count x head_dim / 2 values on the device (32 MB at 128K tokens, head dim 64, fp32).
-RANGE_TABLES_KEPT = 4
-_built_range_tables = functools.lru_cache(maxsize=RANGE_TABLES_KEPT)(_range_tables)
-
-
-@_rotary_range_tables.register_fake
-def _(first: int, count: int, head_dim: int, theta: float, dtype: torch.dtype, device: torch.device):
-    shape = (count, head_dim // 2)
-    return torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device)
+def shared_rotary_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> Optional[RotaryTables]:
+    """The tables of `positions` [T] or [B, T] for every layer of a model whose activations are `dtype`;
+    None for a few positions a row (a decode step), where each block's graph fuses their computation
+    into the rotation itself."""
+    if positions.shape[-1] <= FUSED_TABLE_POSITIONS:
+        return None
+    return RotaryTables(*_tables(positions, head_dim, float(theta), dtype))
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str = "half") -> torch.Tensor:

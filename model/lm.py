@@ -18,11 +18,11 @@ from torch import nn
 
 from kernels.fast_weights import FastWeights
 from model.config import LMConfig
-from model.layers import RMSNorm, SwiGLUMLP
+from model.layers import RMSNorm, RotaryTables, SwiGLUMLP, shared_rotary_tables
 from model.loss import head_and_loss
 from model.segments import DocumentSegments
 from model.swa import flex_attention, window_block_mask
-from model.ttt_layer import TTTMixer
+from model.ttt_layer import TTTMixer, token_positions
 
 
 @dataclass
@@ -65,15 +65,16 @@ class Block(nn.Module):
     def forward(
         self, x: torch.Tensor, state: Optional[FastWeights], position_offset: Union[int, torch.Tensor],
         segments: Optional[DocumentSegments] = None, window_mask: Optional[Any] = None,
+        rope: Optional[RotaryTables] = None,
     ) -> tuple[torch.Tensor, FastWeights]:
         """x [B, T, D] -> (x [B, T, D], the mixer's state after the rows): the one residual block of
         training, sequence parallelism and decoding (they differ in the mixer's strategies only)."""
-        mixed, new_state = self.mixer(self.mixer_norm(x), state, position_offset, segments, window_mask)
+        mixed, new_state = self.mixer(self.mixer_norm(x), state, position_offset, segments, window_mask, rope)
         x = x + mixed
         return x + self.mlp(self.mlp_norm(x)), new_state
 
 
-BlockCall = Callable[..., tuple[torch.Tensor, FastWeights]]  # (block, x, state, position_offset, segments, window_mask)
+BlockCall = Callable[..., tuple[torch.Tensor, FastWeights]]  # (block, x, state, position_offset, segments, window_mask, rope)
 
 
 class TTTLM(nn.Module):
@@ -137,7 +138,7 @@ class TTTLM(nn.Module):
         """The embedding and the layer loop: ids [B, T] -> (hidden [B, T, D] before the final norm, each
         layer's state after the rows). `states` are what each layer's scan strategy starts from.
 
-        `call_block(block, x, state, position_offset, segments, window_mask)` runs each block; None calls
+        `call_block(block, x, state, position_offset, segments, window_mask, rope)` runs each block; None calls
         the module (its `Module.compile` form where the trainer compiled it). Decoding passes `Block.forward`
         or its own compiled step (`decoding.compiled`): its strategies hold per-token state that the
         training graph was not traced with.
@@ -145,15 +146,31 @@ class TTTLM(nn.Module):
         segments = None if doc_ids is None else DocumentSegments.from_doc_ids(doc_ids)
         x = self.embed(input_ids)
         window_mask = self.window_mask(input_ids, doc_ids)
+        rope = self.rotary_tables(x, position_offset, segments)
         new_states = []
         for i, block in enumerate(self.blocks):
             state = None if states is None else states[i]
             if call_block is None:
-                x, state = block(x, state, position_offset, segments, window_mask)
+                x, state = block(x, state, position_offset, segments, window_mask, rope)
             else:
-                x, state = call_block(block, x, state, position_offset, segments, window_mask)
+                x, state = call_block(block, x, state, position_offset, segments, window_mask, rope)
             new_states.append(state)
         return x, new_states
+
+    def rotary_tables(
+        self, x: torch.Tensor, position_offset: Union[int, torch.Tensor], segments: Optional[DocumentSegments]
+    ) -> Optional[RotaryTables]:
+        """The RoPE tables every layer rotates its heads with (`model.layers.RotaryTables`), built once
+        per forward for the embedded rows x [B, T, D]; None where no layer rotates (no window, no RoPE
+        on the fast-weight branch) or each block builds its own (a few positions a row)."""
+        cfg = self.cfg
+        if cfg.window_size <= 0 and not cfg.ttt.rope:
+            return None
+        seq_len = x.shape[1]
+        positions = token_positions(position_offset, seq_len, segments)
+        if positions is None:
+            positions = torch.arange(position_offset, position_offset + seq_len, device=x.device)
+        return shared_rotary_tables(positions, cfg.hidden_size // cfg.num_attn_heads, cfg.rope_theta, x.dtype)
 
     def window_mask(self, input_ids: torch.Tensor, doc_ids: Optional[torch.Tensor]) -> Optional[Any]:
         """The sliding-window block mask every layer shares, built once per forward where FlexAttention

@@ -49,7 +49,7 @@ from model.fast_weight_scan import (
     fast_weight_scan,
     local_w1_chunk_scan,
 )
-from model.layers import RMSNorm, apply_rotary, rotary_range_tables, rotary_tables
+from model.layers import RMSNorm, RotaryTables, apply_rotary, rotary_tables
 from model.low_rank import LowRankFastWeight
 from model.segments import DocumentSegments
 from model.swa import sliding_window_attention
@@ -79,6 +79,7 @@ class RowPositions:
 
     offset: Union[int, torch.Tensor]  # absolute position of each row's first token: an int for all rows, or [B]
     segments: Optional[DocumentSegments] = None  # packed documents: positions restart, nothing crosses a document
+    rope: Optional[RotaryTables] = None  # the rows' RoPE tables where the LM built them for all layers
 
 
 class LocalScan:
@@ -121,7 +122,7 @@ class LocalWindow:
         self, mixer: TTTMixer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: RowPositions, window_mask: Any
     ) -> torch.Tensor:
         """[B, T, D] projections of the rows -> [B, T, D] attention output."""
-        return mixer.attention_branch(q, k, v, rows.offset, rows.segments, window_mask)
+        return mixer.attention_branch(q, k, v, rows.offset, rows.segments, window_mask, rows.rope)
 
 
 def l2_normalise(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -233,20 +234,22 @@ class TTTMixer(nn.Module):
         position_offset: Union[int, torch.Tensor] = 0,
         segments: Optional[DocumentSegments] = None,
         window_mask: Optional[Any] = None,
+        rope: Optional[RotaryTables] = None,
     ) -> tuple[torch.Tensor, FastWeights]:
         """x [B, T, D] -> y [B, T, D] and the fast weights after each row.
 
         position_offset: the absolute position of the rows' first token, an int for all rows or [B]
         per row. `segments` marks packed documents: each starts from the learned initial state and
         attends only within itself (a carried `state` cannot be combined with it). `window_mask` is
-        the attention branch's block mask when the caller built one for all layers (`model.swa`).
+        the attention branch's block mask when the caller built one for all layers (`model.swa`), and
+        `rope` the rows' RoPE tables likewise (None: the mixer builds its own).
         The fast-weight branch runs through `self.scan`, the attention through `self.window`.
         """
         if segments is not None and state is not None:
             raise ValueError("a carried fast-weight state and document segments exclude each other")
         q, k, v = self.qkv(x).chunk(3, dim=-1)
-        inputs = self.ttt_inputs(x, q, k, v, position_offset, token_positions(position_offset, x.shape[1], segments))
-        rows = RowPositions(position_offset, segments)
+        inputs = self.ttt_inputs(x, q, k, v, position_offset, token_positions(position_offset, x.shape[1], segments), rope)
+        rows = RowPositions(position_offset, segments, rope)
         ttt_out, final_state = self.scan(self.scan_weights(), x, inputs, state, rows)
         attention = self.window(self, q, k, v, rows, window_mask) if self.attn_heads else None
         return self.combine(ttt_out, attention, x.dtype, inputs.output_scale), final_state
@@ -270,41 +273,43 @@ class TTTMixer(nn.Module):
 
     def attention_heads(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_offset: int,
-        positions: Optional[torch.Tensor] = None,
+        positions: Optional[torch.Tensor] = None, rope: Optional[RotaryTables] = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[B, T, D] projections -> [B, T, A, D/A] heads, q and k rotated to their absolute positions
         (decoding caches the rotated keys, so it needs this step on its own); `positions` [B, T]
-        replaces position_offset + t where packed documents restart their positions."""
+        replaces position_offset + t where packed documents restart their positions, and `rope`, the
+        tables of those positions, replaces both."""
         batch, seq_len, hidden = q.shape
         heads = self.attn_heads
         q, k, v = (t.reshape(batch, seq_len, heads, hidden // heads) for t in (q, k, v))
-        q, k = self.rotate(q, k, position_offset, positions)
+        q, k = self.rotate(q, k, position_offset, positions, rope)
         return q, k, v
 
     def rotate(
-        self, q: torch.Tensor, k: torch.Tensor, position_offset: int, positions: Optional[torch.Tensor] = None
+        self, q: torch.Tensor, k: torch.Tensor, position_offset: int, positions: Optional[torch.Tensor] = None,
+        rope: Optional[RotaryTables] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE on [B, T, A, Dh] heads at positions position_offset + t (or `positions` [B, T]), theta
-        `model.rope_theta`; tables in the heads' dtype."""
-        seq_len, head_dim = q.shape[1], q.shape[-1]
-        if positions is None and isinstance(position_offset, int):
-            cos, sin = rotary_range_tables(position_offset, seq_len, head_dim, self.cfg.rope_theta, q.dtype, q.device)
+        `model.rope_theta`, from `rope` where given, else from tables built here; in the heads' dtype."""
+        if rope is not None:
+            cos, sin = rope.cos.to(q.dtype), rope.sin.to(q.dtype)
         else:
             if positions is None:
-                positions = torch.arange(position_offset, position_offset + seq_len, device=q.device)
-            cos, sin = rotary_tables(positions, head_dim, self.cfg.rope_theta, q.dtype)
+                positions = torch.arange(position_offset, position_offset + q.shape[1], device=q.device)
+            cos, sin = rotary_tables(positions, q.shape[-1], self.cfg.rope_theta, q.dtype)
         layout = self.cfg.rope_layout
         return apply_rotary(q, cos, sin, layout), apply_rotary(k, cos, sin, layout)
 
     def attention_branch(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_offset: Union[int, torch.Tensor],
         segments: Optional[DocumentSegments] = None, window_mask: Optional[Any] = None,
+        rope: Optional[RotaryTables] = None,
     ) -> torch.Tensor:
         """Sliding-window attention of the rows within themselves over [B, T, D] projections -> [B, T, D]
         (the local window strategy); with packed documents, positions restart and attention stays
         inside each document."""
         batch, seq_len, hidden = q.shape
-        heads = self.attention_heads(q, k, v, position_offset, token_positions(position_offset, seq_len, segments))
+        heads = self.attention_heads(q, k, v, position_offset, token_positions(position_offset, seq_len, segments), rope)
         doc_ids = None if segments is None else segments.doc_ids
         out = sliding_window_attention(*heads, self.cfg.window_size, doc_ids=doc_ids, block_mask=window_mask,
                                        kernel=self.cfg.window_kernel)
@@ -312,10 +317,11 @@ class TTTMixer(nn.Module):
 
     def ttt_inputs(
         self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_offset: int = 0,
-        positions: Optional[torch.Tensor] = None,
+        positions: Optional[torch.Tensor] = None, rope: Optional[RotaryTables] = None,
     ) -> TTTInputs:
         """The per-token inputs of the fast-weight branch from x [B, T, D] and its q/k/v projections at
-        positions position_offset + t (or `positions` [B, T], restarting per packed document).
+        positions position_offset + t (or `positions` [B, T], restarting per packed document; `rope`:
+        their RoPE tables, where the LM built them).
 
         Separate from the scan: the scan strategy receives them, and a decoder adds each token's
         inputs to its partial chunk's running sums as they arrive.
@@ -325,9 +331,9 @@ class TTTMixer(nn.Module):
         if ttt.recompute_inputs and torch.is_grad_enabled() and torch.compiler.is_compiling():
             # A checkpointed region inside a compiled graph: the partitioner recomputes its outputs in
             # the backward from q, k, v, which the graph keeps for the silu's own backward anyway.
-            tq, tk, tv = checkpoint(self.branch_qkv, q, k, v, position_offset, positions, use_reentrant=False)
+            tq, tk, tv = checkpoint(self.branch_qkv, q, k, v, position_offset, positions, rope, use_reentrant=False)
         else:
-            tq, tk, tv = self.branch_qkv(q, k, v, position_offset, positions)
+            tq, tk, tv = self.branch_qkv(q, k, v, position_offset, positions, rope)
         state_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         lr_logits, gate_logits, scale_logits = self.token_heads(x)
         if lr_logits is not None:
@@ -346,7 +352,7 @@ class TTTMixer(nn.Module):
 
     def branch_qkv(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_offset: Union[int, torch.Tensor] = 0,
-        positions: Optional[torch.Tensor] = None,
+        positions: Optional[torch.Tensor] = None, rope: Optional[RotaryTables] = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The fast-weight branch's q, k, v heads [B, T, H, d] from the [B, T, D] projections: the affine
         (when on), silu, q and k l2-normalised and rotated (when `ttt.rope`). Elementwise work over
@@ -362,7 +368,7 @@ class TTTMixer(nn.Module):
         tq, tk = l2_normalise(tq, ttt.l2_eps), l2_normalise(tk, ttt.l2_eps)
         if ttt.rope:  # the attention branch's RoPE over blocks of its head dim, as released
             blocks = (batch, seq_len, self.cfg.num_attn_heads, hidden // self.cfg.num_attn_heads)
-            tq, tk = self.rotate(tq.reshape(blocks), tk.reshape(blocks), position_offset, positions)
+            tq, tk = self.rotate(tq.reshape(blocks), tk.reshape(blocks), position_offset, positions, rope)
             tq, tk = tq.reshape(shape), tk.reshape(shape)
         return tq, tk, tv
 

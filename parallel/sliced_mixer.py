@@ -91,7 +91,7 @@ class HaloWindowAttention(LocalWindow):
         """[B, T, D] projections -> [B, T, D]."""
         batch, seq_len, hidden = q.shape
         layout = self.context.layout
-        q, k, v = mixer.attention_heads(q, k, v, rows.offset)  # [B, T, A, Dh], rotated to absolute positions
+        q, k, v = mixer.attention_heads(q, k, v, rows.offset, rope=rows.rope)  # [B, T, A, Dh], rotated to absolute positions
         keys_values = torch.cat([k, v], dim=-1)
         halo = shift_rows(keys_values[:, seq_len - layout.halo_to_next :], layout.halo_from_previous, +1, self.context.dims)
         halo_k, halo_v = halo.chunk(2, dim=-1)

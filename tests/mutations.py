@@ -6,7 +6,7 @@ mutation that no test catches is a hole in the suite, and the script exits non-z
 copy runs first and must pass, so a failure below is the mutation's doing.
 
     python -m tests.mutations            # all mutations
-    python -m tests.mutations -k rope    # those whose name contains "rope"
+    python -m tests.mutations -k rope    # those whose name contains "rope" (-k again for more)
 """
 
 from __future__ import annotations
@@ -34,10 +34,12 @@ TESTS = [
     "tests/test_ring_attention.py",
     "tests/test_window_attention.py",
     "tests/test_memory_budget.py",
+    "tests/test_kernels_interpret.py",
 ]
 LACT, REFERENCE = "kernels/lact.py", "kernels/reference.py"
 TOKEN_STEP, RING, WINDOW = "kernels/token_step.py", "kernels/ring_attention.py", "kernels/window_attention.py"
-LAYER, LOW_RANK, DECODE, LAYERS = "model/ttt_layer.py", "model/low_rank.py", "decoding/decode.py", "model/layers.py"
+LAYER, LOW_RANK, DECODE, LM = "model/ttt_layer.py", "model/low_rank.py", "decoding/decode.py", "model/lm.py"
+CHUNK = "kernels/chunk.py"
 
 
 @dataclass(frozen=True)
@@ -81,10 +83,15 @@ MUTATIONS = [
     Mutation("output scale removed", ((LAYER, "return normed if output_scale is None else normed * output_scale[..., None]", "return normed"),)),
     Mutation("qk offset removed", ((LAYER, "q = q * self.qk_scale[:, 0] + self.qk_offset[:, 0]", "q = q * self.qk_scale[:, 0]"),)),
     Mutation("low-rank W0/W2 without the 0.5 I", ((LOW_RANK, "return self.w_left @ self.w_right + 0.5 * eye", "return self.w_left @ self.w_right"),)),
-    Mutation("RoPE range tables start at position 0", ((
-        LAYERS, "return _tables(torch.arange(first, first + count, device=device), head_dim, theta, dtype)",
-        "return _tables(torch.arange(0, count, device=device), head_dim, theta, dtype)"),)),
-    Mutation("RoPE range tables handed out without their copy", ((LAYERS, "return cos.clone(), sin.clone()", "return cos, sin"),)),
+    Mutation("shared RoPE tables start at position 0", ((
+        LM, "positions = torch.arange(position_offset, position_offset + seq_len, device=x.device)",
+        "positions = torch.arange(0, seq_len, device=x.device)"),)),
+    Mutation("shared RoPE tables ignore packed documents", ((
+        LM, "positions = token_positions(position_offset, seq_len, segments)", "positions = token_positions(position_offset, seq_len, None)"),)),
+    Mutation("scan kernels: a plain batch's chunks run past their document's end", (
+        (CHUNK, "end = tl.minimum(start + chunk_size, (doc + 1) * doc_len)", "end = start + chunk_size"),)),
+    Mutation("scan kernels: a plain batch's documents end at a whole chunk", (
+        (CHUNK, "doc_end = doc_start + doc_len\n", "doc_end = doc_start + per_doc * chunk_size\n"),)),
     Mutation("pending tokens drop the prefill's partial chunk", (
         (DECODE, "        cache.pending.write(positions, inputs.k, inputs.v, inputs.etas)\n    else:", "        pass\n    else:"),)),
     Mutation("Muon normalises a stack of matrices as one", (
@@ -146,8 +153,10 @@ def run_tests(tree: Path) -> tuple[bool, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("-k", default="", help="run only mutations whose name contains this text")
-    chosen = [m for m in MUTATIONS if parser.parse_args().k in m.name]
+    parser.add_argument("-k", action="append", default=[],
+                        help="run only mutations whose name contains this text (repeat it for several)")
+    texts = parser.parse_args().k
+    chosen = [m for m in MUTATIONS if not texts or any(text in m.name for text in texts)]
     missed = []
     with tempfile.TemporaryDirectory() as folder:
         baseline = Path(folder) / "baseline"

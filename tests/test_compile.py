@@ -99,25 +99,29 @@ def test_block_with_the_kernel_ops_is_one_graph(monkeypatch, recompute_features)
     assert_same(expected, run(block, x))
 
 
-def test_rotary_tables_are_one_op_in_the_graph():
-    """A compiled block computes the RoPE tables of its position range once per rotation, as the opaque
-    `tttla::rotary_range_tables` op (the attention heads and the TTT q/k), and traces no cos/sin of its
-    own: traced as plain ops, Inductor evaluated them inside every element of the rotated q and k."""
+def test_rotary_tables_enter_the_block_from_the_lm():
+    """A compiled block given the LM's shared RoPE tables traces neither a tables op nor cos/sin of its
+    own (traced as plain ops, Inductor evaluated them inside every element of the rotated q and k); one
+    called alone computes them once per rotation as the opaque `tttla::rotary_tables` op (the attention
+    heads and the TTT q/k)."""
+    from model.layers import shared_rotary_tables
+
     x = torch.randn(2, 40, 64, generator=torch.Generator().manual_seed(4))
-    explanation = torch._dynamo.explain(make_block())(x, None, 0)
-    graph_code = traced_code(explanation.graphs[0])  # with ttt.recompute_inputs the TTT q/k's are in a subgraph
-    assert graph_code.count("tttla.rotary_range_tables") == 2, graph_code
-    assert ".cos(" not in graph_code and ".sin(" not in graph_code and "torch.cos" not in graph_code
+    block = make_block()
+    rope = shared_rotary_tables(torch.arange(40), 64 // block.mixer.cfg.num_attn_heads, block.mixer.cfg.rope_theta, x.dtype)
+    for tables, op_calls in ((rope, 0), (None, 2)):
+        explanation = torch._dynamo.explain(block)(x, None, 0, None, None, tables)
+        graph_code = traced_code(explanation.graphs[0])  # with ttt.recompute_inputs the TTT q/k's are in a subgraph
+        assert graph_code.count("tttla.rotary_tables") == op_calls, graph_code
+        assert ".cos(" not in graph_code and ".sin(" not in graph_code and "torch.cos" not in graph_code
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_rotary_tables_ops_pass_opcheck(dtype):
-    from model.layers import _rotary_range_tables, _rotary_tables
+def test_rotary_tables_op_passes_opcheck(dtype):
+    from model.layers import _rotary_tables
 
-    for op, args in ((_rotary_tables, (torch.arange(5, 45), 32, 10000.0, dtype)),
-                     (_rotary_range_tables, (5, 40, 32, 10000.0, dtype, torch.device("cpu")))):  # fmt: skip
-        results = torch.library.opcheck(op, args)
-        assert all(result == "SUCCESS" for result in results.values()), results
+    results = torch.library.opcheck(_rotary_tables, (torch.arange(5, 45), 32, 10000.0, dtype))
+    assert all(result == "SUCCESS" for result in results.values()), results
 
 
 OP_CASES = ("swiglu_features", "swiglu_features_recompute", "swiglu_features_backward",

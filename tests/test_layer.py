@@ -67,17 +67,25 @@ def test_ttt_branch_sees_earlier_chunks():
     assert torch.allclose(a[0, :2], b[0, :2])  # causality: nothing before the change moves
 
 
-@pytest.mark.parametrize("first,count", [(0, 40), (7, 33), (0, 3)])
-def test_range_tables_equal_the_tables_of_the_positions(first, count):
-    """The range's tables (built once, copied per call) are the position op's tables of arange(first,
-    first + count), bit for bit, and each call's are the caller's own (writing one leaves the next intact)."""
-    from model.layers import rotary_range_tables, rotary_tables
+@pytest.mark.parametrize("rows", ["offset 0", "offset 7", "offset per row", "packed documents"])
+def test_shared_rope_tables_equal_each_blocks_own(rows):
+    """The RoPE tables the LM builds once per forward for all layers give every block, bit for bit,
+    the outputs and gradients of the tables each block builds for itself, wherever its rows start:
+    the same offset for all rows, an offset per row, positions restarting per packed document."""
+    from model.lm import Block
 
-    for dtype in (torch.float32, torch.float64):
-        expected = rotary_tables(torch.arange(first, first + count), 32, 10000.0, dtype)
-        first_call = rotary_range_tables(first, count, 32, 10000.0, dtype, torch.device("cpu"))
-        for table, reference in zip(first_call, expected):
-            assert torch.equal(table, reference)
-            table.zero_()
-        for table, reference in zip(rotary_range_tables(first, count, 32, 10000.0, dtype, torch.device("cpu")), expected):
-            assert torch.equal(table, reference)
+    torch.manual_seed(3)
+    _, model = twin_models(momentum=True, muon=False)
+    ids = torch.randint(0, 50, (2, 29))
+    offset = {"offset 0": 0, "offset 7": 7, "offset per row": torch.tensor([3, 11])}.get(rows, 0)
+    doc_ids = torch.tensor([[0] * 12 + [1] * 17, [0] * 20 + [1] * 9]) if rows == "packed documents" else None
+    own_tables = lambda block, *args: Block.forward(block, *args[:-1], None)  # noqa: E731  (rope dropped)
+    results = []
+    for call_block in (None, own_tables):
+        model.zero_grad()
+        hidden, _ = model.hidden_states(ids, position_offset=offset, doc_ids=doc_ids, call_block=call_block)
+        (hidden * torch.linspace(-1, 1, hidden.shape[-1], dtype=hidden.dtype)).sum().backward()
+        results.append([hidden.detach(), *(p.grad.clone() for p in model.parameters() if p.grad is not None)])
+    assert model.rotary_tables(model.embed(ids), offset, None) is not None  # the shared tables are in use
+    for shared, own in zip(*results, strict=True):
+        assert torch.equal(shared, own)

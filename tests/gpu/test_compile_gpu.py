@@ -150,3 +150,43 @@ def test_generation_is_unchanged_by_compiled_blocks():
     with torch.no_grad():
         compiled(prompts)  # the compiled forward runs beside decoding
     assert generate_batch(compiled, prompts, max_new_tokens=200) == expected
+
+
+def accumulated_steps(model: TTTLM, steps: int = 3, micro_batches: int = 2) -> list[dict[str, torch.Tensor]]:
+    """Each step's loss and gradients, summed over `micro_batches` forward + backward passes of different
+    ids, as a trainer accumulates them (the gradients zeroed, set to None, between steps)."""
+    results = []
+    for step in range(steps):
+        losses = []
+        for micro in range(micro_batches):
+            ids = torch.randint(0, 32000, (1, SEQ_LEN + 1), device="cuda",
+                                generator=torch.Generator("cuda").manual_seed(10 * step + micro))
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(ids[:, :-1], ids[:, 1:], return_logits=False).loss
+            loss.backward()
+            losses.append(loss.detach().clone())
+        results.append({"loss": torch.stack(losses).double(), **{name: p.grad.double().clone() for name, p in model.named_parameters()}})
+        model.zero_grad(set_to_none=True)
+    return results
+
+
+@requires_cuda
+def test_cuda_graphed_blocks_accumulate_like_plain_compiled_blocks():
+    """Inductor's CUDA graphs over the compiled blocks (`train.compile_options.triton.cudagraphs=true`)
+    give every step's losses and accumulated gradients of the blocks compiled without them: over three
+    steps the graphs are warmed up, recorded and replayed, and a replay must neither read a stale input
+    (the LM's RoPE tables and block mask enter each block as inputs) nor overwrite a gradient that a
+    previous micro-batch left in `.grad`. The two differ only where Inductor reorders bf16 sums."""
+    import torch._inductor.config as inductor_config
+
+    plain = small_125m()
+    graphed = copy.deepcopy(plain)
+    compile_blocks(plain, fullgraph=True)
+    expected = accumulated_steps(plain)
+    with inductor_config.patch({"triton.cudagraphs": True}):  # read when the blocks first compile, in the steps
+        compile_blocks(graphed, fullgraph=True)
+        got = accumulated_steps(graphed)
+    failures = [f"step {step} {name}: {relative(got[step][name], reference):.3g}"
+                for step, results in enumerate(expected) for name, reference in results.items()
+                if not relative(got[step][name], reference) <= 1e-2]
+    assert not failures, "\n".join(failures)
