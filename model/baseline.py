@@ -52,7 +52,7 @@ class CausalAttention(nn.Module):
         batch, seq_len, _ = x.shape
         q, k, v = (t.reshape(batch, seq_len, self.heads, self.head_dim) for t in self.qkv(x).chunk(3, dim=-1))
         if rope is not None:
-            cos, sin = rope.cos.to(q.dtype), rope.sin.to(q.dtype)
+            cos, sin = rope.to(q.dtype)
         else:
             if isinstance(positions, int):
                 positions = torch.arange(positions, positions + seq_len, device=x.device)

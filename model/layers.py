@@ -93,6 +93,10 @@ class RotaryTables(NamedTuple):
     cos: torch.Tensor
     sin: torch.Tensor
 
+    def to(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin in `dtype`, the heads' that a rotation multiplies them with."""
+        return self.cos.to(dtype), self.sin.to(dtype)
+
 
 def shared_rotary_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> Optional[RotaryTables]:
     """The tables of `positions` [T] or [B, T] for every layer of a model whose activations are `dtype`;

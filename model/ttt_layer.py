@@ -292,7 +292,7 @@ class TTTMixer(nn.Module):
         """RoPE on [B, T, A, Dh] heads at positions position_offset + t (or `positions` [B, T]), theta
         `model.rope_theta`, from `rope` where given, else from tables built here; in the heads' dtype."""
         if rope is not None:
-            cos, sin = rope.cos.to(q.dtype), rope.sin.to(q.dtype)
+            cos, sin = rope.to(q.dtype)
         else:
             if positions is None:
                 positions = torch.arange(position_offset, position_offset + q.shape[1], device=q.device)
