@@ -3,7 +3,7 @@
 # resumes from its sharded checkpoint, exports, then generation and decoding are benchmarked.
 # Every stage logs to $RESULTS/<stage>.log and a failing stage does not stop the others.
 #   launch/gpu_acceptance.sh [train] [decode_tests] [decode] [quality] [entry] [speed] [speed760] [bench_train] [overhead] [saved]
-#                            [memory] [window] [window_ab] [profile] [suite] [slow]
+#                            [memory] [window] [window_ab] [profile] [cudagraphs] [suite] [slow]
 #   (default: train decode)
 # entry: the trainer-through-the-launcher GPU test; speed: the 125M/16K run through launch/ with the
 # blocks compiled beside the benchmark's row of the same shape (speed760: the same at 760M/16K); memory: what one block saves for
@@ -13,6 +13,7 @@
 # the model's step with FlexAttention and with our window kernel in one process;
 # overhead: the trainer's step split into its parts (benchmarks/trainer_overhead.py); profile: the 125M/16K
 # step of tttla and the transformer with one profiled step each (kernels and their device time against the wall time);
+# cudagraphs: the same step and the trainer's with Inductor's CUDA graphs over the blocks, after their equality test;
 # suite: the GPU suite with test durations (SUITE_PATHS: only these files or cases; GPU_WORKERS processes, as
 # `make test-gpu`); slow: its long cases.
 # STAGE_TIMEOUT (seconds, default none) stops a stage that runs longer, so one hang does not cost the rest;
@@ -117,6 +118,14 @@ run_profile() {  # PROFILE_SEQS (default 16384x1): whether the step is bound by 
   stage step_profile_cudagraphs "$PYTHON" -m benchmarks.step "${common[@]}" --inductor triton.cudagraphs=True
   stage step_profile_cpp_skip_guards "$PYTHON" -m benchmarks.step "${common[@]}" --inductor cpp_wrapper=True --skip-guards
   grep -E "kernels, " "$RESULTS/train_step_profile.md" || true
+}
+
+run_cudagraphs() {  # Inductor's CUDA graphs over the compiled blocks: the equality test (graphed steps against plain
+  # compiled ones), the 125M/16K rows of both models with the graphs, then the trainer through launch/ with them
+  stage cudagraphs_test "$PYTHON" -m pytest -q -m gpu tests/gpu/test_compile_gpu.py -k cuda_graphed --durations=0
+  stage cudagraphs_step "$PYTHON" -m benchmarks.step --configs 125m --seqs ${PROFILE_SEQS:-16384x1} --impls tttla sdpa \
+    --checkpointing none --compile on --no-ceiling --inductor triton.cudagraphs=True --out "$RESULTS/train_step_cudagraphs"
+  SPEED_ARGS="train.compile_options.triton.cudagraphs=true ${SPEED_ARGS:-}" run_speed
 }
 
 run_overhead() {

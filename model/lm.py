@@ -18,7 +18,7 @@ from torch import nn
 
 from kernels.fast_weights import FastWeights
 from model.config import LMConfig
-from model.layers import RMSNorm, RotaryTables, SwiGLUMLP, shared_rotary_tables
+from model.layers import FUSED_TABLE_POSITIONS, RMSNorm, RotaryTables, SwiGLUMLP, shared_rotary_tables
 from model.loss import head_and_loss
 from model.segments import DocumentSegments
 from model.swa import flex_attention, window_block_mask
@@ -164,9 +164,9 @@ class TTTLM(nn.Module):
         per forward for the embedded rows x [B, T, D]; None where no layer rotates (no window, no RoPE
         on the fast-weight branch) or each block builds its own (a few positions a row)."""
         cfg = self.cfg
-        if cfg.window_size <= 0 and not cfg.ttt.rope:
-            return None
         seq_len = x.shape[1]
+        if (cfg.window_size <= 0 and not cfg.ttt.rope) or seq_len <= FUSED_TABLE_POSITIONS:
+            return None
         positions = token_positions(position_offset, seq_len, segments)
         if positions is None:
             positions = torch.arange(position_offset, position_offset + seq_len, device=x.device)

@@ -183,6 +183,7 @@ def test_cuda_graphed_blocks_accumulate_like_plain_compiled_blocks():
     graphed = copy.deepcopy(plain)
     compile_blocks(plain, fullgraph=True)
     expected = accumulated_steps(plain)
+    torch._dynamo.reset()  # the graphed blocks compile afresh, not from the plain blocks' cache entry
     with inductor_config.patch({"triton.cudagraphs": True}):  # read when the blocks first compile, in the steps
         compile_blocks(graphed, fullgraph=True)
         got = accumulated_steps(graphed)
