@@ -46,8 +46,9 @@ def rotary_tables(
     (positions restarting at packed document starts). Angles are computed in float64 for a float64
     model (the proofs compare to 1e-10) and in float32 otherwise.
 
-    The tables are a torch.library op, opaque to torch.compile, so a compiled block computes them once
-    and reads them. Traced as plain ops, Inductor fused them into every element of the rotated
+    Inside a model the LM builds them once per forward for all layers (`shared_rotary_tables`); a block
+    or mixer called alone builds its own here. The tables are a torch.library op, opaque to
+    torch.compile, so a compiled block computes them once and reads them. Traced as plain ops, Inductor fused them into every element of the rotated
     [T, heads, head_dim] q and k (and again in the backward) and evaluated the exponent, cosine and
     sine there once per head: precise fp32 cos/sin of angles up to the position count (a slow range
     reduction), about 220 us a kernel at 16K tokens on an H100, six kernels a layer. For a few positions
