@@ -9,7 +9,7 @@ SEQ_LEN ?= 512
 RUNS ?= runs
 DS_ACCELERATOR ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
 
-.PHONY: install test test-gpu test-gpu-slow train prepare-data tensorboard bench-kernels bench-ladder bench-train bench-sp mutations clean
+.PHONY: install test test-gpu test-gpu-slow train prepare-data tensorboard bench-kernels bench-token-read bench-ladder bench-train bench-sp mutations clean
 
 install:
 	python3 -m venv .venv
@@ -47,6 +47,10 @@ tensorboard:
 
 bench-kernels:
 	$(PYTHON) -m benchmarks.kernel_ops
+
+# A decode step's fast-weight read at each batch: the Triton kernel beside its torch forms, in CUDA graphs.
+bench-token-read:
+	$(PYTHON) -m benchmarks.token_read --out docs/bench/token_read.json
 
 # The simplification ladder V0..V6 (arXiv 2602.21204, Table 2): one 760M layer per step, recurrent and
 # parallel tokens/s beside the paper's; writes docs/bench/ladder.json and ladder.md (CUDA).

@@ -2,7 +2,7 @@
 # GPU acceptance run on one H100/H200: the 125M model at 16K context trains (loss, tokens/s, MFU),
 # resumes from its sharded checkpoint, exports, then generation and decoding are benchmarked.
 # Every stage logs to $RESULTS/<stage>.log and a failing stage does not stop the others.
-#   launch/gpu_acceptance.sh [train] [decode_tests] [decode] [quality] [entry] [speed] [speed760] [bench_train] [overhead] [saved]
+#   launch/gpu_acceptance.sh [train] [decode_tests] [decode] [token_read] [quality] [entry] [speed] [speed760] [bench_train] [overhead] [saved]
 #                            [memory] [window] [window_ab] [profile] [cudagraphs] [suite] [slow]
 #   (default: train decode)
 # entry: the trainer-through-the-launcher GPU test; speed: the 125M/16K run through launch/ with the
@@ -64,6 +64,10 @@ run_decode_tests() {
 run_decode() {
   # DECODE_ARGS narrows the grid, e.g. "--variants parallel --contexts 4096 65536"
   stage bench_decode "$PYTHON" -m benchmarks.decode --out "$RESULTS/decode" ${DECODE_ARGS:-}
+}
+
+run_token_read() {  # the pending-token decoder's fast-weight read at each batch: kernel against torch (benchmarks/token_read.py)
+  stage token_read "$PYTHON" -m benchmarks.token_read --out "$RESULTS/token_read.json"
 }
 
 run_quality() {
