@@ -171,6 +171,7 @@ def accumulated_steps(model: TTTLM, steps: int = 3, micro_batches: int = 2) -> l
 
 
 @requires_cuda
+@pytest.mark.gpu_slow  # two models compiled by Inductor, six steps each: about a minute
 def test_cuda_graphed_blocks_accumulate_like_plain_compiled_blocks():
     """Inductor's CUDA graphs over the compiled blocks (`train.compile_options.triton.cudagraphs=true`)
     give every step's losses and accumulated gradients of the blocks compiled without them: over three
