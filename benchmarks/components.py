@@ -17,12 +17,13 @@ models run, are left out of all three.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 from model.config import LMConfig
+from model.layers import RotaryTables, shared_rotary_tables
 from model.swa import sliding_window_attention, window_block_mask
 from model.ttt_layer import RowPositions, TTTMixer
 
@@ -65,22 +66,27 @@ def window_ms(cfg: LMConfig, batch: int, seq_len: int) -> float:
     return cfg.num_layers * median_ms(attend)
 
 
-def ttt_branch(mixer: TTTMixer, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def ttt_branch(mixer: TTTMixer, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               rope: Optional[RotaryTables] = None) -> torch.Tensor:
     """A mixer's fast-weight branch: x and its q/k/v projections [B, T, D] -> its gated, head-normed
-    output [B, T, H, d] (what `TTTMixer.combine` adds to the window's output before o_proj)."""
-    inputs = mixer.ttt_inputs(x, q, k, v)
-    out, _ = mixer.scan(mixer.scan_weights(), x, inputs, None, RowPositions(0))
+    output [B, T, H, d] (what `TTTMixer.combine` adds to the window's output before o_proj); `rope`: the
+    RoPE tables of positions 0 .. T - 1 as the LM shares them (None: the branch builds its own)."""
+    inputs = mixer.ttt_inputs(x, q, k, v, rope=rope)
+    out, _ = mixer.scan(mixer.scan_weights(), x, inputs, None, RowPositions(0, rope=rope))
     return mixer.gated_norm(out, inputs.output_scale)
 
 
 def ttt_branch_ms(cfg: LMConfig, batch: int, seq_len: int) -> float:
-    """`ttt_branch` under bf16 autocast with the model's fp32 parameters, compiled, all layers."""
+    """`ttt_branch` under bf16 autocast with the model's fp32 parameters, compiled, all layers; the RoPE
+    tables built once outside it, as the LM builds them for all layers."""
     mixer = TTTMixer(cfg).cuda()
     x, q, k, v = (torch.randn(batch, seq_len, cfg.hidden_size, device="cuda").requires_grad_() for _ in range(4))
+    rope = shared_rotary_tables(torch.arange(seq_len, device="cuda"), cfg.hidden_size // cfg.num_attn_heads,
+                                cfg.rope_theta, x.dtype)
 
     def branch() -> torch.Tensor:
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            return ttt_branch(mixer, x, q, k, v)
+            return ttt_branch(mixer, x, q, k, v, rope)
 
     return cfg.num_layers * median_ms(torch.compile(branch, fullgraph=True))
 

@@ -15,6 +15,7 @@ from benchmarks import step
 from benchmarks.compiler_options import inductor_options
 from benchmarks.components import ceiling, ttt_branch
 from model.config import LMConfig, TTTConfig
+from model.layers import shared_rotary_tables
 from model.ttt_layer import TTTMixer
 
 
@@ -25,9 +26,11 @@ def test_ttt_branch_is_what_the_mixer_adds_before_its_output_projection():
     mixer = TTTMixer(cfg).double()
     x = torch.randn(2, 19, 32, dtype=torch.float64)
     q, k, v = mixer.qkv(x).chunk(3, dim=-1)
-    branch = ttt_branch(mixer, x, q, k, v)
+    rope = shared_rotary_tables(torch.arange(19), 16, cfg.rope_theta, x.dtype)  # as the benchmark times it
     expected, _ = mixer(x)
-    torch.testing.assert_close(mixer.o_proj(branch.reshape(2, 19, 32)), expected, rtol=1e-12, atol=1e-12)
+    for tables in (None, rope):
+        branch = ttt_branch(mixer, x, q, k, v, tables)
+        torch.testing.assert_close(mixer.o_proj(branch.reshape(2, 19, 32)), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_ceiling_replaces_attention_by_the_window_and_the_branch():
