@@ -8,6 +8,7 @@ batch 64 on an H100 (125M: 4 heads, d = dh = 192) it took 39 us a layer, 3.5x th
 each batch, one call replayed from a CUDA graph (as the decoder runs it):
 
   kernel          the Triton read (`w1_token_read_op`)
+  kernel_RxC      the same kernel with R state rows and C feature columns a program (`KERNEL_TILES`)
   torch           its torch form (`w1_token_read_reference`): h(q) as head-batched products, the read as
                   a batched matrix-vector product, four or five kernels
   torch_compiled  the same through torch.compile (Inductor fuses the gate)
@@ -20,6 +21,7 @@ the CPU, for a check that the script works (the kernel too under TRITON_INTERPRE
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 from pathlib import Path
@@ -27,11 +29,14 @@ from typing import Callable
 
 import torch
 
-from kernels.token_step import w1_token_read_op, w1_token_read_reference
+from kernels.token_step import w1_token_read_op, w1_token_read_reference, w1_token_read_tiled
 from model.config import load_model_config
 
 Read = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 CALLS_PER_GRAPH, REPLAYS = 20, 20
+# (state rows, feature columns) per program beside the kernel's defaults: more rows recompute h(q) fewer
+# times (a d = 192 state is three 64-row programs at batch 64), narrower columns keep the tiles in registers.
+KERNEL_TILES = [(rows, columns) for rows in (32, 64, 128, 256) for columns in (32, 64)]
 
 
 def implementations(device: torch.device) -> dict[str, Read]:
@@ -40,6 +45,8 @@ def implementations(device: torch.device) -> dict[str, Read]:
     reads: dict[str, Read] = {"torch": w1_token_read_reference}
     if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         reads["kernel"] = w1_token_read_op
+        for rows, columns in KERNEL_TILES:
+            reads[f"kernel_{rows}x{columns}"] = functools.partial(w1_token_read_tiled, tiles=(rows, columns))
     if device.type == "cuda":
         reads["torch_compiled"] = torch.compile(w1_token_read_reference, fullgraph=True)
     return reads

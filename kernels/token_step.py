@@ -130,17 +130,18 @@ def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
 
 
 def _launch(q, k, v, eta1, w0, w2, w1, g1, update_sign: float, token_causal: bool, swiglu: bool,
-            accumulate: bool = True) -> torch.Tensor:  # fmt: skip
+            accumulate: bool = True, tiles: Optional[tuple[int, int]] = None) -> torch.Tensor:  # fmt: skip
+    """`tiles`: (state rows, feature columns) a program takes at once, powers of two; None: the defaults."""
     batch, heads, d = v.shape
     q, k, v = (_unit_last_stride(x) for x in (q, k, v))
     dh = w1.shape[-1]
     out = new_buffer((batch, heads, d), torch.float32, v.device)
-    rows_per_program = _rows_per_program(d, batch * heads)
+    rows_per_program, column_tile = tiles or (_rows_per_program(d, batch * heads), min(COLUMN_TILE, next_power_of_2(dh)))
     grid = (batch * heads, cdiv(d, rows_per_program))
     w1_token_step_kernel[grid](
         q, k, v, eta1, w0.contiguous(), w2.contiguous(), w1.contiguous(), g1, out, heads, float(update_sign),
         *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *eta1.stride(), D=d, DH=dh, BD=rows_per_program,
-        BE=min(COLUMN_TILE, next_power_of_2(dh)), BK=min(REDUCTION_TILE, next_power_of_2(d)),
+        BE=column_tile, BK=min(REDUCTION_TILE, next_power_of_2(d)),
         SWIGLU=swiglu, TOKEN_CAUSAL=token_causal, ACCUMULATE=accumulate, num_warps=8,
     )
     return out
@@ -211,9 +212,19 @@ def w1_token_read_reference(
 @torch.library.custom_op("tttla::w1_token_read", mutates_args=())
 def w1_token_read_op(q: torch.Tensor, w0: Optional[torch.Tensor], w2: Optional[torch.Tensor], w1: torch.Tensor) -> torch.Tensor:
     """The read-only kernel as an op a compiled decode step keeps whole."""
+    return w1_token_read_tiled(q, w0, w2, w1)
+
+
+def w1_token_read_tiled(
+    q: torch.Tensor, w0: Optional[torch.Tensor], w2: Optional[torch.Tensor], w1: torch.Tensor,
+    tiles: Optional[tuple[int, int]] = None,
+) -> torch.Tensor:
+    """The read kernel with a program's (state rows, feature columns) chosen by the caller (None: the
+    defaults), for `benchmarks.token_read` to weigh against them: a program recomputes h(q) for the rows
+    it owns, so fewer rows a program spread small batches wider and more rows repeat that work less."""
     swiglu = w0 is not None
     features = (w0, w2) if swiglu else (w1, w1)  # unread without SWIGLU; k, v, eta, g1 unread without ACCUMULATE
-    return _launch(q, q, q, q[..., 0], *features, w1, w1, 1.0, False, swiglu, False)  # accumulate=False
+    return _launch(q, q, q, q[..., 0], *features, w1, w1, 1.0, False, swiglu, False, tiles)  # accumulate=False
 
 
 @w1_token_read_op.register_fake
