@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import cdiv, dot_precision, new_buffer, tile
+from kernels.triton_utils import cdiv, dot_precision, launcher, new_buffer, tile
 
 
 @dataclass
@@ -183,7 +183,7 @@ def chunk_outer(x, y, eta, table: ChunkTable, chunk_size: int) -> torch.Tensor:
     bx, by = tile(dx, tiles["BX"]), tile(dy, tiles["BY"])
     grid = (table.num_chunks, cdiv(dx, bx) * cdiv(dy, by), heads)
     starts, ends, _ = table.pointers(x)
-    chunk_outer_kernel[grid](
+    launcher(chunk_outer_kernel)[grid](
         x, y, eta if eta is not None else x, out, starts, ends, table.doc_len, chunk_size, heads,
         DX=dx, DY=dy, BT=tiles["BT"], BX=bx, BY=by, USE_ETA=eta is not None,
         PRECISION=dot_precision(x.dtype), REGULAR=table.regular, num_warps=tiles["num_warps"],
@@ -358,9 +358,9 @@ def state_scan_fwd(table: ChunkTable, initial_state, beta, initial_momentum, sig
     momenta = new_buffer(shape, torch.float32, device) if has_mom else None
     launch = _scan_launch(d1, d2, chunk_size, fused, dtype, table.num_docs * heads)
     grid = (cdiv(d1, launch["B1"]) * cdiv(d2, launch["B2"]), table.num_docs, heads)
-    any_ = states  # stands in for pointers a variant does not read
+    any_ = v if fused else updates  # an input stands in for pointers a variant does not touch
     starts, ends, doc_chunks = table.pointers(any_)
-    state_scan_fwd_kernel[grid](
+    launcher(state_scan_fwd_kernel)[grid](
         any_ if fused else updates, v if fused else any_, hk if fused else any_, eta if fused else any_,
         starts, ends, table.doc_len, chunk_size, states, initial_state if initial_state is not None else any_, final,
         beta if has_mom else any_, initial_momentum if initial_momentum is not None else any_,
@@ -396,9 +396,9 @@ def state_scan_bwd(table: ChunkTable, dfinal, beta, momenta, dfinal_mom, sign: f
     ntiles = cdiv(d1, launch["B1"]) * cdiv(d2, launch["B2"])
     dbeta_tiles = new_buffer((nc, heads, ntiles), torch.float32, device) if has_mom else None
     grid = (ntiles, table.num_docs, heads)
-    any_ = dupdates  # stands in for pointers a variant does not read
+    any_ = do if fused else dstates  # an input stands in for pointers a variant does not touch
     starts, ends, doc_chunks = table.pointers(any_)
-    state_scan_bwd_kernel[grid](
+    launcher(state_scan_bwd_kernel)[grid](
         any_ if fused else dstates, do if fused else any_, hq if fused else any_, starts, ends, table.doc_len,
         chunk_size, dupdates, dfinal if dfinal is not None else any_, dinit,
         beta if has_mom else any_, momenta if has_mom else any_,
@@ -531,9 +531,9 @@ def chunk_apply(
     stride_wm, stride_wn = (dz, 1) if w_transposed else (1, dx)
     grid = (table.num_chunks * launch["NSUB"], nn, heads)
     starts, ends, _ = table.pointers(x)
-    chunk_apply_kernel[grid](
+    launcher(chunk_apply_kernel)[grid](
         x, y, z, w, eta if eta is not None else x, out, vdot if vdot is not None else x,
-        deta_tiles if vdot is not None else out, starts, ends, table.doc_len, chunk_size, heads, sign,
+        deta_tiles if vdot is not None else x, starts, ends, table.doc_len, chunk_size, heads, sign,
         stride_wm, stride_wn, DX=dx, DZ=dz, INTRA=intra, REVERSE=reverse, ETA_ROW=eta_row, ETA_COL=eta_col,
         ETA_DOT=vdot is not None, PRECISION=dot_precision(x.dtype), REGULAR=table.regular, **launch,
     )

@@ -10,7 +10,7 @@ kept for that backward only, before the scan's and the features' backward kernel
 kernels more per layer for about 6 x dh bytes less per token and head.
 
 Only the Triton path is fused (the same ops, `tttla::swiglu_features` and `tttla::chunk_scan` with
-their backward ops, called inside one autograd function); elsewhere (the reference, Muon, head dims
+their backward ops or their inlined registrations, called inside one autograd function); elsewhere (the reference, Muon, head dims
 the kernels refuse) it is the two public ops one after the other.
 """
 
@@ -20,10 +20,10 @@ from typing import Any, Optional
 
 import torch
 
-from kernels.features import swiglu_features, swiglu_features_backward_op, swiglu_features_op
+from kernels.features import swiglu_features, swiglu_features_backward, swiglu_features_flat
 from kernels.lact import ScanOptions
 from kernels.triton_utils import SUPPORTED_DTYPES, use_triton
-from kernels.ttt_la import chunk_scan_gradients, chunk_scan_op, chunk_ttt_la, kernel_head_dim, scan_input_dtypes
+from kernels.ttt_la import chunk_scan, chunk_scan_gradients, chunk_ttt_la, kernel_head_dim, scan_input_dtypes
 
 
 def feature_chunk_scan(
@@ -62,9 +62,9 @@ class FeatureChunkScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q, k, w0, w2, v, eta, initial_state, beta, initial_momentum, rows: int, chunk_size: int,
                 token_causal: bool, sign: float):  # fmt: skip
-        hq, _ = swiglu_features_op(q, w0, w2, False)
-        hk, _ = swiglu_features_op(k, w0, w2, False)
-        o, final, final_momentum, states, momenta = chunk_scan_op(
+        hq, _ = swiglu_features_flat(q, w0, w2, False)
+        hk, _ = swiglu_features_flat(k, w0, w2, False)
+        o, final, final_momentum, states, momenta = chunk_scan(
             hq, hk, v, eta, initial_state, beta, initial_momentum, None, rows, chunk_size, token_causal, sign)
         ctx.save_for_backward(q, k, w0, w2, v, eta, states, momenta if beta is not None else None, beta)
         ctx.config = (rows, chunk_size, token_causal, sign)
@@ -75,13 +75,13 @@ class FeatureChunkScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, do, dfinal, dfinal_momentum):
         q, k, w0, w2, v, eta, states, momenta, beta = ctx.saved_tensors
-        hq, projections_q = swiglu_features_op(q, w0, w2, True)
-        hk, projections_k = swiglu_features_op(k, w0, w2, True)
+        hq, projections_q = swiglu_features_flat(q, w0, w2, True)
+        hk, projections_k = swiglu_features_flat(k, w0, w2, True)
         dhq, dhk, *scan_grads = chunk_scan_gradients(do, dfinal, dfinal_momentum, hq, hk, v, eta, states, momenta, beta,
                                                      None, ctx.config, ctx.input_dtypes)  # fmt: skip
         weight_grad = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
-        dq, dw02_q = swiglu_features_backward_op(dhq, q, w0, w2, projections_q, True, weight_grad)
-        dk, dw02_k = swiglu_features_backward_op(dhk, k, w0, w2, projections_k, True, weight_grad)
+        dq, dw02_q = swiglu_features_backward(dhq, q, w0, w2, projections_q, True, weight_grad)
+        dk, dw02_k = swiglu_features_backward(dhk, k, w0, w2, projections_k, True, weight_grad)
         dw0 = dw2 = None
         if weight_grad:
             dw0, dw2 = (dw02_q + dw02_k).chunk(2, dim=1)

@@ -35,7 +35,9 @@ import triton
 import triton.language as tl
 
 from kernels import lact
-from kernels.triton_utils import SUPPORTED_DTYPES, absent, cdiv, dot_precision, new_buffer, tile, use_triton
+from kernels.triton_utils import (
+    SUPPORTED_DTYPES, absent, cdiv, dot_precision, inline_kernels, inline_op, launcher, new_buffer, tile, use_triton,
+)
 
 # Tile shapes (measured at d = 384, dh = 768; `benchmarks.kernel_ops --variants` re-measures them).
 PROJECTION_TILES = dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
@@ -140,7 +142,7 @@ def _head_matmul(a, a_strides, b, b_strides, c, c_strides, M, N, K, heads, split
     bm, bn, bk = tile(M, tiles["BM"]), tile(N, tiles["BN"]), tile(K, tiles["BK"])
     k_split = cdiv(cdiv(K, splits), bk) * bk
     grid = (cdiv(M, bm) * cdiv(N, bn), heads, cdiv(K, k_split))
-    head_matmul_kernel[grid](
+    launcher(head_matmul_kernel)[grid](
         a, b, c, M, N, K, k_split, *a_strides, *b_strides, *c_strides, BM=bm, BN=bn, BK=bk,
         PRECISION=dot_precision(a.dtype), num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
     )
@@ -153,8 +155,8 @@ def _projection(x, w0, w2, out, ab, g, grad: bool, save_ab: bool, load_ab: bool)
     tiles = PROJECTION_TILES
     bm, bn, bk = tile(tt, tiles["BM"]), tile(dh, tiles["BN"]), tile(d, tiles["BK"])
     grid = (cdiv(tt, bm), cdiv(dh, bn), heads)
-    any_ = out  # stands in for pointers a variant does not read
-    swiglu_projection_kernel[grid](
+    any_ = x  # an input stands in for pointers a variant does not touch
+    launcher(swiglu_projection_kernel)[grid](
         x, w0, w2, out, ab if ab is not None else any_, g if g is not None else any_, tt, heads,
         D=d, DH=dh, BM=bm, BN=bn, BK=bk, GRAD=grad, SAVE_AB=save_ab, LOAD_AB=load_ab,
         PRECISION=dot_precision(x.dtype), num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
@@ -200,13 +202,13 @@ def swiglu_features_bwd(grad_h, x, w0, w2, ab, x_grad: bool, weight_grad: bool):
 
 # ----------------------------------------------------------------------------------------------
 # torch.library ops (`tttla::swiglu_features` and its backward): opaque to torch.compile, which traces
-# around them through the fake implementations and fuses the glue on either side. An output that is
-# absent (projections not saved, a gradient not asked for) is an empty tensor: op schemas cannot
-# return None.
+# around them through the fake implementations and fuses the glue on either side; each also has an
+# inlined registration whose kernels Inductor launches itself (`kernels.triton_utils.inline_op`). An
+# output that is absent (projections not saved, a gradient not asked for) is an empty tensor: op
+# schemas cannot return None.
 
 
-@torch.library.custom_op("tttla::swiglu_features", mutates_args=())
-def swiglu_features_op(
+def _swiglu_features(
     x: torch.Tensor, w0: torch.Tensor, w2: torch.Tensor, save_projections: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x: [TT, H, d]; w0, w2: [H, dh, d] (any float dtype, cast to x's). Returns h [TT, H, dh] in x's
@@ -216,15 +218,7 @@ def swiglu_features_op(
     return out, ab if ab is not None else absent(x)
 
 
-@swiglu_features_op.register_fake
-def _(x, w0, w2, save_projections):
-    tt, heads, _ = x.shape
-    dh = w0.shape[1]
-    return x.new_empty(tt, heads, dh), x.new_empty(tt, heads, 2 * dh) if save_projections else absent(x)
-
-
-@torch.library.custom_op("tttla::swiglu_features_backward", mutates_args=())
-def swiglu_features_backward_op(
+def _swiglu_features_backward(
     grad_h: torch.Tensor, x: torch.Tensor, w0: torch.Tensor, w2: torch.Tensor, projections: Optional[torch.Tensor],
     x_grad: bool, weight_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,10 +229,38 @@ def swiglu_features_backward_op(
     return dx if x_grad else absent(x), dw02.to(w0.dtype) if weight_grad else absent(w0)
 
 
+swiglu_features_op = torch.library.custom_op("tttla::swiglu_features", _swiglu_features, mutates_args=())
+swiglu_features_backward_op = torch.library.custom_op(
+    "tttla::swiglu_features_backward", _swiglu_features_backward, mutates_args=())
+_FEATURE_KERNELS = (swiglu_projection_kernel, head_matmul_kernel)
+swiglu_features_inline_op = inline_op("tttla::swiglu_features_inline", _swiglu_features, _FEATURE_KERNELS)
+swiglu_features_backward_inline_op = inline_op(
+    "tttla::swiglu_features_backward_inline", _swiglu_features_backward, _FEATURE_KERNELS)
+
+
+@swiglu_features_op.register_fake
+def _(x, w0, w2, save_projections):
+    tt, heads, _ = x.shape
+    dh = w0.shape[1]
+    return x.new_empty(tt, heads, dh), x.new_empty(tt, heads, 2 * dh) if save_projections else absent(x)
+
+
 @swiglu_features_backward_op.register_fake
 def _(grad_h, x, w0, w2, projections, x_grad, weight_grad):
     heads, dh, d = w0.shape
     return torch.empty_like(x) if x_grad else absent(x), w0.new_empty(heads, 2 * dh, d) if weight_grad else absent(w0)
+
+
+def swiglu_features_flat(x: torch.Tensor, w0: torch.Tensor, w2: torch.Tensor, save_projections: bool) -> tuple:
+    """`tttla::swiglu_features`, or its inlined registration where `kernels.triton_utils.inline_kernels` allows."""
+    op = swiglu_features_inline_op if inline_kernels(x, w0) else swiglu_features_op
+    return op(x, w0, w2, save_projections)
+
+
+def swiglu_features_backward(grad_h, x, w0, w2, projections, x_grad: bool, weight_grad: bool) -> tuple:
+    """`tttla::swiglu_features_backward`, inlined where `swiglu_features_flat` is."""
+    op = swiglu_features_backward_inline_op if inline_kernels(x, w0) else swiglu_features_backward_op
+    return op(grad_h, x, w0, w2, projections, x_grad, weight_grad)
 
 
 def _setup_swiglu_context(ctx, inputs, output) -> None:
@@ -253,13 +275,14 @@ def _swiglu_backward(ctx, grad_h, _grad_projections):
         return None, None, None, None
     x, w0, w2, projections = ctx.saved_tensors
     x_grad, weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-    dx, dw02 = swiglu_features_backward_op(grad_h, x, w0, w2, projections, x_grad, weight_grad)
+    dx, dw02 = swiglu_features_backward(grad_h, x, w0, w2, projections, x_grad, weight_grad)
     dw0, dw2 = dw02.chunk(2, dim=1) if weight_grad else (None, None)
     return (dx if x_grad else None, dw0 if ctx.needs_input_grad[1] else None,
             dw2 if ctx.needs_input_grad[2] else None, None)
 
 
 swiglu_features_op.register_autograd(_swiglu_backward, setup_context=_setup_swiglu_context)
+swiglu_features_inline_op.register_autograd(_swiglu_backward, setup_context=_setup_swiglu_context)
 
 
 def swiglu_features(
@@ -283,7 +306,7 @@ def swiglu_features(
     heads, dh, d = w0.shape
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or w0.requires_grad or w2.requires_grad)
     save = SAVE_PROJECTIONS if save_projections is None else save_projections
-    h, _ = swiglu_features_op(x.reshape(-1, heads, d), w0, w2, save and needs_grad)
+    h, _ = swiglu_features_flat(x.reshape(-1, heads, d), w0, w2, save and needs_grad)
     return h.reshape(*x.shape[:-1], dh)
 
 

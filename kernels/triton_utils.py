@@ -11,17 +11,32 @@ Kernel or reference is decided here, once per call, by the public ops (`kernels.
 
 An op may still take the reference for inputs its kernel does not serve (Muon in the chunk scan,
 float64 features); those cases are stated in each op's docstring.
+
+Each kernel op is registered twice when it can be (`inline_op`):
+* as a `torch.library.custom_op` with a fake implementation: opaque to torch.compile, which calls back
+  into Python for it at run time (its own launches, through Triton's launcher, a few hundred
+  microseconds of host time a call). It serves the Triton interpreter (whose kernels cannot be traced)
+  and inputs whose shapes depend on values (packed documents' chunk tables);
+* as a `torch.library.triton_op`: Inductor traces its body, so its kernels and the torch work around
+  them become part of the compiled graph, launched from Inductor's own wrapper (from C++ with
+  `cpp_wrapper`, replayed with its CUDA graphs). A training step calls eight kernel ops a layer, so
+  this is most of the host time a compiled step spends beyond its kernels.
+`inline_kernels` picks between them, once, in the public op.
 """
 
 from __future__ import annotations
 
+import functools
 import os
-from typing import Optional
+import threading
+from typing import Callable, Optional, Sequence
 
 import torch
 
 KERNELS_ENV = "TTTLA_KERNELS"
 KERNELS_CHOICES = ("auto", "triton", "reference")
+# TTTLA_INLINE_KERNELS=0 keeps every kernel op opaque (the custom_op registrations) on CUDA too.
+INLINE_ENV = "TTTLA_INLINE_KERNELS"
 # Operand dtypes the kernels take (fp32 accumulation for all of them).
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Tests set this to fill every kernel-written buffer with NaN first, so an unwritten element shows.
@@ -71,3 +86,46 @@ def next_power_of_2(n: int) -> int:
 def tile(dim: int, cap: int) -> int:
     """A tile side for a dimension of `dim`: its next power of two, at least 16 (tl.dot's minimum), at most `cap`."""
     return max(16, min(cap, next_power_of_2(dim)))
+
+
+def inline_kernels(*tensors: torch.Tensor) -> bool:
+    """Whether a kernel op on `tensors` takes its inlined registration (`inline_op`): CUDA tensors of
+    concrete shapes, unless TTTLA_INLINE_KERNELS=0. Interpreted kernels (CPU) cannot be traced. A
+    compiled graph whose sizes are symbolic (Dynamo recompiles with dynamic shapes when a size changes)
+    keeps the opaque op: an inlined body picks tiles and grids from the sizes in Python."""
+    concrete = all(isinstance(size, int) for x in tensors for size in x.shape)
+    return tensors[0].is_cuda and concrete and os.environ.get(INLINE_ENV, "1") != "0"
+
+
+_inside_inline_op = threading.local()
+
+
+def launcher(kernel):
+    """The kernel as a launch site calls it (`launcher(kernel)[grid](...)`): wrapped for tracing inside
+    an inlined op's body (`torch.library.wrap_triton`), the kernel itself anywhere else, where a wrapped
+    kernel would dispatch each launch through a higher-order op (about a millisecond)."""
+    if getattr(_inside_inline_op, "active", False):
+        return torch.library.wrap_triton(kernel)
+    return kernel
+
+
+def inline_op(name: str, body: Callable, kernels: Sequence) -> "torch._library.custom_ops.CustomOpDef":
+    """`body` (typed arguments, its launches through `launcher`) as the `torch.library.triton_op` `name`.
+
+    Its fake implementation is the body itself on fake tensors (the traced launches do nothing there),
+    so it must not read tensor values. `kernels` are the Triton kernels it launches: torch finds them by
+    reading the body's source for literal `wrap_triton(kernel)` calls, which `launcher` hides, and keys
+    its compiled-graph cache on their source; listed here, an edited kernel is never served stale."""
+
+    @functools.wraps(body)
+    def traced_body(*args, **kwargs):
+        outer = getattr(_inside_inline_op, "active", False)
+        _inside_inline_op.active = True
+        try:
+            return body(*args, **kwargs)
+        finally:
+            _inside_inline_op.active = outer
+
+    op = torch.library.triton_op(name, traced_body, mutates_args=())
+    torch._library.triton.triton_ops_to_kernels[name] = list(kernels)
+    return op

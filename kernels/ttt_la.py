@@ -13,7 +13,7 @@ import torch
 from kernels import chunk as chunk_kernels
 from kernels.lact import ScanOptions, num_chunks
 from kernels.reference import ttt_la_parallel_reference
-from kernels.triton_utils import SUPPORTED_DTYPES, absent, use_triton
+from kernels.triton_utils import SUPPORTED_DTYPES, absent, inline_kernels, inline_op, use_triton
 
 MIN_HEAD_DIM, MAX_HEAD_DIM, HEAD_DIM_MULTIPLE = 16, 1024, 16
 
@@ -23,7 +23,9 @@ MIN_HEAD_DIM, MAX_HEAD_DIM, HEAD_DIM_MULTIPLE = 16, 1024, 16
 # torch.compile keeps them whole in a graph (no break) and fuses the glue around them. The chunk
 # table is built inside the ops from (rows, cu_seqlens), so a compiled graph never sees its host
 # synchronisation. Absent outputs (momentum off, a gradient not asked for) are empty tensors: op
-# schemas cannot return None.
+# schemas cannot return None. Plain rows also have the inlined registration (`tttla::chunk_scan_rows`
+# and its backward, `kernels.triton_utils.inline_op`); packed documents' chunk count depends on
+# cu_seqlens' values, which a traced body cannot read, so they keep the opaque op.
 
 
 def _chunk_table(tokens: int, rows: int, cu_seqlens: Optional[torch.Tensor], chunk_size: int, device):
@@ -42,6 +44,27 @@ def _contiguous(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return x.contiguous() if x is not None else None
 
 
+def _scan_forward(hq, hk, v, eta, initial_state, beta, initial_momentum, table: chunk_kernels.ChunkTable,
+                  chunk_size: int, token_causal: bool, update_sign: float) -> tuple:
+    """The forward op's body on a built chunk table (see `chunk_scan_op`)."""
+    o, final, final_mom, states, momenta = chunk_kernels.ttt_la_fwd(
+        hq.contiguous(), hk.contiguous(), v.contiguous(), eta.contiguous(), _contiguous(initial_state), table,
+        chunk_size, _contiguous(beta), _contiguous(initial_momentum), token_causal, update_sign)
+    return o, final, final_mom if beta is not None else _absent(hq), states, momenta if beta is not None else _absent(hq)
+
+
+def _scan_backward(do, hq, hk, v, eta, states, momenta, beta, dfinal, dfinal_momentum,
+                   table: chunk_kernels.ChunkTable, chunk_size: int, token_causal: bool, update_sign: float) -> tuple:
+    """The backward op's body on a built chunk table (see `chunk_scan_backward_op`)."""
+    dhq, dhk, dv, deta, dinit, dinit_mom, dbeta = chunk_kernels.ttt_la_bwd(
+        do.to(hq.dtype).contiguous(), hq.contiguous(), hk.contiguous(), v.contiguous(), eta.contiguous(),
+        states.contiguous(), _contiguous(momenta), _contiguous(beta), table, chunk_size, _contiguous(dfinal),
+        _contiguous(dfinal_momentum), token_causal, update_sign)
+    if beta is None:
+        dinit_mom, dbeta = _absent(hq), _absent(hq)
+    return dhq, dhk, dv, deta, dinit, dinit_mom, dbeta
+
+
 @torch.library.custom_op("tttla::chunk_scan", mutates_args=())
 def chunk_scan_op(
     hq: torch.Tensor, hk: torch.Tensor, v: torch.Tensor, eta: torch.Tensor, initial_state: Optional[torch.Tensor],
@@ -56,10 +79,8 @@ def chunk_scan_op(
     the momentum it read (fp32, empty without beta).
     """
     table = _chunk_table(hq.shape[0], rows, cu_seqlens, chunk_size, hq.device)
-    o, final, final_mom, states, momenta = chunk_kernels.ttt_la_fwd(
-        hq.contiguous(), hk.contiguous(), v.contiguous(), eta.contiguous(), _contiguous(initial_state), table,
-        chunk_size, _contiguous(beta), _contiguous(initial_momentum), token_causal, update_sign)
-    return o, final, final_mom if beta is not None else _absent(hq), states, momenta if beta is not None else _absent(hq)
+    return _scan_forward(hq, hk, v, eta, initial_state, beta, initial_momentum, table, chunk_size, token_causal,
+                         update_sign)
 
 
 @chunk_scan_op.register_fake
@@ -92,13 +113,8 @@ def chunk_scan_backward_op(
     dinit [D, H, d, dh] fp32, and with beta dinit_momentum [D, H, d, dh] and dbeta [NC, H] fp32
     (empty without beta)."""
     table = _chunk_table(hq.shape[0], rows, cu_seqlens, chunk_size, hq.device)
-    dhq, dhk, dv, deta, dinit, dinit_mom, dbeta = chunk_kernels.ttt_la_bwd(
-        do.to(hq.dtype).contiguous(), hq.contiguous(), hk.contiguous(), v.contiguous(), eta.contiguous(),
-        states.contiguous(), _contiguous(momenta), _contiguous(beta), table, chunk_size, _contiguous(dfinal),
-        _contiguous(dfinal_momentum), token_causal, update_sign)
-    if beta is None:
-        dinit_mom, dbeta = _absent(hq), _absent(hq)
-    return dhq, dhk, dv, deta, dinit, dinit_mom, dbeta
+    return _scan_backward(do, hq, hk, v, eta, states, momenta, beta, dfinal, dfinal_momentum, table, chunk_size,
+                          token_causal, update_sign)
 
 
 @chunk_scan_backward_op.register_fake
@@ -114,20 +130,85 @@ def _(do, hq, hk, v, eta, states, momenta, beta, dfinal, dfinal_momentum, cu_seq
             beta.new_empty(beta.shape, dtype=torch.float32) if momentum else _absent(hq))
 
 
+def _chunk_scan_rows(
+    hq: torch.Tensor, hk: torch.Tensor, v: torch.Tensor, eta: torch.Tensor, initial_state: Optional[torch.Tensor],
+    beta: Optional[torch.Tensor], initial_momentum: Optional[torch.Tensor], rows: int, chunk_size: int,
+    token_causal: bool, update_sign: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`tttla::chunk_scan` of `rows` documents of TT / rows tokens (no packed documents), inlined."""
+    table = chunk_kernels.regular_chunk_table(rows, hq.shape[0] // rows, chunk_size)
+    return _scan_forward(hq, hk, v, eta, initial_state, beta, initial_momentum, table, chunk_size, token_causal,
+                         update_sign)
+
+
+def _chunk_scan_rows_backward(
+    do: torch.Tensor, hq: torch.Tensor, hk: torch.Tensor, v: torch.Tensor, eta: torch.Tensor, states: torch.Tensor,
+    momenta: Optional[torch.Tensor], beta: Optional[torch.Tensor], dfinal: Optional[torch.Tensor],
+    dfinal_momentum: Optional[torch.Tensor], rows: int, chunk_size: int, token_causal: bool, update_sign: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`tttla::chunk_scan_backward` of `rows` documents, inlined."""
+    table = chunk_kernels.regular_chunk_table(rows, hq.shape[0] // rows, chunk_size)
+    return _scan_backward(do, hq, hk, v, eta, states, momenta, beta, dfinal, dfinal_momentum, table, chunk_size,
+                          token_causal, update_sign)
+
+
+_SCAN_KERNELS = (chunk_kernels.chunk_outer_kernel, chunk_kernels.state_scan_fwd_kernel,
+                 chunk_kernels.state_scan_bwd_kernel, chunk_kernels.chunk_apply_kernel)
+chunk_scan_rows_op = inline_op("tttla::chunk_scan_rows", _chunk_scan_rows, _SCAN_KERNELS)
+chunk_scan_rows_backward_op = inline_op("tttla::chunk_scan_rows_backward", _chunk_scan_rows_backward, _SCAN_KERNELS)
+
+
+def chunk_scan(hq, hk, v, eta, initial_state, beta, initial_momentum, cu_seqlens, rows: int, chunk_size: int,
+               token_causal: bool, update_sign: float) -> tuple:
+    """`tttla::chunk_scan` (arguments and results as it takes and returns them), through the inlined op
+    where `kernels.triton_utils.inline_kernels` allows it and the documents are plain rows."""
+    if cu_seqlens is None and inline_kernels(hq, v):
+        return chunk_scan_rows_op(hq, hk, v, eta, initial_state, beta, initial_momentum, rows, chunk_size,
+                                  token_causal, update_sign)
+    return chunk_scan_op(hq, hk, v, eta, initial_state, beta, initial_momentum, cu_seqlens, rows, chunk_size,
+                         token_causal, update_sign)
+
+
+def chunk_scan_backward(do, hq, hk, v, eta, states, momenta, beta, dfinal, dfinal_momentum, cu_seqlens, rows: int,
+                        chunk_size: int, token_causal: bool, update_sign: float) -> tuple:
+    """`tttla::chunk_scan_backward`, through the inlined op where `chunk_scan` would take it."""
+    if cu_seqlens is None and inline_kernels(hq, v):
+        return chunk_scan_rows_backward_op(do, hq, hk, v, eta, states, momenta, beta, dfinal, dfinal_momentum, rows,
+                                           chunk_size, token_causal, update_sign)
+    return chunk_scan_backward_op(do, hq, hk, v, eta, states, momenta, beta, dfinal, dfinal_momentum, cu_seqlens,
+                                  rows, chunk_size, token_causal, update_sign)
+
+
 def _setup_chunk_scan_context(ctx, inputs, output) -> None:
     hq, hk, v, eta, initial_state, beta, initial_momentum, cu_seqlens, rows, chunk_size, token_causal, sign = inputs
+    _save_scan_context(ctx, hq, hk, v, eta, initial_state, beta, initial_momentum, cu_seqlens, output,
+                       (rows, chunk_size, token_causal, sign), trailing_arguments=5)
+
+
+def _setup_chunk_scan_rows_context(ctx, inputs, output) -> None:
+    hq, hk, v, eta, initial_state, beta, initial_momentum, rows, chunk_size, token_causal, sign = inputs
+    _save_scan_context(ctx, hq, hk, v, eta, initial_state, beta, initial_momentum, None, output,
+                       (rows, chunk_size, token_causal, sign), trailing_arguments=4)
+
+
+def _save_scan_context(ctx, hq, hk, v, eta, initial_state, beta, initial_momentum, cu_seqlens, output,
+                       config: tuple, trailing_arguments: int) -> None:
+    """What the backward reads; `trailing_arguments`: the op's arguments after its tensors (cu_seqlens
+    where it takes it, rows, chunk_size, token_causal, update_sign), which get no gradient."""
     _, _, _, states, momenta = output
     ctx.set_materialize_grads(False)  # no zero-filled [NC, H, d, dh] gradients for the saved states
     ctx.save_for_backward(hq, hk, v, eta, states, momenta if beta is not None else None, beta, cu_seqlens)
-    ctx.config = (rows, chunk_size, token_causal, sign)
+    ctx.config = config
+    ctx.trailing_arguments = trailing_arguments
     ctx.input_dtypes = scan_input_dtypes(eta, initial_state, beta, initial_momentum)
 
 
 def _chunk_scan_backward(ctx, do, dfinal, dfinal_momentum, _dstates, _dmomenta):
+    """The gradients of either registration's inputs: the tensors', then None for the trailing arguments."""
     hq, hk, v, eta, states, momenta, beta, cu_seqlens = ctx.saved_tensors
     gradients = chunk_scan_gradients(do, dfinal, dfinal_momentum, hq, hk, v, eta, states, momenta, beta, cu_seqlens,
                                      ctx.config, ctx.input_dtypes)  # fmt: skip
-    return (*gradients, None, None, None, None, None)
+    return (*gradients, *[None] * ctx.trailing_arguments)
 
 
 def scan_input_dtypes(eta, initial_state, beta, initial_momentum) -> list[Optional[torch.dtype]]:
@@ -143,7 +224,7 @@ def chunk_scan_gradients(do, dfinal, dfinal_momentum, hq, hk, v, eta, states, mo
     rows, chunk_size, token_causal, sign = config
     if do is None:
         do = v.new_zeros(v.shape)
-    dhq, dhk, dv, deta, dinit, dinit_mom, dbeta = chunk_scan_backward_op(
+    dhq, dhk, dv, deta, dinit, dinit_mom, dbeta = chunk_scan_backward(
         do, hq, hk, v, eta, states, momenta, beta, dfinal, dfinal_momentum if beta is not None else None,
         cu_seqlens, rows, chunk_size, token_causal, sign)
     eta_dtype, init_dtype, beta_dtype, mom_dtype = input_dtypes
@@ -152,6 +233,7 @@ def chunk_scan_gradients(do, dfinal, dfinal_momentum, hq, hk, v, eta, states, mo
 
 
 chunk_scan_op.register_autograd(_chunk_scan_backward, setup_context=_setup_chunk_scan_context)
+chunk_scan_rows_op.register_autograd(_chunk_scan_backward, setup_context=_setup_chunk_scan_rows_context)
 
 
 def _chunk_scan(hq, hk, v, eta1, initial_state, beta, initial_momentum, chunk_size, token_causal, update_sign,
@@ -160,7 +242,7 @@ def _chunk_scan(hq, hk, v, eta1, initial_state, beta, initial_momentum, chunk_si
     batch, seq_len, heads, dh = hq.shape
     d = v.shape[-1]
     flat = lambda x: x.reshape(batch * seq_len, heads, -1)  # noqa: E731
-    o, final, final_mom, _, _ = chunk_scan_op(
+    o, final, final_mom, _, _ = chunk_scan(
         flat(hq), flat(hk), flat(v), eta1.reshape(batch * seq_len, heads), initial_state,
         beta.reshape(-1, heads) if beta is not None else None, initial_momentum, cu_seqlens, batch, chunk_size,
         token_causal, update_sign)

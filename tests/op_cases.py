@@ -13,8 +13,10 @@ from typing import Any, Callable
 
 import torch
 
-from kernels.features import swiglu_features_backward_op, swiglu_features_op
-from kernels.ttt_la import chunk_scan_backward_op, chunk_scan_op
+from kernels.features import (
+    swiglu_features_backward_inline_op, swiglu_features_backward_op, swiglu_features_inline_op, swiglu_features_op,
+)
+from kernels.ttt_la import chunk_scan_backward_op, chunk_scan_op, chunk_scan_rows_backward_op, chunk_scan_rows_op
 
 TOKENS, HEADS, D, DH, CHUNK = 40, 2, 16, 32, 16
 ROWS = 2  # a plain batch: 2 rows of 20 tokens, 2 chunks each (the second one short)
@@ -47,6 +49,10 @@ def _scan_args(randn, device: str, dtype: torch.dtype, momentum: bool, packed: b
 
 SCAN_VARIANTS = {"plain": (False, False), "momentum": (True, False), "packed": (False, True),
                  "packed_momentum": (True, True)}  # fmt: skip
+# The inlined registrations (`kernels.triton_utils.inline_op`): the plain-row variants, and their fake
+# implementation is their body on fake tensors, which only compiled (not interpreted) kernels allow.
+INLINE_CASES = ("swiglu_features_inline", "swiglu_features_backward_inline",
+                *(f"chunk_scan_rows{kind}_{variant}" for kind in ("", "_backward") for variant in ("plain", "momentum")))
 
 
 def op_cases(device: str, dtype: torch.dtype) -> dict[str, tuple[Any, tuple]]:
@@ -77,4 +83,16 @@ def op_cases(device: str, dtype: torch.dtype) -> dict[str, tuple[Any, tuple]]:
             cotangent, hq, hk, v, eta, states, momenta if momentum else None, beta, dfinal,
             torch.randn_like(final_momentum) if momentum else None, cu_seqlens, rows, chunk_size, token_causal, sign,
         ))  # fmt: skip
+    add_inline_cases(cases)
     return cases
+
+
+def add_inline_cases(cases: dict[str, tuple[Any, tuple]]) -> None:
+    """Each inlined op on its opaque twin's arguments (the scan's without cu_seqlens)."""
+    cases["swiglu_features_inline"] = (swiglu_features_inline_op, cases["swiglu_features"][1])
+    cases["swiglu_features_backward_inline"] = (swiglu_features_backward_inline_op, cases["swiglu_features_backward"][1])
+    for variant in ("plain", "momentum"):
+        args = cases[f"chunk_scan_{variant}"][1]
+        cases[f"chunk_scan_rows_{variant}"] = (chunk_scan_rows_op, (*args[:7], *args[8:]))
+        args = cases[f"chunk_scan_backward_{variant}"][1]
+        cases[f"chunk_scan_rows_backward_{variant}"] = (chunk_scan_rows_backward_op, (*args[:10], *args[11:]))

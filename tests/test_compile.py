@@ -17,7 +17,7 @@ import torch
 from model.config import ConfigError, LMConfig, TTTConfig
 from model.lm import Block, TTTLM
 from parallel.activation_checkpointing import checkpoint_blocks
-from tests.op_cases import SCAN_VARIANTS, op_cases
+from tests.op_cases import INLINE_CASES, SCAN_VARIANTS, op_cases
 from train.compile import compile_blocks, compile_enabled
 from train.config import RunConfig
 from train.generation.generate import generate_batch
@@ -144,6 +144,62 @@ def test_custom_op_passes_opcheck(cpu_op_cases, case):
     assert all(result == "SUCCESS" for result in results.values()), results
 
 
+def opaque_twin(case: str) -> str:
+    """The opaque op's case an inlined op's case mirrors (`tests.op_cases.add_inline_cases`)."""
+    return case.replace("_inline", "").replace("_rows", "")
+
+
+def fresh(args: tuple) -> list:
+    """The case's arguments as new leaves (the cases share their tensors)."""
+    return [a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args]
+
+
+@interpreted
+@pytest.mark.parametrize("case", INLINE_CASES)
+def test_inlined_op_equals_its_opaque_twin(cpu_op_cases, case):
+    """The inlined registration (`kernels.triton_utils.inline_op`) runs the same kernels as the opaque
+    op: every output bit for bit and, for the forward ops, every input's gradient through the autograd
+    formula both registrations share. (Its compiled form, where Inductor launches the kernels, runs on
+    the GPU: tests/gpu/test_compile_gpu.py.)"""
+    op, args = cpu_op_cases[case]
+    twin, twin_args = cpu_op_cases[opaque_twin(case)]
+    inline_args, opaque_args = fresh(args), fresh(twin_args)
+    inline_out, opaque_out = op(*inline_args), twin(*opaque_args)
+    for got, expected in zip(inline_out, opaque_out, strict=True):
+        assert torch.equal(got, expected)
+    if "backward" in case:
+        return
+    cotangents = [torch.randn_like(out) for out in opaque_out]
+    for outputs, inputs in ((inline_out, inline_args), (opaque_out, opaque_args)):
+        sum((out * cotangent).sum() for out, cotangent in zip(outputs, cotangents) if out.numel()).backward()
+    tensors = lambda xs: [x for x in xs if isinstance(x, torch.Tensor) and x.requires_grad]  # noqa: E731
+    for got, expected in zip(tensors(inline_args), tensors(opaque_args), strict=True):
+        assert torch.equal(got.grad, expected.grad)
+
+
+@interpreted
+@pytest.mark.parametrize("case", INLINE_CASES)
+def test_inlined_op_lists_every_kernel_it_launches(cpu_op_cases, monkeypatch, case):
+    """torch keys its compiled-graph cache on the source of an inlined op's kernels, which the op lists
+    itself (`inline_op`): a kernel launched but not listed would leave a stale compiled graph after
+    an edit. Every launch inside the op goes through `launcher`, recorded here."""
+    import kernels.chunk
+    import kernels.features
+
+    launched = set()
+
+    def recording(kernel):
+        launched.add(kernel)
+        return kernel
+
+    for module in (kernels.chunk, kernels.features):
+        monkeypatch.setattr(module, "launcher", recording)
+    op, args = cpu_op_cases[case]
+    op(*fresh(args))
+    listed = set(torch._library.triton.get_triton_kernels_for_op(op._qualname))
+    assert launched and launched <= listed, (launched, listed)
+
+
 def test_each_op_object_is_the_live_registration():
     """Re-importing a kernel module re-registers its ops and frees the old registrations, so an op
     object kept from before (as tests/op_cases.py keeps them) then calls freed memory. Every op the
@@ -153,7 +209,8 @@ def test_each_op_object_is_the_live_registration():
     import tests.op_cases as held
 
     held_ops = (held.swiglu_features_op, held.swiglu_features_backward_op, held.chunk_scan_op,
-                held.chunk_scan_backward_op)
+                held.chunk_scan_backward_op, held.swiglu_features_inline_op, held.swiglu_features_backward_inline_op,
+                held.chunk_scan_rows_op, held.chunk_scan_rows_backward_op)
     for op in held_ops:
         assert OPDEFS[op._qualname] is op, f"{op._qualname} was registered again after it was imported"
 

@@ -23,7 +23,7 @@ import torch
 from model.config import load_model_config
 from model.lm import TTTLM
 from parallel.activation_checkpointing import checkpoint_blocks
-from tests.op_cases import SCAN_VARIANTS, op_cases
+from tests.op_cases import INLINE_CASES, SCAN_VARIANTS, op_cases
 from tests.test_compile import traced_code
 from train.compile import compile_blocks
 from train.generation.generate import generate_batch
@@ -35,7 +35,11 @@ SEQ_LEN = 4096
 ERROR_FACTOR, ERROR_SLACK = 2.0, 1e-2
 OP_CASES = ("swiglu_features", "swiglu_features_recompute", "swiglu_features_backward",
             "swiglu_features_backward_recompute_x_only", *(f"chunk_scan{kind}_{variant}" for kind in ("", "_backward")
-                                                           for variant in SCAN_VARIANTS))  # fmt: skip
+                                                           for variant in SCAN_VARIANTS), *INLINE_CASES)  # fmt: skip
+# What a compiled block's code launches itself when the kernel ops are inlined, and calls back for when not.
+INLINED_KERNELS = ("swiglu_projection_kernel", "head_matmul_kernel", "state_scan_fwd_kernel", "state_scan_bwd_kernel",
+                   "chunk_apply_kernel")
+OPAQUE_CALLS = ("torch.ops.tttla.chunk_scan.default", "torch.ops.tttla.swiglu_features.default")
 
 
 @pytest.fixture(autouse=True)
@@ -86,8 +90,11 @@ def assert_compiled_like_eager(compiled: dict, eager: dict, exact: dict) -> None
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("case", OP_CASES)
 def test_custom_op_passes_opcheck(case, dtype):
+    """Every op; an inlined one is traced with static shapes only, as `kernels.triton_utils.inline_kernels`
+    never gives it symbolic sizes."""
     op, args = op_cases("cuda", dtype)[case]
-    results = torch.library.opcheck(op, args)
+    static = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_static")
+    results = torch.library.opcheck(op, args, **({"test_utils": static} if case in INLINE_CASES else {}))
     assert all(result == "SUCCESS" for result in results.values()), results
 
 
@@ -107,6 +114,37 @@ def test_block_with_the_kernels_is_one_graph():
     out, _ = block(x, None, 0, None, mask)
     out.float().square().mean().backward()
     assert torch.isfinite(x.grad).all()
+
+
+@requires_cuda
+@pytest.mark.parametrize("inline", [True, False], ids=["inlined", "opaque"])
+def test_compiled_block_launches_the_kernels_itself(monkeypatch, inline):
+    """With the kernel ops inlined (the default on CUDA), Inductor's code for a block's forward and
+    backward launches the feature and scan kernels itself and calls back into no tttla op; with
+    TTTLA_INLINE_KERNELS=0 it calls the opaque ops and launches none of them. Both give the eager
+    block's output and input gradient (bf16 rounding apart)."""
+    from torch._inductor.utils import run_and_get_code
+
+    monkeypatch.setenv("TTTLA_INLINE_KERNELS", "1" if inline else "0")
+    model = small_125m().bfloat16()
+    block = model.blocks[0]
+    mask = model.window_mask(torch.zeros(1, SEQ_LEN, dtype=torch.long, device="cuda"), None)
+    x = torch.randn(1, SEQ_LEN, 768, device="cuda", dtype=torch.bfloat16)
+
+    def output_and_gradient(forward) -> tuple[torch.Tensor, torch.Tensor]:
+        leaf = x.clone().requires_grad_()
+        out, _ = forward(leaf, None, 0, None, mask)
+        out.float().square().mean().backward()
+        return out.detach().float(), leaf.grad.float()
+
+    (out, grad), codes = run_and_get_code(output_and_gradient, torch.compile(block, fullgraph=True))
+    code = "\n".join(codes)
+    for kernel in INLINED_KERNELS:
+        assert (kernel in code) == inline, kernel
+    for call in OPAQUE_CALLS:
+        assert (call in code) != inline, call
+    eager_out, eager_grad = output_and_gradient(block)
+    assert relative(out, eager_out) < 2e-2 and relative(grad, eager_grad) < 5e-2
 
 
 @requires_cuda
