@@ -333,6 +333,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                              "over the cache compiled ran slower than eager (docs/bench/decode.md)")
     parser.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
                         help="Inductor config for the compiled steps and prefill, e.g. cpp_wrapper=True")
+    parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
+                        help="time the KV-cache transformer too (--no-baseline: the TTT rows alone, for A/B runs of "
+                             "a TTT setting; --prefill-up-to 0 also skips the prefill)")
     parser.add_argument("--steps", type=int, help="decode steps per row (the first --warmup are not timed)")
     parser.add_argument("--warmup", type=int)
     parser.add_argument("--dtype", choices=("bfloat16", "float32"))
@@ -359,7 +362,7 @@ def main(argv: list[str]) -> None:
     rows = []
     # The transformer first: where its cache does not fit the throughput batch, the TTT models are also
     # timed at the largest batch it fits.
-    models = {"sdpa-kv-cache": BaselineLM(load_model_config(args.config, args.override))}
+    models = {"sdpa-kv-cache": BaselineLM(load_model_config(args.config, args.override))} if args.baseline else {}
     models.update({f"ttt-{name}": TTTLM(load_model_config(args.config, args.override + VARIANTS[name])) for name in args.variants})
     baseline_batch: dict[int, int] = {}
     for name, model in models.items():
@@ -376,7 +379,8 @@ def main(argv: list[str]) -> None:
             rows.append(row)
             print(json.dumps(row))
         model.to("cpu")
-    rows = rows[len(args.contexts):] + rows[: len(args.contexts)]  # the table lists the TTT models first
+    if args.baseline:  # the table lists the TTT models first
+        rows = rows[len(args.contexts):] + rows[: len(args.contexts)]
     meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     meta["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     args.out.parent.mkdir(parents=True, exist_ok=True)

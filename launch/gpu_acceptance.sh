@@ -3,7 +3,7 @@
 # resumes from its sharded checkpoint, exports, then generation and decoding are benchmarked.
 # Every stage logs to $RESULTS/<stage>.log and a failing stage does not stop the others.
 #   launch/gpu_acceptance.sh [train] [decode_tests] [decode] [token_read] [quality] [entry] [speed] [speed760] [bench_train] [overhead] [saved]
-#                            [memory] [window] [window_ab] [profile] [cudagraphs] [step_options] [suite] [slow]
+#                            [memory] [window] [window_ab] [profile] [cudagraphs] [step_options] [decode_options] [suite] [slow]
 #   (default: train decode)
 # entry: the trainer-through-the-launcher GPU test; speed: the 125M/16K run through launch/ with the
 # blocks compiled beside the benchmark's row of the same shape (speed760: the same at 760M/16K); memory: what one block saves for
@@ -15,6 +15,7 @@
 # step of tttla and the transformer with one profiled step each (kernels and their device time against the wall time);
 # cudagraphs: the same step and the trainer's with Inductor's CUDA graphs over the blocks, after their equality test;
 # step_options: the same rows once per option set in STEP_OPTIONS ('|' between sets; Inductor options and environment);
+# decode_options: the TTT decoder's 4K steps once per set in DECODE_OPTIONS;
 # suite: the GPU suite with test durations (SUITE_PATHS: only these files or cases; GPU_WORKERS processes, as
 # `make test-gpu`); slow: its long cases.
 # STAGE_TIMEOUT (seconds, default none) stops a stage that runs longer, so one hang does not cost the rest;
@@ -133,22 +134,42 @@ run_cudagraphs() {  # Inductor's CUDA graphs over the compiled blocks: the equal
   SPEED_ARGS="train.compile_options.triton.cudagraphs=true ${SPEED_ARGS:-}" run_speed
 }
 
+option_words() {  # SET: split one option set into the arrays env (KEY in capitals) and inductor (the rest); `plain` is none
+  env=() inductor=()
+  local word words
+  read -r -a words <<<"$1"
+  for word in "${words[@]}"; do
+    if [[ $word == plain ]]; then continue; fi
+    if [[ $word =~ ^[A-Z_][A-Z0-9_]*= ]]; then env+=("$word"); else inductor+=("$word"); fi
+  done
+}
+
 run_step_options() {  # STEP_OPTIONS: option sets separated by '|', each words of KEY=VALUE: Inductor options, or
   # environment variables where KEY is in capitals, or `plain` (e.g. "plain|TTTLA_INLINE_KERNELS=0|triton.cudagraphs=True"); the
   # 125M/16K rows of both models once per set, each in its own process
-  local n=0 set sets words word env inductor
+  local n=0 set sets env inductor
   IFS='|' read -r -a sets <<<"${STEP_OPTIONS:-combo_kernels=True}"
   for set in "${sets[@]}"; do
-    n=$((n + 1)) env=() inductor=()
-    read -r -a words <<<"$set"
-    for word in "${words[@]}"; do
-      if [[ $word == plain ]]; then continue; fi  # the set of no options
-      if [[ $word =~ ^[A-Z_][A-Z0-9_]*= ]]; then env+=("$word"); else inductor+=("$word"); fi
-    done
+    n=$((n + 1))
+    option_words "$set"
     stage "step_options_$n" env "${env[@]}" "$PYTHON" -m benchmarks.step --configs 125m --seqs ${PROFILE_SEQS:-16384x1} \
       --impls tttla sdpa --checkpointing none --compile on --no-ceiling ${inductor[@]:+--inductor "${inductor[@]}"} \
       --out "$RESULTS/train_step_options_$n"
     grep -E "^\|" "$RESULTS/train_step_options_$n.md" | tail -n 2 || true
+  done
+}
+
+run_decode_options() {  # DECODE_OPTIONS: option sets as STEP_OPTIONS'; the TTT decoder's steps at 4K (batch 1 and the
+  # throughput batch, from a random state: no prefill, no transformer) once per set, each in its own process
+  local n=0 set sets env inductor
+  IFS='|' read -r -a sets <<<"${DECODE_OPTIONS:-plain|combo_kernels=True}"
+  for set in "${sets[@]}"; do
+    n=$((n + 1))
+    option_words "$set"
+    stage "decode_options_$n" env "${env[@]}" "$PYTHON" -m benchmarks.decode --variants parallel --contexts 4096 \
+      --no-baseline --prefill-up-to 0 --steps 24 --warmup 6 ${inductor[@]:+--inductor "${inductor[@]}"} \
+      --out "$RESULTS/decode_options_$n"
+    grep -E "^\| ttt" "$RESULTS/decode_options_$n.md" || true
   done
 }
 

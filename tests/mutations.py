@@ -35,11 +35,12 @@ TESTS = [
     "tests/test_window_attention.py",
     "tests/test_memory_budget.py",
     "tests/test_kernels_interpret.py",
+    "tests/test_compile.py",
 ]
 LACT, REFERENCE = "kernels/lact.py", "kernels/reference.py"
 TOKEN_STEP, RING, WINDOW = "kernels/token_step.py", "kernels/ring_attention.py", "kernels/window_attention.py"
 LAYER, LOW_RANK, DECODE, LM = "model/ttt_layer.py", "model/low_rank.py", "decoding/decode.py", "model/lm.py"
-CHUNK = "kernels/chunk.py"
+CHUNK, TTT_LA, FEATURES = "kernels/chunk.py", "kernels/ttt_la.py", "kernels/features.py"
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,12 @@ MUTATIONS = [
         (CHUNK, "end = tl.minimum(start + chunk_size, (doc + 1) * doc_len)", "end = start + chunk_size"),)),
     Mutation("scan kernels: a plain batch's documents end at a whole chunk", (
         (CHUNK, "doc_end = doc_start + doc_len\n", "doc_end = doc_start + per_doc * chunk_size\n"),)),
+    Mutation("inlined scan: the rows taken as one document", (
+        (TTT_LA, "    table = chunk_kernels.regular_chunk_table(rows, hq.shape[0] // rows, chunk_size)\n    return _scan_forward(",
+         "    table = chunk_kernels.regular_chunk_table(1, hq.shape[0], chunk_size)\n    return _scan_forward("),)),
+    Mutation("inlined feature ops do not list the matmul kernel", (
+        (FEATURES, "_FEATURE_KERNELS = (swiglu_projection_kernel, head_matmul_kernel)",
+         "_FEATURE_KERNELS = (swiglu_projection_kernel,)"),)),
     Mutation("pending tokens drop the prefill's partial chunk", (
         (DECODE, "        cache.pending.write(positions, inputs.k, inputs.v, inputs.etas)\n    else:", "        pass\n    else:"),)),
     Mutation("Muon normalises a stack of matrices as one", (
