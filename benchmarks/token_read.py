@@ -1,17 +1,19 @@
 """Token-read benchmark: `python -m benchmarks.token_read [--quick] [--batches 1 8 64] [--out FILE]`.
 
 A decoder that keeps the partial chunk as pending tokens reads each layer's fast weight once per token,
-o = W1 h(q) with h(q) = silu(W0 q) * (W2 q) (`kernels.token_step.w1_token_read`). The Triton kernel does
-it in one launch, each program recomputing h(q) for its block of W1's rows from the learned W0, W2. At
-batch 64 on an H100 (125M: 4 heads, d = dh = 192) it took 39 us a layer, 3.5x the time to read W1 once
-(37.7 MB in fp32), and a batch-64 decode step runs it 12 times. This times, at a model's TTT shape and
-each batch, one call replayed from a CUDA graph (as the decoder runs it):
+o = W1 h(q) with h(q) = silu(W0 q) * (W2 q) (`kernels.token_step.w1_token_read`). Through the token-step
+kernel (without G1), each program recomputing one token's h(q) for its block of W1's rows from the learned
+W0, W2, it took 39 us a layer at batch 64 on an H100 (125M: 4 heads, d = dh = 192), 3.5x the time to read
+W1 once (37.7 MB in fp32), and a batch-64 decode step runs it 12 times. The read kernel
+(`w1_token_read_kernel`) forms h(q) for 16 tokens a program on the tensor cores instead. This times, at a
+model's TTT shape and each batch, one call replayed from a CUDA graph (as the decoder runs it):
 
-  kernel          the Triton read (`w1_token_read_op`)
-  kernel_RxC      the same kernel with R state rows and C feature columns a program (`KERNEL_TILES`)
-  torch           its torch form (`w1_token_read_reference`): h(q) as head-batched products, the read as
-                  a batched matrix-vector product, four or five kernels
-  torch_compiled  the same through torch.compile (Inductor fuses the gate)
+  kernel             the read kernel at its defaults (`w1_token_read_op`)
+  kernel_rowsR       the same with R state rows a program per token (`READ_STATE_ROWS`)
+  step_kernel_RxC    the token-step kernel's read, R state rows and C feature columns a program (`KERNEL_TILES`)
+  torch              its torch form (`w1_token_read_reference`): h(q) as head-batched products, the read as
+                     a batched matrix-vector product, four or five kernels
+  torch_compiled     the same through torch.compile (Inductor fuses the gate)
 
 beside `floor_us`, W1's bytes at the device's measured copy bandwidth (no read can beat it). Every
 implementation's output is checked against the torch form first. `--quick` runs one small batch on
@@ -29,14 +31,16 @@ from typing import Callable
 
 import torch
 
-from kernels.token_step import w1_token_read_op, w1_token_read_reference, w1_token_read_tiled
+from kernels.token_step import w1_token_read_op, w1_token_read_reference, w1_token_read_rows, w1_token_read_tiled
 from model.config import load_model_config
 
 Read = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 CALLS_PER_GRAPH, REPLAYS = 20, 20
-# (state rows, feature columns) per program beside the kernel's defaults: more rows recompute h(q) fewer
-# times (a d = 192 state is three 64-row programs at batch 64), narrower columns keep the tiles in registers.
-KERNEL_TILES = [(rows, columns) for rows in (32, 64, 128, 256) for columns in (32, 64)]
+# The read kernel's state rows per token beside its default.
+READ_STATE_ROWS = (16, 32, 64)
+# The step kernel's (state rows, feature columns) per program: more rows recompute h(q) fewer times (a
+# d = 192 state is three 64-row programs at batch 64), narrower columns keep the tiles in registers.
+KERNEL_TILES = [(rows, columns) for rows in (64, 256) for columns in (32, 64)]
 
 
 def implementations(device: torch.device) -> dict[str, Read]:
@@ -45,8 +49,10 @@ def implementations(device: torch.device) -> dict[str, Read]:
     reads: dict[str, Read] = {"torch": w1_token_read_reference}
     if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         reads["kernel"] = w1_token_read_op
+        for rows in READ_STATE_ROWS:
+            reads[f"kernel_rows{rows}"] = functools.partial(w1_token_read_rows, state_rows=rows)
         for rows, columns in KERNEL_TILES:
-            reads[f"kernel_{rows}x{columns}"] = functools.partial(w1_token_read_tiled, tiles=(rows, columns))
+            reads[f"step_kernel_{rows}x{columns}"] = functools.partial(w1_token_read_tiled, tiles=(rows, columns))
     if device.type == "cuda":
         reads["torch_compiled"] = torch.compile(w1_token_read_reference, fullgraph=True)
     return reads

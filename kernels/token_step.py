@@ -15,8 +15,15 @@ W1 only (`w1_token_step`), per (row b, head h), with eta = eta1[b, h] and s = up
 
 A program owns `BD` rows of one (row, head)'s [d, dh] state: it computes h(q), h(k) itself from the
 learned W0, W2 (4 d dh multiply-adds, read from L2 by every program of the head), updates its rows of
-G1 in place and answers its rows of the output. `w1_token_read` is the same kernel without G1 (o = W1 hq,
-h(q) alone): the step of a decoder that keeps the partial chunk as its tokens (`decoding.pending`).
+G1 in place and answers its rows of the output.
+
+`w1_token_read` (o = W1 h(q), no G1: the step of a decoder that keeps the partial chunk as its tokens,
+`decoding.pending`, from `DEFER_FROM_BATCH` rows on) has a kernel of its own, `w1_token_read_kernel`,
+built for many rows: a program owns `READ_ROWS` rows of one head and `BD` rows of their states, forms
+their h(q) as one [READ_ROWS, d] x [d, dh] product pair on the tensor cores (W0, W2 read once for
+all its rows, where the step kernel reads them once per row and state block: at batch 64 and d = 192
+that was about 340 MB of L2 reads a layer for a 38 MB state), then streams each row's block of W1.
+The step kernel without G1 (`w1_token_read_tiled`) stays for the comparison (`benchmarks.token_read`).
 
 All three fast (`lact_token_step`, the recurrent LaCT form), with a = W0 k, b = W2 k, g = W1^T v and the
 row's own W0, W1, W2 (`kernels.lact.lact_chunk_gradients` for one token):
@@ -40,7 +47,7 @@ import triton.language as tl
 
 from kernels.fast_weights import ChunkGradients, FastWeights
 from kernels.lact import lact_chunk_gradients, swiglu_features
-from kernels.triton_utils import cdiv, new_buffer, next_power_of_2, use_triton
+from kernels.triton_utils import cdiv, dot_precision, new_buffer, next_power_of_2, use_triton
 
 # Rows of the [d, dh] state a W1 program owns: few at batch 1, so the state is read by about
 # TARGET_PROGRAMS programs; more at larger batches, up to a tile that stays in registers.
@@ -50,6 +57,9 @@ TARGET_PROGRAMS = 128
 # a program's feature pass is one wide load of W0 and W2 rather than a chain of dependent small ones
 # (at 64 a batch-1 launch took about 15 us on an H100, its programs waiting on nine loads in turn).
 COLUMN_TILE, REDUCTION_TILE = 64, 256
+# The read kernel: rows (tokens) a program forms h(q) for at once (tl.dot's least M), and the state
+# rows it streams per token: halved from the most until the launch has about TARGET_READ_PROGRAMS programs.
+READ_ROWS, MAX_READ_STATE_ROWS, MIN_READ_STATE_ROWS, TARGET_READ_PROGRAMS = 16, 64, 16, 256
 # Features per program of the LaCT step (it holds [BE, d] tiles of W0, W2, G0, G2 and [d, BE] of W1, G1).
 LACT_FEATURE_TILE = 32
 
@@ -209,19 +219,99 @@ def w1_token_read_reference(
     return torch.einsum("bhde,bhe->bhd", w1, hq)
 
 
+@triton.jit
+def w1_token_read_kernel(
+    q_ptr, w0_ptr, w2_ptr, w1_ptr, o_ptr, B, H, q_row, q_head,
+    D: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr, BB: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
+    SWIGLU: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """q: [B, H, D] (strides q_row, q_head, 1); w0, w2: [H, DH, D] in q's dtype; w1: [B, H, D, DH] fp32;
+    o: [B, H, D] fp32. Program (row block, head, state block) owns rows [BB * i, + BB) and state rows
+    [BD * j, + BD): o[b, h, rows] = W1[b, h, rows] h(q[b, h]). DHP: DH's next power of two."""
+    first = tl.program_id(0) * BB
+    head = tl.program_id(1)
+    tokens = first + tl.arange(0, BB)
+    token_ok = tokens < B
+    cols = tl.arange(0, DHP)
+    col_ok = cols < DH
+    if SWIGLU:  # [BB, D] x [D, DH] twice, fp32 accumulation
+        a = tl.zeros([BB, DHP], dtype=tl.float32)
+        g = tl.zeros([BB, DHP], dtype=tl.float32)
+        for k0 in range(0, D, BK):
+            red = k0 + tl.arange(0, BK)
+            red_ok = red < D
+            x = tl.load(q_ptr + tokens[:, None] * q_row + head * q_head + red[None, :],
+                        mask=token_ok[:, None] & red_ok[None, :], other=0.0)  # [BB, BK]
+            w_offsets = head * DH * D + cols[None, :] * D + red[:, None]  # [BK, DHP]: W^T
+            w_ok = red_ok[:, None] & col_ok[None, :]
+            a += tl.dot(x, tl.load(w0_ptr + w_offsets, mask=w_ok, other=0.0), input_precision=PRECISION)
+            g += tl.dot(x, tl.load(w2_ptr + w_offsets, mask=w_ok, other=0.0), input_precision=PRECISION)
+        hq = a * tl.sigmoid(a) * g
+    else:  # the identity map: D == DH
+        hq = tl.load(q_ptr + tokens[:, None] * q_row + head * q_head + cols[None, :],
+                     mask=token_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+    state_rows = tl.program_id(2) * BD + tl.arange(0, BD)
+    state_ok = state_rows < D
+    token_index = tl.arange(0, BB)
+    for i in tl.static_range(BB):
+        token = first + i
+        h = tl.sum(tl.where((token_index == i)[:, None], hq, 0.0), axis=0)  # [DHP]: this token's h(q)
+        state = (token * H + head).to(tl.int64) * D * DH
+        tile_ok = (state_ok[:, None] & col_ok[None, :]) & (token < B)
+        w1 = tl.load(w1_ptr + state + state_rows[:, None] * DH + cols[None, :], mask=tile_ok, other=0.0)
+        tl.store(o_ptr + (token * H + head) * D + state_rows, tl.sum(w1 * h[None, :], axis=1),
+                 mask=state_ok & (token < B))
+
+
+def _read_state_rows(batch: int, heads: int, d: int) -> int:
+    """State rows a read program streams per token: the most (up to MAX_READ_STATE_ROWS) that still give
+    the launch about TARGET_READ_PROGRAMS programs, at least MIN_READ_STATE_ROWS."""
+    rows = min(MAX_READ_STATE_ROWS, max(MIN_READ_STATE_ROWS, next_power_of_2(d)))
+    while rows > MIN_READ_STATE_ROWS and cdiv(batch, READ_ROWS) * heads * cdiv(d, rows) < TARGET_READ_PROGRAMS:
+        rows //= 2
+    return rows
+
+
+def _read_launch(q: torch.Tensor, w0: Optional[torch.Tensor], w2: Optional[torch.Tensor], w1: torch.Tensor,
+                 state_rows: Optional[int] = None) -> torch.Tensor:  # fmt: skip
+    """`w1_token_read_kernel` over every row and head; `state_rows` (a power of two) overrides the default."""
+    batch, heads, d = q.shape
+    dh = w1.shape[-1]
+    swiglu = w0 is not None
+    if swiglu and (q.dtype != w0.dtype or w2.dtype != w0.dtype):  # one operand dtype for the products
+        q, w0, w2 = q.float(), w0.float(), w2.float()
+    q = _unit_last_stride(q)
+    features = (w0.contiguous(), w2.contiguous()) if swiglu else (q, q)  # unread without SWIGLU
+    out = new_buffer((batch, heads, d), torch.float32, q.device)
+    rows = state_rows or _read_state_rows(batch, heads, d)
+    w1_token_read_kernel[(cdiv(batch, READ_ROWS), heads, cdiv(d, rows))](
+        q, *features, w1.contiguous(), out, batch, heads, *q.stride()[:2], D=d, DH=dh, DHP=max(16, next_power_of_2(dh)),
+        BB=READ_ROWS, BD=rows, BK=min(64, max(16, next_power_of_2(d))), SWIGLU=swiglu, PRECISION=dot_precision(q.dtype),
+        num_warps=8,
+    )
+    return out
+
+
 @torch.library.custom_op("tttla::w1_token_read", mutates_args=())
 def w1_token_read_op(q: torch.Tensor, w0: Optional[torch.Tensor], w2: Optional[torch.Tensor], w1: torch.Tensor) -> torch.Tensor:
-    """The read-only kernel as an op a compiled decode step keeps whole."""
-    return w1_token_read_tiled(q, w0, w2, w1)
+    """The read kernel as an op a compiled decode step keeps whole."""
+    return _read_launch(q, w0, w2, w1)
+
+
+def w1_token_read_rows(q: torch.Tensor, w0: Optional[torch.Tensor], w2: Optional[torch.Tensor], w1: torch.Tensor,
+                       state_rows: int) -> torch.Tensor:  # fmt: skip
+    """The read kernel with `state_rows` (a power of two) state rows a program streams per token instead of
+    its default, for `benchmarks.token_read` to weigh against it."""
+    return _read_launch(q, w0, w2, w1, state_rows)
 
 
 def w1_token_read_tiled(
     q: torch.Tensor, w0: Optional[torch.Tensor], w2: Optional[torch.Tensor], w1: torch.Tensor,
     tiles: Optional[tuple[int, int]] = None,
 ) -> torch.Tensor:
-    """The read kernel with a program's (state rows, feature columns) chosen by the caller (None: the
-    defaults), for `benchmarks.token_read` to weigh against them: a program recomputes h(q) for the rows
-    it owns, so fewer rows a program spread small batches wider and more rows repeat that work less."""
+    """The read through the step kernel (without G1), a program's (state rows, feature columns) chosen by
+    the caller (None: the step's defaults), for `benchmarks.token_read` to weigh against the read
+    kernel: each program recomputes one token's h(q) for the state rows it owns."""
     swiglu = w0 is not None
     features = (w0, w2) if swiglu else (w1, w1)  # unread without SWIGLU; k, v, eta, g1 unread without ACCUMULATE
     return _launch(q, q, q, q[..., 0], *features, w1, w1, 1.0, False, swiglu, False, tiles)  # accumulate=False

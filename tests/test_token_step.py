@@ -82,12 +82,32 @@ def test_read_kernel_equals_the_float64_step_without_its_update(seed: int, monke
     assert relative_error(out.double(), expected) < FP32_TOLERANCE
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_read_kernel_over_many_rows_equals_the_float64_read(seed: int, monkeypatch) -> None:
+    """Batches past one program's block of `READ_ROWS` tokens and not a multiple of it (the last block
+    part empty), state rows split over programs, odd d and dh, q strided as the mixer gives it."""
+    from kernels.token_step import READ_ROWS, w1_token_read_reference
+
+    monkeypatch.setenv("TTTLA_KERNELS", "triton")
+    rng, g = random.Random(seed), torch.Generator().manual_seed(seed)
+    batch, heads = rng.choice([READ_ROWS + 1, 2 * READ_ROWS + 3]), rng.choice([1, 3])
+    swiglu = seed % 2 == 0
+    d = rng.choice([24, 72, 130])
+    dh = rng.choice([40, 136]) if swiglu else d
+    q = torch.randn(batch, 3, heads, d, generator=g)[:, 0]  # a row-strided view, as q of the fused projection
+    w0, w2 = (torch.randn(heads, dh, d, generator=g) * d**-0.5 if swiglu else None for _ in range(2))
+    w1 = torch.randn(batch, heads, d, dh, generator=g) * dh**-0.5
+    out = w1_token_read(q, w0, w2, w1)
+    expected = w1_token_read_reference(*(None if t is None else t.double() for t in (q, w0, w2, w1)))
+    assert out.shape == (batch, heads, d) and relative_error(out.double(), expected) < FP32_TOLERANCE
+
+
 @pytest.mark.parametrize("mode", ["parallel", "parallel-identity-per-head-lr"])
 def test_decoding_with_pending_tokens_through_the_read_kernel_equals_the_float64_decoder(mode: str, monkeypatch) -> None:
     """Pending tokens (`decoding.pending`): every token step reads through the kernel without G1, the
     chunk's gradient is formed at its end, and the logits are the float64 running-sum decoder's."""
-    assert_kernel_decoding_equals_float64(mode, token_step, "_launch", prompt_lengths=[1, 8, 13], steps=12, seed=9,
-                                          monkeypatch=monkeypatch, deferred=True)
+    assert_kernel_decoding_equals_float64(mode, token_step, "_read_launch", prompt_lengths=[1, 8, 13], steps=12,
+                                          seed=9, monkeypatch=monkeypatch, deferred=True)
 
 
 def test_every_row_of_the_state_is_updated(monkeypatch) -> None:

@@ -42,15 +42,19 @@ def test_token_step_kernel_on_the_gpu(batch: int, heads: int, d: int, dh: int, s
 
 
 @requires_cuda
-@pytest.mark.parametrize("batch,heads,d,dh,swiglu", [(1, 4, 192, 192, True), (64, 4, 192, 192, True),
-                                                       (3, 2, 72, 136, True), (5, 4, 192, 192, False)])
-def test_token_read_kernel_on_the_gpu(batch: int, heads: int, d: int, dh: int, swiglu: bool) -> None:
-    """The read alone (pending tokens, `decoding.pending`) against the float64 step's output, not token-causal."""
+@pytest.mark.parametrize("batch,heads,d,dh,swiglu,bf16_weights", [
+    (1, 4, 192, 192, True, False), (64, 4, 192, 192, True, False), (64, 4, 192, 192, True, True),
+    (37, 4, 192, 192, True, True), (3, 2, 72, 136, True, False), (19, 2, 72, 136, True, True), (5, 4, 192, 192, False, False)])
+def test_token_read_kernel_on_the_gpu(batch: int, heads: int, d: int, dh: int, swiglu: bool, bf16_weights: bool) -> None:
+    """The read alone (pending tokens, `decoding.pending`) against the float64 step's output, not token-causal;
+    `bf16_weights`: W0, W2 in q's dtype, as a bf16 model decodes (its products on the tensor cores; bf16
+    products are exact in fp32, so the tolerance is fp32's)."""
     g = torch.Generator(device="cuda").manual_seed(batch * 1000 + d + 2)
     dh = dh if swiglu else d
     draw = lambda *shape, scale=1.0: torch.randn(*shape, generator=g, device="cuda") * scale  # noqa: E731
     q = draw(batch, heads, d).bfloat16()
-    w0, w2 = (draw(heads, dh, d, scale=d**-0.5) if swiglu else None for _ in range(2))
+    weight_dtype = torch.bfloat16 if bf16_weights else torch.float32
+    w0, w2 = (draw(heads, dh, d, scale=d**-0.5).to(weight_dtype) if swiglu else None for _ in range(2))
     w1 = draw(batch, heads, d, dh, scale=dh**-0.5)
     out = w1_token_read(q, w0, w2, w1)
     as64 = [None if t is None else t.double() for t in (q, q, q, q[..., 0], w0, w2, w1)]
