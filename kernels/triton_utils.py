@@ -128,5 +128,7 @@ def inline_op(name: str, body: Callable, kernels: Sequence) -> "torch._library.c
             _inside_inline_op.active = outer
 
     op = torch.library.triton_op(name, traced_body, mutates_args=())
-    torch._library.triton.triton_ops_to_kernels[name] = list(kernels)
+    listed = getattr(torch._library.triton, "triton_ops_to_kernels", None)  # absent where torch keys no cache on them
+    if listed is not None:
+        listed[name] = list(kernels)
     return op

@@ -160,9 +160,11 @@ run_step_options() {  # STEP_OPTIONS: option sets separated by '|', each words o
 }
 
 run_decode_options() {  # DECODE_OPTIONS: option sets as STEP_OPTIONS'; the TTT decoder's steps at 4K (batch 1 and the
-  # throughput batch, from a random state: no prefill, no transformer) once per set, each in its own process
+  # throughput batch, from a random state: no prefill, no transformer) once per set, each in its own process. The
+  # default sets weigh Inductor's matrix-vector products as reductions (coordinate_descent_tuning: a batch-1 step's
+  # projections then fuse with the norms, gates and bias work around them) and its horizontal fusion (combo_kernels)
   local n=0 set sets env inductor
-  IFS='|' read -r -a sets <<<"${DECODE_OPTIONS:-plain|combo_kernels=True}"
+  IFS='|' read -r -a sets <<<"${DECODE_OPTIONS:-plain|coordinate_descent_tuning=True|coordinate_descent_tuning=True combo_kernels=True}"
   for set in "${sets[@]}"; do
     n=$((n + 1))
     option_words "$set"
