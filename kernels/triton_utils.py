@@ -127,7 +127,8 @@ def inline_op(name: str, body: Callable, kernels: Sequence) -> "torch._library.c
         finally:
             _inside_inline_op.active = outer
 
-    op = torch.library.triton_op(name, traced_body, mutates_args=())
+    schema = torch.library.infer_schema(body, mutates_args=())  # the body's annotations, in its own module
+    op = torch.library.triton_op(name, traced_body, mutates_args=(), schema=schema)
     listed = getattr(torch._library.triton, "triton_ops_to_kernels", None)  # absent where torch keys no cache on them
     if listed is not None:
         listed[name] = list(kernels)
