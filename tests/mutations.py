@@ -93,6 +93,11 @@ MUTATIONS = [
         (CHUNK, "end = tl.minimum(start + chunk_size, (doc + 1) * doc_len)", "end = start + chunk_size"),)),
     Mutation("scan kernels: a plain batch's documents end at a whole chunk", (
         (CHUNK, "doc_end = doc_start + doc_len\n", "doc_end = doc_start + per_doc * chunk_size\n"),)),
+    Mutation("read kernel: every program reads the first block of tokens", (
+        (TOKEN_STEP, "    first = tl.program_id(0) * BB\n", "    first = tl.program_id(0) * 0\n"),)),
+    Mutation("read kernel: each token answered with its block's first h(q)", (
+        (TOKEN_STEP, "h = tl.sum(tl.where((token_index == i)[:, None], hq, 0.0), axis=0)",
+         "h = tl.sum(tl.where((token_index == 0)[:, None], hq, 0.0), axis=0)"),)),
     Mutation("inlined scan: the rows taken as one document", (
         (TTT_LA, "    table = chunk_kernels.regular_chunk_table(rows, hq.shape[0] // rows, chunk_size)\n    return _scan_forward(",
          "    table = chunk_kernels.regular_chunk_table(1, hq.shape[0], chunk_size)\n    return _scan_forward("),)),
