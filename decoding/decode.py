@@ -231,7 +231,8 @@ def chunk_update_inputs(
     beta = None if cache.gate_sum is None else cache.gate_sum / weights.ttt.chunk_size
     grads, pending = cache.chunk_gradients, cache.pending
     if pending is not None and forms_gradient_in_operand_dtype(weights.ttt, pending):
-        grads = ChunkGradients(g1=w1_chunk_gradient(pending, weights.features, weights.feature_weights))
+        g1 = w1_chunk_gradient(pending, weights.features, weights.feature_weights, weights.ttt.use_kernel)
+        grads = ChunkGradients(g1=g1)
     elif pending is not None:
         grads = token_gradients(weights, cache, pending.k, pending.v, pending.etas)
     return cache.fast_weights, grads, beta, chunk_step(weights, cache.fast_weights.w1.dtype)

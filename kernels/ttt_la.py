@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from kernels import chunk as chunk_kernels
 from kernels.lact import ScanOptions, num_chunks
@@ -247,6 +248,49 @@ def _chunk_scan(hq, hk, v, eta1, initial_state, beta, initial_momentum, chunk_si
         beta.reshape(-1, heads) if beta is not None else None, initial_momentum, cu_seqlens, batch, chunk_size,
         token_causal, update_sign)
     return o.reshape(batch, seq_len, heads, d), final, final_mom if beta is not None else None
+
+
+@torch.library.custom_op("tttla::chunk_updates", mutates_args=())
+def chunk_updates_op(x: torch.Tensor, y: torch.Tensor, eta: torch.Tensor, rows: int, chunk_size: int) -> torch.Tensor:
+    """x [TT, H, DX], y [TT, H, DY], eta [TT, H] of `rows` documents of TT / rows tokens -> every chunk's
+    sum_t eta_t x_t y_t^T, [NC, H, DX, DY] fp32 (`kernels.chunk.chunk_outer`)."""
+    table = chunk_kernels.regular_chunk_table(rows, x.shape[0] // rows, chunk_size)
+    return chunk_kernels.chunk_outer(x.contiguous(), y.contiguous(), eta.contiguous(), table, chunk_size)
+
+
+@chunk_updates_op.register_fake
+def _(x, y, eta, rows, chunk_size):
+    tokens, heads, dx = x.shape
+    chunks = rows * ((tokens // rows + chunk_size - 1) // chunk_size)
+    return x.new_empty(chunks, heads, dx, y.shape[-1], dtype=torch.float32)
+
+
+def chunk_updates(x: torch.Tensor, y: torch.Tensor, eta: torch.Tensor, chunk_size: int,
+                  allow_triton: bool = True) -> torch.Tensor:  # fmt: skip
+    """Each chunk's update as the scan forms it, A(c) = sum_{t in c} eta_t x_t y_t^T, alone.
+
+    x: [B, T, H, DX] and y: [B, T, H, DY] in one dtype; eta: [B, T, H] (any float dtype). Returns
+    [B, N, H, DX, DY] fp32 (float64 for float64 inputs), N = ceil(T / chunk_size), chunks counted from
+    each row's start. eta x is
+    rounded to x's dtype and the products accumulate in fp32, as in the scan's kernels. The Triton
+    kernel where `kernels.triton_utils.use_triton(x, allow_triton)` says so and x is 16- or 32-bit;
+    otherwise the same sums in torch (a decoder's chunk gradient from its pending tokens,
+    `decoding.pending`)."""
+    batch, seq_len, heads, dx = x.shape
+    dy = y.shape[-1]
+    if y.shape[:3] != x.shape[:3] or eta.shape != x.shape[:3] or y.dtype != x.dtype:
+        raise ValueError(f"chunk_updates needs x [B, T, H, DX], y [B, T, H, DY] of x's dtype and eta [B, T, H]; "
+                         f"got x {tuple(x.shape)} {x.dtype}, y {tuple(y.shape)} {y.dtype}, eta {tuple(eta.shape)}")
+    chunks = num_chunks(seq_len, chunk_size)
+    if use_triton(x, allow_triton) and x.dtype in SUPPORTED_DTYPES:
+        flat = lambda t: t.reshape(batch * seq_len, heads, -1)  # noqa: E731
+        out = chunk_updates_op(flat(x), flat(y), eta.reshape(batch * seq_len, heads), batch, chunk_size)
+        return out.view(batch, chunks, heads, dx, dy)
+    pad = chunks * chunk_size - seq_len  # zero tokens add nothing
+    accumulate = torch.float64 if x.dtype == torch.float64 else torch.float32
+    scaled = (x.to(accumulate) * eta.to(accumulate)[..., None]).to(x.dtype)
+    by_chunk = lambda t: F.pad(t, (0, 0, 0, 0, 0, pad)).view(batch, chunks, chunk_size, heads, -1)  # noqa: E731
+    return torch.einsum("bnchx,bnchy->bnhxy", by_chunk(scaled).to(accumulate), by_chunk(y).to(accumulate))
 
 
 def _check_inputs(hq, hk, v, eta1, initial_state, chunk_size, beta, initial_momentum, cu_seqlens) -> None:

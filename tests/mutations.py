@@ -98,6 +98,8 @@ MUTATIONS = [
     Mutation("read kernel: each token answered with its block's first h(q)", (
         (TOKEN_STEP, "h = tl.sum(tl.where((token_index == i)[:, None], hq, 0.0), axis=0)",
          "h = tl.sum(tl.where((token_index == 0)[:, None], hq, 0.0), axis=0)"),)),
+    Mutation("pending chunk gradient formed as a chunk update: its sign flipped", (
+        ("decoding/pending.py", "    return -chunk_updates(", "    return chunk_updates("),)),
     Mutation("inlined scan: the rows taken as one document", (
         (TTT_LA, "    table = chunk_kernels.regular_chunk_table(rows, hq.shape[0] // rows, chunk_size)\n    return _scan_forward(",
          "    table = chunk_kernels.regular_chunk_table(1, hq.shape[0], chunk_size)\n    return _scan_forward("),)),

@@ -16,7 +16,9 @@ import torch
 from kernels.features import (
     swiglu_features_backward_inline_op, swiglu_features_backward_op, swiglu_features_inline_op, swiglu_features_op,
 )
-from kernels.ttt_la import chunk_scan_backward_op, chunk_scan_op, chunk_scan_rows_backward_op, chunk_scan_rows_op
+from kernels.ttt_la import (
+    chunk_scan_backward_op, chunk_scan_op, chunk_scan_rows_backward_op, chunk_scan_rows_op, chunk_updates_op,
+)
 
 TOKENS, HEADS, D, DH, CHUNK = 40, 2, 16, 32, 16
 ROWS = 2  # a plain batch: 2 rows of 20 tokens, 2 chunks each (the second one short)
@@ -83,6 +85,8 @@ def op_cases(device: str, dtype: torch.dtype) -> dict[str, tuple[Any, tuple]]:
             cotangent, hq, hk, v, eta, states, momenta if momentum else None, beta, dfinal,
             torch.randn_like(final_momentum) if momentum else None, cu_seqlens, rows, chunk_size, token_causal, sign,
         ))  # fmt: skip
+    plain = cases["chunk_scan_plain"][1]
+    cases["chunk_updates"] = (chunk_updates_op, (plain[2].detach(), plain[1].detach(), plain[3].detach(), ROWS, CHUNK))
     add_inline_cases(cases)
     return cases
 

@@ -236,3 +236,24 @@ def test_features_wrong_weight_shape_is_a_clear_error():
     with pytest.raises(ValueError, match="w0, w2 \\[H, dh, d\\]"):
         kernels.features.swiglu_features(torch.randn(1, 4, 2, 16), torch.randn(3, 8, 16), torch.randn(3, 8, 16))
 
+
+
+@pytest.mark.parametrize("batch, seq_len, heads, dx, dy, chunk_size", [(3, 40, 2, 24, 40, 16), (2, 33, 1, 16, 16, 33),
+                                                                       (1, 70, 3, 40, 24, 32)])
+def test_chunk_updates_alone_equal_the_float64_sums(batch, seq_len, heads, dx, dy, chunk_size, monkeypatch):
+    """`chunk_updates` (a pending decoder's chunk gradient): every chunk of every row, the last one
+    partial where C does not divide T, against float64 sums, through the kernel and the torch form."""
+    from kernels.ttt_la import chunk_updates
+
+    generator = torch.Generator().manual_seed(seq_len + dx)
+    x, y = (torch.randn(batch, seq_len, heads, n, dtype=torch.float64, generator=generator) for n in (dx, dy))
+    eta = torch.rand(batch, seq_len, heads, dtype=torch.float64, generator=generator)
+    starts = range(0, seq_len, chunk_size)
+    expected = torch.stack([torch.einsum("bth,bthx,bthy->bhxy", eta[:, s:s + chunk_size], x[:, s:s + chunk_size],
+                                         y[:, s:s + chunk_size]) for s in starts], dim=1)  # fmt: skip
+    got = chunk_updates(x.float(), y.float(), eta.float(), chunk_size)
+    assert got.dtype == torch.float32 and got.shape == (batch, len(starts), heads, dx, dy)
+    assert rel_err(expected, got) < REL_TOL
+    monkeypatch.setenv("TTTLA_KERNELS", "reference")
+    assert rel_err(expected, chunk_updates(x.float(), y.float(), eta.float(), chunk_size)) < REL_TOL
+    assert rel_err(expected, chunk_updates(x, y, eta, chunk_size)) < 1e-12

@@ -44,7 +44,8 @@ def test_token_step_kernel_on_the_gpu(batch: int, heads: int, d: int, dh: int, s
 @requires_cuda
 @pytest.mark.parametrize("batch,heads,d,dh,swiglu,bf16_weights", [
     (1, 4, 192, 192, True, False), (64, 4, 192, 192, True, False), (64, 4, 192, 192, True, True),
-    (37, 4, 192, 192, True, True), (3, 2, 72, 136, True, False), (19, 2, 72, 136, True, True), (5, 4, 192, 192, False, False)])
+    (37, 4, 192, 192, True, True), (3, 2, 72, 136, True, False), (19, 2, 72, 136, True, True),
+    (5, 4, 192, 192, False, False)])
 def test_token_read_kernel_on_the_gpu(batch: int, heads: int, d: int, dh: int, swiglu: bool, bf16_weights: bool) -> None:
     """The read alone (pending tokens, `decoding.pending`) against the float64 step's output, not token-causal;
     `bf16_weights`: W0, W2 in q's dtype, as a bf16 model decodes (its products on the tensor cores; bf16
