@@ -12,15 +12,16 @@ Kernel or reference is decided here, once per call, by the public ops (`kernels.
 An op may still take the reference for inputs its kernel does not serve (Muon in the chunk scan,
 float64 features); those cases are stated in each op's docstring.
 
-Each kernel op is registered twice when it can be (`inline_op`):
+The training step's kernel ops (the features and the scan over plain rows) are registered twice
+(`inline_op`):
 * as a `torch.library.custom_op` with a fake implementation: opaque to torch.compile, which calls back
   into Python for it at run time (its own launches, through Triton's launcher, a few hundred
   microseconds of host time a call). It serves the Triton interpreter (whose kernels cannot be traced)
   and inputs whose shapes depend on values (packed documents' chunk tables);
 * as a `torch.library.triton_op`: Inductor traces its body, so its kernels and the torch work around
   them become part of the compiled graph, launched from Inductor's own wrapper (from C++ with
-  `cpp_wrapper`, replayed with its CUDA graphs). A training step calls eight kernel ops a layer, so
-  this is most of the host time a compiled step spends beyond its kernels.
+  `cpp_wrapper`, replayed with its CUDA graphs). A training step calls eight kernel ops a layer, and
+  a 16K step's host profile put most of its time beyond the kernels in them.
 `inline_kernels` picks between them, once, in the public op.
 """
 
