@@ -47,7 +47,7 @@ import triton.language as tl
 
 from kernels.fast_weights import ChunkGradients, FastWeights
 from kernels.lact import lact_chunk_gradients, swiglu_features
-from kernels.triton_utils import cdiv, dot_precision, new_buffer, next_power_of_2, use_triton
+from kernels.triton_utils import cdiv, dot_precision, new_buffer, next_power_of_2, tile, use_triton
 
 # Rows of the [d, dh] state a W1 program owns: few at batch 1, so the state is read by about
 # TARGET_PROGRAMS programs; more at larger batches, up to a tile that stays in registers.
@@ -286,7 +286,7 @@ def _read_launch(q: torch.Tensor, w0: Optional[torch.Tensor], w2: Optional[torch
     rows = state_rows or _read_state_rows(batch, heads, d)
     w1_token_read_kernel[(cdiv(batch, READ_ROWS), heads, cdiv(d, rows))](
         q, *features, w1.contiguous(), out, batch, heads, *q.stride()[:2], D=d, DH=dh, DHP=max(16, next_power_of_2(dh)),
-        BB=READ_ROWS, BD=rows, BK=min(64, max(16, next_power_of_2(d))), SWIGLU=swiglu, PRECISION=dot_precision(q.dtype),
+        BB=READ_ROWS, BD=rows, BK=tile(d, 64), SWIGLU=swiglu, PRECISION=dot_precision(q.dtype),
         num_warps=8,
     )
     return out

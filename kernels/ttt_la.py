@@ -90,7 +90,7 @@ def _(hq, hk, v, eta, initial_state, beta, initial_momentum, cu_seqlens, rows, c
     tokens, heads, dh = hq.shape
     d = v.shape[-1]
     if cu_seqlens is None:
-        docs, chunks = rows, rows * ((tokens // rows + chunk_size - 1) // chunk_size)
+        docs, chunks = rows, rows * num_chunks(tokens // rows, chunk_size)
     elif beta is not None:
         docs, chunks = cu_seqlens.shape[0] - 1, beta.shape[0]
     else:  # the chunk count of packed documents depends on their lengths, known only when the op runs
@@ -261,7 +261,7 @@ def chunk_updates_op(x: torch.Tensor, y: torch.Tensor, eta: torch.Tensor, rows: 
 @chunk_updates_op.register_fake
 def _(x, y, eta, rows, chunk_size):
     tokens, heads, dx = x.shape
-    chunks = rows * ((tokens // rows + chunk_size - 1) // chunk_size)
+    chunks = rows * num_chunks(tokens // rows, chunk_size)
     return x.new_empty(chunks, heads, dx, y.shape[-1], dtype=torch.float32)
 
 
