@@ -35,10 +35,10 @@ from typing import Any, Iterator, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from decoding.pending import PendingTokens, forms_gradient_in_operand_dtype, w1_chunk_gradient
+from decoding.pending import PendingTokens, forms_gradient_in_operand_dtype, key_features, w1_chunk_gradient
 from kernels.fast_weights import FAST_WEIGHT_NAMES, ChunkGradients, FastWeights
 from kernels.lact import ChunkStep, apply_chunk_gradients, chunk_gradients, swiglu_features
-from kernels.token_step import lact_token_step, w1_token_read, w1_token_step
+from kernels.token_step import lact_token_step, w1_token_read, w1_token_read_with_key_features, w1_token_step
 from model.config import TTTConfig
 from model.fast_weight_scan import ScanWeights, TTTInputs, chunk_step, fast_weight_scan
 from model.lm import Block, BlockCall, TTTLM
@@ -116,8 +116,8 @@ def empty_cache(mixer: TTTMixer, fast: FastWeights, deferred: bool = False) -> L
         keys, values = (zeros(batch, mixer.attn_heads, cfg.window_size, head_dim, dtype=model_dtype) for _ in range(2))
     pending = None
     if deferred:
-        pending = PendingTokens.zeros(batch, cfg.ttt, mixer.num_heads, mixer.head_dim, mixer.qkv.weight.dtype,
-                                      state_dtype, device)  # fmt: skip
+        pending = PendingTokens.zeros(batch, cfg.ttt, mixer.num_heads, mixer.head_dim, mixer.inner_dim,
+                                      mixer.qkv.weight.dtype, state_dtype, device)  # fmt: skip
     return LayerCache(
         fast_weights=fast,
         chunk_gradients=None if deferred else ChunkGradients.zeros(fast, FAST_WEIGHT_NAMES[cfg.ttt.fast_weights]),
@@ -151,7 +151,8 @@ def absorb_tokens(weights: ScanWeights, cache: LayerCache, inputs: TTTInputs, po
     """Add the tokens at `positions` [B, n] to the partial chunk, in place: their terms of its gradient
     to the running sums, or their inputs to its pending slots; and their momentum gates."""
     if cache.pending is not None:
-        cache.pending.write(positions, inputs.k, inputs.v, inputs.etas)
+        keys = key_features(weights.ttt, cache.pending, inputs.k, weights.features, weights.feature_weights)
+        cache.pending.write(positions, keys, inputs.v, inputs.etas)
     else:
         cache.chunk_gradients.add_(token_gradients(weights, cache, inputs.k, inputs.v, inputs.etas))
     add_momentum_gates(cache, inputs)
@@ -198,10 +199,16 @@ def pending_token_output(
     """`ttt_token_output` where the cache keeps pending tokens: the token's inputs go to its slot, and
     the fast weights after the last complete chunk answer it, W1 h(q) (never token-causal here): the
     read alone, with the learned W0, W2 in one kernel (`kernels.token_step.w1_token_read`) where only W1
-    is fast, with the rows' own W0, W2 in torch otherwise."""
-    cache.pending.write(positions, inputs.k, inputs.v, inputs.etas)
+    is fast, with the rows' own W0, W2 in torch otherwise. Where the slots keep the keys' features
+    (`decoding.pending.keys_as_features`) the read kernel forms h(k) too."""
+    ttt, fast, pending = weights.ttt, cache.fast_weights, cache.pending
     add_momentum_gates(cache, inputs)
-    ttt, fast = weights.ttt, cache.fast_weights
+    if forms_gradient_in_operand_dtype(ttt, pending):
+        out, hk = w1_token_read_with_key_features(inputs.q[:, 0], inputs.k[:, 0], *learned_feature_weights(weights),
+                                                  fast.w1, allow_triton=ttt.use_kernel)  # fmt: skip
+        pending.write(positions, hk[:, None], inputs.v, inputs.etas)
+        return out[:, None]
+    pending.write(positions, inputs.k, inputs.v, inputs.etas)
     if ttt.fast_weights == "w1":
         return w1_token_read(inputs.q[:, 0], *learned_feature_weights(weights), fast.w1, allow_triton=ttt.use_kernel)[:, None]
     hq = weights.features(inputs.q.to(fast.w1.dtype), fast.w0, fast.w2)  # [B, 1, H, dh], the rows' own W0, W2
@@ -231,7 +238,7 @@ def chunk_update_inputs(
     beta = None if cache.gate_sum is None else cache.gate_sum / weights.ttt.chunk_size
     grads, pending = cache.chunk_gradients, cache.pending
     if pending is not None and forms_gradient_in_operand_dtype(weights.ttt, pending):
-        g1 = w1_chunk_gradient(pending, weights.features, weights.feature_weights, weights.ttt.use_kernel)
+        g1 = w1_chunk_gradient(pending, weights.ttt.use_kernel)
         grads = ChunkGradients(g1=g1)
     elif pending is not None:
         grads = token_gradients(weights, cache, pending.k, pending.v, pending.etas)

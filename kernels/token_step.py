@@ -221,32 +221,47 @@ def w1_token_read_reference(
 
 @triton.jit
 def w1_token_read_kernel(
-    q_ptr, w0_ptr, w2_ptr, w1_ptr, o_ptr, B, H, q_row, q_head,
+    q_ptr, k_ptr, w0_ptr, w2_ptr, w1_ptr, o_ptr, hk_ptr, B, H, q_row, q_head, k_row, k_head,
     D: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr, BB: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
-    SWIGLU: tl.constexpr, PRECISION: tl.constexpr,
+    SWIGLU: tl.constexpr, KEYS: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """q: [B, H, D] (strides q_row, q_head, 1); w0, w2: [H, DH, D] in q's dtype; w1: [B, H, D, DH] fp32;
-    o: [B, H, D] fp32. Program (row block, head, state block) owns rows [BB * i, + BB) and state rows
-    [BD * j, + BD): o[b, h, rows] = W1[b, h, rows] h(q[b, h]). DHP: DH's next power of two."""
+    """q, k: [B, H, D] (strides q_row, q_head, 1 and k_row, k_head, 1); w0, w2: [H, DH, D] in q's dtype;
+    w1: [B, H, D, DH] fp32; o: [B, H, D] fp32; hk: [B, H, DH] in k's dtype. Program (row block, head,
+    state block) owns rows [BB * i, + BB) and state rows [BD * j, + BD): o[b, h, rows] = W1[b, h, rows]
+    h(q[b, h]); with KEYS (SWIGLU only) the first state block's programs also write hk = h(k), from the
+    W0, W2 tiles they load for h(q). DHP: DH's next power of two."""
     first = tl.program_id(0) * BB
     head = tl.program_id(1)
     tokens = first + tl.arange(0, BB)
     token_ok = tokens < B
     cols = tl.arange(0, DHP)
     col_ok = cols < DH
-    if SWIGLU:  # [BB, D] x [D, DH] twice, fp32 accumulation
+    if SWIGLU:  # [BB, D] x [D, DH] twice (four times with KEYS), fp32 accumulation
         a = tl.zeros([BB, DHP], dtype=tl.float32)
         g = tl.zeros([BB, DHP], dtype=tl.float32)
+        ak = tl.zeros([BB, DHP], dtype=tl.float32)
+        gk = tl.zeros([BB, DHP], dtype=tl.float32)
         for k0 in range(0, D, BK):
             red = k0 + tl.arange(0, BK)
             red_ok = red < D
-            x = tl.load(q_ptr + tokens[:, None] * q_row + head * q_head + red[None, :],
-                        mask=token_ok[:, None] & red_ok[None, :], other=0.0)  # [BB, BK]
+            x_ok = token_ok[:, None] & red_ok[None, :]
+            x = tl.load(q_ptr + tokens[:, None] * q_row + head * q_head + red[None, :], mask=x_ok, other=0.0)
             w_offsets = head * DH * D + cols[None, :] * D + red[:, None]  # [BK, DHP]: W^T
             w_ok = red_ok[:, None] & col_ok[None, :]
-            a += tl.dot(x, tl.load(w0_ptr + w_offsets, mask=w_ok, other=0.0), input_precision=PRECISION)
-            g += tl.dot(x, tl.load(w2_ptr + w_offsets, mask=w_ok, other=0.0), input_precision=PRECISION)
+            w0 = tl.load(w0_ptr + w_offsets, mask=w_ok, other=0.0)
+            w2 = tl.load(w2_ptr + w_offsets, mask=w_ok, other=0.0)
+            a += tl.dot(x, w0, input_precision=PRECISION)
+            g += tl.dot(x, w2, input_precision=PRECISION)
+            if KEYS:
+                xk = tl.load(k_ptr + tokens[:, None] * k_row + head * k_head + red[None, :], mask=x_ok, other=0.0)
+                ak += tl.dot(xk, w0, input_precision=PRECISION)
+                gk += tl.dot(xk, w2, input_precision=PRECISION)
         hq = a * tl.sigmoid(a) * g
+        if KEYS:
+            hk = ak * tl.sigmoid(ak) * gk
+            hk_ok = token_ok[:, None] & col_ok[None, :] & (tl.program_id(2) == 0)
+            tl.store(hk_ptr + (tokens[:, None] * H + head) * DH + cols[None, :], hk.to(hk_ptr.dtype.element_ty),
+                     mask=hk_ok)
     else:  # the identity map: D == DH
         hq = tl.load(q_ptr + tokens[:, None] * q_row + head * q_head + cols[None, :],
                      mask=token_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
@@ -273,36 +288,51 @@ def _read_state_rows(batch: int, heads: int, d: int) -> int:
 
 
 def _read_launch(q: torch.Tensor, w0: Optional[torch.Tensor], w2: Optional[torch.Tensor], w1: torch.Tensor,
-                 state_rows: Optional[int] = None) -> torch.Tensor:  # fmt: skip
-    """`w1_token_read_kernel` over every row and head; `state_rows` (a power of two) overrides the default."""
+                 state_rows: Optional[int] = None, k: Optional[torch.Tensor] = None,
+                 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:  # fmt: skip
+    """`w1_token_read_kernel` over every row and head -> (o, h(k) in k's dtype, or None without `k` or
+    without W0, W2); `state_rows` (a power of two) overrides the default."""
     batch, heads, d = q.shape
     dh = w1.shape[-1]
     swiglu = w0 is not None
+    keys = swiglu and k is not None
+    key_dtype = None if k is None else k.dtype
     if swiglu and (q.dtype != w0.dtype or w2.dtype != w0.dtype):  # one operand dtype for the products
         q, w0, w2 = q.float(), w0.float(), w2.float()
     q = _unit_last_stride(q)
+    k = _unit_last_stride(k.to(q.dtype)) if keys else q  # unread without KEYS
     features = (w0.contiguous(), w2.contiguous()) if swiglu else (q, q)  # unread without SWIGLU
     out = new_buffer((batch, heads, d), torch.float32, q.device)
+    hk = new_buffer((batch, heads, dh), key_dtype, q.device) if keys else out  # unwritten without KEYS
     rows = state_rows or _read_state_rows(batch, heads, d)
     w1_token_read_kernel[(cdiv(batch, READ_ROWS), heads, cdiv(d, rows))](
-        q, *features, w1.contiguous(), out, batch, heads, *q.stride()[:2], D=d, DH=dh, DHP=max(16, next_power_of_2(dh)),
-        BB=READ_ROWS, BD=rows, BK=tile(d, 64), SWIGLU=swiglu, PRECISION=dot_precision(q.dtype),
-        num_warps=8,
+        q, k, *features, w1.contiguous(), out, hk, batch, heads, *q.stride()[:2], *k.stride()[:2], D=d, DH=dh,
+        DHP=max(16, next_power_of_2(dh)), BB=READ_ROWS, BD=rows, BK=tile(d, 64), SWIGLU=swiglu, KEYS=keys,
+        PRECISION=dot_precision(q.dtype), num_warps=8,
     )
-    return out
+    return out, (hk if keys else None)
 
 
 @torch.library.custom_op("tttla::w1_token_read", mutates_args=())
 def w1_token_read_op(q: torch.Tensor, w0: Optional[torch.Tensor], w2: Optional[torch.Tensor], w1: torch.Tensor) -> torch.Tensor:
     """The read kernel as an op a compiled decode step keeps whole."""
-    return _read_launch(q, w0, w2, w1)
+    return _read_launch(q, w0, w2, w1)[0]
+
+
+@torch.library.custom_op("tttla::w1_token_read_keys", mutates_args=())
+def w1_token_read_keys_op(
+    q: torch.Tensor, k: torch.Tensor, w0: torch.Tensor, w2: torch.Tensor, w1: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The read kernel that also writes the keys' features, as an op a compiled decode step keeps whole."""
+    out, hk = _read_launch(q, w0, w2, w1, k=k)
+    return out, hk
 
 
 def w1_token_read_rows(q: torch.Tensor, w0: Optional[torch.Tensor], w2: Optional[torch.Tensor], w1: torch.Tensor,
                        state_rows: int) -> torch.Tensor:  # fmt: skip
     """The read kernel with `state_rows` (a power of two) state rows a program streams per token instead of
     its default, for `benchmarks.token_read` to weigh against it."""
-    return _read_launch(q, w0, w2, w1, state_rows)
+    return _read_launch(q, w0, w2, w1, state_rows)[0]
 
 
 def w1_token_read_tiled(
@@ -322,6 +352,11 @@ def _(q, w0, w2, w1):
     return q.new_empty(q.shape, dtype=torch.float32)
 
 
+@w1_token_read_keys_op.register_fake
+def _(q, k, w0, w2, w1):
+    return q.new_empty(q.shape, dtype=torch.float32), k.new_empty((*k.shape[:2], w1.shape[-1]))
+
+
 def w1_token_read(
     q: torch.Tensor, w0: Optional[torch.Tensor], w2: Optional[torch.Tensor], w1: torch.Tensor, allow_triton: bool = True
 ) -> torch.Tensor:
@@ -331,6 +366,21 @@ def w1_token_read(
     if w1.dtype != torch.float32 or not use_triton(w1, allow_triton):
         return w1_token_read_reference(q, w0, w2, w1)
     return w1_token_read_op(q, w0, w2, w1)
+
+
+def w1_token_read_with_key_features(
+    q: torch.Tensor, k: torch.Tensor, w0: Optional[torch.Tensor], w2: Optional[torch.Tensor], w1: torch.Tensor,
+    allow_triton: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`w1_token_read`, and the token's key features h(k) [B, H, dh] in k's dtype (k itself for the identity
+    map): what a pending-token decoder keeps of the key (`decoding.pending`), formed by the read kernel
+    from the W0, W2 tiles it loads for h(q), so the chunk-completing step has no features to form."""
+    if w0 is None:
+        return w1_token_read(q, None, None, w1, allow_triton), k
+    if w1.dtype != torch.float32 or not use_triton(w1, allow_triton):
+        hk = swiglu_features(k[:, None], w0.to(k.dtype), w2.to(k.dtype))[:, 0]
+        return w1_token_read_reference(q, w0, w2, w1), hk
+    return w1_token_read_keys_op(q, k, w0, w2, w1)
 
 
 @triton.jit

@@ -98,6 +98,10 @@ MUTATIONS = [
     Mutation("read kernel: each token answered with its block's first h(q)", (
         (TOKEN_STEP, "h = tl.sum(tl.where((token_index == i)[:, None], hq, 0.0), axis=0)",
          "h = tl.sum(tl.where((token_index == 0)[:, None], hq, 0.0), axis=0)"),)),
+    Mutation("read kernel: the key features formed from q", (
+        (TOKEN_STEP, "ak += tl.dot(xk, w0, input_precision=PRECISION)", "ak += tl.dot(x, w0, input_precision=PRECISION)"),)),
+    Mutation("pending slots keep the keys, not their features, where the gradient is a chunk update", (
+        ("decoding/pending.py", "    return features(k, *feature_weights).to(k.dtype) if", "    return k if"),)),
     Mutation("pending chunk gradient formed as a chunk update: its sign flipped", (
         ("decoding/pending.py", "    return -chunk_updates(", "    return chunk_updates("),)),
     Mutation("inlined scan: the rows taken as one document", (

@@ -16,6 +16,7 @@ import torch
 from kernels.features import (
     swiglu_features_backward_inline_op, swiglu_features_backward_op, swiglu_features_inline_op, swiglu_features_op,
 )
+from kernels.token_step import w1_token_read_keys_op, w1_token_read_op
 from kernels.ttt_la import (
     chunk_scan_backward_op, chunk_scan_op, chunk_scan_rows_backward_op, chunk_scan_rows_op, chunk_updates_op,
 )
@@ -87,8 +88,18 @@ def op_cases(device: str, dtype: torch.dtype) -> dict[str, tuple[Any, tuple]]:
         ))  # fmt: skip
     plain = cases["chunk_scan_plain"][1]
     cases["chunk_updates"] = (chunk_updates_op, (plain[2].detach(), plain[1].detach(), plain[3].detach(), ROWS, CHUNK))
+    add_read_cases(cases, randn)
     add_inline_cases(cases)
     return cases
+
+
+def add_read_cases(cases: dict[str, tuple[Any, tuple]], randn) -> None:
+    """The pending-token decoder's read (`kernels.token_step`): one token of 3 rows, without autograd."""
+    q, k = randn(3, HEADS, D, grad=False), randn(3, HEADS, D, grad=False)
+    w0, w2 = (randn(HEADS, DH, D, scale=D**-0.5, grad=False) for _ in range(2))
+    w1 = randn(3, HEADS, D, DH, scale=DH**-0.5, grad=False, fp32=True)
+    cases["w1_token_read"] = (w1_token_read_op, (q, w0, w2, w1))
+    cases["w1_token_read_keys"] = (w1_token_read_keys_op, (q, k, w0, w2, w1))
 
 
 def add_inline_cases(cases: dict[str, tuple[Any, tuple]]) -> None:

@@ -125,6 +125,7 @@ def test_rotary_tables_op_passes_opcheck(dtype):
 
 
 OP_CASES = ("swiglu_features", "swiglu_features_recompute", "swiglu_features_backward", "chunk_updates",
+            "w1_token_read", "w1_token_read_keys",
             "swiglu_features_backward_recompute_x_only", *(f"chunk_scan{kind}_{variant}" for kind in ("", "_backward")
                                                            for variant in SCAN_VARIANTS))  # fmt: skip
 

@@ -108,12 +108,13 @@ def test_pending_tokens_decode_as_the_running_sums_do(mode: str) -> None:
 @pytest.mark.parametrize("mode", [mode for mode in DEFERRABLE if MODES[mode].fast_weights == "w1"])
 def test_pending_chunk_gradient_formed_as_a_chunk_update_decodes_as_the_running_sums_do(mode: str, monkeypatch) -> None:
     """The pending chunk's gradient formed as the training form forms a chunk's update (`decoding.pending
-    .w1_chunk_gradient`: each row's C pending tokens as one chunk of `kernels.ttt_la.chunk_updates`; on
-    CUDA in 16 bits, forced here in float64) gives the running-sum decoder's logits: its sign, learning
-    rate and slots are the chunk gradient's."""
-    import decoding.decode
+    .w1_chunk_gradient`: each row's C pending key features as one chunk of `kernels.ttt_la.chunk_updates`;
+    on CUDA in 16 bits, forced here in float64) gives the running-sum decoder's logits: its sign, learning
+    rate, slots and key features (formed by the token steps and the prompt's remainder) are the chunk
+    gradient's."""
+    import decoding.pending
 
-    monkeypatch.setattr(decoding.decode, "forms_gradient_in_operand_dtype", lambda ttt, pending: True)
+    monkeypatch.setattr(decoding.pending, "keys_as_features", lambda ttt, dtype, device: True)
     model = make_model(MODES[mode])
     prompts = [t.tolist() for t in forced_tokens(model, 3, seed=13)[:, : 2 * CHUNK - 1]]
     prompts = [prompts[0][:1], prompts[1][:CHUNK], prompts[2]]

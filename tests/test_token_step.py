@@ -102,6 +102,34 @@ def test_read_kernel_over_many_rows_equals_the_float64_read(seed: int, monkeypat
     assert out.shape == (batch, heads, d) and relative_error(out.double(), expected) < FP32_TOLERANCE
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_read_kernel_forms_the_key_features_beside_the_read(seed: int, monkeypatch) -> None:
+    """`w1_token_read_with_key_features` (what a pending-token step keeps of its key): the read unchanged and
+    h(k) [B, H, dh] against float64, over several token blocks and state blocks (only the first state
+    block writes h(k)), odd d and dh, k strided as the mixer gives it."""
+    from kernels.lact import swiglu_features
+    from kernels.token_step import READ_ROWS, w1_token_read_reference, w1_token_read_with_key_features
+
+    monkeypatch.setenv("TTTLA_KERNELS", "triton")
+    rng, g = random.Random(seed), torch.Generator().manual_seed(100 + seed)
+    batch, heads = rng.choice([3, READ_ROWS + 1, 2 * READ_ROWS + 3]), rng.choice([1, 3])
+    d, dh = rng.choice([24, 72, 130]), rng.choice([40, 136])
+    qk = torch.randn(batch, 3, heads, d, generator=g)
+    q, k = qk[:, 0], qk[:, 1]
+    w0, w2 = (torch.randn(heads, dh, d, generator=g) * d**-0.5 for _ in range(2))
+    w1 = torch.randn(batch, heads, d, dh, generator=g) * dh**-0.5
+    out, hk = w1_token_read_with_key_features(q, k, w0, w2, w1)
+    expected = w1_token_read_reference(q.double(), w0.double(), w2.double(), w1.double())
+    expected_hk = swiglu_features(k.double()[:, None], w0.double(), w2.double())[:, 0]
+    assert out.shape == (batch, heads, d) and relative_error(out.double(), expected) < FP32_TOLERANCE
+    assert hk.shape == (batch, heads, dh) and hk.dtype == k.dtype
+    assert relative_error(hk.double(), expected_hk) < FP32_TOLERANCE
+    square = torch.randn(batch, heads, d, d, generator=g) * d**-0.5  # the identity map: dh = d
+    identity_out, identity_hk = w1_token_read_with_key_features(q, k, None, None, square)
+    expected = w1_token_read_reference(q.double(), None, None, square.double())
+    assert identity_hk is k and relative_error(identity_out.double(), expected) < FP32_TOLERANCE
+
+
 @pytest.mark.parametrize("mode", ["parallel", "parallel-identity-per-head-lr"])
 def test_decoding_with_pending_tokens_through_the_read_kernel_equals_the_float64_decoder(mode: str, monkeypatch) -> None:
     """Pending tokens (`decoding.pending`): every token step reads through the kernel without G1, the

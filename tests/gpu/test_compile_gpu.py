@@ -34,6 +34,7 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 SEQ_LEN = 4096
 ERROR_FACTOR, ERROR_SLACK = 2.0, 1e-2
 OP_CASES = ("swiglu_features", "swiglu_features_recompute", "swiglu_features_backward", "chunk_updates",
+            "w1_token_read", "w1_token_read_keys",
             "swiglu_features_backward_recompute_x_only", *(f"chunk_scan{kind}_{variant}" for kind in ("", "_backward")
                                                            for variant in SCAN_VARIANTS), *INLINE_CASES)  # fmt: skip
 # What a compiled block's code launches itself when the kernel ops are inlined, and calls back for when not.
