@@ -91,7 +91,8 @@ def test_pending_tokens_under_graphs_equal_eager_running_sums(variant: tuple[str
 
 @requires_cuda
 def test_bf16_pending_chunk_gradient_matches_running_sums() -> None:
-    """In bf16 the pending chunk's gradient is formed with bf16 operands and fp32 accumulation
+    """In bf16 the pending chunk's gradient is formed from the slots' bf16 key features (the prompt's
+    remainder featurised in torch, the decoded token by the read kernel) with fp32 accumulation
     (`decoding.pending.w1_chunk_gradient`), the running sums add fp32 terms token by token: the chunk's
     update (W1 after it minus W1 before, every layer) agrees to the bf16 rounding of the operands
     (2^-8 relative each, summed over 64 tokens: 2e-2 bounds it; a wrong sign, learning rate or slot is

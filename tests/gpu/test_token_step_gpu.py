@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from kernels.fast_weights import ChunkGradients, FastWeights
-from kernels.token_step import (lact_token_step, lact_token_step_reference, w1_token_read, w1_token_step,
-                                w1_token_step_reference)
+from kernels.lact import swiglu_features
+from kernels.token_step import (lact_token_step, lact_token_step_reference, w1_token_read, w1_token_read_with_key_features,
+                                w1_token_step, w1_token_step_reference)
 from verification.proof import relative_error
 
 pytestmark = pytest.mark.gpu
@@ -61,6 +62,26 @@ def test_token_read_kernel_on_the_gpu(batch: int, heads: int, d: int, dh: int, s
     as64 = [None if t is None else t.double() for t in (q, q, q, q[..., 0], w0, w2, w1)]
     expected = w1_token_step_reference(*as64, torch.zeros_like(w1, dtype=torch.float64), 1.0, False)
     assert out.dtype == torch.float32 and relative_error(out.double(), expected) < FP32_TOLERANCE
+
+
+@requires_cuda
+@pytest.mark.parametrize("batch,heads,d,dh", [(64, 4, 192, 192), (37, 4, 192, 192), (19, 2, 72, 136), (1, 4, 192, 192)])
+def test_token_read_kernel_forms_the_key_features_on_the_gpu(batch: int, heads: int, d: int, dh: int) -> None:
+    """The pending-token step's read with h(k) (`decoding.pending.keys_as_features`): bf16 q, k and W0, W2 as
+    a bf16 model decodes; the read to fp32's tolerance, h(k) (stored in bf16) to bf16's rounding."""
+    g = torch.Generator(device="cuda").manual_seed(batch * 1000 + d + 3)
+    draw = lambda *shape, scale=1.0: torch.randn(*shape, generator=g, device="cuda") * scale  # noqa: E731
+    qk = draw(batch, 3, heads, d).bfloat16()
+    q, k = qk[:, 0], qk[:, 1]
+    w0, w2 = (draw(heads, dh, d, scale=d**-0.5).bfloat16() for _ in range(2))
+    w1 = draw(batch, heads, d, dh, scale=dh**-0.5)
+    out, hk = w1_token_read_with_key_features(q, k, w0, w2, w1)
+    as64 = [t.double() for t in (q, q, q, q[..., 0], w0, w2, w1)]
+    expected = w1_token_step_reference(*as64, torch.zeros_like(w1, dtype=torch.float64), 1.0, False)
+    expected_hk = swiglu_features(k.double()[:, None], w0.double(), w2.double())[:, 0]
+    assert out.dtype == torch.float32 and relative_error(out.double(), expected) < FP32_TOLERANCE
+    assert hk.dtype == torch.bfloat16 and hk.shape == (batch, heads, dh)
+    assert relative_error(hk.double(), expected_hk) < 2**-7
 
 
 @requires_cuda
