@@ -244,6 +244,7 @@ def state_scan_fwd_kernel(
 ):
     """FUSED: the chunk update A(c) = sum_t eta_t x_t y_t^T is computed here, from x = v [TT, H, D1]
     and y = h(k) [TT, H, D2], and never leaves registers; otherwise it is read from upd_ptr."""
+    sign = tl.cast(sign, tl.float32)  # a compiled graph launching the kernel itself passes Python floats as fp64
     i_tile, i_doc, i_h, offs_1, offs_2, offs, mask, doc_base = _state_tile(H, D1, D2, B1, B2)
     state = tl.zeros([B1, B2], dtype=tl.float32)
     if HAS_INIT:
@@ -285,6 +286,7 @@ def state_scan_bwd_kernel(
 ):
     """FUSED: dL/dS(c) = sum_t x_t y_t^T is computed here from x = dO [TT, H, D1] and y = h(q) [TT, H, D2];
     otherwise it is read from dstate_ptr."""
+    sign = tl.cast(sign, tl.float32)  # a compiled graph launching the kernel itself passes Python floats as fp64
     i_tile, i_doc, i_h, offs_1, offs_2, offs, mask, doc_base = _state_tile(H, D1, D2, B1, B2)
     # suffix: dL/dU(c) = dS_final + sum_{c' > c} dS(c')
     suffix = tl.zeros([B1, B2], dtype=tl.float32)
@@ -365,7 +367,7 @@ def state_scan_fwd(table: ChunkTable, initial_state, beta, initial_momentum, sig
         starts, ends, table.doc_len, chunk_size, states, initial_state if initial_state is not None else any_, final,
         beta if has_mom else any_, initial_momentum if initial_momentum is not None else any_,
         final_mom if has_mom else any_, momenta if has_mom else any_,
-        doc_chunks, heads, sign, D1=d1, D2=d2, HAS_INIT=initial_state is not None, HAS_MOM=has_mom,
+        doc_chunks, heads, float(sign), D1=d1, D2=d2, HAS_INIT=initial_state is not None, HAS_MOM=has_mom,
         HAS_INIT_MOM=initial_momentum is not None, REGULAR=table.regular, **launch,
     )
     return states, final, final_mom, momenta
@@ -403,7 +405,7 @@ def state_scan_bwd(table: ChunkTable, dfinal, beta, momenta, dfinal_mom, sign: f
         chunk_size, dupdates, dfinal if dfinal is not None else any_, dinit,
         beta if has_mom else any_, momenta if has_mom else any_,
         dfinal_mom if dfinal_mom is not None else any_, dinit_mom if has_mom else any_,
-        dbeta_tiles if has_mom else any_, doc_chunks, heads, sign, ntiles,
+        dbeta_tiles if has_mom else any_, doc_chunks, heads, float(sign), ntiles,
         D1=d1, D2=d2, HAS_DFINAL=dfinal is not None, HAS_MOM=has_mom,
         HAS_DFINAL_MOM=has_mom and dfinal_mom is not None, REGULAR=table.regular, **launch,
     )
@@ -446,6 +448,7 @@ def chunk_apply_kernel(
     ETA_COL scales the intra-chunk scores by eta_s (keys weighted), ETA_ROW scales the output rows
     by eta_t; ETA_DOT also writes deta partials sum_n vdot[t, n] * out[t, n] (before ETA_ROW).
     """
+    sign = tl.cast(sign, tl.float32)  # a compiled graph launching the kernel itself passes Python floats as fp64
     i_cb = tl.program_id(0)
     i_n = tl.program_id(1)
     i_h = tl.program_id(2)
@@ -533,7 +536,7 @@ def chunk_apply(
     starts, ends, _ = table.pointers(x)
     launcher(chunk_apply_kernel)[grid](
         x, y, z, w, eta if eta is not None else x, out, vdot if vdot is not None else x,
-        deta_tiles if vdot is not None else x, starts, ends, table.doc_len, chunk_size, heads, sign,
+        deta_tiles if vdot is not None else x, starts, ends, table.doc_len, chunk_size, heads, float(sign),
         stride_wm, stride_wn, DX=dx, DZ=dz, INTRA=intra, REVERSE=reverse, ETA_ROW=eta_row, ETA_COL=eta_col,
         ETA_DOT=vdot is not None, PRECISION=dot_precision(x.dtype), REGULAR=table.regular, **launch,
     )

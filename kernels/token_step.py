@@ -287,6 +287,12 @@ def _read_state_rows(batch: int, heads: int, d: int) -> int:
     return rows
 
 
+def _read_reduction_tile(dtype: torch.dtype) -> int:
+    """The read kernel's reduction over d per pass: 64 for 16-bit operands; 32 for fp32 ones, whose
+    pipelined [BK, dh] tiles of W0 and W2 at 64 need 264 KB of shared memory at dh = 192 (an H100 has 227)."""
+    return 32 if dtype == torch.float32 else 64
+
+
 def _read_launch(q: torch.Tensor, w0: Optional[torch.Tensor], w2: Optional[torch.Tensor], w1: torch.Tensor,
                  state_rows: Optional[int] = None, k: Optional[torch.Tensor] = None,
                  ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:  # fmt: skip
@@ -307,7 +313,7 @@ def _read_launch(q: torch.Tensor, w0: Optional[torch.Tensor], w2: Optional[torch
     rows = state_rows or _read_state_rows(batch, heads, d)
     w1_token_read_kernel[(cdiv(batch, READ_ROWS), heads, cdiv(d, rows))](
         q, k, *features, w1.contiguous(), out, hk, batch, heads, *q.stride()[:2], *k.stride()[:2], D=d, DH=dh,
-        DHP=max(16, next_power_of_2(dh)), BB=READ_ROWS, BD=rows, BK=tile(d, 64), SWIGLU=swiglu, KEYS=keys,
+        DHP=max(16, next_power_of_2(dh)), BB=READ_ROWS, BD=rows, BK=tile(d, _read_reduction_tile(q.dtype)), SWIGLU=swiglu, KEYS=keys,
         PRECISION=dot_precision(q.dtype), num_warps=8,
     )
     return out, (hk if keys else None)
