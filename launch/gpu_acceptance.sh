@@ -145,7 +145,7 @@ option_words() {  # SET: split one option set into the arrays env (KEY in capita
 }
 
 run_step_options() {  # STEP_OPTIONS: option sets separated by '|', each words of KEY=VALUE: Inductor options, or
-  # environment variables where KEY is in capitals, or `plain` (e.g. "plain|TTTLA_INLINE_KERNELS=1|triton.cudagraphs=True"); the
+  # environment variables where KEY is in capitals, or `plain` (e.g. "plain|TTTLA_INLINE_KERNELS=0|triton.cudagraphs=True"); the
   # 125M/16K rows of both models once per set, each in its own process
   local n=0 set sets env inductor
   IFS='|' read -r -a sets <<<"${STEP_OPTIONS:-combo_kernels=True}"

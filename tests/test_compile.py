@@ -201,10 +201,10 @@ def test_inlined_op_lists_every_kernel_it_launches(cpu_op_cases, monkeypatch, ca
     assert launched and launched <= listed, (launched, listed)
 
 
-def test_inlined_ops_are_taken_on_request_on_cuda_at_concrete_shapes(monkeypatch):
+def test_inlined_ops_are_taken_by_default_on_cuda_at_concrete_shapes(monkeypatch):
     """`inline_kernels` decides for every public op: CUDA tensors only (interpreted kernels cannot be
-    traced), only with TTTLA_INLINE_KERNELS=1, and never at symbolic sizes (a recompile with dynamic
-    shapes keeps the opaque ops, whose bodies do not pick tiles from sizes in Python)."""
+    traced), by default and with TTTLA_INLINE_KERNELS=1 but not =0, and never at symbolic sizes (a
+    recompile with dynamic shapes keeps the opaque ops, whose bodies do not pick tiles from sizes in Python)."""
     from types import SimpleNamespace
 
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
@@ -214,7 +214,7 @@ def test_inlined_ops_are_taken_on_request_on_cuda_at_concrete_shapes(monkeypatch
     cuda_like = SimpleNamespace(is_cuda=True, shape=(40, 2, 32))
     symbolic = SimpleNamespace(is_cuda=True, shape=(ShapeEnv().create_unbacked_symint(), 2, 32))
     monkeypatch.delenv("TTTLA_INLINE_KERNELS", raising=False)
-    assert not inline_kernels(cuda_like)
+    assert inline_kernels(cuda_like)
     monkeypatch.setenv("TTTLA_INLINE_KERNELS", "1")
     assert inline_kernels(cuda_like) and inline_kernels(cuda_like, cuda_like)
     assert not inline_kernels(torch.zeros(3)) and not inline_kernels(cuda_like, symbolic)

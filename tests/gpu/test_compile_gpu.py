@@ -120,9 +120,9 @@ def test_block_with_the_kernels_is_one_graph():
 @requires_cuda
 @pytest.mark.parametrize("inline", [True, False], ids=["inlined", "opaque"])
 def test_compiled_block_launches_the_kernels_itself(monkeypatch, inline):
-    """With the kernel ops inlined (TTTLA_INLINE_KERNELS=1), Inductor's code for a block's forward and
-    backward launches the feature and scan kernels itself and calls back into no tttla op; without, it
-    calls the opaque ops and launches none of them. Both give the eager block's output and input
+    """With the kernel ops inlined (the default; TTTLA_INLINE_KERNELS=0 turns them off), Inductor's code
+    for a block's forward and backward launches the feature and scan kernels itself and calls back into
+    no tttla op; without, it calls the opaque ops and launches none of them. Both give the eager block's output and input
     gradient (bf16 rounding apart)."""
     from torch._inductor.utils import run_and_get_code
 
@@ -154,12 +154,12 @@ def test_compiled_block_launches_the_kernels_itself(monkeypatch, inline):
            "block; train.compile=auto leaves checkpointed blocks uncompiled", strict=False))],
     ids=["plain", "activation_checkpointing"])
 @pytest.mark.parametrize("recompute_inputs", [False, True], ids=["", "recompute_inputs"])
-@pytest.mark.parametrize("inline", [False, pytest.param(True, marks=pytest.mark.gpu_slow)], ids=["", "inlined_kernels"])
+@pytest.mark.parametrize("inline", [True, pytest.param(False, marks=pytest.mark.gpu_slow)], ids=["", "opaque_kernels"])
 def test_compiled_model_matches_eager(monkeypatch, checkpointed, recompute_inputs, inline):
     """Logits and every parameter gradient of the compiled bf16 model against eager bf16, both
     measured against fp32 (see the module docstring for the tolerance); `ttt.recompute_inputs` makes
-    the compiled blocks recompute the branch's q, k, v in their backward; `inline` compiles the
-    kernels into the blocks' graphs (TTTLA_INLINE_KERNELS=1)."""
+    the compiled blocks recompute the branch's q, k, v in their backward; `inline` (the default)
+    compiles the kernels into the blocks' graphs, without it they stay opaque ops (TTTLA_INLINE_KERNELS=0)."""
     if checkpointed and (recompute_inputs or inline):
         pytest.skip("checkpointed blocks recompute everything already, and are left uncompiled by train.compile=auto")
     monkeypatch.setenv("TTTLA_INLINE_KERNELS", "1" if inline else "0")
