@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 import torch
 
-from decoding.decode import LayerCache, chunk_update_inputs, restart_chunk_sums
+from decoding.decode import LayerCache, chunk_update_inputs, fold_pending, restart_chunk_sums
 from kernels.lact import apply_chunk_gradients_many
 from model.lm import Block, BlockCall
 from model.ttt_layer import TTTMixer
@@ -57,9 +57,11 @@ def block_step(backend: Optional[str]) -> BlockCall:
     return Block.forward if backend is None else compiled(Block.forward, backend)
 
 
-def chunk_updates(mixers: list[TTTMixer], caches: list[LayerCache], completes: torch.Tensor) -> None:
-    """Apply every layer's chunk update to the rows whose last token completed a chunk (`completes` [B]
-    bool), and restart their running sums; other rows keep their weights and sums bit for bit.
+def chunk_updates(mixers: list[TTTMixer], caches: list[LayerCache], completes: torch.Tensor, folds: torch.Tensor) -> None:
+    """Fold every layer's pending tokens into the running sums of the rows whose last token filled its
+    slots (`folds` [B] bool, `decoding.pending`; caches without pending tokens have none), then apply
+    every layer's chunk update to the rows whose last token completed a chunk (`completes` [B] bool),
+    and restart their running sums; other rows keep their weights and sums bit for bit.
 
     Each layer's update (`decoding.decode.chunk_update`: its gradient, momentum, Muon, the signed step,
     weight norm) is computed for every row and kept only where the flag is set, so its shapes never
@@ -67,6 +69,9 @@ def chunk_updates(mixers: list[TTTMixer], caches: list[LayerCache], completes: t
     their Muon iterations are one: run per weight and layer they would be 15 small products each,
     launches of a few microseconds for a few MFLOP. A weight the update carries over (a frozen one)
     is the same tensor and is not copied."""
+    for mixer, cache in zip(mixers, caches):
+        if cache.pending is not None:
+            fold_pending(mixer.scan_weights(), cache, folds)
     chunks = [chunk_update_inputs(mixer.scan_weights(), cache) for mixer, cache in zip(mixers, caches)]
     rows = completes[:, None, None, None]
     for cache, new in zip(caches, apply_chunk_gradients_many(chunks)):
@@ -76,5 +81,7 @@ def chunk_updates(mixers: list[TTTMixer], caches: list[LayerCache], completes: t
         restart_chunk_sums(cache, completes)
 
 
-def chunk_update_step(backend: Optional[str]) -> Callable[[list[TTTMixer], list[LayerCache], torch.Tensor], None]:
+def chunk_update_step(
+    backend: Optional[str],
+) -> Callable[[list[TTTMixer], list[LayerCache], torch.Tensor, torch.Tensor], None]:
     return chunk_updates if backend is None else compiled(chunk_updates, backend)

@@ -4,8 +4,8 @@ Per layer the decoder keeps
 * the fast weights (and momenta) left by the last *complete* chunk,
 * the pending partial chunk, as running sums: its gradient so far, sum over its tokens of
   eta_i,t * grad_{W_i} l_t at those fast weights (`ChunkGradients`, one [B, H, *, *] tensor per fast
-  weight), or as its tokens' inputs, from which the chunk's end forms that gradient
-  (`decoding.pending`); with momentum also the sum of its momentum gates [B, H],
+  weight), added token by token, or a block of pending tokens at a time (`decoding.pending`); with
+  momentum also the sum of its momentum gates [B, H],
 * the sliding-window attention's rotated keys and values in a ring buffer of `window` slots.
 
 The semantics are exactly the chunk form's (`TTTLM.forward`): a token of chunk c is answered by
@@ -35,7 +35,8 @@ from typing import Any, Iterator, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from decoding.pending import PendingTokens, forms_gradient_in_operand_dtype, key_features, w1_chunk_gradient
+from decoding.pending import (PendingTokens, fold_period, forms_gradient_in_operand_dtype, key_features,
+                              w1_chunk_gradient)
 from kernels.fast_weights import FAST_WEIGHT_NAMES, ChunkGradients, FastWeights
 from kernels.lact import ChunkStep, apply_chunk_gradients, chunk_gradients, swiglu_features
 from kernels.token_step import lact_token_step, w1_token_read, w1_token_read_with_key_features, w1_token_step
@@ -50,12 +51,13 @@ class LayerCache:
     """One layer's decoding state; every tensor has a size fixed by the config, not the context."""
 
     fast_weights: FastWeights  # after the last complete chunk, [B, H, *, *] (fp32; fp64 in the tests)
-    # The partial chunk's gradient so far at fast_weights, [B, H, *, *] per fast weight (None: `pending` holds the chunk)
-    chunk_gradients: Optional[ChunkGradients]
+    # The partial chunk's gradient so far at fast_weights, [B, H, *, *] per fast weight (with `pending`: of
+    # the tokens folded so far, `decoding.pending`)
+    chunk_gradients: ChunkGradients
     gate_sum: Optional[torch.Tensor]  # [B, H] sum of the partial chunk's momentum gates (None: momentum off)
     keys: Optional[torch.Tensor]  # [B, A, W, Dh] rotated keys, ring buffer indexed by position % W (None: no window)
     values: Optional[torch.Tensor]  # [B, A, W, Dh]
-    pending: Optional[PendingTokens] = None  # the partial chunk's token inputs instead of its running gradient
+    pending: Optional[PendingTokens] = None  # the inputs of the tokens not yet in chunk_gradients
 
     def chunk_sums(self) -> list[torch.Tensor]:
         """The partial chunk's running sums, which restart from zero when its update is applied."""
@@ -98,7 +100,8 @@ def decoding_weights(ttt: TTTConfig, fast: FastWeights) -> FastWeights:
 
 def empty_cache(mixer: TTTMixer, fast: FastWeights, deferred: bool = False) -> LayerCache:
     """A cache with zeroed buffers around the given fast weights (batch, device and state dtype from them);
-    `deferred`: the partial chunk kept as its tokens (`decoding.pending`) rather than its running gradient."""
+    `deferred`: the partial chunk's tokens kept and folded into its running gradient a block at a time
+    (`decoding.pending`) rather than one by one."""
     cfg = mixer.cfg
     if deferred and cfg.ttt.token_causal:
         raise ValueError("token-causal decoding reads the partial chunk's running W1 gradient every token: "
@@ -120,7 +123,7 @@ def empty_cache(mixer: TTTMixer, fast: FastWeights, deferred: bool = False) -> L
                                       mixer.qkv.weight.dtype, state_dtype, device)  # fmt: skip
     return LayerCache(
         fast_weights=fast,
-        chunk_gradients=None if deferred else ChunkGradients.zeros(fast, FAST_WEIGHT_NAMES[cfg.ttt.fast_weights]),
+        chunk_gradients=ChunkGradients.zeros(fast, FAST_WEIGHT_NAMES[cfg.ttt.fast_weights]),
         gate_sum=zeros(batch, mixer.num_heads) if mixer.momentum_proj is not None else None,
         keys=keys,
         values=values,
@@ -149,13 +152,44 @@ def token_gradients(
 
 def absorb_tokens(weights: ScanWeights, cache: LayerCache, inputs: TTTInputs, positions: torch.Tensor) -> None:
     """Add the tokens at `positions` [B, n] to the partial chunk, in place: their terms of its gradient
-    to the running sums, or their inputs to its pending slots; and their momentum gates."""
-    if cache.pending is not None:
-        keys = key_features(weights.ttt, cache.pending, inputs.k, weights.features, weights.feature_weights)
-        cache.pending.write(positions, keys, inputs.v, inputs.etas)
-    else:
+    to the running sums; or, with pending slots of P tokens and the first position a multiple of P (a
+    prompt's tokens after its last complete chunk), the terms of the first n - n % P tokens and the inputs
+    of the others to their slots; and their momentum gates."""
+    if cache.pending is None:
         cache.chunk_gradients.add_(token_gradients(weights, cache, inputs.k, inputs.v, inputs.etas))
+    else:
+        pending, tokens = cache.pending, inputs.k.shape[1]
+        folded = tokens - tokens % pending.v.shape[1]
+        keys = key_features(weights.ttt, pending, inputs.k, weights.features, weights.feature_weights)
+        if folded:
+            cache.chunk_gradients.add_(pending_gradients(weights, cache, keys[:, :folded], inputs.v[:, :folded],
+                                                         inputs.etas[:, :folded]))  # fmt: skip
+        if folded < tokens:
+            pending.write(positions[:, folded:], keys[:, folded:], inputs.v[:, folded:], inputs.etas[:, folded:])
     add_momentum_gates(cache, inputs)
+
+
+def pending_gradients(
+    weights: ScanWeights, cache: LayerCache, keys: torch.Tensor, v: torch.Tensor, etas: torch.Tensor
+) -> ChunkGradients:
+    """The summed terms of tokens as pending slots keep them ([B, n]: keys k or h(k), `decoding.pending
+    .keys_as_features`; v; etas): one chunk update of 16-bit features where
+    `decoding.pending.forms_gradient_in_operand_dtype`, `token_gradients` in the state dtype otherwise."""
+    if forms_gradient_in_operand_dtype(weights.ttt, cache.pending):
+        return ChunkGradients(g1=w1_chunk_gradient(keys, v, etas, weights.ttt.use_kernel))
+    return token_gradients(weights, cache, keys, v, etas)
+
+
+def fold_pending(weights: ScanWeights, cache: LayerCache, rows: Optional[torch.Tensor] = None) -> None:
+    """Add the P pending slots' terms to the running sums, in place, of the rows where `rows` ([B] bool,
+    on the device) is set (their slots all hold this period's tokens), or of every row (None)."""
+    pending = cache.pending
+    terms = pending_gradients(weights, cache, pending.k, pending.v, pending.etas)
+    for total, term in zip(cache.chunk_gradients.tensors(), terms.tensors()):
+        if rows is None:
+            total.add_(term)
+        else:
+            total.add_(torch.where(rows.view(-1, *[1] * (term.dim() - 1)), term, 0.0))
 
 
 def ttt_token_output(weights: ScanWeights, cache: LayerCache, inputs: TTTInputs, positions: torch.Tensor) -> torch.Tensor:
@@ -231,18 +265,10 @@ def chunk_update_inputs(
     weights: ScanWeights, cache: LayerCache
 ) -> tuple[FastWeights, ChunkGradients, Optional[torch.Tensor], ChunkStep]:
     """What `kernels.lact.apply_chunk_gradients` takes for the partial chunk: the fast weights, the chunk's
-    gradient (the running sums, or formed now from the pending tokens of all C slots: in the state dtype
-    as the running sums form it, or with 16-bit operands as the training chunk form does where
-    `decoding.pending.forms_gradient_in_operand_dtype`), its momentum decay (the mean of its C gates,
-    [B, H]; None with momentum off) and the step's options."""
+    gradient (the running sums; pending tokens are folded into them first, `fold_pending`), its momentum
+    decay (the mean of its C gates, [B, H]; None with momentum off) and the step's options."""
     beta = None if cache.gate_sum is None else cache.gate_sum / weights.ttt.chunk_size
-    grads, pending = cache.chunk_gradients, cache.pending
-    if pending is not None and forms_gradient_in_operand_dtype(weights.ttt, pending):
-        g1 = w1_chunk_gradient(pending, weights.ttt.use_kernel)
-        grads = ChunkGradients(g1=g1)
-    elif pending is not None:
-        grads = token_gradients(weights, cache, pending.k, pending.v, pending.etas)
-    return cache.fast_weights, grads, beta, chunk_step(weights, cache.fast_weights.w1.dtype)
+    return cache.fast_weights, cache.chunk_gradients, beta, chunk_step(weights, cache.fast_weights.w1.dtype)
 
 
 def restart_chunk_sums(cache: LayerCache, rows: Optional[torch.Tensor] = None) -> None:
@@ -345,6 +371,8 @@ class StepScan(LocalScan):
         fast weights)."""
         cache, chunk = self.cache, weights.ttt.chunk_size
         ttt_out = ttt_token_output(weights, cache, inputs, torch.full((x.shape[0], 1), rows.offset, device=x.device))
+        if cache.pending is not None and rows.offset % fold_period(weights.ttt) == fold_period(weights.ttt) - 1:
+            fold_pending(weights, cache)  # the slots are full: their tokens join the running sums
         if rows.offset % chunk == chunk - 1:  # the chunk is complete: apply its update
             cache.fast_weights = chunk_update(weights, cache)
             restart_chunk_sums(cache)

@@ -8,7 +8,8 @@ positions, which decides only *which graph to launch*, never what it computes), 
 the compiled kernels). Every step is one of two graphs:
 
     token graph:     forward_token(); tokens <- sample(logits)                          (other steps)
-    boundary graph:  forward_token(); tokens <- sample(logits); apply_chunk_updates()   (some row completes a chunk)
+    boundary graph:  forward_token(); tokens <- sample(logits); apply_chunk_updates()   (some row completes a chunk,
+                                                                                         or fills its pending slots)
 
 Captured once with `torch.cuda.CUDAGraph`; a replay relaunches the recorded kernels on the same
 buffers, so every step, the chunk update included, is one launch from the host with no Python

@@ -17,10 +17,11 @@ the same computation in the shape a CUDA graph can replay:
 Every token adds its terms of its chunk's gradient to the running sums inside `forward_token`, so
 the chunk update `apply_chunk_updates` reads no token: momentum, Muon, the signed step and weight
 norm on [B, H, d, dh]-sized sums, the work of about one token (`decoding/decode.py`). From
-`decoding.pending.DEFER_FROM_BATCH` rows on, the tokens are kept instead and the chunk update forms
-their gradient first: lighter token steps, a heavier boundary (`decoding.pending`). It runs at the
-steps where some row completes a chunk, which the host knows from its own count of the steps
-without reading the device (`decoding.graphs` launches it with the token step as one graph).
+`decoding.pending.DEFER_FROM_BATCH` rows on, the tokens are kept instead and folded into the sums
+every P tokens (`decoding.pending.fold_period`) by the same call, before any chunk update: lighter
+token steps, a heavier step every P tokens. It runs at the steps where some row completes a chunk or
+fills its slots, which the host knows from its own count of the steps without reading the device
+(`decoding.graphs` launches it with the token step as one graph).
 `forward_token` runs the model's own blocks with each mixer's strategies set to `RowStepScan` /
 `RowStepWindow` (`decoding.decode.decoding_logits`), rows at their own positions.
 """
@@ -87,6 +88,7 @@ class StaticDecoder:
     tokens: torch.Tensor  # [B] int64: the tokens the next step consumes (written by the caller or the sampler)
     logits: torch.Tensor  # [B, V]: the next-token logits the last step produced
     completes: torch.Tensor  # [B] bool: whether the last step's token completed its row's chunk
+    folds: torch.Tensor  # [B] bool: whether it filled its row's pending slots (`decoding.pending`)
     step_backend: Optional[str] = None  # None: eager steps; else each layer's step compiled by it (`compile_steps`)
 
     @classmethod
@@ -107,6 +109,7 @@ class StaticDecoder:
             tokens=torch.zeros(batch, dtype=torch.long, device=device),
             logits=torch.zeros(batch, model.cfg.vocab_size, dtype=model.embed.weight.dtype, device=device),
             completes=torch.zeros(batch, dtype=torch.bool, device=device),
+            folds=torch.zeros(batch, dtype=torch.bool, device=device),
         )
 
     def compile_steps(self, backend: Optional[str] = "inductor") -> None:
@@ -116,7 +119,7 @@ class StaticDecoder:
 
     def buffers(self) -> list[torch.Tensor]:
         """Every tensor a step writes (the CUDA-graph runner snapshots them around its warm-up)."""
-        own = [self.positions, self.tokens, self.logits, self.completes]
+        own = [self.positions, self.tokens, self.logits, self.completes, self.folds]
         return own + [t for layer in self.layers for t in layer.tensors()]
 
     def memory_bytes(self) -> int:
@@ -124,10 +127,11 @@ class StaticDecoder:
 
     @torch.no_grad()
     def forward_token(self) -> None:
-        """Consume `tokens` at `positions`: writes `logits`, the running sums, the ring, `completes`;
-        advances `positions`. Fixed shapes, no host read."""
-        chunk = self.model.cfg.ttt.chunk_size
+        """Consume `tokens` at `positions`: writes `logits`, the running sums, the ring, `completes`,
+        `folds`; advances `positions`. Fixed shapes, no host read."""
+        chunk, period = self.model.cfg.ttt.chunk_size, self.fold_period()
         self.completes.copy_(self.positions % chunk == chunk - 1)
+        self.folds.copy_(self.positions % period == period - 1)
         strategies = [(RowStepScan(cache), RowStepWindow(cache)) for cache in self.layers]
         call_block = block_step(self.step_backend)
         logits = decoding_logits(self.model, strategies, self.tokens[:, None], self.positions, call_block=call_block)  # [B, 1, V]
@@ -136,9 +140,11 @@ class StaticDecoder:
 
     @torch.no_grad()
     def apply_chunk_updates(self) -> None:
-        """Apply each layer's chunk update to the rows whose last token completed a chunk, and restart
-        their running sums, all layers in one call (`decoding.compiled.chunk_updates`)."""
-        chunk_update_step(self.step_backend)([block.mixer for block in self.model.blocks], self.layers, self.completes)
+        """Fold the pending tokens of the rows whose last token filled their slots, then apply each layer's
+        chunk update to the rows whose last token completed a chunk and restart their running sums, all
+        layers in one call (`decoding.compiled.chunk_updates`)."""
+        mixers = [block.mixer for block in self.model.blocks]
+        chunk_update_step(self.step_backend)(mixers, self.layers, self.completes, self.folds)
 
     @torch.no_grad()
     def consume(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -158,14 +164,21 @@ class StaticDecoder:
         return replace(
             self,
             layers=[_stack_layer([layer], rows) for layer in self.layers],
-            **{name: getattr(self, name)[rows] for name in ("positions", "tokens", "logits", "completes")},
+            **{name: getattr(self, name)[rows] for name in ("positions", "tokens", "logits", "completes", "folds")},
             host_positions=[self.host_positions[row] for row in host],
         )
 
     def chunk_due(self) -> bool:
-        """Whether the next token completes some row's chunk (from the host's count of the steps)."""
-        chunk = self.model.cfg.ttt.chunk_size
-        return any(p % chunk == chunk - 1 for p in self.host_positions)
+        """Whether the next token completes some row's chunk or fills its pending slots (from the host's
+        count of the steps): the step then runs `apply_chunk_updates`."""
+        period = self.fold_period()
+        return any(p % period == period - 1 for p in self.host_positions)
+
+    def fold_period(self) -> int:
+        """How many tokens the pending slots hold (`decoding.pending.fold_period`), or the chunk without
+        them: a chunk's end is always a fold's."""
+        pending = self.layers[0].pending
+        return pending.v.shape[1] if pending is not None else self.model.cfg.ttt.chunk_size
 
     def advance_host(self) -> None:
         self.host_positions = [p + 1 for p in self.host_positions]

@@ -110,8 +110,14 @@ MUTATIONS = [
     Mutation("inlined feature ops do not list the matmul kernel", (
         (FEATURES, "_FEATURE_KERNELS = (swiglu_projection_kernel, head_matmul_kernel)",
          "_FEATURE_KERNELS = (swiglu_projection_kernel,)"),)),
-    Mutation("pending tokens drop the prefill's partial chunk", (
-        (DECODE, "        cache.pending.write(positions, inputs.k, inputs.v, inputs.etas)\n    else:", "        pass\n    else:"),)),
+    Mutation("pending tokens drop the prefill's unfolded tokens", (
+        (DECODE, "            pending.write(positions[:, folded:], keys[:, folded:]", "            pass  # ("),)),
+    Mutation("pending tokens: the prefill's complete folds dropped", (
+        (DECODE, "        if folded:\n            cache.chunk_gradients.add_(", "        if False:\n            cache.chunk_gradients.add_("),)),
+    Mutation("the stepwise decoder never folds its pending tokens", (
+        (DECODE, "            fold_pending(weights, cache)  # the slots are full", "            pass  # the slots are full"),)),
+    Mutation("pending tokens folded for the rows completing a chunk, not those filling their slots", (
+        ("decoding/compiled.py", "fold_pending(mixer.scan_weights(), cache, folds)", "fold_pending(mixer.scan_weights(), cache, completes)"),)),
     Mutation("Muon normalises a stack of matrices as one", (
         (LACT, "x = x / (torch.linalg.matrix_norm(x, keepdim=True) + NS_EPS)", "x = x / (x.norm() + NS_EPS)"),)),
     Mutation("decode kernel (W1 only) reads W1 without the token-causal term", (

@@ -91,11 +91,17 @@ def test_static_rows_of_mixed_lengths_equal_the_decoder_one_prompt_at_a_time(mod
 DEFERRABLE = sorted(mode for mode, ttt in MODES.items() if not ttt.token_causal)
 
 
+@pytest.mark.parametrize("fold", [CHUNK // 4, CHUNK], ids=["folded_every_quarter_chunk", "folded_at_the_chunk_end"])
 @pytest.mark.parametrize("mode", DEFERRABLE)
-def test_pending_tokens_decode_as_the_running_sums_do(mode: str) -> None:
-    """The partial chunk kept as its tokens, its gradient formed at the chunk's end (`decoding.pending`),
-    gives the logits of the running-sum decoder one prompt at a time: rows at four chunk phases, three
-    boundaries each, every mode that can defer (W1 alone or all three fast, momentum, Muon, weight norm)."""
+def test_pending_tokens_decode_as_the_running_sums_do(mode: str, fold: int, monkeypatch) -> None:
+    """The partial chunk kept as its tokens and folded into its running gradient every `fold` tokens
+    (`decoding.pending`) gives the logits of the running-sum decoder one prompt at a time: rows at four
+    chunk phases (so folds of some rows beside others' token steps, and prompts whose remainder is partly
+    folded at the prefill), three boundaries each, every mode that can defer (W1 alone or all three fast,
+    momentum, Muon, weight norm)."""
+    import decoding.pending
+
+    monkeypatch.setattr(decoding.pending, "FOLD_TOKENS", fold)
     model = make_model(MODES[mode])
     prompts = [t.tolist() for t in forced_tokens(model, 4, seed=11)[:, : 2 * CHUNK - 1]]
     prompts = [prompts[0][:1], prompts[1][:CHUNK], prompts[2], prompts[3][: CHUNK - 3]]
@@ -105,16 +111,35 @@ def test_pending_tokens_decode_as_the_running_sums_do(mode: str) -> None:
         assert relative_error(deferred[row], reference_logits(model, prompt, continuations[row])) < TOLERANCE
 
 
+@pytest.mark.parametrize("mode", ["parallel", "recurrent-released"])
+def test_stepwise_decoder_folds_pending_tokens_as_the_running_sums_add_them(mode: str, monkeypatch) -> None:
+    """`decode_step` (every row at one position) on a state that keeps pending tokens folded every quarter
+    chunk: the logits of the running-sum reference, from a prompt whose remainder is partly folded."""
+    import decoding.pending
+
+    monkeypatch.setattr(decoding.pending, "FOLD_TOKENS", CHUNK // 4)
+    model = make_model(MODES[mode])
+    tokens = forced_tokens(model, 2, seed=15)
+    prompt_len = CHUNK + CHUNK // 4 + 1
+    _, state = prefill(model, tokens[:, :prompt_len], deferred=True)
+    assert state.layers[0].pending.v.shape[1] == CHUNK // 4
+    stepped = torch.stack([decode_step(model, state, tokens[:, t]) for t in range(prompt_len, STEPS)], dim=1)
+    for row in range(2):
+        expected = reference_logits(model, tokens[row, :prompt_len].tolist(), tokens[row, prompt_len:])
+        assert relative_error(stepped[row], expected) < TOLERANCE
+
+
 @pytest.mark.parametrize("mode", [mode for mode in DEFERRABLE if MODES[mode].fast_weights == "w1"])
 def test_pending_chunk_gradient_formed_as_a_chunk_update_decodes_as_the_running_sums_do(mode: str, monkeypatch) -> None:
-    """The pending chunk's gradient formed as the training form forms a chunk's update (`decoding.pending
-    .w1_chunk_gradient`: each row's C pending key features as one chunk of `kernels.ttt_la.chunk_updates`;
-    on CUDA in 16 bits, forced here in float64) gives the running-sum decoder's logits: its sign, learning
-    rate, slots and key features (formed by the token steps and the prompt's remainder) are the chunk
-    gradient's."""
+    """The pending tokens' gradient formed as the training form forms a chunk's update (`decoding.pending
+    .w1_chunk_gradient`: each row's pending key features as one chunk of `kernels.ttt_la.chunk_updates`,
+    folded every half chunk; on CUDA in 16 bits, forced here in float64) gives the running-sum decoder's
+    logits: its sign, learning rate, slots and key features (formed by the token steps and the prompt's
+    remainder) are the chunk gradient's."""
     import decoding.pending
 
     monkeypatch.setattr(decoding.pending, "keys_as_features", lambda ttt, dtype, device: True)
+    monkeypatch.setattr(decoding.pending, "FOLD_TOKENS", CHUNK // 2)
     model = make_model(MODES[mode])
     prompts = [t.tolist() for t in forced_tokens(model, 3, seed=13)[:, : 2 * CHUNK - 1]]
     prompts = [prompts[0][:1], prompts[1][:CHUNK], prompts[2]]
@@ -139,7 +164,7 @@ def test_large_batches_keep_pending_tokens_by_default() -> None:
     for batch, deferred in ((DEFER_FROM_BATCH - 1, False), (DEFER_FROM_BATCH, True)):
         _, decoder = prefill_rows(model, [[1, 2, 3]] * batch)
         assert all((layer.pending is not None) == deferred for layer in decoder.layers)
-        assert all((layer.chunk_gradients is None) == deferred for layer in decoder.layers)
+        assert all(layer.chunk_gradients is not None for layer in decoder.layers)
 
 
 @pytest.mark.parametrize(

@@ -76,11 +76,15 @@ def test_compiled_graph_decoding_equals_eager_ttt(variant: tuple[str, ...]) -> N
 
 
 @requires_cuda
+@pytest.mark.parametrize("fold", [16, 64], ids=["folded_every_16", "folded_at_the_chunk_end"])
 @pytest.mark.parametrize("variant", [(), ("ttt.mode=recurrent", "ttt.fast_weights=all", "ttt.weight_norm=true", "ttt.token_causal=false")])
-def test_pending_tokens_under_graphs_equal_eager_running_sums(variant: tuple[str, ...]) -> None:
-    """The partial chunk kept as pending tokens (the read kernel, the chunk's gradient formed at its end),
-    compiled and replayed from graphs, against eager steps with running sums, fp32: the two hold the
-    same chunk and sum its gradient in another order (~1e-6 relative)."""
+def test_pending_tokens_under_graphs_equal_eager_running_sums(variant: tuple[str, ...], fold: int, monkeypatch) -> None:
+    """The partial chunk kept as pending tokens (the read kernel, the tokens' gradient folded into the
+    running sums every `fold` tokens), compiled and replayed from graphs, against eager steps with running
+    sums, fp32: the two hold the same chunk and sum its gradient in another order (~1e-6 relative)."""
+    import decoding.pending
+
+    monkeypatch.setattr(decoding.pending, "FOLD_TOKENS", fold)
     prompts = [list(range(1, 101)), list(range(5, 42)), list(range(7, 71))]
     eager_tokens, eager_logits = run(ttt_decoder(prompts, variant, torch.float32, deferred=False), graphs=False)
     pending = ttt_decoder(prompts, variant, torch.float32, deferred=True)
@@ -90,13 +94,18 @@ def test_pending_tokens_under_graphs_equal_eager_running_sums(variant: tuple[str
 
 
 @requires_cuda
-def test_bf16_pending_chunk_gradient_matches_running_sums() -> None:
+@pytest.mark.parametrize("fold", [16, 64], ids=["folded_every_16", "folded_at_the_chunk_end"])
+def test_bf16_pending_chunk_gradient_matches_running_sums(fold: int, monkeypatch) -> None:
     """In bf16 the pending chunk's gradient is formed from the slots' bf16 key features (the prompt's
     remainder featurised in torch, the decoded token by the read kernel) with fp32 accumulation
     (`decoding.pending.w1_chunk_gradient`), the running sums add fp32 terms token by token: the chunk's
     update (W1 after it minus W1 before, every layer) agrees to the bf16 rounding of the operands
     (2^-8 relative each, summed over 64 tokens: 2e-2 bounds it; a wrong sign, learning rate or slot is
-    order one). Eight rows of 63 tokens, so the first decoded token completes their chunk."""
+    order one). Eight rows of 63 tokens, so the first decoded token completes their chunk; folded every 16
+    tokens, the prefill folds 48 of them and the first step the last 16."""
+    import decoding.pending
+
+    monkeypatch.setattr(decoding.pending, "FOLD_TOKENS", fold)
     prompts = [list(range(1 + row, 64 + row)) for row in range(8)]
     updates = []
     for deferred in (False, True):
