@@ -9,6 +9,8 @@ W1 once (37.7 MB in fp32), and a batch-64 decode step runs it 12 times. The read
 model's TTT shape and each batch, one call replayed from a CUDA graph (as the decoder runs it):
 
   kernel             the read kernel at its defaults (`w1_token_read_op`)
+  kernel_keys        the same also forming the key's features h(k), as a pending-token decoder runs it
+                     (`w1_token_read_keys_op`; q stands in for k)
   kernel_rowsR       the same with R state rows a program per token (`READ_STATE_ROWS`)
   step_kernel_RxC    the token-step kernel's read, R state rows and C feature columns a program (`KERNEL_TILES`)
   torch              its torch form (`w1_token_read_reference`): h(q) as head-batched products, the read as
@@ -31,7 +33,8 @@ from typing import Callable
 
 import torch
 
-from kernels.token_step import w1_token_read_op, w1_token_read_reference, w1_token_read_rows, w1_token_read_tiled
+from kernels.token_step import (w1_token_read_keys_op, w1_token_read_op, w1_token_read_reference, w1_token_read_rows,
+                                w1_token_read_tiled)
 from model.config import load_model_config
 
 Read = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -49,6 +52,7 @@ def implementations(device: torch.device) -> dict[str, Read]:
     reads: dict[str, Read] = {"torch": w1_token_read_reference}
     if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         reads["kernel"] = w1_token_read_op
+        reads["kernel_keys"] = read_with_key_features
         for rows in READ_STATE_ROWS:
             reads[f"kernel_rows{rows}"] = functools.partial(w1_token_read_rows, state_rows=rows)
         for rows, columns in KERNEL_TILES:
@@ -56,6 +60,11 @@ def implementations(device: torch.device) -> dict[str, Read]:
     if device.type == "cuda":
         reads["torch_compiled"] = torch.compile(w1_token_read_reference, fullgraph=True)
     return reads
+
+
+def read_with_key_features(q: torch.Tensor, w0: torch.Tensor, w2: torch.Tensor, w1: torch.Tensor) -> torch.Tensor:
+    """The read of the kernel that also forms h(k) (q standing in for k): what it costs beside the read alone."""
+    return w1_token_read_keys_op(q, q, w0, w2, w1)[0]
 
 
 def read_inputs(batch: int, heads: int, d: int, dh: int, device: torch.device) -> tuple[torch.Tensor, ...]:
