@@ -253,9 +253,10 @@ def w1_token_read_kernel(
             a += tl.dot(x, w0, input_precision=PRECISION)
             g += tl.dot(x, w2, input_precision=PRECISION)
             if KEYS:
-                xk = tl.load(k_ptr + tokens[:, None] * k_row + head * k_head + red[None, :], mask=x_ok, other=0.0)
-                ak += tl.dot(xk, w0, input_precision=PRECISION)
-                gk += tl.dot(xk, w2, input_precision=PRECISION)
+                if tl.program_id(2) == 0:  # only the first state block writes h(k)
+                    xk = tl.load(k_ptr + tokens[:, None] * k_row + head * k_head + red[None, :], mask=x_ok, other=0.0)
+                    ak += tl.dot(xk, w0, input_precision=PRECISION)
+                    gk += tl.dot(xk, w2, input_precision=PRECISION)
         hq = a * tl.sigmoid(a) * g
         if KEYS:
             hk = ak * tl.sigmoid(ak) * gk
