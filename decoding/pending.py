@@ -17,13 +17,13 @@ G_i = sum over the chunk's tokens of eta_i,t * grad_{W_i} l_t at the weights ent
   as its features h(k), which the token step's read kernel forms beside h(q) from the W0, W2 tiles it
   loads anyway, so a fold is the update's outer products alone.
 
-Pending tokens trade a heavier step every P tokens (the P tokens' gradient, about 0.23 GFLOP a row and
-layer at 125M with P = 256, and one read and write of the running sums) for lighter token steps, which
-is the right trade where throughput matters (large batches) and the wrong one at batch 1, where a
-step's latency is what a user sees: `defers_chunk_gradients` chooses. Folding every P tokens rather
-than once a chunk keeps the chunk-completing step near a token step's cost (formed from all C = 2048
-tokens at once it was 2.5x the median step at batch 64 on an H100: it reads every slot, 4.8 GB over 12
-layers) and the slots P/C the size.
+Pending tokens trade a heavier step every P tokens (the P tokens' gradient, about 75 MFLOP of outer
+products a row and layer at 125M with P = 256, and one read and write of the running sums) for lighter
+token steps, which is the right trade where throughput matters (large batches) and the wrong one at
+batch 1, where a step's latency is what a user sees: `defers_chunk_gradients` chooses. Folding every
+P tokens rather than once a chunk keeps the chunk-completing step near a token step's cost (formed
+from all C = 2048 tokens at once it was 2.5x the median step at batch 64 on an H100: it reads every
+slot, 4.8 GB over 12 layers) and the slots P/C the size.
 """
 
 from __future__ import annotations
