@@ -189,7 +189,7 @@ def fold_pending(weights: ScanWeights, cache: LayerCache, rows: Optional[torch.T
         if rows is None:
             total.add_(term)
         else:
-            total.add_(torch.where(rows.view(-1, *[1] * (term.dim() - 1)), term, 0.0))
+            total.add_(torch.where(row_mask(rows, term), term, 0.0))
 
 
 def ttt_token_output(weights: ScanWeights, cache: LayerCache, inputs: TTTInputs, positions: torch.Tensor) -> torch.Tensor:
@@ -278,7 +278,12 @@ def restart_chunk_sums(cache: LayerCache, rows: Optional[torch.Tensor] = None) -
         if rows is None:
             total.zero_()
         else:
-            total.masked_fill_(rows.view(-1, *[1] * (total.dim() - 1)), 0.0)
+            total.masked_fill_(row_mask(rows, total), 0.0)
+
+
+def row_mask(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`rows` ([B] bool) shaped to broadcast over `like` [B, ...]: the rows a masked state update touches."""
+    return rows.view(-1, *[1] * (like.dim() - 1))
 
 
 def store_window(cache: LayerCache, mixer: TTTMixer, q, k, v, positions: torch.Tensor) -> torch.Tensor:
@@ -371,7 +376,8 @@ class StepScan(LocalScan):
         fast weights)."""
         cache, chunk = self.cache, weights.ttt.chunk_size
         ttt_out = ttt_token_output(weights, cache, inputs, torch.full((x.shape[0], 1), rows.offset, device=x.device))
-        if cache.pending is not None and rows.offset % fold_period(weights.ttt) == fold_period(weights.ttt) - 1:
+        period = fold_period(weights.ttt)
+        if cache.pending is not None and rows.offset % period == period - 1:
             fold_pending(weights, cache)  # the slots are full: their tokens join the running sums
         if rows.offset % chunk == chunk - 1:  # the chunk is complete: apply its update
             cache.fast_weights = chunk_update(weights, cache)

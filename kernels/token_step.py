@@ -303,19 +303,18 @@ def _read_launch(q: torch.Tensor, w0: Optional[torch.Tensor], w2: Optional[torch
     dh = w1.shape[-1]
     swiglu = w0 is not None
     keys = swiglu and k is not None
-    key_dtype = None if k is None else k.dtype
+    out = new_buffer((batch, heads, d), torch.float32, q.device)
+    hk = new_buffer((batch, heads, dh), k.dtype, q.device) if keys else out  # unwritten without KEYS
     if swiglu and (q.dtype != w0.dtype or w2.dtype != w0.dtype):  # one operand dtype for the products
         q, w0, w2 = q.float(), w0.float(), w2.float()
     q = _unit_last_stride(q)
     k = _unit_last_stride(k.to(q.dtype)) if keys else q  # unread without KEYS
     features = (w0.contiguous(), w2.contiguous()) if swiglu else (q, q)  # unread without SWIGLU
-    out = new_buffer((batch, heads, d), torch.float32, q.device)
-    hk = new_buffer((batch, heads, dh), key_dtype, q.device) if keys else out  # unwritten without KEYS
     rows = state_rows or _read_state_rows(batch, heads, d)
     w1_token_read_kernel[(cdiv(batch, READ_ROWS), heads, cdiv(d, rows))](
         q, k, *features, w1.contiguous(), out, hk, batch, heads, *q.stride()[:2], *k.stride()[:2], D=d, DH=dh,
-        DHP=max(16, next_power_of_2(dh)), BB=READ_ROWS, BD=rows, BK=tile(d, _read_reduction_tile(q.dtype)), SWIGLU=swiglu, KEYS=keys,
-        PRECISION=dot_precision(q.dtype), num_warps=8,
+        DHP=max(16, next_power_of_2(dh)), BB=READ_ROWS, BD=rows, BK=tile(d, _read_reduction_tile(q.dtype)),
+        SWIGLU=swiglu, KEYS=keys, PRECISION=dot_precision(q.dtype), num_warps=8,
     )
     return out, (hk if keys else None)
 
